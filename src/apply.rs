@@ -1,0 +1,591 @@
+//! Runs a plan against one target. Every acknowledged change advances the snapshot row at once
+//! (compare-and-swap style: a row moves only for what the target confirmed); a failed change
+//! is recorded and the rest go on, except what depends on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::config::{MatchRule, Profile, TargetConfig};
+use crate::map::{self, FlatAttrs};
+use crate::model::{DirectoryId, ScimId};
+use crate::plan::{AttrChange, Change};
+use crate::snapshot::{
+    GroupRow, Ownership, SnapshotError, TargetSnapshot, TargetState, UserRow, UserState,
+};
+use crate::target::{ScimClient, TargetError};
+
+/// A change that did not go through, with the reason.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub action: &'static str,
+    pub resource: &'static str,
+    pub external_id: String,
+    pub name: String,
+    pub error: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub applied: usize,
+    pub failures: Vec<Failure>,
+    /// Write requests sent, retries included.
+    pub writes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("{0}")]
+    Skipped(String),
+}
+
+/// The state updates of one change, and its error if it (partly) failed.
+type ChangeResult<'c> = (Vec<Effect>, Option<(&'c Change, ApplyError)>);
+
+/// A state update that an acknowledged change implies (already written to the snapshot).
+enum Effect {
+    PutUser(DirectoryId, UserRow),
+    RemoveUser(DirectoryId),
+    PutGroup(DirectoryId, GroupRow),
+    RemoveGroup(DirectoryId),
+}
+
+pub struct Applier<'a> {
+    pub client: &'a ScimClient,
+    pub target: &'a TargetConfig,
+    pub snapshot: &'a TargetSnapshot,
+    pub now: DateTime<Utc>,
+}
+
+impl Applier<'_> {
+    pub async fn apply(&self, state: &mut TargetState, changes: &[Change]) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let writes_before = self.client.writes();
+        // Consecutive changes of the same kind form a phase; phases run in plan order, the
+        // changes inside one run concurrently.
+        let mut i = 0;
+        while i < changes.len() {
+            let kind = std::mem::discriminant(&changes[i]);
+            let mut j = i;
+            while j < changes.len() && std::mem::discriminant(&changes[j]) == kind {
+                j += 1;
+            }
+            let phase = &changes[i..j];
+            let results: Vec<ChangeResult<'_>> = {
+                let st: &TargetState = state;
+                stream::iter(phase.iter().map(|c| async move {
+                    let (effects, err) = self.run(st, c).await;
+                    (effects, err.map(|e| (c, e)))
+                }))
+                .buffer_unordered(self.target.concurrency.max(1))
+                .collect()
+                .await
+            };
+            for (effects, err) in results {
+                for e in effects {
+                    match e {
+                        Effect::PutUser(id, row) => {
+                            state.users.insert(id, row);
+                        }
+                        Effect::RemoveUser(id) => {
+                            state.users.remove(&id);
+                        }
+                        Effect::PutGroup(id, row) => {
+                            state.groups.insert(id, row);
+                        }
+                        Effect::RemoveGroup(id) => {
+                            state.groups.remove(&id);
+                        }
+                    }
+                }
+                match err {
+                    None => report.applied += 1,
+                    Some((c, e)) => {
+                        warn!(target = %self.target.name, action = c.action(), resource = c.resource(), name = c.name(), error = %e, "change failed");
+                        report.failures.push(Failure {
+                            action: c.action(),
+                            resource: c.resource(),
+                            external_id: c.id().0.clone(),
+                            name: c.name().to_string(),
+                            error: e.to_string(),
+                        });
+                    }
+                }
+            }
+            i = j;
+        }
+        report.writes = self.client.writes() - writes_before;
+        report
+    }
+
+    async fn run(&self, state: &TargetState, change: &Change) -> (Vec<Effect>, Option<ApplyError>) {
+        match change {
+            Change::RemoveMembers { group, members, .. } => {
+                self.members(state, group, members, false).await
+            }
+            Change::AddMembers { group, members, .. } => {
+                self.members(state, group, members, true).await
+            }
+            other => match self.run_single(state, other).await {
+                Ok(effects) => (effects, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
+        }
+    }
+
+    async fn run_single(
+        &self,
+        state: &TargetState,
+        change: &Change,
+    ) -> Result<Vec<Effect>, ApplyError> {
+        let c = self.client;
+        match change {
+            Change::CreateUser {
+                id,
+                user_name,
+                attrs,
+            } => {
+                let (scim_id, etag, owned) = match c
+                    .create("Users", &map::user_resource(attrs))
+                    .await
+                {
+                    Ok((sid, etag)) => (sid, etag, Ownership::Created),
+                    Err(e) if e.status() == Some(409) => {
+                        // Already there: a create whose answer was lost, or someone else's.
+                        let (sid, owned) =
+                            self.find_after_conflict(id, user_name).await?.ok_or(e)?;
+                        let etag = c.patch("Users", &sid, replace_all(attrs)).await?;
+                        info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
+                        (sid, etag, owned)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let row = self.user_row(scim_id, user_name, attrs, etag, owned, None);
+                self.snapshot.put_user(id, &row)?;
+                Ok(vec![Effect::PutUser(id.clone(), row)])
+            }
+            Change::AdoptUser {
+                id,
+                scim_id,
+                user_name,
+                attrs,
+                supersedes,
+                matched_by,
+                ..
+            } => {
+                let etag = c.patch("Users", scim_id, replace_all(attrs)).await?;
+                let previous = supersedes.as_ref().and_then(|old| state.users.get(old));
+                let owned = match (previous, *matched_by) {
+                    (Some(prev), _) => prev.owned,
+                    (None, "externalId") => Ownership::Created,
+                    _ => Ownership::Adopted,
+                };
+                let row = self.user_row(scim_id.clone(), user_name, attrs, etag, owned, None);
+                self.snapshot.put_user(id, &row)?;
+                let mut effects = vec![Effect::PutUser(id.clone(), row)];
+                if let Some(old) = supersedes {
+                    self.snapshot.remove_user(old)?;
+                    effects.push(Effect::RemoveUser(old.clone()));
+                }
+                Ok(effects)
+            }
+            Change::UpdateUser {
+                id,
+                scim_id,
+                user_name,
+                changes,
+                attrs,
+            }
+            | Change::DeactivateUser {
+                id,
+                scim_id,
+                user_name,
+                changes,
+                attrs,
+                ..
+            } => {
+                let prev = state.users.get(id);
+                match c
+                    .patch(
+                        "Users",
+                        scim_id,
+                        patch_ops(changes, attrs, self.target.profile),
+                    )
+                    .await
+                {
+                    Ok(etag) => {
+                        let owned = prev.map(|r| r.owned).unwrap_or(Ownership::Created);
+                        let row =
+                            self.user_row(scim_id.clone(), user_name, attrs, etag, owned, prev);
+                        self.snapshot.put_user(id, &row)?;
+                        Ok(vec![Effect::PutUser(id.clone(), row)])
+                    }
+                    Err(e)
+                        if e.status() == Some(404)
+                            && matches!(change, Change::DeactivateUser { .. }) =>
+                    {
+                        warn!(target = %self.target.name, user = %user_name, "user to deactivate is already gone from the target");
+                        self.snapshot.remove_user(id)?;
+                        Ok(vec![Effect::RemoveUser(id.clone())])
+                    }
+                    Err(e) if e.status() == Some(404) => {
+                        warn!(target = %self.target.name, user = %user_name, "user was deleted on the target by hand; creating it again");
+                        let (sid, etag) = c.create("Users", &map::user_resource(attrs)).await?;
+                        let row =
+                            self.user_row(sid, user_name, attrs, etag, Ownership::Created, None);
+                        self.snapshot.put_user(id, &row)?;
+                        Ok(vec![Effect::PutUser(id.clone(), row)])
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Change::DeleteUser { id, scim_id, .. } => {
+                c.delete("Users", scim_id).await?;
+                self.snapshot.remove_user(id)?;
+                Ok(vec![Effect::RemoveUser(id.clone())])
+            }
+            Change::CreateGroup { id, display_name } => {
+                let want = map::DesiredGroup {
+                    id: id.clone(),
+                    dn: String::new(),
+                    display_name: display_name.clone(),
+                    members: BTreeSet::new(),
+                };
+                let (scim_id, etag, owned, members) =
+                    match c.create("Groups", &map::group_resource(&want)).await {
+                        Ok((sid, etag)) => (sid, etag, Ownership::Created, BTreeSet::new()),
+                        Err(e) if e.status() == Some(409) => {
+                            let found = c.find_eq("Groups", "externalId", &id.0).await?;
+                            let Some(g) = found.into_iter().next() else {
+                                return Err(e.into());
+                            };
+                            let sid = scim_id_of(&g).ok_or(e)?;
+                            (sid, None, Ownership::Created, members_of(&g, state))
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                let row = GroupRow {
+                    scim_id,
+                    display_name: display_name.clone(),
+                    members,
+                    etag,
+                    owned,
+                };
+                self.snapshot.put_group(id, &row)?;
+                Ok(vec![Effect::PutGroup(id.clone(), row)])
+            }
+            Change::AdoptGroup {
+                id,
+                scim_id,
+                display_name,
+                matched_by,
+                members,
+                ..
+            } => {
+                let ops = vec![
+                    json!({"op": "replace", "path": "displayName", "value": display_name}),
+                    json!({"op": "replace", "path": "externalId", "value": id.0}),
+                ];
+                let etag = c.patch("Groups", scim_id, ops).await?;
+                let owned = if *matched_by == "externalId" {
+                    Ownership::Created
+                } else {
+                    Ownership::Adopted
+                };
+                let row = GroupRow {
+                    scim_id: scim_id.clone(),
+                    display_name: display_name.clone(),
+                    members: members.clone(),
+                    etag,
+                    owned,
+                };
+                self.snapshot.put_group(id, &row)?;
+                Ok(vec![Effect::PutGroup(id.clone(), row)])
+            }
+            Change::UpdateGroup {
+                id,
+                scim_id,
+                display_name,
+                ..
+            } => {
+                let etag = c
+                    .patch(
+                        "Groups",
+                        scim_id,
+                        vec![
+                            json!({"op": "replace", "path": "displayName", "value": display_name}),
+                        ],
+                    )
+                    .await?;
+                let mut row = state
+                    .groups
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| missing_row(id))?;
+                row.display_name = display_name.clone();
+                row.etag = etag;
+                self.snapshot.put_group(id, &row)?;
+                Ok(vec![Effect::PutGroup(id.clone(), row)])
+            }
+            Change::DeleteGroup { id, scim_id, .. } => {
+                c.delete("Groups", scim_id).await?;
+                self.snapshot.remove_group(id)?;
+                Ok(vec![Effect::RemoveGroup(id.clone())])
+            }
+            Change::RemoveMembers { .. } | Change::AddMembers { .. } => {
+                unreachable!("handled by members()")
+            }
+        }
+    }
+
+    /// Member deltas, in batches the target accepts; the row advances after each batch.
+    async fn members(
+        &self,
+        state: &TargetState,
+        group: &DirectoryId,
+        members: &[DirectoryId],
+        add: bool,
+    ) -> (Vec<Effect>, Option<ApplyError>) {
+        let Some(mut row) = state.groups.get(group).cloned() else {
+            return (
+                Vec::new(),
+                Some(ApplyError::Skipped(
+                    "the group does not exist on the target (its creation failed)".into(),
+                )),
+            );
+        };
+        let mut resolved: Vec<(&DirectoryId, &ScimId)> = Vec::new();
+        let mut unresolved = 0usize;
+        for m in members {
+            match state.users.get(m) {
+                Some(u) => resolved.push((m, &u.scim_id)),
+                // A removal of someone already gone needs nothing; an addition of someone whose
+                // creation failed is reported.
+                None if !add => {
+                    row.members.remove(m);
+                }
+                None => unresolved += 1,
+            }
+        }
+        let batch = self.batch_size();
+        let mut error = None;
+        for chunk in resolved.chunks(batch) {
+            let ops = if add {
+                vec![
+                    json!({"op": "add", "path": "members", "value": chunk.iter().map(|(_, s)| json!({"value": s.0})).collect::<Vec<_>>()}),
+                ]
+            } else if self.target.profile == Profile::EntraStyle {
+                vec![
+                    json!({"op": "remove", "path": "members", "value": chunk.iter().map(|(_, s)| json!({"value": s.0})).collect::<Vec<_>>()}),
+                ]
+            } else {
+                chunk.iter().map(|(_, s)| json!({"op": "remove", "path": format!("members[value eq \"{}\"]", s.0)})).collect()
+            };
+            match self.client.patch("Groups", &row.scim_id, ops).await {
+                Ok(etag) => {
+                    for (m, _) in chunk {
+                        if add {
+                            row.members.insert((*m).clone());
+                        } else {
+                            row.members.remove(*m);
+                        }
+                    }
+                    row.etag = etag;
+                    if let Err(e) = self.snapshot.put_group(group, &row) {
+                        return (vec![Effect::PutGroup(group.clone(), row)], Some(e.into()));
+                    }
+                }
+                Err(e) => {
+                    error = Some(e.into());
+                    break;
+                }
+            }
+        }
+        if error.is_none() && unresolved > 0 {
+            error = Some(ApplyError::Skipped(format!(
+                "{unresolved} member(s) were not added because they do not exist on the target (their creation failed)"
+            )));
+        }
+        if let Err(e) = self.snapshot.put_group(group, &row) {
+            error.get_or_insert(e.into());
+        }
+        (vec![Effect::PutGroup(group.clone(), row)], error)
+    }
+
+    fn batch_size(&self) -> usize {
+        let cap = match self.target.profile {
+            Profile::AwsIdentityCenter => 100,
+            _ => usize::MAX,
+        };
+        self.target.members_per_request.clamp(1, cap)
+    }
+
+    /// After a 409 on create: the resource with our externalId (ours, its create answer was
+    /// lost), else one with the same userName if the target's match rules allow adoption.
+    async fn find_after_conflict(
+        &self,
+        id: &DirectoryId,
+        user_name: &str,
+    ) -> Result<Option<(ScimId, Ownership)>, TargetError> {
+        if let Some(sid) = self
+            .client
+            .find_eq("Users", "externalId", &id.0)
+            .await?
+            .first()
+            .and_then(scim_id_of)
+        {
+            return Ok(Some((sid, Ownership::Created)));
+        }
+        if self.target.match_existing.contains(&MatchRule::UserName)
+            && !crate::reconcile::is_protected(self.target, user_name)
+        {
+            let found = self.client.find_eq("Users", "userName", user_name).await?;
+            if found.len() == 1 {
+                return Ok(scim_id_of(&found[0]).map(|s| (s, Ownership::Adopted)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn user_row(
+        &self,
+        scim_id: ScimId,
+        user_name: &str,
+        attrs: &FlatAttrs,
+        etag: Option<String>,
+        owned: Ownership,
+        prev: Option<&UserRow>,
+    ) -> UserRow {
+        let active = attrs.get("active").and_then(Value::as_bool).unwrap_or(true);
+        let state = match (active, prev.map(|p| p.state)) {
+            (true, _) => UserState::Active,
+            (false, Some(UserState::Deactivated { since })) => UserState::Deactivated { since },
+            (false, _) => UserState::Deactivated { since: self.now },
+        };
+        UserRow {
+            scim_id,
+            user_name: user_name.to_string(),
+            hash: map::user_hash(attrs),
+            attrs: attrs.clone(),
+            etag,
+            state,
+            owned,
+        }
+    }
+}
+
+fn missing_row(id: &DirectoryId) -> ApplyError {
+    ApplyError::Skipped(format!("no snapshot row for {id}"))
+}
+
+pub fn scim_id_of(resource: &Value) -> Option<ScimId> {
+    resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(|s| ScimId(s.to_string()))
+}
+
+/// A target group's current members, as directory ids of users the snapshot knows.
+pub fn members_of(group: &Value, state: &TargetState) -> BTreeSet<DirectoryId> {
+    let by_scim: BTreeMap<&str, &DirectoryId> = state
+        .users
+        .iter()
+        .map(|(id, r)| (r.scim_id.0.as_str(), id))
+        .collect();
+    group["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["value"].as_str())
+        .filter_map(|v| by_scim.get(v).map(|id| (*id).clone()))
+        .collect()
+}
+
+/// PATCH operations for a set of attribute changes: one replace (or remove) per top-level
+/// attribute touched, plus removes of sub-attributes that disappeared from a complex one.
+pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs, _profile: Profile) -> Vec<Value> {
+    let mut tops: Vec<&str> = Vec::new();
+    for c in changes {
+        let top = map::top_level(&c.path);
+        if !tops.contains(&top) {
+            tops.push(top);
+        }
+    }
+    let mut ops = Vec::new();
+    for top in tops {
+        match map::top_level_value(attrs, top) {
+            Some(value) => {
+                ops.push(json!({"op": "replace", "path": top, "value": value}));
+                for c in changes {
+                    let is_sub = c.path.contains('.')
+                        && !c.path.contains('[')
+                        && !c.path.starts_with("urn:");
+                    if c.to.is_none() && is_sub && map::top_level(&c.path) == top {
+                        ops.push(json!({"op": "remove", "path": c.path}));
+                    }
+                }
+            }
+            None => ops.push(json!({"op": "remove", "path": top})),
+        }
+    }
+    ops
+}
+
+/// Replace operations for every attribute we manage (adoption brings a resource fully in line).
+fn replace_all(attrs: &FlatAttrs) -> Vec<Value> {
+    let changes: Vec<AttrChange> = attrs
+        .keys()
+        .map(|p| AttrChange {
+            path: p.clone(),
+            from: None,
+            to: attrs.get(p).cloned(),
+        })
+        .collect();
+    patch_ops(&changes, attrs, Profile::Generic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_ops_replace_whole_top_level_attributes() {
+        let mut attrs = FlatAttrs::new();
+        attrs.insert("name.familyName".into(), json!("Doe"));
+        attrs.insert("title".into(), json!("Boss"));
+        let changes = vec![
+            AttrChange {
+                path: "name.givenName".into(),
+                from: Some(json!("Jane")),
+                to: None,
+            },
+            AttrChange {
+                path: "title".into(),
+                from: None,
+                to: Some(json!("Boss")),
+            },
+            AttrChange {
+                path: "displayName".into(),
+                from: Some(json!("J")),
+                to: None,
+            },
+        ];
+        let ops = patch_ops(&changes, &attrs, Profile::Generic);
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op": "replace", "path": "name", "value": {"familyName": "Doe"}}),
+                json!({"op": "remove", "path": "name.givenName"}),
+                json!({"op": "replace", "path": "title", "value": "Boss"}),
+                json!({"op": "remove", "path": "displayName"}),
+            ]
+        );
+    }
+}

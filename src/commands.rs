@@ -1,0 +1,306 @@
+//! The commands behind the command line, each returning its exit code as SPEC.md defines it.
+//! Messages go to stderr; reports go to stdout (or `--out`).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+
+use chrono::Utc;
+use serde_json::json;
+
+use crate::cli::{Cli, Command};
+use crate::config::{self, Config};
+use crate::model::{DirectoryId, Entry};
+use crate::reconcile::{self, Pass, TargetStatus};
+use crate::report::{self, Format};
+use crate::snapshot::Snapshot;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_CHANGES_PENDING: u8 = 2;
+pub const EXIT_PARTIAL: u8 = 3;
+pub const EXIT_HELD: u8 = 4;
+
+fn fail(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("ldap2scim: error: {msg}");
+    EXIT_ERROR
+}
+
+fn load_config(cli: &Cli) -> Result<Config, u8> {
+    config::load(&cli.config).map_err(|errs| {
+        eprintln!(
+            "ldap2scim: the configuration is invalid ({} problem(s)):",
+            errs.0.len()
+        );
+        for e in &errs.0 {
+            eprintln!("  {e}");
+        }
+        EXIT_ERROR
+    })
+}
+
+pub async fn execute(cli: Cli) -> u8 {
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match &cli.command {
+        Command::Run { now } => crate::daemon::run(&cli, config, *now).await,
+        Command::Sync { targets } => sync(&config, targets).await,
+        Command::Plan {
+            targets,
+            format,
+            out,
+        } => plan(&config, targets, *format, out.as_deref()).await,
+        Command::Check { connect } => check(&config, *connect).await,
+        Command::Status => status(&config),
+        Command::Explain { name_or_dn } => explain(&config, name_or_dn).await,
+        Command::Approve { target } => approve(&config, target).await,
+    }
+}
+
+pub async fn sync(config: &Config, targets: &[String]) -> u8 {
+    let pass = Pass {
+        config,
+        only: targets,
+        dry_run: false,
+        now: Utc::now(),
+    };
+    match reconcile::run(&pass).await {
+        Ok(outcome) => {
+            print!("{}", report::sync_lines(&outcome));
+            let _ = std::io::stdout().flush();
+            if outcome
+                .targets
+                .iter()
+                .any(|t| t.status == TargetStatus::Error)
+            {
+                EXIT_PARTIAL
+            } else if outcome
+                .targets
+                .iter()
+                .any(|t| t.status == TargetStatus::Held)
+            {
+                EXIT_HELD
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn plan(
+    config: &Config,
+    targets: &[String],
+    format: Format,
+    out: Option<&std::path::Path>,
+) -> u8 {
+    let pass = Pass {
+        config,
+        only: targets,
+        dry_run: true,
+        now: Utc::now(),
+    };
+    let outcome = match reconcile::run(&pass).await {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let rendered = report::render(&outcome, format);
+    match out {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, rendered) {
+                return fail(format!(
+                    "cannot write the report to {} (--out): {e}",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            print!("{rendered}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+    for t in &outcome.targets {
+        if let Some(e) = &t.error {
+            eprintln!("ldap2scim: target {}: {e}", t.name);
+        }
+    }
+    if outcome
+        .targets
+        .iter()
+        .any(|t| t.status == TargetStatus::Error)
+    {
+        EXIT_ERROR
+    } else if outcome.targets.iter().any(|t| !t.plan.is_empty()) {
+        EXIT_CHANGES_PENDING
+    } else {
+        EXIT_OK
+    }
+}
+
+async fn check(config: &Config, connect: bool) -> u8 {
+    println!(
+        "configuration {} is valid: {} target(s)",
+        config.path.display(),
+        config.targets.len()
+    );
+    if !connect {
+        return EXIT_OK;
+    }
+    let mut failed = false;
+    match crate::source::check_connection(&config.ldap).await {
+        Ok(url) => println!("ldap: bound to {url}"),
+        Err(e) => {
+            failed = true;
+            eprintln!("ldap2scim: ldap: {e}");
+        }
+    }
+    for t in &config.targets {
+        let result = match crate::target::ScimClient::new(t) {
+            Ok(c) => c.service_provider_config().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => println!("target {}: /ServiceProviderConfig answered", t.name),
+            Err(e) => {
+                failed = true;
+                eprintln!("ldap2scim: {e}");
+            }
+        }
+    }
+    if failed {
+        EXIT_ERROR
+    } else {
+        EXIT_OK
+    }
+}
+
+fn status(config: &Config) -> u8 {
+    let snapshot = match Snapshot::open_existing(&config.daemon.state_dir) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            println!(
+                "no sync has run yet (state directory {})",
+                config.daemon.state_dir.display()
+            );
+            return EXIT_OK;
+        }
+        Err(e) => return fail(e),
+    };
+    for t in &config.targets {
+        let last: Option<serde_json::Value> = snapshot
+            .get_meta(&reconcile::status_key(&t.name.0))
+            .ok()
+            .flatten();
+        let held: Option<BTreeSet<(String, DirectoryId)>> = snapshot
+            .get_meta(&reconcile::held_key(&t.name.0))
+            .ok()
+            .flatten();
+        let rows = snapshot.target(&t.name.0).and_then(|ts| ts.load());
+        let (users, groups) = rows
+            .map(|s| (s.users.len(), s.groups.len()))
+            .unwrap_or((0, 0));
+        match last {
+            Some(l) => println!(
+                "target {}: last run {} result {}; applied {}, failed {}, held {}; managing {users} users, {groups} groups",
+                t.name, l["at"].as_str().unwrap_or("?"), l["status"].as_str().unwrap_or("?"),
+                l["applied"], l["failed"], held.as_ref().map_or(0, |h| h.len())
+            ),
+            None => println!("target {}: never synced", t.name),
+        }
+        for (action, id) in held.iter().flatten() {
+            println!("  held: {action} {id}");
+        }
+    }
+    if let Some(next) = crate::daemon::next_run(config, Utc::now()) {
+        println!("next scheduled run: {next}");
+    }
+    EXIT_OK
+}
+
+async fn explain(config: &Config, needle: &str) -> u8 {
+    let directory = match crate::source::read(&config.ldap).await {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let Some(entry) = directory.find(needle) else {
+        eprintln!("ldap2scim: {needle:?} matches no user or group in the directory read");
+        return EXIT_ERROR;
+    };
+    let (id, dn, kind) = match entry {
+        Entry::User(u) => (u.id.clone(), u.dn.clone(), "user"),
+        Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
+    };
+    let pass = Pass {
+        config,
+        only: &[],
+        dry_run: true,
+        now: Utc::now(),
+    };
+    let outcome = reconcile::run(&pass).await;
+    let snapshot = Snapshot::open_existing(&config.daemon.state_dir)
+        .ok()
+        .flatten();
+    let mut targets = Vec::new();
+    for t in &config.targets {
+        let mapped = match entry {
+            Entry::User(u) => crate::map::map_user(u, t)
+                .map(|m| crate::map::user_resource(&m.attrs))
+                .unwrap_or_else(|e| json!({"error": e})),
+            Entry::Group(g) => {
+                json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})
+            }
+        };
+        let row = snapshot.as_ref().and_then(|s| s.target(&t.name.0).ok()).and_then(|ts| ts.load().ok()).map(|st| {
+            st.users
+                .get(&id)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .or_else(|| st.groups.get(&id).map(|r| json!({"scim_id": r.scim_id, "display_name": r.display_name, "members": r.members.len(), "owned": r.owned})))
+        });
+        let pending: Vec<serde_json::Value> = match &outcome {
+            Ok(o) => o
+                .targets
+                .iter()
+                .filter(|x| x.name == t.name.0)
+                .flat_map(|x| {
+                    x.plan.changes.iter().chain(&x.plan.held).filter(|c| c.id() == &id).map(|c| json!({"action": c.action(), "resource": c.resource(), "name": c.name()}))
+                })
+                .collect(),
+            Err(_) => vec![],
+        };
+        targets.push(json!({"target": t.name.0, "mapped": mapped, "snapshot": row.flatten(), "pending": pending}));
+    }
+    let doc = json!({"kind": kind, "dn": dn, "external_id": id.0, "targets": targets});
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    EXIT_OK
+}
+
+async fn approve(config: &Config, target: &str) -> u8 {
+    if !config.targets.iter().any(|t| t.name.0 == target) {
+        return fail(format!("unknown target {target} (--target)"));
+    }
+    let snapshot = match Snapshot::open(&config.daemon.state_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let held: Option<BTreeSet<(String, DirectoryId)>> =
+        match snapshot.get_meta(&reconcile::held_key(target)) {
+            Ok(h) => h,
+            Err(e) => return fail(e),
+        };
+    let Some(held) = held.filter(|h| !h.is_empty()) else {
+        println!("target {target}: nothing is held");
+        return EXIT_OK;
+    };
+    if let Err(e) = snapshot.put_meta(&reconcile::approval_key(target), &held) {
+        return fail(e);
+    }
+    if let Err(e) = snapshot.flush().await {
+        return fail(e);
+    }
+    println!(
+        "target {target}: approved {} held change(s); the next sync applies them",
+        held.len()
+    );
+    EXIT_OK
+}

@@ -1,0 +1,203 @@
+//! Configuration: the main TOML file plus one file per target in `targets_dir`.
+//!
+//! `load` reads everything, resolves secrets, and returns either a validated [`Config`] or the
+//! complete list of problems ([`ConfigErrors`]), each naming its file and key. Nothing else in
+//! the program parses configuration. Secrets are held in [`Secret`], whose `Debug` and
+//! `Display` never show the value.
+
+mod load;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use load::{load, load_with_env, nearest, parse_duration, ConfigError, ConfigErrors};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ldap2scim/config.toml";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The main file this configuration was read from.
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub ldap: LdapConfig,
+    /// Sorted by name.
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// 5-field crontab; validated for field count and ranges, interpreted by the daemon.
+    pub schedule: String,
+    pub timezone: String,
+    pub state_dir: PathBuf,
+    /// Absolute (resolved relative to the main file).
+    pub targets_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    OpenLdap,
+    ActiveDirectory,
+}
+
+#[derive(Clone, Debug)]
+pub struct LdapConfig {
+    /// At least one; `ldap://` or `ldaps://`. Several = failover list, tried in order.
+    pub urls: Vec<String>,
+    pub starttls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub bind_dn: Option<String>,
+    pub bind_password: Option<Secret>,
+    pub dialect: Dialect,
+    pub page_size: i32,
+    pub timeout: Duration,
+    /// Fraction 0.0..=1.0 (from "20%").
+    pub max_shrink: f64,
+    pub users: UsersConfig,
+    /// `None` when the file has no `[ldap.groups]`: no groups are read or pushed.
+    pub groups: Option<GroupsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UsersConfig {
+    pub base: String,
+    pub filter: String,
+    pub disabled_filter: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GroupsConfig {
+    pub base: String,
+    pub filter: String,
+    pub nested: bool,
+}
+
+/// The name of a target: the stem of its file in `targets_dir`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TargetName(pub String);
+
+impl fmt::Display for TargetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    pub name: TargetName,
+    pub file: PathBuf,
+    /// SCIM base URL without trailing slash.
+    pub url: String,
+    pub auth: Auth,
+    pub profile: Profile,
+    /// Normalized DNs; empty = every user is in scope.
+    pub scope_groups: Vec<String>,
+    pub groups: GroupScope,
+    pub deprovision: Deprovision,
+    pub provision_disabled: bool,
+    pub delete_after: Duration,
+    pub max_deprovisions: Limit,
+    pub match_existing: Vec<MatchRule>,
+    /// Glob patterns (`*` and `?`) over userName / displayName.
+    pub protect: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub concurrency: usize,
+    pub members_per_request: usize,
+    /// SCIM attribute path → template, in file order. Dialect defaults are already merged in.
+    pub mapping: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Auth {
+    Bearer(Secret),
+    Basic {
+        username: String,
+        password: Secret,
+    },
+    OAuth2 {
+        token_url: String,
+        client_id: String,
+        client_secret: Secret,
+        scope: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Generic,
+    AwsIdentityCenter,
+    Slack,
+    GithubEmu,
+    EntraStyle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupScope {
+    All,
+    Scoped,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deprovision {
+    Deactivate,
+    Delete,
+    DeactivateThenDelete,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Limit {
+    Count(usize),
+    /// Fraction 0.0..=1.0 of managed users.
+    Percent(f64),
+}
+
+impl Limit {
+    /// The largest number allowed out of `total`.
+    pub fn allowed(&self, total: usize) -> usize {
+        match *self {
+            Limit::Count(n) => n,
+            Limit::Percent(p) => (p * total as f64).floor() as usize,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatchRule {
+    ExternalId,
+    UserName,
+    DisplayName,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+}
+
+/// A secret value read from the environment or a file. Never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}

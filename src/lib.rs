@@ -1,0 +1,21 @@
+//! ldap2scim: keeps SCIM 2.0 applications in step with an LDAP or Active Directory directory.
+//!
+//! The pipeline, in the order data travels: [`config`] → [`source`] (LDAP read) → [`map`]
+//! (directory entry → SCIM resource per target) → [`plan`] (desired vs snapshot, safety guard)
+//! → [`apply`] (SCIM calls, advancing the [`snapshot`]) or [`report`] (dry run).
+//! Only `source`, `snapshot` and `target` do I/O.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod map;
+pub mod model;
+pub mod plan;
+pub mod reconcile;
+pub mod report;
+pub mod snapshot;
+pub mod source;
+pub mod target;

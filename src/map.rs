@@ -1,0 +1,308 @@
+//! Pure mapping: the directory, seen through one target's configuration, becomes the set of
+//! SCIM users and groups that target should have (its scope, its mapping templates).
+//!
+//! A user is represented as a flat map of SCIM attribute paths to JSON values, so the planner
+//! can diff attribute by attribute and the client can build both full resources and PATCHes.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{GroupScope, TargetConfig};
+use crate::model::{Directory, DirectoryGroup, DirectoryId, DirectoryUser};
+use crate::source::dn;
+
+pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
+pub const ENTERPRISE_SCHEMA: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+
+/// Flat SCIM attributes: path (as in the mapping, plus `externalId` and `active`) → value.
+pub type FlatAttrs = BTreeMap<String, Value>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredUser {
+    pub id: DirectoryId,
+    pub dn: String,
+    pub user_name: String,
+    pub active: bool,
+    pub attrs: FlatAttrs,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredGroup {
+    pub id: DirectoryId,
+    pub dn: String,
+    pub display_name: String,
+    /// In-scope users only.
+    pub members: BTreeSet<DirectoryId>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub users: BTreeMap<DirectoryId, DesiredUser>,
+    pub groups: BTreeMap<DirectoryId, DesiredGroup>,
+    /// Users that cannot be represented (e.g. an empty userName), with the reason.
+    pub problems: Vec<(DirectoryId, String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("scope group {dn} (target {target}, key scope_groups) is not in the directory read; without it every user would be out of scope, so nothing is planned for this target. Check the DN and ldap.groups.base")]
+    ScopeGroupMissing { target: String, dn: String },
+}
+
+/// What `target` should contain, given `dir`.
+pub fn desired(dir: &Directory, target: &TargetConfig) -> Result<Desired, MapError> {
+    let in_scope: Option<HashSet<&DirectoryId>> = if target.scope_groups.is_empty() {
+        None
+    } else {
+        let mut set = HashSet::new();
+        for scope_dn in &target.scope_groups {
+            let norm = dn::normalize_lossy(scope_dn);
+            let group = dir
+                .groups
+                .iter()
+                .find(|g| dn::normalize_lossy(&g.dn) == norm)
+                .ok_or_else(|| MapError::ScopeGroupMissing {
+                    target: target.name.0.clone(),
+                    dn: scope_dn.clone(),
+                })?;
+            set.extend(group.members.iter());
+        }
+        Some(set)
+    };
+    let mut out = Desired::default();
+    for user in &dir.users {
+        if in_scope.as_ref().is_some_and(|s| !s.contains(&user.id)) {
+            continue;
+        }
+        match map_user(user, target) {
+            Ok(u) => {
+                out.users.insert(u.id.clone(), u);
+            }
+            Err(reason) => out
+                .problems
+                .push((user.id.clone(), user.dn.clone(), reason)),
+        }
+    }
+    if target.groups != GroupScope::None {
+        for group in &dir.groups {
+            let members: BTreeSet<DirectoryId> = group
+                .members
+                .iter()
+                .filter(|m| out.users.contains_key(*m))
+                .cloned()
+                .collect();
+            if target.groups == GroupScope::Scoped && members.is_empty() {
+                continue;
+            }
+            out.groups.insert(
+                group.id.clone(),
+                DesiredGroup {
+                    id: group.id.clone(),
+                    dn: group.dn.clone(),
+                    display_name: group_display_name(group),
+                    members,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn group_display_name(g: &DirectoryGroup) -> String {
+    g.attrs
+        .get("cn")
+        .and_then(|v| v.first())
+        .cloned()
+        .or_else(|| dn::first_rdn_value(&g.dn))
+        .unwrap_or_else(|| g.dn.clone())
+}
+
+/// Maps one user through the target's templates.
+pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUser, String> {
+    let mut attrs = FlatAttrs::new();
+    for (path, template) in &target.mapping {
+        let value = render(template, user);
+        if !value.is_empty() {
+            attrs.insert(path.clone(), Value::String(value));
+        }
+    }
+    let user_name = match attrs.get("userName") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            return Err("its userName template renders empty; check the mapping of userName".into())
+        }
+    };
+    let active = !user.disabled;
+    attrs.insert("externalId".into(), Value::String(user.id.0.clone()));
+    attrs.insert("active".into(), Value::Bool(active));
+    Ok(DesiredUser {
+        id: user.id.clone(),
+        dn: user.dn.clone(),
+        user_name,
+        active,
+        attrs,
+    })
+}
+
+/// Renders `{attribute}` placeholders with the attribute's first value; `{{`/`}}` escape.
+pub fn render(template: &str, user: &DirectoryUser) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(pos) = rest.find(['{', '}']) {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+        } else if let (true, Some(end)) = (tail.starts_with('{'), tail.find('}')) {
+            let name = tail[1..end].to_ascii_lowercase();
+            if let Some(v) = user.attrs.get(&name).and_then(|v| v.first()) {
+                out.push_str(v);
+            }
+            rest = &tail[end + 1..];
+        } else {
+            out.push_str(&tail[..1]);
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out.trim().to_string()
+}
+
+/// A multi-valued attribute path like `emails[type eq "work"].value` → ("emails", "work").
+fn multi_valued(path: &str) -> Option<(&str, &str)> {
+    let (attr, rest) = path.split_once('[')?;
+    let ty = rest.strip_prefix("type eq \"")?.split_once('"')?.0;
+    Some((attr, ty))
+}
+
+/// The top-level SCIM attribute a flat path belongs to (the unit a PATCH replaces).
+pub fn top_level(path: &str) -> &str {
+    if let Some((attr, _)) = multi_valued(path) {
+        return attr;
+    }
+    if path.starts_with("urn:") {
+        return path;
+    }
+    path.split('.').next().unwrap_or(path)
+}
+
+/// The value of one top-level attribute, built from every flat path under it (`None` when
+/// no path under it has a value).
+pub fn top_level_value(attrs: &FlatAttrs, top: &str) -> Option<Value> {
+    let mut complex = Map::new();
+    let mut multi: Vec<Value> = Vec::new();
+    let mut scalar = None;
+    for (path, value) in attrs {
+        if let Some((attr, ty)) = multi_valued(path) {
+            if attr == top {
+                let primary = multi.is_empty();
+                multi.push(json!({"type": ty, "value": value, "primary": primary}));
+            }
+        } else if path == top {
+            scalar = Some(value.clone());
+        } else if let Some(sub) = path.strip_prefix(top).and_then(|s| s.strip_prefix('.')) {
+            if !top.starts_with("urn:") {
+                complex.insert(sub.to_string(), value.clone());
+            }
+        }
+    }
+    if !multi.is_empty() {
+        Some(Value::Array(multi))
+    } else if !complex.is_empty() {
+        Some(Value::Object(complex))
+    } else {
+        scalar
+    }
+}
+
+/// The full SCIM User resource for a set of flat attributes.
+pub fn user_resource(attrs: &FlatAttrs) -> Value {
+    let mut obj = Map::new();
+    let mut schemas = vec![Value::String(USER_SCHEMA.into())];
+    let mut enterprise = Map::new();
+    let tops: BTreeSet<&str> = attrs.keys().map(|p| top_level(p)).collect();
+    for top in tops {
+        if let Some(sub) = top
+            .strip_prefix(ENTERPRISE_SCHEMA)
+            .and_then(|s| s.strip_prefix(':'))
+        {
+            if let Some(v) = attrs.get(top) {
+                enterprise.insert(sub.to_string(), v.clone());
+            }
+        } else if let Some(v) = top_level_value(attrs, top) {
+            obj.insert(top.to_string(), v);
+        }
+    }
+    if !enterprise.is_empty() {
+        schemas.push(Value::String(ENTERPRISE_SCHEMA.into()));
+        obj.insert(ENTERPRISE_SCHEMA.into(), Value::Object(enterprise));
+    }
+    obj.insert("schemas".into(), Value::Array(schemas));
+    Value::Object(obj)
+}
+
+/// The SCIM Group resource (without members: those always travel as PATCH deltas).
+pub fn group_resource(group: &DesiredGroup) -> Value {
+    json!({
+        "schemas": [GROUP_SCHEMA],
+        "displayName": group.display_name,
+        "externalId": group.id.0,
+    })
+}
+
+/// The hash of a user's representation, stored in the snapshot.
+pub fn user_hash(attrs: &FlatAttrs) -> String {
+    crate::model::content_hash(&serde_json::to_value(attrs).unwrap_or(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Attributes;
+
+    fn user() -> DirectoryUser {
+        let mut attrs = Attributes::new();
+        attrs.insert("uid".into(), vec!["jdoe".into()]);
+        attrs.insert("mail".into(), vec!["jdoe@example.org".into()]);
+        attrs.insert("givenname".into(), vec!["Jane".into()]);
+        attrs.insert("sn".into(), vec!["Doe".into()]);
+        DirectoryUser {
+            id: DirectoryId::new("ABC"),
+            dn: "uid=jdoe,dc=x".into(),
+            attrs,
+            disabled: false,
+        }
+    }
+
+    #[test]
+    fn templates_render_first_values_and_escapes() {
+        let u = user();
+        assert_eq!(render("{givenName} {sn}", &u), "Jane Doe");
+        assert_eq!(render("{{literal}} {uid}", &u), "{literal} jdoe");
+        assert_eq!(render("{missing}", &u), "");
+    }
+
+    #[test]
+    fn flat_attributes_build_a_scim_user() {
+        let mut attrs = FlatAttrs::new();
+        attrs.insert("userName".into(), json!("jdoe"));
+        attrs.insert("name.givenName".into(), json!("Jane"));
+        attrs.insert("name.familyName".into(), json!("Doe"));
+        attrs.insert("emails[type eq \"work\"].value".into(), json!("j@x.org"));
+        attrs.insert(format!("{ENTERPRISE_SCHEMA}:department"), json!("R&D"));
+        attrs.insert("active".into(), json!(true));
+        let r = user_resource(&attrs);
+        assert_eq!(r["name"], json!({"givenName": "Jane", "familyName": "Doe"}));
+        assert_eq!(
+            r["emails"],
+            json!([{"type": "work", "value": "j@x.org", "primary": true}])
+        );
+        assert_eq!(r[ENTERPRISE_SCHEMA]["department"], json!("R&D"));
+        assert_eq!(r["schemas"].as_array().unwrap().len(), 2);
+        assert_eq!(top_level("emails[type eq \"work\"].value"), "emails");
+        assert_eq!(top_level("name.givenName"), "name");
+    }
+}

@@ -1,0 +1,111 @@
+//! The canonical directory model: users, groups, their immutable ids and content hashes.
+//! Knows nothing of LDAP wire types or SCIM; both sides translate into and out of this.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The directory's immutable id of an entry (`entryUUID`, or `objectGUID` as a canonical GUID
+/// string), lowercased. Sent to targets as SCIM `externalId`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DirectoryId(pub String);
+
+impl DirectoryId {
+    pub fn new(raw: &str) -> Self {
+        DirectoryId(raw.trim().to_ascii_lowercase())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DirectoryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id a SCIM service provider gave a resource.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ScimId(pub String);
+
+impl fmt::Display for ScimId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Directory attributes of one entry: lowercased attribute name → values, in directory order.
+pub type Attributes = BTreeMap<String, Vec<String>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryUser {
+    pub id: DirectoryId,
+    pub dn: String,
+    pub attrs: Attributes,
+    /// Disabled in the directory (`disabled_filter`, or AD `userAccountControl` bit 2).
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryGroup {
+    pub id: DirectoryId,
+    pub dn: String,
+    pub attrs: Attributes,
+    /// The users that count as members: direct ones, plus those of nested groups when
+    /// `nested = true`.
+    pub members: BTreeSet<DirectoryId>,
+}
+
+/// One complete, consistent read of the directory. A read that was not complete is an error
+/// of the source and never becomes a `Directory`.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    pub users: Vec<DirectoryUser>,
+    pub groups: Vec<DirectoryGroup>,
+}
+
+impl Directory {
+    pub fn find(&self, needle: &str) -> Option<Entry<'_>> {
+        let lower = needle.to_lowercase();
+        let norm = crate::source::dn::normalize(needle);
+        let matches_user = |u: &&DirectoryUser| {
+            u.id.0 == lower
+                || norm.as_deref() == crate::source::dn::normalize(&u.dn).as_deref()
+                || u.attrs.iter().any(|(k, vs)| {
+                    matches!(
+                        k.as_str(),
+                        "uid" | "mail" | "cn" | "userprincipalname" | "samaccountname"
+                    ) && vs.iter().any(|v| v.to_lowercase() == lower)
+                })
+        };
+        if let Some(u) = self.users.iter().find(matches_user) {
+            return Some(Entry::User(u));
+        }
+        self.groups
+            .iter()
+            .find(|g| {
+                g.id.0 == lower
+                    || norm.as_deref() == crate::source::dn::normalize(&g.dn).as_deref()
+                    || g.attrs
+                        .get("cn")
+                        .is_some_and(|vs| vs.iter().any(|v| v.to_lowercase() == lower))
+            })
+            .map(Entry::Group)
+    }
+}
+
+pub enum Entry<'a> {
+    User(&'a DirectoryUser),
+    Group(&'a DirectoryGroup),
+}
+
+/// A stable hash of a JSON representation (object keys are kept in a canonical order by the
+/// callers, which build it from `BTreeMap`s).
+pub fn content_hash(value: &serde_json::Value) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,77 @@
+//! Safety limits: decides which destructive changes of a plan may go ahead. Pure.
+//!
+//! A destructive change (deactivate, delete) that a limit holds is moved from
+//! `Plan::changes` to `Plan::held`, never dropped silently: reports show it and `approve`
+//! releases exactly the held set.
+
+use std::collections::BTreeSet;
+
+use super::{Change, Plan};
+use crate::config::Limit;
+use crate::model::DirectoryId;
+
+/// Why every destructive change of this cycle is held, whatever the per-target limit says
+/// (e.g. the directory shrank suspiciously).
+#[derive(Debug, Clone)]
+pub struct SourceHold(pub String);
+
+/// Applies the limits to `plan` in place.
+/// `managed_users` is the number of users the snapshot holds for the target;
+/// `approved` is the set of destructive changes an operator released with `approve`.
+pub fn apply_limits(
+    plan: &mut Plan,
+    max_deprovisions: Limit,
+    managed_users: usize,
+    source_hold: Option<&SourceHold>,
+    approved: Option<&BTreeSet<(String, DirectoryId)>>,
+) {
+    let destructive: Vec<&Change> = plan.changes.iter().filter(|c| c.is_destructive()).collect();
+    if destructive.is_empty() {
+        return;
+    }
+    let key = |c: &Change| (c.action().to_string(), c.id().clone());
+    if let Some(approved) = approved {
+        let set: BTreeSet<_> = destructive.iter().map(|c| key(c)).collect();
+        if set.is_subset(approved) {
+            return;
+        }
+    }
+    let user_deprovisions = destructive
+        .iter()
+        .filter(|c| c.resource() == "User")
+        .count();
+    let allowed = max_deprovisions.allowed(managed_users);
+    let reason = if let Some(SourceHold(why)) = source_hold {
+        Some(why.clone())
+    } else if user_deprovisions > allowed {
+        Some(format!(
+            "{user_deprovisions} deprovisions exceed max_deprovisions ({}) of {managed_users} managed users; run `ldap2scim approve --target NAME` to release them",
+            describe_limit(max_deprovisions, allowed)
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut plan.changes)
+            .into_iter()
+            .partition(Change::is_destructive);
+        plan.changes = kept;
+        plan.held = held;
+        plan.held_reason = Some(reason);
+    }
+}
+
+fn describe_limit(limit: Limit, allowed: usize) -> String {
+    match limit {
+        Limit::Count(n) => format!("{n}"),
+        Limit::Percent(p) => format!("{}% = {allowed}", (p * 100.0).round()),
+    }
+}
+
+/// The identity of a held set, as stored for `approve`.
+pub fn held_keys(plan: &Plan) -> BTreeSet<(String, DirectoryId)> {
+    plan.held
+        .iter()
+        .map(|c| (c.action().to_string(), c.id().clone()))
+        .collect()
+}

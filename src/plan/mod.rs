@@ -1,0 +1,466 @@
+//! The planner: a pure diff of what a target should have (from [`crate::map`]) against what
+//! the snapshot says it has, producing the list of changes to send. No I/O.
+//!
+//! Order matters and is part of the plan: users are created and updated first, then groups,
+//! then member removals before additions, and deprovisions last.
+
+pub mod guard;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{Deprovision, TargetConfig};
+use crate::map::{Desired, FlatAttrs};
+use crate::model::{DirectoryId, ScimId};
+use crate::snapshot::{TargetState, UserState};
+
+/// One attribute's change, for reports and PATCH bodies.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttrChange {
+    pub path: String,
+    pub from: Option<Value>,
+    pub to: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// The entry is gone from the directory (or from the target's scope).
+    Left,
+    /// The entry is disabled in the directory.
+    Disabled,
+    /// Deactivated for longer than `delete_after`.
+    GracePeriodOver,
+}
+
+/// A resource found on the target that a new directory entry will take over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Existing {
+    pub scim_id: ScimId,
+    /// The target's current flat attributes (as far as they were read).
+    pub attrs: FlatAttrs,
+    /// How it matched (`externalId`, `userName`, `displayName`).
+    pub matched_by: &'static str,
+    /// For a group: its current members, as directory ids.
+    pub members: BTreeSet<DirectoryId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    CreateUser {
+        id: DirectoryId,
+        user_name: String,
+        attrs: FlatAttrs,
+    },
+    /// Take over a resource that already exists on the target, then bring it in line.
+    AdoptUser {
+        id: DirectoryId,
+        scim_id: ScimId,
+        user_name: String,
+        matched_by: &'static str,
+        changes: Vec<AttrChange>,
+        attrs: FlatAttrs,
+        /// A snapshot row (an earlier directory entry) that pointed at the same resource.
+        supersedes: Option<DirectoryId>,
+    },
+    UpdateUser {
+        id: DirectoryId,
+        scim_id: ScimId,
+        user_name: String,
+        changes: Vec<AttrChange>,
+        attrs: FlatAttrs,
+    },
+    DeactivateUser {
+        id: DirectoryId,
+        scim_id: ScimId,
+        user_name: String,
+        reason: Reason,
+        changes: Vec<AttrChange>,
+        attrs: FlatAttrs,
+    },
+    DeleteUser {
+        id: DirectoryId,
+        scim_id: ScimId,
+        user_name: String,
+        reason: Reason,
+    },
+    CreateGroup {
+        id: DirectoryId,
+        display_name: String,
+    },
+    AdoptGroup {
+        id: DirectoryId,
+        scim_id: ScimId,
+        display_name: String,
+        matched_by: &'static str,
+        from_name: String,
+        /// Its members on the target when it was found.
+        members: BTreeSet<DirectoryId>,
+    },
+    UpdateGroup {
+        id: DirectoryId,
+        scim_id: ScimId,
+        display_name: String,
+        from_name: String,
+    },
+    DeleteGroup {
+        id: DirectoryId,
+        scim_id: ScimId,
+        display_name: String,
+    },
+    RemoveMembers {
+        group: DirectoryId,
+        group_name: String,
+        members: Vec<DirectoryId>,
+    },
+    AddMembers {
+        group: DirectoryId,
+        group_name: String,
+        members: Vec<DirectoryId>,
+    },
+}
+
+impl Change {
+    /// Destructive changes are the ones a safety limit may hold.
+    pub fn is_destructive(&self) -> bool {
+        matches!(
+            self,
+            Change::DeactivateUser { .. } | Change::DeleteUser { .. } | Change::DeleteGroup { .. }
+        )
+    }
+
+    pub fn action(&self) -> &'static str {
+        match self {
+            Change::CreateUser { .. } | Change::CreateGroup { .. } => "create",
+            Change::AdoptUser { .. } | Change::AdoptGroup { .. } => "adopt",
+            Change::UpdateUser { .. } | Change::UpdateGroup { .. } => "update",
+            Change::DeactivateUser { .. } => "deactivate",
+            Change::DeleteUser { .. } | Change::DeleteGroup { .. } => "delete",
+            Change::RemoveMembers { .. } => "remove-members",
+            Change::AddMembers { .. } => "add-members",
+        }
+    }
+
+    pub fn resource(&self) -> &'static str {
+        match self {
+            Change::CreateUser { .. }
+            | Change::AdoptUser { .. }
+            | Change::UpdateUser { .. }
+            | Change::DeactivateUser { .. }
+            | Change::DeleteUser { .. } => "User",
+            _ => "Group",
+        }
+    }
+
+    /// The directory id the change is about.
+    pub fn id(&self) -> &DirectoryId {
+        match self {
+            Change::CreateUser { id, .. }
+            | Change::AdoptUser { id, .. }
+            | Change::UpdateUser { id, .. }
+            | Change::DeactivateUser { id, .. }
+            | Change::DeleteUser { id, .. }
+            | Change::CreateGroup { id, .. }
+            | Change::AdoptGroup { id, .. }
+            | Change::UpdateGroup { id, .. }
+            | Change::DeleteGroup { id, .. } => id,
+            Change::RemoveMembers { group, .. } | Change::AddMembers { group, .. } => group,
+        }
+    }
+
+    /// The userName or displayName the change is about.
+    pub fn name(&self) -> &str {
+        match self {
+            Change::CreateUser { user_name, .. }
+            | Change::AdoptUser { user_name, .. }
+            | Change::UpdateUser { user_name, .. }
+            | Change::DeactivateUser { user_name, .. }
+            | Change::DeleteUser { user_name, .. } => user_name,
+            Change::CreateGroup { display_name, .. }
+            | Change::AdoptGroup { display_name, .. }
+            | Change::UpdateGroup { display_name, .. }
+            | Change::DeleteGroup { display_name, .. } => display_name,
+            Change::RemoveMembers { group_name, .. } | Change::AddMembers { group_name, .. } => {
+                group_name
+            }
+        }
+    }
+}
+
+/// A user or group that could not be planned, with the reason (reported, never guessed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Problem {
+    pub external_id: String,
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+    /// Destructive changes a safety limit held back (not applied).
+    pub held: Vec<Change>,
+    /// Why changes were held.
+    pub held_reason: Option<String>,
+    pub problems: Vec<Problem>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.held.is_empty()
+    }
+}
+
+/// What the planner needs besides the desired state and the snapshot.
+pub struct PlanInput<'a> {
+    pub target: &'a TargetConfig,
+    pub desired: &'a Desired,
+    pub state: &'a TargetState,
+    /// Resources on the target matched to directory entries that have no snapshot row yet.
+    pub existing_users: &'a BTreeMap<DirectoryId, Existing>,
+    pub existing_groups: &'a BTreeMap<DirectoryId, Existing>,
+    pub now: DateTime<Utc>,
+}
+
+/// Diffs desired against the snapshot. Pure: same input, same plan.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let PlanInput {
+        target,
+        desired,
+        state,
+        existing_users,
+        existing_groups,
+        now,
+    } = *input;
+    let mut p = Plan::default();
+    let mut user_changes = Vec::new();
+    let mut deprovisions = Vec::new();
+    let superseded: BTreeSet<DirectoryId> = existing_users
+        .values()
+        .filter_map(|e| state.user_by_scim_id(&e.scim_id).map(|(id, _)| id.clone()))
+        .collect();
+    // Users that will be on the target (as group member candidates) after this plan.
+    let mut provisioned: BTreeSet<DirectoryId> = BTreeSet::new();
+
+    for (id, want) in &desired.users {
+        match state.users.get(id) {
+            Some(row) => {
+                provisioned.insert(id.clone());
+                let changes = diff_attrs(&row.attrs, &want.attrs);
+                if changes.is_empty() {
+                    continue;
+                }
+                let was_active = matches!(row.state, UserState::Active);
+                if was_active && !want.active {
+                    deprovisions.push(Change::DeactivateUser {
+                        id: id.clone(),
+                        scim_id: row.scim_id.clone(),
+                        user_name: want.user_name.clone(),
+                        reason: Reason::Disabled,
+                        changes,
+                        attrs: want.attrs.clone(),
+                    });
+                } else {
+                    user_changes.push(Change::UpdateUser {
+                        id: id.clone(),
+                        scim_id: row.scim_id.clone(),
+                        user_name: want.user_name.clone(),
+                        changes,
+                        attrs: want.attrs.clone(),
+                    });
+                }
+            }
+            None if !want.active && !target.provision_disabled => {}
+            None => {
+                provisioned.insert(id.clone());
+                match existing_users.get(id) {
+                    Some(found) => {
+                        let supersedes = state
+                            .user_by_scim_id(&found.scim_id)
+                            .map(|(old, _)| old.clone());
+                        user_changes.push(Change::AdoptUser {
+                            id: id.clone(),
+                            scim_id: found.scim_id.clone(),
+                            user_name: want.user_name.clone(),
+                            matched_by: found.matched_by,
+                            changes: diff_attrs(&found.attrs, &want.attrs),
+                            attrs: want.attrs.clone(),
+                            supersedes,
+                        })
+                    }
+                    None => user_changes.push(Change::CreateUser {
+                        id: id.clone(),
+                        user_name: want.user_name.clone(),
+                        attrs: want.attrs.clone(),
+                    }),
+                }
+            }
+        }
+    }
+
+    for (id, row) in &state.users {
+        if desired.users.contains_key(id) || superseded.contains(id) {
+            continue;
+        }
+        let deactivate = |reason| Change::DeactivateUser {
+            id: id.clone(),
+            scim_id: row.scim_id.clone(),
+            user_name: row.user_name.clone(),
+            reason,
+            changes: vec![AttrChange {
+                path: "active".into(),
+                from: Some(Value::Bool(true)),
+                to: Some(Value::Bool(false)),
+            }],
+            attrs: with_active(&row.attrs, false),
+        };
+        let delete = |reason| Change::DeleteUser {
+            id: id.clone(),
+            scim_id: row.scim_id.clone(),
+            user_name: row.user_name.clone(),
+            reason,
+        };
+        match (row.state, target.deprovision) {
+            (UserState::Active, Deprovision::Delete) => deprovisions.push(delete(Reason::Left)),
+            (UserState::Active, _) => deprovisions.push(deactivate(Reason::Left)),
+            (UserState::Deactivated { .. }, Deprovision::Delete) => {
+                deprovisions.push(delete(Reason::Left))
+            }
+            (UserState::Deactivated { since }, Deprovision::DeactivateThenDelete) => {
+                if grace_over(since, target.delete_after, now) {
+                    deprovisions.push(delete(Reason::GracePeriodOver));
+                }
+            }
+            (UserState::Deactivated { .. }, Deprovision::Deactivate) => {}
+        }
+    }
+
+    // Groups.
+    let mut group_changes = Vec::new();
+    let mut removals = Vec::new();
+    let mut additions = Vec::new();
+    let mut group_deletes = Vec::new();
+    for (id, want) in &desired.groups {
+        let want_members: BTreeSet<DirectoryId> = want
+            .members
+            .iter()
+            .filter(|m| provisioned.contains(*m))
+            .cloned()
+            .collect();
+        let current: BTreeSet<DirectoryId> = match state.groups.get(id) {
+            Some(row) => {
+                if row.display_name != want.display_name {
+                    group_changes.push(Change::UpdateGroup {
+                        id: id.clone(),
+                        scim_id: row.scim_id.clone(),
+                        display_name: want.display_name.clone(),
+                        from_name: row.display_name.clone(),
+                    });
+                }
+                row.members.clone()
+            }
+            None => match existing_groups.get(id) {
+                Some(found) => {
+                    group_changes.push(Change::AdoptGroup {
+                        id: id.clone(),
+                        scim_id: found.scim_id.clone(),
+                        display_name: want.display_name.clone(),
+                        matched_by: found.matched_by,
+                        from_name: found
+                            .attrs
+                            .get("displayName")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        members: found.members.clone(),
+                    });
+                    found.members.clone()
+                }
+                None => {
+                    group_changes.push(Change::CreateGroup {
+                        id: id.clone(),
+                        display_name: want.display_name.clone(),
+                    });
+                    BTreeSet::new()
+                }
+            },
+        };
+        let remove: Vec<DirectoryId> = current.difference(&want_members).cloned().collect();
+        let add: Vec<DirectoryId> = want_members.difference(&current).cloned().collect();
+        if !remove.is_empty() {
+            removals.push(Change::RemoveMembers {
+                group: id.clone(),
+                group_name: want.display_name.clone(),
+                members: remove,
+            });
+        }
+        if !add.is_empty() {
+            additions.push(Change::AddMembers {
+                group: id.clone(),
+                group_name: want.display_name.clone(),
+                members: add,
+            });
+        }
+    }
+    for (id, row) in &state.groups {
+        if !desired.groups.contains_key(id) {
+            group_deletes.push(Change::DeleteGroup {
+                id: id.clone(),
+                scim_id: row.scim_id.clone(),
+                display_name: row.display_name.clone(),
+            });
+        }
+    }
+
+    p.changes.extend(user_changes);
+    p.changes.extend(group_changes);
+    p.changes.extend(removals);
+    p.changes.extend(additions);
+    p.changes.extend(group_deletes);
+    p.changes.extend(deprovisions);
+    p.problems = desired
+        .problems
+        .iter()
+        .map(|(id, dn, reason)| Problem {
+            external_id: id.0.clone(),
+            name: dn.clone(),
+            reason: reason.clone(),
+        })
+        .collect();
+    p
+}
+
+fn grace_over(since: DateTime<Utc>, grace: Duration, now: DateTime<Utc>) -> bool {
+    chrono::Duration::from_std(grace)
+        .map(|g| since + g <= now)
+        .unwrap_or(false)
+}
+
+fn with_active(attrs: &FlatAttrs, active: bool) -> FlatAttrs {
+    let mut a = attrs.clone();
+    a.insert("active".into(), Value::Bool(active));
+    a
+}
+
+/// Attribute-level differences between what the target has and what it should have.
+pub fn diff_attrs(have: &FlatAttrs, want: &FlatAttrs) -> Vec<AttrChange> {
+    let paths: BTreeSet<&String> = have.keys().chain(want.keys()).collect();
+    paths
+        .into_iter()
+        .filter_map(|path| {
+            let (from, to) = (have.get(path), want.get(path));
+            (from != to).then(|| AttrChange {
+                path: path.clone(),
+                from: from.cloned(),
+                to: to.cloned(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,626 @@
+//! One reconcile pass: read → map → plan → guard → apply (or report, in a dry run), for every
+//! selected target. Targets run concurrently and independently: one failing target is that
+//! target's result, not the cycle's.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::apply::{members_of, scim_id_of, Applier, ApplyReport};
+use crate::config::{Config, MatchRule, TargetConfig};
+use crate::map::{self, Desired, FlatAttrs};
+use crate::model::{Directory, DirectoryId};
+use crate::plan::{self, guard, Existing, Plan, PlanInput};
+use crate::snapshot::{ReadStats, Snapshot, SnapshotError, TargetState};
+use crate::source::{self, SourceError};
+use crate::target::{ScimClient, TargetError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("unknown target {name} (--target): the configured targets are {known}")]
+    UnknownTarget { name: String, known: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetStatus {
+    Ok,
+    Held,
+    Error,
+}
+
+/// What happened to one target in one pass.
+#[derive(Debug)]
+pub struct TargetOutcome {
+    pub name: String,
+    pub status: TargetStatus,
+    /// The target could not be planned at all (unreachable, scope group missing, …).
+    pub error: Option<String>,
+    pub plan: Plan,
+    /// `None` in a dry run.
+    pub applied: Option<ApplyReport>,
+    /// userNames of the users that member changes name, for reports.
+    pub names: BTreeMap<DirectoryId, String>,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub source_users: usize,
+    pub source_groups: usize,
+    pub targets: Vec<TargetOutcome>,
+}
+
+/// Options of one pass.
+pub struct Pass<'a> {
+    pub config: &'a Config,
+    /// Empty = all targets.
+    pub only: &'a [String],
+    pub dry_run: bool,
+    pub now: DateTime<Utc>,
+}
+
+pub fn select_targets<'a>(
+    config: &'a Config,
+    only: &[String],
+) -> Result<Vec<&'a TargetConfig>, ReconcileError> {
+    if only.is_empty() {
+        return Ok(config.targets.iter().collect());
+    }
+    only.iter()
+        .map(|n| {
+            config
+                .targets
+                .iter()
+                .find(|t| &t.name.0 == n)
+                .ok_or_else(|| ReconcileError::UnknownTarget {
+                    name: n.clone(),
+                    known: config
+                        .targets
+                        .iter()
+                        .map(|t| t.name.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+        })
+        .collect()
+}
+
+/// Runs one pass. Errors are for the whole pass (directory, snapshot); a target's own failure
+/// is in its [`TargetOutcome`].
+pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
+    let targets = select_targets(pass.config, pass.only)?;
+    let snapshot = if pass.dry_run {
+        Snapshot::open_existing(&pass.config.daemon.state_dir)?
+    } else {
+        Some(Snapshot::open(&pass.config.daemon.state_dir)?)
+    };
+    let directory = source::read(&pass.config.ldap).await?;
+    let last = match &snapshot {
+        Some(s) => s.last_read()?,
+        None => None,
+    };
+    let hold = source_hold(&directory, last.as_ref(), pass.config.ldap.max_shrink);
+    if let Some(h) = &hold {
+        warn!(reason = %h.0, "holding every deprovision this cycle");
+    }
+
+    let outcomes = futures::future::join_all(
+        targets
+            .iter()
+            .map(|t| run_target(pass, t, &directory, snapshot.as_ref(), hold.as_ref())),
+    )
+    .await;
+
+    if let Some(s) = &snapshot {
+        if !pass.dry_run {
+            // The shrink guard compares with the last read that was allowed to count.
+            if hold.is_none() {
+                s.set_last_read(&ReadStats {
+                    users: directory.users.len(),
+                    groups: directory.groups.len(),
+                    at: Some(pass.now),
+                })?;
+            }
+            s.flush().await?;
+        }
+    }
+    Ok(Outcome {
+        source_users: directory.users.len(),
+        source_groups: directory.groups.len(),
+        targets: outcomes,
+    })
+}
+
+/// The directory-wide integrity check: a read much smaller than the last good one holds all
+/// deprovisions.
+fn source_hold(
+    dir: &Directory,
+    last: Option<&ReadStats>,
+    max_shrink: f64,
+) -> Option<guard::SourceHold> {
+    let last = last?;
+    if last.users == 0 {
+        return None;
+    }
+    let now = dir.users.len();
+    if now == 0 {
+        return Some(guard::SourceHold(format!(
+            "the directory read returned no users, but the last good read had {}",
+            last.users
+        )));
+    }
+    let shrink = 1.0 - now as f64 / last.users as f64;
+    (shrink > max_shrink).then(|| {
+        guard::SourceHold(format!(
+            "the directory shrank from {} to {now} users ({:.0}%), more than ldap.max_shrink ({:.0}%)",
+            last.users,
+            shrink * 100.0,
+            max_shrink * 100.0
+        ))
+    })
+}
+
+async fn run_target(
+    pass: &Pass<'_>,
+    target: &TargetConfig,
+    directory: &Directory,
+    snapshot: Option<&Snapshot>,
+    hold: Option<&guard::SourceHold>,
+) -> TargetOutcome {
+    let name = target.name.0.clone();
+    let fail = |error: String| TargetOutcome {
+        name: name.clone(),
+        status: TargetStatus::Error,
+        error: Some(error),
+        plan: Plan::default(),
+        applied: None,
+        names: BTreeMap::new(),
+    };
+    let desired = match map::desired(directory, target) {
+        Ok(d) => d,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (tsnap, mut state) = match snapshot.map(|s| s.target(&name)) {
+        Some(Ok(ts)) => match ts.load() {
+            Ok(st) => (Some(ts), st),
+            Err(e) => return fail(e.to_string()),
+        },
+        Some(Err(e)) => return fail(e.to_string()),
+        None => (None, TargetState::default()),
+    };
+    let client = match ScimClient::new(target) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (existing_users, existing_groups, mut problems) =
+        match resolve_existing(&client, target, &desired, &state).await {
+            Ok(x) => x,
+            Err(e) => return fail(e.to_string()),
+        };
+    let mut plan = plan::plan(&PlanInput {
+        target,
+        desired: &desired,
+        state: &state,
+        existing_users: &existing_users,
+        existing_groups: &existing_groups,
+        now: pass.now,
+    });
+    plan.problems.append(&mut problems);
+    let names = member_names(&plan, &desired, &state);
+    let approved = snapshot.and_then(|s| {
+        s.get_meta::<BTreeSet<(String, DirectoryId)>>(&approval_key(&name))
+            .ok()
+            .flatten()
+    });
+    guard::apply_limits(
+        &mut plan,
+        target.max_deprovisions,
+        state.users.len(),
+        hold,
+        approved.as_ref(),
+    );
+
+    if pass.dry_run {
+        let status = if plan.held.is_empty() {
+            TargetStatus::Ok
+        } else {
+            TargetStatus::Held
+        };
+        return TargetOutcome {
+            name,
+            status,
+            error: None,
+            plan,
+            applied: None,
+            names,
+        };
+    }
+    let Some(tsnap) = tsnap else {
+        unreachable!("a sync always opens the snapshot")
+    };
+    let applier = Applier {
+        client: &client,
+        target,
+        snapshot: &tsnap,
+        now: pass.now,
+    };
+    let report = applier.apply(&mut state, &plan.changes).await;
+    if let Some(s) = snapshot {
+        let held = guard::held_keys(&plan);
+        let stored = if held.is_empty() {
+            s.remove_meta(&held_key(&name))
+        } else {
+            s.put_meta(&held_key(&name), &held)
+        };
+        if let Err(e) = stored {
+            warn!(target = %name, error = %e, "cannot record held changes");
+        }
+        if approved.is_some() && plan.held.is_empty() {
+            let _ = s.remove_meta(&approval_key(&name));
+        }
+    }
+    let status = if !report.failures.is_empty() {
+        TargetStatus::Error
+    } else if !plan.held.is_empty() {
+        TargetStatus::Held
+    } else {
+        TargetStatus::Ok
+    };
+    if let Some(s) = snapshot {
+        let record = serde_json::json!({
+            "at": pass.now.to_rfc3339(),
+            "status": status,
+            "applied": report.applied,
+            "failed": report.failures.len(),
+            "held": plan.held.len(),
+            "writes": report.writes,
+        });
+        if let Err(e) = s.put_meta(&status_key(&name), &record) {
+            warn!(target = %name, error = %e, "cannot record the run status");
+        }
+    }
+    info!(
+        target = %name,
+        applied = report.applied,
+        failed = report.failures.len(),
+        held = plan.held.len(),
+        writes = report.writes,
+        "target reconciled"
+    );
+    TargetOutcome {
+        name,
+        status,
+        error: None,
+        plan,
+        applied: Some(report),
+        names,
+    }
+}
+
+fn member_names(
+    plan: &Plan,
+    desired: &Desired,
+    state: &TargetState,
+) -> BTreeMap<DirectoryId, String> {
+    let mut names = BTreeMap::new();
+    for c in plan.changes.iter().chain(&plan.held) {
+        if let plan::Change::AddMembers { members, .. }
+        | plan::Change::RemoveMembers { members, .. } = c
+        {
+            for m in members {
+                let name = desired
+                    .users
+                    .get(m)
+                    .map(|u| u.user_name.clone())
+                    .or_else(|| state.users.get(m).map(|r| r.user_name.clone()))
+                    .unwrap_or_else(|| m.0.clone());
+                names.insert(m.clone(), name);
+            }
+        }
+    }
+    names
+}
+
+pub fn status_key(target: &str) -> String {
+    format!("status/{target}")
+}
+
+pub fn held_key(target: &str) -> String {
+    format!("held/{target}")
+}
+
+pub fn approval_key(target: &str) -> String {
+    format!("approved/{target}")
+}
+
+/// Whether `name` matches one of the target's `protect` patterns (`*` and `?` globs,
+/// case-insensitive).
+pub fn is_protected(target: &TargetConfig, name: &str) -> bool {
+    target
+        .protect
+        .iter()
+        .any(|p| glob_match(&p.to_lowercase(), &name.to_lowercase()))
+}
+
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+type Found = (
+    BTreeMap<DirectoryId, Existing>,
+    BTreeMap<DirectoryId, Existing>,
+    Vec<plan::Problem>,
+);
+
+/// Looks on the target (read-only) for resources that directory entries without a snapshot
+/// row should take over: by `externalId` always (it can only be ours), then by `userName` /
+/// `displayName` where `match_existing` allows. Many candidates (a first run, a lost
+/// snapshot) list the target once; a few are looked up one by one.
+async fn resolve_existing(
+    client: &ScimClient,
+    target: &TargetConfig,
+    desired: &Desired,
+    state: &TargetState,
+) -> Result<Found, TargetError> {
+    let mut users = BTreeMap::new();
+    let mut groups = BTreeMap::new();
+    let mut problems = Vec::new();
+    let user_candidates: Vec<&map::DesiredUser> = desired
+        .users
+        .values()
+        .filter(|u| !state.users.contains_key(&u.id) && (u.active || target.provision_disabled))
+        .collect();
+    let group_candidates: Vec<&map::DesiredGroup> = desired
+        .groups
+        .values()
+        .filter(|g| !state.groups.contains_key(&g.id))
+        .collect();
+    if user_candidates.is_empty() && group_candidates.is_empty() {
+        return Ok((users, groups, problems));
+    }
+    let by_user_name = target.match_existing.contains(&MatchRule::UserName);
+    let by_display_name = target.match_existing.contains(&MatchRule::DisplayName);
+    const LIST_THRESHOLD: usize = 50;
+
+    if !user_candidates.is_empty() {
+        let listed = if user_candidates.len() > LIST_THRESHOLD {
+            Some(client.list_all("Users").await?)
+        } else {
+            None
+        };
+        for u in user_candidates {
+            let mut found = match &listed {
+                Some(all) => all
+                    .iter()
+                    .filter(|r| r["externalId"].as_str() == Some(&u.id.0))
+                    .cloned()
+                    .collect(),
+                None => client.find_eq("Users", "externalId", &u.id.0).await?,
+            };
+            let mut how = "externalId";
+            if found.is_empty() && by_user_name {
+                how = "userName";
+                found = match &listed {
+                    Some(all) => all
+                        .iter()
+                        .filter(|r| {
+                            r["userName"]
+                                .as_str()
+                                .is_some_and(|n| n.eq_ignore_ascii_case(&u.user_name))
+                        })
+                        .cloned()
+                        .collect(),
+                    None => client.find_eq("Users", "userName", &u.user_name).await?,
+                };
+            }
+            match found.len() {
+                0 => {}
+                1 => {
+                    let r = &found[0];
+                    let name = r["userName"].as_str().unwrap_or_default();
+                    if is_protected(target, name) {
+                        problems.push(problem(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+                        continue;
+                    }
+                    if let Some(scim_id) = scim_id_of(r) {
+                        users.insert(
+                            u.id.clone(),
+                            Existing {
+                                scim_id,
+                                attrs: flatten_user(r),
+                                matched_by: how,
+                                members: BTreeSet::new(),
+                            },
+                        );
+                    }
+                }
+                n => problems.push(problem(
+                    &u.id,
+                    &u.user_name,
+                    format!(
+                        "{n} accounts on the target match by {how}; not adopting any (ambiguous)"
+                    ),
+                )),
+            }
+        }
+    }
+    // Users found above may be group members too: resolve group members against rows and
+    // adoptions alike.
+    let mut known = state.clone();
+    for (id, e) in &users {
+        known.users.insert(
+            id.clone(),
+            crate::snapshot::UserRow {
+                scim_id: e.scim_id.clone(),
+                user_name: String::new(),
+                hash: String::new(),
+                attrs: FlatAttrs::new(),
+                etag: None,
+                state: crate::snapshot::UserState::Active,
+                owned: crate::snapshot::Ownership::Adopted,
+            },
+        );
+    }
+    if !group_candidates.is_empty() {
+        let listed = if group_candidates.len() > LIST_THRESHOLD {
+            Some(client.list_all("Groups").await?)
+        } else {
+            None
+        };
+        for g in group_candidates {
+            let mut found: Vec<Value> = match &listed {
+                Some(all) => all
+                    .iter()
+                    .filter(|r| r["externalId"].as_str() == Some(&g.id.0))
+                    .cloned()
+                    .collect(),
+                None => client.find_eq("Groups", "externalId", &g.id.0).await?,
+            };
+            let mut how = "externalId";
+            if found.is_empty() && by_display_name {
+                how = "displayName";
+                found = match &listed {
+                    Some(all) => all
+                        .iter()
+                        .filter(|r| r["displayName"].as_str() == Some(&g.display_name))
+                        .cloned()
+                        .collect(),
+                    None => {
+                        client
+                            .find_eq("Groups", "displayName", &g.display_name)
+                            .await?
+                    }
+                };
+            }
+            match found.len() {
+                0 => {}
+                1 => {
+                    let summary = &found[0];
+                    let name = summary["displayName"].as_str().unwrap_or_default();
+                    if is_protected(target, name) {
+                        problems.push(problem(&g.id, &g.display_name, format!("an existing group {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+                        continue;
+                    }
+                    let Some(scim_id) = scim_id_of(summary) else {
+                        continue;
+                    };
+                    // Lists may leave members out; the resource itself has them.
+                    let full = client.get("Groups", &scim_id).await?;
+                    let mut attrs = FlatAttrs::new();
+                    attrs.insert("displayName".into(), full["displayName"].clone());
+                    groups.insert(
+                        g.id.clone(),
+                        Existing {
+                            scim_id,
+                            attrs,
+                            matched_by: how,
+                            members: members_of(&full, &known),
+                        },
+                    );
+                }
+                n => problems.push(problem(
+                    &g.id,
+                    &g.display_name,
+                    format!(
+                        "{n} groups on the target match by {how}; not adopting any (ambiguous)"
+                    ),
+                )),
+            }
+        }
+    }
+    Ok((users, groups, problems))
+}
+
+fn problem(id: &DirectoryId, name: &str, reason: String) -> plan::Problem {
+    plan::Problem {
+        external_id: id.0.clone(),
+        name: name.to_string(),
+        reason,
+    }
+}
+
+/// The flat attributes of a SCIM User as the target has it (for reporting what adoption
+/// changes).
+fn flatten_user(r: &Value) -> FlatAttrs {
+    let mut out = FlatAttrs::new();
+    let Some(obj) = r.as_object() else { return out };
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("id" | "meta" | "schemas" | "groups", _) => {}
+            ("emails" | "phoneNumbers", Value::Array(items)) => {
+                for item in items {
+                    if let (Some(t), Some(val)) = (item["type"].as_str(), item.get("value")) {
+                        out.insert(format!("{k}[type eq \"{t}\"].value"), val.clone());
+                    }
+                }
+            }
+            (_, Value::Object(sub)) if !k.starts_with("urn:") => {
+                for (sk, sv) in sub {
+                    out.insert(format!("{k}.{sk}"), sv.clone());
+                }
+            }
+            (_, Value::Object(sub)) => {
+                for (sk, sv) in sub {
+                    out.insert(format!("{k}:{sk}"), sv.clone());
+                }
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_case_insensitively() {
+        assert!(glob_match("admin*", "admin-root"));
+        assert!(glob_match("break-glass-?", "break-glass-1"));
+        assert!(!glob_match("admin*", "sysadmin"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn shrink_guard_trips_past_the_limit() {
+        let dir = Directory {
+            users: vec![],
+            groups: vec![],
+        };
+        let last = ReadStats {
+            users: 10,
+            groups: 0,
+            at: None,
+        };
+        assert!(source_hold(&dir, Some(&last), 0.2).is_some());
+        assert!(source_hold(&dir, None, 0.2).is_none());
+    }
+}

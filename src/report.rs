@@ -1,0 +1,386 @@
+//! Renders the outcome of a pass: the dry-run report (text, JSON as in SPEC.md, Markdown) and
+//! the result lines of a sync. Pure.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::{json, Map, Value};
+
+use crate::model::DirectoryId;
+use crate::plan::{Change, Reason};
+use crate::reconcile::{Outcome, TargetOutcome, TargetStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Markdown,
+}
+
+pub fn render(outcome: &Outcome, format: Format) -> String {
+    match format {
+        Format::Json => {
+            serde_json::to_string_pretty(&to_json(outcome)).expect("reports serialize") + "\n"
+        }
+        Format::Text => text(outcome),
+        Format::Markdown => markdown(outcome),
+    }
+}
+
+#[derive(Default)]
+struct Summary {
+    counts: BTreeMap<&'static str, usize>,
+}
+
+impl Summary {
+    fn of(t: &TargetOutcome) -> Summary {
+        let mut s = Summary::default();
+        for key in [
+            "users_created",
+            "users_adopted",
+            "users_updated",
+            "users_deactivated",
+            "users_deleted",
+            "groups_created",
+            "groups_adopted",
+            "groups_updated",
+            "groups_deleted",
+            "members_added",
+            "members_removed",
+        ] {
+            s.counts.insert(key, 0);
+        }
+        for c in &t.plan.changes {
+            let (key, n) = match c {
+                Change::CreateUser { .. } => ("users_created", 1),
+                Change::AdoptUser { .. } => ("users_adopted", 1),
+                Change::UpdateUser { .. } => ("users_updated", 1),
+                Change::DeactivateUser { .. } => ("users_deactivated", 1),
+                Change::DeleteUser { .. } => ("users_deleted", 1),
+                Change::CreateGroup { .. } => ("groups_created", 1),
+                Change::AdoptGroup { .. } => ("groups_adopted", 1),
+                Change::UpdateGroup { .. } => ("groups_updated", 1),
+                Change::DeleteGroup { .. } => ("groups_deleted", 1),
+                Change::AddMembers { members, .. } => ("members_added", members.len()),
+                Change::RemoveMembers { members, .. } => ("members_removed", members.len()),
+            };
+            *s.counts.entry(key).or_default() += n;
+        }
+        s.counts.insert("held", t.plan.held.len());
+        s
+    }
+}
+
+fn status_str(s: TargetStatus) -> &'static str {
+    match s {
+        TargetStatus::Ok => "ok",
+        TargetStatus::Held => "held",
+        TargetStatus::Error => "error",
+    }
+}
+
+fn member_names(t: &TargetOutcome, members: &[DirectoryId]) -> Vec<String> {
+    members
+        .iter()
+        .map(|m| t.names.get(m).cloned().unwrap_or_else(|| m.0.clone()))
+        .collect()
+}
+
+fn change_json(t: &TargetOutcome, c: &Change) -> Value {
+    let mut obj = Map::new();
+    obj.insert("action".into(), json!(c.action()));
+    obj.insert("resource".into(), json!(c.resource()));
+    obj.insert("external_id".into(), json!(c.id().0));
+    obj.insert("name".into(), json!(c.name()));
+    match c {
+        Change::UpdateUser { changes, .. }
+        | Change::DeactivateUser { changes, .. }
+        | Change::AdoptUser { changes, .. } => {
+            let attrs: Map<String, Value> = changes
+                .iter()
+                .map(|a| (a.path.clone(), json!({"from": a.from, "to": a.to})))
+                .collect();
+            obj.insert("attributes".into(), Value::Object(attrs));
+        }
+        Change::UpdateGroup {
+            display_name,
+            from_name,
+            ..
+        } => {
+            obj.insert(
+                "attributes".into(),
+                json!({"displayName": {"from": from_name, "to": display_name}}),
+            );
+        }
+        Change::AddMembers { members, .. } | Change::RemoveMembers { members, .. } => {
+            obj.insert("members".into(), json!(member_names(t, members)));
+        }
+        _ => {}
+    }
+    match c {
+        Change::DeactivateUser { reason, .. } | Change::DeleteUser { reason, .. } => {
+            obj.insert("reason".into(), json!(reason));
+        }
+        Change::AdoptUser { matched_by, .. } | Change::AdoptGroup { matched_by, .. } => {
+            obj.insert("matched_by".into(), json!(matched_by));
+        }
+        _ => {}
+    }
+    Value::Object(obj)
+}
+
+pub fn to_json(outcome: &Outcome) -> Value {
+    let targets: Vec<Value> = outcome
+        .targets
+        .iter()
+        .map(|t| {
+            let mut obj = Map::new();
+            obj.insert("target".into(), json!(t.name));
+            obj.insert("status".into(), json!(status_str(t.status)));
+            if let Some(e) = &t.error {
+                obj.insert("error".into(), json!(e));
+            }
+            obj.insert("summary".into(), json!(Summary::of(t).counts));
+            obj.insert("changes".into(), Value::Array(t.plan.changes.iter().map(|c| change_json(t, c)).collect()));
+            obj.insert("held".into(), Value::Array(t.plan.held.iter().map(|c| change_json(t, c)).collect()));
+            if let Some(r) = &t.plan.held_reason {
+                obj.insert("held_reason".into(), json!(r));
+            }
+            obj.insert("problems".into(), json!(t.plan.problems));
+            if let Some(applied) = &t.applied {
+                obj.insert(
+                    "applied".into(),
+                    json!({"changes": applied.applied, "failures": applied.failures, "write_requests": applied.writes}),
+                );
+            }
+            Value::Object(obj)
+        })
+        .collect();
+    json!({
+        "version": 1,
+        "source": {"users": outcome.source_users, "groups": outcome.source_groups},
+        "targets": targets,
+    })
+}
+
+fn reason_text(r: &Reason) -> &'static str {
+    match r {
+        Reason::Left => "no longer in the directory or out of scope",
+        Reason::Disabled => "disabled in the directory",
+        Reason::GracePeriodOver => "deactivated longer than delete_after",
+    }
+}
+
+fn short(v: &Option<Value>) -> String {
+    match v {
+        None => "(none)".into(),
+        Some(Value::String(s)) => format!("{s:?}"),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn describe(t: &TargetOutcome, c: &Change) -> String {
+    let head = format!("{} {} {}", c.action(), c.resource(), c.name());
+    let detail = match c {
+        Change::UpdateUser { changes, .. }
+        | Change::DeactivateUser { changes, .. }
+        | Change::AdoptUser { changes, .. } => changes
+            .iter()
+            .map(|a| format!("{}: {} -> {}", a.path, short(&a.from), short(&a.to)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Change::UpdateGroup {
+            from_name,
+            display_name,
+            ..
+        } => format!("displayName: {from_name:?} -> {display_name:?}"),
+        Change::AddMembers { members, .. } | Change::RemoveMembers { members, .. } => {
+            let names = member_names(t, members);
+            let shown: Vec<_> = names.iter().take(10).cloned().collect();
+            let more = names.len().saturating_sub(shown.len());
+            format!(
+                "{} member(s): {}{}",
+                names.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" (+{more} more)")
+                } else {
+                    String::new()
+                }
+            )
+        }
+        _ => String::new(),
+    };
+    let why = match c {
+        Change::DeactivateUser { reason, .. } | Change::DeleteUser { reason, .. } => {
+            format!(" ({})", reason_text(reason))
+        }
+        Change::AdoptUser { matched_by, .. } | Change::AdoptGroup { matched_by, .. } => {
+            format!(" (matched by {matched_by})")
+        }
+        _ => String::new(),
+    };
+    if detail.is_empty() {
+        format!("{head}{why}")
+    } else {
+        format!("{head}{why}: {detail}")
+    }
+}
+
+fn summary_line(t: &TargetOutcome) -> String {
+    let s = Summary::of(t);
+    let parts: Vec<String> = s
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{} {n}", k.replace('_', " ")))
+        .collect();
+    if parts.is_empty() {
+        "no changes".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn text(outcome: &Outcome) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Directory: {} users, {} groups",
+        outcome.source_users, outcome.source_groups
+    );
+    for t in &outcome.targets {
+        let _ = writeln!(
+            out,
+            "\nTarget {} [{}]: {}",
+            t.name,
+            status_str(t.status),
+            summary_line(t)
+        );
+        if let Some(e) = &t.error {
+            let _ = writeln!(out, "  error: {e}");
+        }
+        for c in &t.plan.changes {
+            let _ = writeln!(out, "  {}", describe(t, c));
+        }
+        if !t.plan.held.is_empty() {
+            let _ = writeln!(
+                out,
+                "  HELD: {}",
+                t.plan.held_reason.as_deref().unwrap_or("")
+            );
+            for c in &t.plan.held {
+                let _ = writeln!(out, "    {}", describe(t, c));
+            }
+        }
+        for p in &t.plan.problems {
+            let _ = writeln!(
+                out,
+                "  problem: {} ({}): {}",
+                p.name, p.external_id, p.reason
+            );
+        }
+    }
+    out
+}
+
+fn markdown(outcome: &Outcome) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# ldap2scim plan\n\nDirectory: {} users, {} groups.",
+        outcome.source_users, outcome.source_groups
+    );
+    for t in &outcome.targets {
+        let _ = writeln!(
+            out,
+            "\n## Target `{}`: {}\n\n{}\n",
+            t.name,
+            status_str(t.status),
+            summary_line(t)
+        );
+        if let Some(e) = &t.error {
+            let _ = writeln!(out, "**Error:** {}\n", e.replace('|', "\\|"));
+        }
+        let rows: Vec<(&str, &Change)> = t
+            .plan
+            .changes
+            .iter()
+            .map(|c| ("", c))
+            .chain(t.plan.held.iter().map(|c| ("held", c)))
+            .collect();
+        if !rows.is_empty() {
+            let _ = writeln!(
+                out,
+                "| action | resource | name | details |\n|---|---|---|---|"
+            );
+            for (flag, c) in rows {
+                let d = describe(t, c);
+                let detail = d.split_once(": ").map(|(_, r)| r).unwrap_or("");
+                let action = if flag.is_empty() {
+                    c.action().to_string()
+                } else {
+                    format!("{} (held)", c.action())
+                };
+                let _ = writeln!(
+                    out,
+                    "| {action} | {} | {} | {} |",
+                    c.resource(),
+                    c.name().replace('|', "\\|"),
+                    detail.replace('|', "\\|")
+                );
+            }
+        }
+        if let Some(r) = &t.plan.held_reason {
+            let _ = writeln!(out, "\nHeld: {r}");
+        }
+        for p in &t.plan.problems {
+            let _ = writeln!(
+                out,
+                "\n- problem: {} (`{}`): {}",
+                p.name, p.external_id, p.reason
+            );
+        }
+    }
+    out
+}
+
+/// One line per target after a sync.
+pub fn sync_lines(outcome: &Outcome) -> String {
+    let mut out = String::new();
+    for t in &outcome.targets {
+        let applied = t.applied.as_ref();
+        let _ = writeln!(
+            out,
+            "target {}: {} ({}); applied {}, failed {}, held {}, {} write requests",
+            t.name,
+            status_str(t.status),
+            summary_line(t),
+            applied.map_or(0, |a| a.applied),
+            applied.map_or(0, |a| a.failures.len()),
+            t.plan.held.len(),
+            applied.map_or(0, |a| a.writes),
+        );
+        if let Some(e) = &t.error {
+            let _ = writeln!(out, "  error: {e}");
+        }
+        for f in applied.map(|a| a.failures.as_slice()).unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "  failed: {} {} {}: {}",
+                f.action, f.resource, f.name, f.error
+            );
+        }
+        if let Some(r) = &t.plan.held_reason {
+            let _ = writeln!(out, "  held: {r}");
+        }
+        for p in &t.plan.problems {
+            let _ = writeln!(
+                out,
+                "  problem: {} ({}): {}",
+                p.name, p.external_id, p.reason
+            );
+        }
+    }
+    out
+}

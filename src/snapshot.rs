@@ -1,0 +1,327 @@
+//! The local snapshot: per target, what ldap2scim last pushed and what it owns. Backed by sled;
+//! this is the only file that knows sled exists.
+//!
+//! The snapshot is a cache, the target is the truth: losing it costs a rebuild (matching by
+//! `externalId`), never a duplicate. A row advances only after the target acknowledged the
+//! change, and [`Snapshot::flush`] runs before a cycle reports success.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::map::FlatAttrs;
+use crate::model::{DirectoryId, ScimId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot open the snapshot in {path} (daemon.state_dir): {reason}. If another ldap2scim is running on this state directory, wait for it or stop it")]
+    Open { path: PathBuf, reason: String },
+    #[error("snapshot storage error in {path}: {reason}")]
+    Storage { path: PathBuf, reason: String },
+    #[error("snapshot row {key} in {path} is unreadable ({reason}); delete daemon.state_dir to rebuild it from the targets")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ownership {
+    /// ldap2scim created the resource.
+    Created,
+    /// The resource existed on the target and was adopted through a `match_existing` rule.
+    Adopted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum UserState {
+    Active,
+    Deactivated { since: DateTime<Utc> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRow {
+    pub scim_id: ScimId,
+    pub user_name: String,
+    /// Hash of `attrs`, the representation last acknowledged by the target.
+    pub hash: String,
+    pub attrs: FlatAttrs,
+    pub etag: Option<String>,
+    pub state: UserState,
+    pub owned: Ownership,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRow {
+    pub scim_id: ScimId,
+    pub display_name: String,
+    /// Members the target acknowledged, as directory ids of users.
+    pub members: BTreeSet<DirectoryId>,
+    pub etag: Option<String>,
+    pub owned: Ownership,
+}
+
+/// Everything the snapshot holds for one target, loaded at once.
+#[derive(Debug, Clone, Default)]
+pub struct TargetState {
+    pub users: BTreeMap<DirectoryId, UserRow>,
+    pub groups: BTreeMap<DirectoryId, GroupRow>,
+}
+
+impl TargetState {
+    pub fn user_by_scim_id(&self, id: &ScimId) -> Option<(&DirectoryId, &UserRow)> {
+        self.users.iter().find(|(_, r)| &r.scim_id == id)
+    }
+}
+
+/// Records kept beside the rows: the last good directory read and per-target run results.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadStats {
+    pub users: usize,
+    pub groups: usize,
+    pub at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone)]
+pub struct Snapshot {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl Snapshot {
+    /// Opens (creating if needed) the snapshot in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, SnapshotError> {
+        let path = state_dir.join("snapshot");
+        let open_err = |reason: String| SnapshotError::Open {
+            path: state_dir.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(state_dir).map_err(|e| open_err(e.to_string()))?;
+        let db = sled::Config::new()
+            .path(&path)
+            .open()
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(Snapshot { db, path })
+    }
+
+    /// Opens the snapshot if it exists, for read-only commands; `None` if there is none yet.
+    pub fn open_existing(state_dir: &Path) -> Result<Option<Self>, SnapshotError> {
+        if state_dir.join("snapshot").exists() {
+            Self::open(state_dir).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn target(&self, name: &str) -> Result<TargetSnapshot, SnapshotError> {
+        let tree = self
+            .db
+            .open_tree(format!("target/{name}"))
+            .map_err(|e| self.storage(e))?;
+        Ok(TargetSnapshot {
+            tree,
+            path: self.path.clone(),
+        })
+    }
+
+    pub fn last_read(&self) -> Result<Option<ReadStats>, SnapshotError> {
+        get_json(&self.meta()?, "last_read", &self.path)
+    }
+
+    pub fn set_last_read(&self, stats: &ReadStats) -> Result<(), SnapshotError> {
+        put_json(&self.meta()?, "last_read", stats, &self.path)
+    }
+
+    /// An arbitrary JSON record in the meta tree (run status, held changes).
+    pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SnapshotError> {
+        get_json(&self.meta()?, key, &self.path)
+    }
+
+    pub fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), SnapshotError> {
+        put_json(&self.meta()?, key, value, &self.path)
+    }
+
+    pub fn remove_meta(&self, key: &str) -> Result<(), SnapshotError> {
+        self.meta()?.remove(key).map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    fn meta(&self) -> Result<sled::Tree, SnapshotError> {
+        self.db.open_tree("meta").map_err(|e| self.storage(e))
+    }
+
+    /// Writes everything to disk. sled flushes lazily; a cycle calls this before it reports
+    /// success.
+    pub async fn flush(&self) -> Result<(), SnapshotError> {
+        let db = self.db.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| SnapshotError::Storage {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| SnapshotError::Storage {
+                path,
+                reason: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    fn storage(&self, e: sled::Error) -> SnapshotError {
+        SnapshotError::Storage {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// One target's rows.
+#[derive(Clone)]
+pub struct TargetSnapshot {
+    tree: sled::Tree,
+    path: PathBuf,
+}
+
+const USER_PREFIX: &str = "u:";
+const GROUP_PREFIX: &str = "g:";
+
+impl TargetSnapshot {
+    pub fn load(&self) -> Result<TargetState, SnapshotError> {
+        let mut state = TargetState::default();
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let key = String::from_utf8_lossy(&k).to_string();
+            if let Some(id) = key.strip_prefix(USER_PREFIX) {
+                state
+                    .users
+                    .insert(DirectoryId(id.to_string()), self.decode(&key, &v)?);
+            } else if let Some(id) = key.strip_prefix(GROUP_PREFIX) {
+                state
+                    .groups
+                    .insert(DirectoryId(id.to_string()), self.decode(&key, &v)?);
+            }
+        }
+        Ok(state)
+    }
+
+    pub fn put_user(&self, id: &DirectoryId, row: &UserRow) -> Result<(), SnapshotError> {
+        put_json(&self.tree, &format!("{USER_PREFIX}{id}"), row, &self.path)
+    }
+
+    pub fn remove_user(&self, id: &DirectoryId) -> Result<(), SnapshotError> {
+        self.tree
+            .remove(format!("{USER_PREFIX}{id}"))
+            .map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    pub fn put_group(&self, id: &DirectoryId, row: &GroupRow) -> Result<(), SnapshotError> {
+        put_json(&self.tree, &format!("{GROUP_PREFIX}{id}"), row, &self.path)
+    }
+
+    pub fn remove_group(&self, id: &DirectoryId) -> Result<(), SnapshotError> {
+        self.tree
+            .remove(format!("{GROUP_PREFIX}{id}"))
+            .map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, SnapshotError> {
+        serde_json::from_slice(bytes).map_err(|e| SnapshotError::Corrupt {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn storage(&self, e: sled::Error) -> SnapshotError {
+        SnapshotError::Storage {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+fn get_json<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &str,
+    path: &Path,
+) -> Result<Option<T>, SnapshotError> {
+    let Some(bytes) = tree.get(key).map_err(|e| SnapshotError::Storage {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+fn put_json<T: Serialize>(
+    tree: &sled::Tree,
+    key: &str,
+    value: &T,
+    path: &Path,
+) -> Result<(), SnapshotError> {
+    let bytes = serde_json::to_vec(value).expect("snapshot rows always serialize");
+    tree.insert(key, bytes)
+        .map_err(|e| SnapshotError::Storage {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rows_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = DirectoryId::new("u1");
+        let row = UserRow {
+            scim_id: ScimId("s1".into()),
+            user_name: "jdoe".into(),
+            hash: "h".into(),
+            attrs: FlatAttrs::new(),
+            etag: Some("W/\"1\"".into()),
+            state: UserState::Deactivated { since: Utc::now() },
+            owned: Ownership::Adopted,
+        };
+        {
+            let snap = Snapshot::open(dir.path()).unwrap();
+            snap.target("app").unwrap().put_user(&id, &row).unwrap();
+            snap.set_last_read(&ReadStats {
+                users: 3,
+                groups: 1,
+                at: None,
+            })
+            .unwrap();
+            snap.flush().await.unwrap();
+        }
+        let snap = Snapshot::open(dir.path()).unwrap();
+        let state = snap.target("app").unwrap().load().unwrap();
+        assert_eq!(state.users.get(&id), Some(&row));
+        assert!(snap
+            .target("other")
+            .unwrap()
+            .load()
+            .unwrap()
+            .users
+            .is_empty());
+        assert_eq!(snap.last_read().unwrap().unwrap().users, 3);
+    }
+}

@@ -1,0 +1,368 @@
+//! The LDAP source: connect (TLS, bind), paged search of users and groups, group expansion.
+//!
+//! A read is all or nothing: any failed, truncated or suspicious read is a [`SourceError`],
+//! never a smaller [`Directory`], because a smaller directory would look like people leaving.
+
+pub mod dn;
+mod expand;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ldap3::adapters::PagedResults;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
+use tracing::{debug, info, warn};
+
+use crate::config::{Dialect, LdapConfig};
+use crate::model::{Attributes, Directory, DirectoryId, DirectoryUser};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot connect to LDAP server {url}: {reason}. Check ldap.url, that the server is running, and the TLS settings (ldap.starttls, ldap.ca_file)")]
+    Connect { url: String, reason: String },
+    #[error("cannot read ldap.ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("LDAP bind as {dn} failed: {reason}. Check ldap.bind_dn and ldap.bind_password")]
+    Bind { dn: String, reason: String },
+    #[error("LDAP search of {base} with filter {filter} failed: {reason}")]
+    Search {
+        base: String,
+        filter: String,
+        reason: String,
+    },
+    #[error("LDAP read of {base} is incomplete: {reason}. Nothing was changed on any target")]
+    Incomplete { base: String, reason: String },
+    #[error("directory entry {dn} has no {attribute}: cannot identify it. Check that the bind account may read {attribute}; nothing was changed on any target")]
+    MissingId { dn: String, attribute: &'static str },
+}
+
+/// Attributes asked for on every user entry (besides all user attributes).
+fn id_attribute(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::OpenLdap => "entryUUID",
+        Dialect::ActiveDirectory => "objectGUID",
+    }
+}
+
+/// Reads the whole directory as configured. Fails rather than return a partial read.
+pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
+    let started = Instant::now();
+    let mut ldap = connect(cfg).await?;
+    let id_attr = id_attribute(cfg.dialect);
+
+    let user_entries = paged_search(
+        &mut ldap,
+        cfg,
+        &cfg.users.base,
+        &cfg.users.filter,
+        &["*", id_attr],
+    )
+    .await?;
+    let disabled: HashSet<String> = match &cfg.users.disabled_filter {
+        Some(df) => {
+            let filter = format!("(&{}{})", cfg.users.filter, df);
+            paged_search(&mut ldap, cfg, &cfg.users.base, &filter, &["1.1"])
+                .await?
+                .into_iter()
+                .map(|e| dn::normalize_lossy(&e.dn))
+                .collect()
+        }
+        None => HashSet::new(),
+    };
+    let group_entries = match &cfg.groups {
+        Some(g) => paged_search(&mut ldap, cfg, &g.base, &g.filter, &["*", id_attr]).await?,
+        None => Vec::new(),
+    };
+    let _ = ldap.unbind().await;
+
+    let mut users = Vec::with_capacity(user_entries.len());
+    for entry in user_entries {
+        let id = entry_id(&entry, cfg.dialect)?;
+        let norm = dn::normalize_lossy(&entry.dn);
+        let attrs = lowercase_attrs(entry.attrs);
+        let disabled = disabled.contains(&norm) || ad_disabled(cfg.dialect, &attrs);
+        users.push(DirectoryUser {
+            id,
+            dn: entry.dn,
+            attrs,
+            disabled,
+        });
+    }
+    let mut raw_groups = Vec::with_capacity(group_entries.len());
+    for entry in group_entries {
+        let id = entry_id(&entry, cfg.dialect)?;
+        raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
+    }
+    let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
+    let groups = expand::resolve_members(&users, raw_groups, nested);
+    info!(
+        users = users.len(),
+        groups = groups.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "directory read"
+    );
+    Ok(Directory { users, groups })
+}
+
+fn lowercase_attrs(attrs: HashMap<String, Vec<String>>) -> Attributes {
+    attrs
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect::<BTreeMap<_, _>>()
+}
+
+fn ad_disabled(dialect: Dialect, attrs: &Attributes) -> bool {
+    dialect == Dialect::ActiveDirectory
+        && attrs
+            .get("useraccountcontrol")
+            .and_then(|v| v.first())
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|uac| uac & 2 != 0)
+}
+
+fn entry_id(entry: &SearchEntry, dialect: Dialect) -> Result<DirectoryId, SourceError> {
+    let attr = id_attribute(dialect);
+    let text = entry
+        .attrs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(attr))
+        .and_then(|(_, v)| v.first());
+    let bin = entry
+        .bin_attrs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(attr))
+        .and_then(|(_, v)| v.first());
+    let id = match dialect {
+        Dialect::OpenLdap => text.map(|t| DirectoryId::new(t)),
+        Dialect::ActiveDirectory => bin
+            .map(|b| b.as_slice())
+            .or_else(|| text.map(|t| t.as_bytes()))
+            .and_then(guid_to_string)
+            .map(|s| DirectoryId::new(&s)),
+    };
+    id.filter(|i| !i.0.is_empty())
+        .ok_or_else(|| SourceError::MissingId {
+            dn: entry.dn.clone(),
+            attribute: attr,
+        })
+}
+
+/// Formats AD's 16-byte `objectGUID` (first three fields little-endian) as the canonical
+/// lowercase GUID string.
+pub fn guid_to_string(b: &[u8]) -> Option<String> {
+    if b.len() != 16 {
+        return None;
+    }
+    Some(format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+    ))
+}
+
+/// Connects and binds (for `check --connect`); returns the URL that answered.
+pub async fn check_connection(cfg: &LdapConfig) -> Result<String, SourceError> {
+    let mut ldap = connect(cfg).await?;
+    let _ = ldap.unbind().await;
+    Ok(cfg.urls.first().cloned().unwrap_or_default())
+}
+
+async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
+    let tls = match &cfg.ca_file {
+        Some(path) => Some(Arc::new(tls_config(path)?)),
+        None => None,
+    };
+    let mut last_err = None;
+    for url in &cfg.urls {
+        let mut settings = LdapConnSettings::new()
+            .set_conn_timeout(cfg.timeout)
+            .set_starttls(cfg.starttls && url.starts_with("ldap://"));
+        if let Some(tls) = &tls {
+            settings = settings.set_config(tls.clone());
+        }
+        match LdapConnAsync::with_settings(settings, url).await {
+            Ok((conn, mut ldap)) => {
+                ldap3::drive!(conn);
+                ldap.with_timeout(cfg.timeout);
+                if let (Some(bind_dn), Some(pw)) = (&cfg.bind_dn, &cfg.bind_password) {
+                    let res = ldap.simple_bind(bind_dn, pw.expose()).await;
+                    match res.map(|r| r.success()) {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) | Err(e) => {
+                            return Err(SourceError::Bind {
+                                dn: bind_dn.clone(),
+                                reason: describe(&e),
+                            });
+                        }
+                    }
+                }
+                debug!(url, "connected to LDAP");
+                return Ok(ldap);
+            }
+            Err(e) => {
+                warn!(url, error = %describe(&e), "LDAP server unreachable, trying the next one");
+                last_err = Some(SourceError::Connect {
+                    url: url.clone(),
+                    reason: describe(&e),
+                });
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| SourceError::Connect {
+        url: String::new(),
+        reason: "no ldap.url configured".into(),
+    }))
+}
+
+fn tls_config(path: &std::path::Path) -> Result<rustls::ClientConfig, SourceError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let err = |reason: String| SourceError::CaFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| err(e.to_string()))?;
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate found in the file".into()));
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Describes an ldap3 error in one line, without anything secret (ldap3 errors never carry
+/// the bind password).
+fn describe(e: &ldap3::LdapError) -> String {
+    match e {
+        ldap3::LdapError::LdapResult { result } => {
+            let name = result_name(result.rc);
+            if result.text.is_empty() {
+                format!("{name} (LDAP result code {})", result.rc)
+            } else {
+                format!("{name} (LDAP result code {}): {}", result.rc, result.text)
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+fn result_name(rc: u32) -> &'static str {
+    match rc {
+        1 => "operationsError",
+        2 => "protocolError",
+        3 => "timeLimitExceeded",
+        4 => "sizeLimitExceeded",
+        10 => "referral",
+        11 => "adminLimitExceeded",
+        32 => "noSuchObject",
+        34 => "invalidDNSyntax",
+        49 => "invalidCredentials",
+        50 => "insufficientAccessRights",
+        51 => "busy",
+        52 => "unavailable",
+        53 => "unwillingToPerform",
+        80 => "other",
+        _ => "error",
+    }
+}
+
+/// A paged search (RFC 2696) that either returns every entry or fails: a result code other
+/// than success, a lost connection between pages, or a referral makes the read incomplete.
+async fn paged_search(
+    ldap: &mut Ldap,
+    cfg: &LdapConfig,
+    base: &str,
+    filter: &str,
+    attrs: &[&str],
+) -> Result<Vec<SearchEntry>, SourceError> {
+    let incomplete = |reason: String| SourceError::Incomplete {
+        base: base.to_string(),
+        reason,
+    };
+    let adapters: Vec<Box<dyn ldap3::adapters::Adapter<_, _>>> =
+        vec![Box::new(PagedResults::new(cfg.page_size))];
+    ldap.with_timeout(cfg.timeout);
+    let mut stream = ldap
+        .streaming_search_with(adapters, base, Scope::Subtree, filter, attrs.to_vec())
+        .await
+        .map_err(|e| SourceError::Search {
+            base: base.into(),
+            filter: filter.into(),
+            reason: describe(&e),
+        })?;
+    let mut entries = Vec::new();
+    loop {
+        match stream.next().await {
+            Ok(Some(re)) if re.is_intermediate() => {}
+            Ok(Some(re)) if re.is_ref() => {
+                // Continuation references are never chased (that means DNS lookups and other
+                // servers). AD hands them out for its application partitions as a matter of
+                // course; anywhere else they mean part of the tree is elsewhere.
+                if cfg.dialect != Dialect::ActiveDirectory {
+                    let _ = stream.finish().await;
+                    return Err(incomplete(
+                        "the server returned a continuation reference (part of the tree is on another server; referrals are not followed)".into(),
+                    ));
+                }
+            }
+            Ok(Some(re)) => entries.push(SearchEntry::construct(re)),
+            Ok(None) => break,
+            Err(e) => {
+                let _ = stream.finish().await;
+                return Err(incomplete(format!(
+                    "{} after {} entries",
+                    describe(&e),
+                    entries.len()
+                )));
+            }
+        }
+    }
+    let res = stream.finish().await;
+    match res.rc {
+        0 => {}
+        32 if entries.is_empty() => {
+            return Err(SourceError::Search {
+                base: base.into(),
+                filter: filter.into(),
+                reason: "noSuchObject: the base DN does not exist".into(),
+            })
+        }
+        rc => {
+            let mut reason = format!(
+                "{} (LDAP result code {rc}) after {} entries",
+                result_name(rc),
+                entries.len()
+            );
+            if !res.text.is_empty() {
+                reason.push_str(": ");
+                reason.push_str(&res.text);
+            }
+            return Err(incomplete(reason));
+        }
+    }
+    debug!(base, filter, entries = entries.len(), "paged search done");
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guid_bytes_format_canonically() {
+        let bytes = [
+            0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
+        ];
+        assert_eq!(
+            guid_to_string(&bytes).unwrap(),
+            "00112233-4455-6677-8899-aabbccddeeff"
+        );
+        assert!(guid_to_string(&bytes[..15]).is_none());
+    }
+}

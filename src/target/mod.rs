@@ -1,0 +1,501 @@
+//! SCIM 2.0 targets: the HTTP client of one service provider, with its authentication, rate
+//! limit and retry policy. One client per target; every request goes through
+//! [`ScimClient::send`], so retries and errors are handled in one place.
+
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use tracing::{debug, warn};
+
+use crate::config::{Auth, TargetConfig};
+use crate::model::ScimId;
+use retry::{classify, Decision, Outcome, RetryPolicy};
+
+pub const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("target {target}: {method} {path} failed: HTTP {status}{}: {detail}", scim_type.as_deref().map(|t| format!(" ({t})")).unwrap_or_default())]
+    Rejected {
+        target: String,
+        method: String,
+        path: String,
+        status: u16,
+        scim_type: Option<String>,
+        detail: String,
+    },
+    #[error("target {target}: {method} {path} failed after {attempts} attempts: {reason}")]
+    Unavailable {
+        target: String,
+        method: String,
+        path: String,
+        attempts: usize,
+        reason: String,
+    },
+    #[error("target {target}: {method} {path}: malformed response: {reason}")]
+    Malformed {
+        target: String,
+        method: String,
+        path: String,
+        reason: String,
+    },
+    #[error("target {target}: cannot build the HTTP client: {reason}")]
+    Client { target: String, reason: String },
+}
+
+impl TargetError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            TargetError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A successful response: status, ETag, and the JSON body (Null when there was none).
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub etag: Option<String>,
+    pub body: Value,
+}
+
+pub struct ScimClient {
+    name: String,
+    base: String,
+    http: reqwest::Client,
+    auth: Auth,
+    policy: RetryPolicy,
+    pacer: Option<Arc<Mutex<Instant>>>,
+    interval: Duration,
+    oauth_token: Mutex<Option<(String, Instant)>>,
+    writes: std::sync::atomic::AtomicUsize,
+}
+
+impl ScimClient {
+    pub fn new(cfg: &TargetConfig) -> Result<Self, TargetError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("ldap2scim/", env!("CARGO_PKG_VERSION")))
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| TargetError::Client {
+                target: cfg.name.0.clone(),
+                reason: e.to_string(),
+            })?;
+        let interval = cfg
+            .rate_limit
+            .map(|r| Duration::from_secs_f64(1.0 / r.per_second.max(0.001)))
+            .unwrap_or(Duration::ZERO);
+        Ok(ScimClient {
+            name: cfg.name.0.clone(),
+            base: cfg.url.trim_end_matches('/').to_string(),
+            http,
+            auth: cfg.auth.clone(),
+            policy: RetryPolicy::default(),
+            pacer: cfg.rate_limit.map(|_| Arc::new(Mutex::new(Instant::now()))),
+            interval,
+            oauth_token: Mutex::new(None),
+            writes: Default::default(),
+        })
+    }
+
+    pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of write requests (POST, PUT, PATCH, DELETE) this client sent, retries included.
+    pub fn writes(&self) -> usize {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends one request with the retry policy. `path` is relative to the base URL.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Response, TargetError> {
+        let url = format!("{}{}", self.base, path);
+        let mut delays = self.policy.delays();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.pace().await;
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .header("Accept", "application/scim+json, application/json");
+            if !query.is_empty() {
+                req = req.query(query);
+            }
+            if let Some(b) = body {
+                req = req
+                    .header("Content-Type", "application/scim+json")
+                    .body(serde_json::to_vec(b).expect("JSON values serialize"));
+            }
+            req = self.authorize(req).await?;
+            if method != Method::GET {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let result = req.send().await;
+            let (decision, failure) = match result {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let decision = classify(&Outcome::Response {
+                        status,
+                        headers: resp.headers(),
+                    });
+                    let etag = resp
+                        .headers()
+                        .get("etag")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let bytes = resp.bytes().await;
+                    match (decision, bytes) {
+                        (Decision::Success, Ok(bytes)) => {
+                            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                                Value::Null
+                            } else {
+                                serde_json::from_slice(&bytes).map_err(|e| {
+                                    TargetError::Malformed {
+                                        target: self.name.clone(),
+                                        method: method.to_string(),
+                                        path: path.to_string(),
+                                        reason: format!("the body is not JSON ({e})"),
+                                    }
+                                })?
+                            };
+                            debug!(target = %self.name, %method, path, status = status.as_u16(), "SCIM request done");
+                            return Ok(Response { status, etag, body });
+                        }
+                        (Decision::GiveUp, Ok(bytes)) => {
+                            let (scim_type, detail) = error_detail(&bytes);
+                            return Err(TargetError::Rejected {
+                                target: self.name.clone(),
+                                method: method.to_string(),
+                                path: path.to_string(),
+                                status: status.as_u16(),
+                                scim_type,
+                                detail,
+                            });
+                        }
+                        (Decision::Retry(after), Ok(bytes)) => {
+                            let (_, detail) = error_detail(&bytes);
+                            (
+                                Decision::Retry(after),
+                                format!("HTTP {}: {detail}", status.as_u16()),
+                            )
+                        }
+                        (_, Err(e)) => (
+                            Decision::Retry(None),
+                            format!("reading the response failed: {e}"),
+                        ),
+                    }
+                }
+                Err(e) => (Decision::Retry(None), transport_reason(&e)),
+            };
+            let Decision::Retry(after) = decision else {
+                unreachable!("success and give-up returned above")
+            };
+            let Some(backoff) = delays.next() else {
+                return Err(TargetError::Unavailable {
+                    target: self.name.clone(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    attempts: attempt,
+                    reason: failure,
+                });
+            };
+            let wait = after.unwrap_or(backoff);
+            warn!(target = %self.name, %method, path, attempt, wait_ms = wait.as_millis() as u64, reason = %failure, "SCIM request failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Waits for the target's rate limit.
+    async fn pace(&self) {
+        let Some(pacer) = &self.pacer else { return };
+        let wait_until = {
+            let mut next = pacer.lock().await;
+            let now = Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + self.interval;
+            slot
+        };
+        tokio::time::sleep_until(wait_until.into()).await;
+    }
+
+    async fn authorize(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, TargetError> {
+        Ok(match &self.auth {
+            Auth::Bearer(token) => req.bearer_auth(token.expose()),
+            Auth::Basic { username, password } => req.basic_auth(username, Some(password.expose())),
+            Auth::OAuth2 { .. } => req.bearer_auth(self.oauth_token().await?),
+        })
+    }
+
+    /// OAuth2 client-credentials token, cached until shortly before it expires.
+    async fn oauth_token(&self) -> Result<String, TargetError> {
+        let Auth::OAuth2 {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+        } = &self.auth
+        else {
+            unreachable!("only called for OAuth2")
+        };
+        let mut cached = self.oauth_token.lock().await;
+        if let Some((tok, until)) = cached.as_ref() {
+            if Instant::now() < *until {
+                return Ok(tok.clone());
+            }
+        }
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        form.append_pair("client_id", client_id);
+        form.append_pair("client_secret", client_secret.expose());
+        if let Some(s) = scope {
+            form.append_pair("scope", s);
+        }
+        let fail = |reason: String| TargetError::Unavailable {
+            target: self.name.clone(),
+            method: "POST".into(),
+            path: "(oauth2 token_url)".into(),
+            attempts: 1,
+            reason,
+        };
+        let resp = self
+            .http
+            .post(token_url)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(form.finish())
+            .send()
+            .await
+            .map_err(|e| fail(transport_reason(&e)))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!(
+                "token endpoint answered HTTP {}",
+                resp.status().as_u16()
+            )));
+        }
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| fail(format!("token response is not JSON: {e}")))?;
+        let token = body["access_token"]
+            .as_str()
+            .ok_or_else(|| fail("token response has no access_token".into()))?;
+        let ttl = body["expires_in"]
+            .as_u64()
+            .unwrap_or(300)
+            .saturating_sub(30)
+            .max(10);
+        *cached = Some((token.to_string(), Instant::now() + Duration::from_secs(ttl)));
+        Ok(token.to_string())
+    }
+
+    pub async fn create(
+        &self,
+        resource_type: &str,
+        body: &Value,
+    ) -> Result<(ScimId, Option<String>), TargetError> {
+        let path = format!("/{resource_type}");
+        let resp = self.send(Method::POST, &path, &[], Some(body)).await?;
+        let id =
+            resp.body
+                .get("id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| TargetError::Malformed {
+                    target: self.name.clone(),
+                    method: "POST".into(),
+                    path: path.clone(),
+                    reason: "the created resource has no id".into(),
+                })?;
+        Ok((ScimId(id.to_string()), etag_of(&resp)))
+    }
+
+    pub async fn patch(
+        &self,
+        resource_type: &str,
+        id: &ScimId,
+        ops: Vec<Value>,
+    ) -> Result<Option<String>, TargetError> {
+        let body = json!({ "schemas": [PATCH_SCHEMA], "Operations": ops });
+        let resp = self
+            .send(
+                Method::PATCH,
+                &format!("/{resource_type}/{}", id.0),
+                &[],
+                Some(&body),
+            )
+            .await?;
+        Ok(etag_of(&resp))
+    }
+
+    pub async fn delete(&self, resource_type: &str, id: &ScimId) -> Result<(), TargetError> {
+        match self
+            .send(
+                Method::DELETE,
+                &format!("/{resource_type}/{}", id.0),
+                &[],
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone is what we wanted.
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get(&self, resource_type: &str, id: &ScimId) -> Result<Value, TargetError> {
+        Ok(self
+            .send(
+                Method::GET,
+                &format!("/{resource_type}/{}", id.0),
+                &[],
+                None,
+            )
+            .await?
+            .body)
+    }
+
+    /// Resources matching `attr eq "value"` (the one filter every provider supports).
+    pub async fn find_eq(
+        &self,
+        resource_type: &str,
+        attr: &str,
+        value: &str,
+    ) -> Result<Vec<Value>, TargetError> {
+        let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+        let filter = format!("{attr} eq \"{escaped}\"");
+        let resp = self
+            .send(
+                Method::GET,
+                &format!("/{resource_type}"),
+                &[("filter", filter)],
+                None,
+            )
+            .await?;
+        self.resources(resource_type, resp.body)
+    }
+
+    /// Every resource of a type, page by page.
+    pub async fn list_all(&self, resource_type: &str) -> Result<Vec<Value>, TargetError> {
+        let mut all = Vec::new();
+        let page = 100usize;
+        loop {
+            let query = [
+                ("startIndex", (all.len() + 1).to_string()),
+                ("count", page.to_string()),
+            ];
+            let resp = self
+                .send(Method::GET, &format!("/{resource_type}"), &query, None)
+                .await?;
+            let total = resp
+                .body
+                .get("totalResults")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
+            let items = self.resources(resource_type, resp.body)?;
+            let got = items.len();
+            all.extend(items);
+            if got == 0 || all.len() >= total {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub async fn service_provider_config(&self) -> Result<Value, TargetError> {
+        Ok(self
+            .send(Method::GET, "/ServiceProviderConfig", &[], None)
+            .await?
+            .body)
+    }
+
+    fn resources(&self, resource_type: &str, body: Value) -> Result<Vec<Value>, TargetError> {
+        match body.get("Resources") {
+            Some(Value::Array(items)) => Ok(items.clone()),
+            None if body.get("totalResults").is_some() => Ok(Vec::new()),
+            _ => Err(TargetError::Malformed {
+                target: self.name.clone(),
+                method: "GET".into(),
+                path: format!("/{resource_type}"),
+                reason: "not a SCIM ListResponse (no Resources)".into(),
+            }),
+        }
+    }
+}
+
+fn etag_of(resp: &Response) -> Option<String> {
+    resp.etag.clone().or_else(|| {
+        resp.body
+            .pointer("/meta/version")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    })
+}
+
+/// The SCIM error's `scimType` and `detail`, or a short excerpt of a non-SCIM body.
+fn error_detail(bytes: &[u8]) -> (Option<String>, String) {
+    if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
+        let is_scim = v["schemas"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == ERROR_SCHEMA));
+        let detail = v["detail"].as_str().or_else(|| v["message"].as_str());
+        if is_scim || detail.is_some() {
+            return (
+                v["scimType"].as_str().map(str::to_string),
+                detail.unwrap_or("(no detail)").to_string(),
+            );
+        }
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let excerpt: String = text.chars().take(200).collect();
+    (
+        None,
+        if excerpt.trim().is_empty() {
+            "(empty body)".into()
+        } else {
+            format!("non-SCIM body: {}", excerpt.trim())
+        },
+    )
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        let mut reason = "connection failed".to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            reason = format!("connection failed: {s}");
+            src = s.source();
+        }
+        reason
+    } else {
+        let mut reason = e.to_string();
+        if let Some(url) = e.url() {
+            reason = reason.replace(url.as_str(), "");
+        }
+        reason
+    }
+}
