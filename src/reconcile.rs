@@ -119,8 +119,13 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
 
     if let Some(s) = &snapshot {
         if !pass.dry_run {
-            // The shrink guard compares with the last read that was allowed to count.
-            if hold.is_none() {
+            // The shrink guard compares with the last read that was allowed to count: one
+            // that held nothing, or whose held changes an operator approved.
+            if hold.is_none()
+                || outcomes
+                    .iter()
+                    .all(|t| t.plan.held.is_empty() && t.error.is_none())
+            {
                 s.set_last_read(&ReadStats {
                     users: directory.users.len(),
                     groups: directory.groups.len(),

@@ -1,7 +1,6 @@
 //! Renders the outcome of a pass: the dry-run report (text, JSON as in SPEC.md, Markdown) and
 //! the result lines of a sync. Pure.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde_json::{json, Map, Value};
@@ -27,47 +26,60 @@ pub fn render(outcome: &Outcome, format: Format) -> String {
     }
 }
 
-#[derive(Default)]
+/// The per-target counts of SPEC.md's report, in its order (plus adoptions).
 struct Summary {
-    counts: BTreeMap<&'static str, usize>,
+    counts: Vec<(&'static str, usize)>,
 }
 
 impl Summary {
+    const KEYS: [&'static str; 12] = [
+        "users_created",
+        "users_adopted",
+        "users_updated",
+        "users_deactivated",
+        "users_deleted",
+        "groups_created",
+        "groups_adopted",
+        "groups_updated",
+        "groups_deleted",
+        "members_added",
+        "members_removed",
+        "held",
+    ];
+
     fn of(t: &TargetOutcome) -> Summary {
-        let mut s = Summary::default();
-        for key in [
-            "users_created",
-            "users_adopted",
-            "users_updated",
-            "users_deactivated",
-            "users_deleted",
-            "groups_created",
-            "groups_adopted",
-            "groups_updated",
-            "groups_deleted",
-            "members_added",
-            "members_removed",
-        ] {
-            s.counts.insert(key, 0);
-        }
+        let mut counts: Vec<(&'static str, usize)> = Self::KEYS.iter().map(|k| (*k, 0)).collect();
+        let mut bump = |key: &str, n: usize| {
+            if let Some(slot) = counts.iter_mut().find(|(k, _)| *k == key) {
+                slot.1 += n;
+            }
+        };
         for c in &t.plan.changes {
-            let (key, n) = match c {
-                Change::CreateUser { .. } => ("users_created", 1),
-                Change::AdoptUser { .. } => ("users_adopted", 1),
-                Change::UpdateUser { .. } => ("users_updated", 1),
-                Change::DeactivateUser { .. } => ("users_deactivated", 1),
-                Change::DeleteUser { .. } => ("users_deleted", 1),
-                Change::CreateGroup { .. } => ("groups_created", 1),
-                Change::AdoptGroup { .. } => ("groups_adopted", 1),
-                Change::UpdateGroup { .. } => ("groups_updated", 1),
-                Change::DeleteGroup { .. } => ("groups_deleted", 1),
-                Change::AddMembers { members, .. } => ("members_added", members.len()),
-                Change::RemoveMembers { members, .. } => ("members_removed", members.len()),
-            };
-            *s.counts.entry(key).or_default() += n;
+            match c {
+                Change::CreateUser { .. } => bump("users_created", 1),
+                Change::AdoptUser { .. } => bump("users_adopted", 1),
+                Change::UpdateUser { .. } => bump("users_updated", 1),
+                Change::DeactivateUser { .. } => bump("users_deactivated", 1),
+                Change::DeleteUser { .. } => bump("users_deleted", 1),
+                Change::CreateGroup { .. } => bump("groups_created", 1),
+                Change::AdoptGroup { .. } => bump("groups_adopted", 1),
+                Change::UpdateGroup { .. } => bump("groups_updated", 1),
+                Change::DeleteGroup { .. } => bump("groups_deleted", 1),
+                Change::AddMembers { members, .. } => bump("members_added", members.len()),
+                Change::RemoveMembers { members, .. } => bump("members_removed", members.len()),
+            }
         }
-        s.counts.insert("held", t.plan.held.len());
-        s
+        bump("held", t.plan.held.len());
+        Summary { counts }
+    }
+
+    fn to_json(&self) -> Value {
+        Value::Object(
+            self.counts
+                .iter()
+                .map(|(k, n)| (k.to_string(), json!(n)))
+                .collect(),
+        )
     }
 }
 
@@ -140,7 +152,7 @@ pub fn to_json(outcome: &Outcome) -> Value {
             if let Some(e) = &t.error {
                 obj.insert("error".into(), json!(e));
             }
-            obj.insert("summary".into(), json!(Summary::of(t).counts));
+            obj.insert("summary".into(), Summary::of(t).to_json());
             obj.insert("changes".into(), Value::Array(t.plan.changes.iter().map(|c| change_json(t, c)).collect()));
             obj.insert("held".into(), Value::Array(t.plan.held.iter().map(|c| change_json(t, c)).collect()));
             if let Some(r) = &t.plan.held_reason {
@@ -232,7 +244,7 @@ fn summary_line(t: &TargetOutcome) -> String {
     let parts: Vec<String> = s
         .counts
         .iter()
-        .filter(|(_, n)| **n > 0)
+        .filter(|(_, n)| *n > 0)
         .map(|(k, n)| format!("{} {n}", k.replace('_', " ")))
         .collect();
     if parts.is_empty() {

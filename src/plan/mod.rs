@@ -287,7 +287,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                             scim_id: found.scim_id.clone(),
                             user_name: want.user_name.clone(),
                             matched_by: found.matched_by,
-                            changes: diff_attrs(&found.attrs, &want.attrs),
+                            // Only what we manage: the target's other attributes stay as they are.
+                            changes: diff_attrs(
+                                &found
+                                    .attrs
+                                    .iter()
+                                    .filter(|(k, _)| want.attrs.contains_key(*k))
+                                    .map(|(k, v)| (k.clone(), v.clone()))
+                                    .collect(),
+                                &want.attrs,
+                            ),
                             attrs: want.attrs.clone(),
                             supersedes,
                         })

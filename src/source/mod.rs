@@ -173,7 +173,7 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
         None => None,
     };
     let mut last_err = None;
-    for url in &cfg.urls {
+    for (i, url) in cfg.urls.iter().enumerate() {
         let mut settings = LdapConnSettings::new()
             .set_conn_timeout(cfg.timeout)
             .set_starttls(cfg.starttls && url.starts_with("ldap://"));
@@ -200,7 +200,9 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
                 return Ok(ldap);
             }
             Err(e) => {
-                warn!(url, error = %describe(&e), "LDAP server unreachable, trying the next one");
+                if i + 1 < cfg.urls.len() {
+                    warn!(url, error = %describe(&e), "LDAP server unreachable, trying the next one");
+                }
                 last_err = Some(SourceError::Connect {
                     url: url.clone(),
                     reason: describe(&e),
