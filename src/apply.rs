@@ -3,6 +3,7 @@
 //! is recorded and the rest go on, except what depends on it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
@@ -28,13 +29,37 @@ pub struct Failure {
     pub error: String,
 }
 
+/// One change as it went, for the audit log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    pub action: &'static str,
+    pub resource: &'static str,
+    pub external_id: String,
+    pub name: String,
+    /// The SCIM id the change touched (after it was known).
+    pub scim_id: Option<String>,
+    /// Attribute paths changed, or member ids added/removed.
+    pub attributes: Vec<String>,
+    /// `"ok"` or the error.
+    pub outcome: String,
+}
+
 #[derive(Debug, Default)]
 pub struct ApplyReport {
     pub applied: usize,
     pub failures: Vec<Failure>,
+    /// Every change attempted, in the order they finished.
+    pub records: Vec<Applied>,
     /// Write requests sent, retries included.
     pub writes: usize,
+    pub retries: usize,
+    pub throttled: usize,
+    /// Changes not started because a stop was requested.
+    pub not_started: usize,
 }
+
+/// Something that wants to know how far an apply got (a progress bar).
+pub type Progress<'a> = &'a (dyn Fn(&str, usize, usize) + Sync);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -47,7 +72,7 @@ pub enum ApplyError {
 }
 
 /// The state updates of one change, and its error if it (partly) failed.
-type ChangeResult<'c> = (Vec<Effect>, Option<(&'c Change, ApplyError)>);
+type ChangeResult<'c> = (Vec<Effect>, Option<(&'c Change, ApplyError)>, &'c Change);
 
 /// A state update that an acknowledged change implies (already written to the snapshot).
 enum Effect {
@@ -62,33 +87,65 @@ pub struct Applier<'a> {
     pub target: &'a TargetConfig,
     pub snapshot: &'a TargetSnapshot,
     pub now: DateTime<Utc>,
+    /// Set when the process must stop: changes not yet started are left for the next cycle
+    /// (the request in flight finishes).
+    pub stop: Option<&'a AtomicBool>,
+    /// Called with (target, changes done, changes total) as changes finish.
+    pub progress: Option<Progress<'a>>,
 }
 
 impl Applier<'_> {
     pub async fn apply(&self, state: &mut TargetState, changes: &[Change]) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let writes_before = self.client.writes();
+        let counters = self.client.counters();
+        let (writes0, retries0, throttled0) = (
+            counters.writes.load(Ordering::Relaxed),
+            counters.retries.load(Ordering::Relaxed),
+            counters.throttled.load(Ordering::Relaxed),
+        );
+        let stopping = || self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+        let total = changes.len();
+        let done = std::sync::atomic::AtomicUsize::new(0);
         // Consecutive changes of the same kind form a phase; phases run in plan order, the
         // changes inside one run concurrently.
         let mut i = 0;
         while i < changes.len() {
+            if stopping() {
+                report.not_started = changes.len() - i;
+                warn!(target = %self.target.name, left = report.not_started, "stop requested; the remaining changes wait for the next cycle");
+                break;
+            }
             let kind = std::mem::discriminant(&changes[i]);
             let mut j = i;
             while j < changes.len() && std::mem::discriminant(&changes[j]) == kind {
                 j += 1;
             }
             let phase = &changes[i..j];
-            let results: Vec<ChangeResult<'_>> = {
+            let results: Vec<Option<ChangeResult<'_>>> = {
                 let st: &TargetState = state;
+                let done = &done;
                 stream::iter(phase.iter().map(|c| async move {
+                    if stopping() {
+                        return None;
+                    }
                     let (effects, err) = self.run(st, c).await;
-                    (effects, err.map(|e| (c, e)))
+                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Some(p) = self.progress {
+                        p(&self.target.name.0, n, total);
+                    }
+                    Some((effects, err.map(|e| (c, e)), c))
                 }))
                 .buffer_unordered(self.target.concurrency.max(1))
                 .collect()
                 .await
             };
-            for (effects, err) in results {
+            report.not_started += results.iter().filter(|r| r.is_none()).count();
+            for (effects, err, change) in results.into_iter().flatten() {
+                let scim_id = effects.iter().find_map(|e| match e {
+                    Effect::PutUser(_, r) => Some(r.scim_id.0.clone()),
+                    Effect::PutGroup(_, r) => Some(r.scim_id.0.clone()),
+                    _ => None,
+                });
                 for e in effects {
                     match e {
                         Effect::PutUser(id, row) => {
@@ -105,6 +162,17 @@ impl Applier<'_> {
                         }
                     }
                 }
+                report.records.push(Applied {
+                    action: change.action(),
+                    resource: change.resource(),
+                    external_id: change.id().0.clone(),
+                    name: change.name().to_string(),
+                    scim_id: scim_id.or_else(|| change_scim_id(change)),
+                    attributes: changed_paths(change),
+                    outcome: err
+                        .as_ref()
+                        .map_or_else(|| "ok".to_string(), |(_, e)| e.to_string()),
+                });
                 match err {
                     None => report.applied += 1,
                     Some((c, e)) => {
@@ -121,7 +189,9 @@ impl Applier<'_> {
             }
             i = j;
         }
-        report.writes = self.client.writes() - writes_before;
+        report.writes = counters.writes.load(Ordering::Relaxed) - writes0;
+        report.retries = counters.retries.load(Ordering::Relaxed) - retries0;
+        report.throttled = counters.throttled.load(Ordering::Relaxed) - throttled0;
         report
     }
 
@@ -478,6 +548,36 @@ impl Applier<'_> {
             state,
             owned,
         }
+    }
+}
+
+fn change_scim_id(c: &Change) -> Option<String> {
+    match c {
+        Change::AdoptUser { scim_id, .. }
+        | Change::UpdateUser { scim_id, .. }
+        | Change::DeactivateUser { scim_id, .. }
+        | Change::DeleteUser { scim_id, .. }
+        | Change::AdoptGroup { scim_id, .. }
+        | Change::UpdateGroup { scim_id, .. }
+        | Change::DeleteGroup { scim_id, .. } => Some(scim_id.0.clone()),
+        _ => None,
+    }
+}
+
+/// What a change touches, for the audit log: attribute paths, or member directory ids.
+fn changed_paths(c: &Change) -> Vec<String> {
+    match c {
+        Change::AdoptUser { changes, .. }
+        | Change::UpdateUser { changes, .. }
+        | Change::DeactivateUser { changes, .. } => {
+            changes.iter().map(|a| a.path.clone()).collect()
+        }
+        Change::CreateUser { attrs, .. } => attrs.keys().cloned().collect(),
+        Change::UpdateGroup { .. } | Change::AdoptGroup { .. } => vec!["displayName".into()],
+        Change::AddMembers { members, .. } | Change::RemoveMembers { members, .. } => {
+            members.iter().map(|m| format!("member:{m}")).collect()
+        }
+        _ => Vec::new(),
     }
 }
 

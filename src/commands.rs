@@ -59,12 +59,7 @@ pub async fn execute(cli: Cli) -> u8 {
 }
 
 pub async fn sync(config: &Config, targets: &[String]) -> u8 {
-    let pass = Pass {
-        config,
-        only: targets,
-        dry_run: false,
-        now: Utc::now(),
-    };
+    let pass = Pass::new(config, targets, false);
     match reconcile::run(&pass).await {
         Ok(outcome) => {
             print!("{}", report::sync_lines(&outcome));
@@ -95,12 +90,7 @@ async fn plan(
     format: Format,
     out: Option<&std::path::Path>,
 ) -> u8 {
-    let pass = Pass {
-        config,
-        only: targets,
-        dry_run: true,
-        now: Utc::now(),
-    };
+    let pass = Pass::new(config, targets, true);
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),
@@ -231,12 +221,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Entry::User(u) => (u.id.clone(), u.dn.clone(), "user"),
         Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
     };
-    let pass = Pass {
-        config,
-        only: &[],
-        dry_run: true,
-        now: Utc::now(),
-    };
+    let pass = Pass::new(config, &[], true);
     let outcome = reconcile::run(&pass).await;
     let snapshot = Snapshot::open_existing(&config.daemon.state_dir)
         .ok()

@@ -51,6 +51,7 @@ pub struct TargetOutcome {
 
 #[derive(Debug)]
 pub struct Outcome {
+    pub run_id: String,
     pub source_users: usize,
     pub source_groups: usize,
     pub targets: Vec<TargetOutcome>,
@@ -63,6 +64,37 @@ pub struct Pass<'a> {
     pub only: &'a [String],
     pub dry_run: bool,
     pub now: DateTime<Utc>,
+    /// A short id for this pass, in logs and the audit trail.
+    pub run_id: String,
+    /// Set by a signal handler: finish the request in flight, start nothing new.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    pub progress: Option<crate::apply::Progress<'a>>,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(config: &'a Config, only: &'a [String], dry_run: bool) -> Self {
+        Pass {
+            config,
+            only,
+            dry_run,
+            now: crate::clock::now(),
+            run_id: new_run_id(),
+            stop: None,
+            progress: None,
+        }
+    }
+}
+
+/// A short random id (time-based, unique enough to tell runs apart in logs).
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:08x}",
+        (nanos as u64 ^ (std::process::id() as u64) << 32) & 0xffff_ffff
+    )
 }
 
 pub fn select_targets<'a>(
@@ -136,6 +168,7 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         }
     }
     Ok(Outcome {
+        run_id: pass.run_id.clone(),
         source_users: directory.users.len(),
         source_groups: directory.groups.len(),
         targets: outcomes,
@@ -254,6 +287,8 @@ async fn run_target(
         target,
         snapshot: &tsnap,
         now: pass.now,
+        stop: pass.stop,
+        progress: pass.progress,
     };
     let report = applier.apply(&mut state, &plan.changes).await;
     if let Some(s) = snapshot {
@@ -291,6 +326,7 @@ async fn run_target(
         }
     }
     info!(
+        run_id = %pass.run_id,
         target = %name,
         applied = report.applied,
         failed = report.failures.len(),

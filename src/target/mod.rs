@@ -4,6 +4,7 @@
 
 pub mod retry;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,20 @@ pub struct ScimClient {
     pacer: Option<Arc<Mutex<Instant>>>,
     interval: Duration,
     oauth_token: Mutex<Option<(String, Instant)>>,
-    writes: std::sync::atomic::AtomicUsize,
+    counters: Counters,
+}
+
+/// What one client did, for metrics and reports.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Write requests (POST, PUT, PATCH, DELETE) sent, retries included.
+    pub writes: AtomicUsize,
+    /// Requests sent, retries included.
+    pub requests: AtomicUsize,
+    /// Attempts that were retried.
+    pub retries: AtomicUsize,
+    /// Answers with HTTP 429.
+    pub throttled: AtomicUsize,
 }
 
 impl ScimClient {
@@ -102,7 +116,7 @@ impl ScimClient {
             pacer: cfg.rate_limit.map(|_| Arc::new(Mutex::new(Instant::now()))),
             interval,
             oauth_token: Mutex::new(None),
-            writes: Default::default(),
+            counters: Counters::default(),
         })
     }
 
@@ -117,7 +131,11 @@ impl ScimClient {
 
     /// Number of write requests (POST, PUT, PATCH, DELETE) this client sent, retries included.
     pub fn writes(&self) -> usize {
-        self.writes.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.writes.load(Ordering::Relaxed)
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Sends one request with the retry policy. `path` is relative to the base URL.
@@ -147,14 +165,17 @@ impl ScimClient {
                     .body(serde_json::to_vec(b).expect("JSON values serialize"));
             }
             req = self.authorize(req).await?;
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if method != Method::GET {
-                self.writes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.counters.writes.fetch_add(1, Ordering::Relaxed);
             }
             let result = req.send().await;
             let (decision, failure) = match result {
                 Ok(resp) => {
                     let status = resp.status();
+                    if status.as_u16() == 429 {
+                        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
                     let decision = classify(&Outcome::Response {
                         status,
                         headers: resp.headers(),
@@ -221,6 +242,7 @@ impl ScimClient {
                 });
             };
             let wait = after.unwrap_or(backoff);
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
             warn!(target = %self.name, %method, path, attempt, wait_ms = wait.as_millis() as u64, reason = %failure, "SCIM request failed; retrying");
             tokio::time::sleep(wait).await;
         }
