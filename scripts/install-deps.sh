@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian machine (run as root):
-#   apt: slapd, ldap-utils, openssl (no service is started: policy-rc.d / no_configuration)
+#   apt: slapd, ldap-utils, openssl, samba (AD DC) (no service is started: policy-rc.d / no_configuration)
 #   .deps/venv-scim2: scim2-server from PyPI
 #   .deps/betterauth: Better Auth and its SCIM plugin from npm (SQLite storage)
 # Idempotent: a second run only checks.
@@ -10,12 +10,29 @@ deps=${LDAP2SCIM_DEPS:-$root/.deps}
 mkdir -p "$deps"
 
 need_apt=()
-for bin in slapd:slapd ldapsearch:ldap-utils openssl:openssl ss:iproute2 curl:curl; do
+for bin in slapd:slapd ldapsearch:ldap-utils openssl:openssl ss:iproute2 curl:curl systemd-analyze:systemd gzip:gzip; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${bin%%:*}" ] || need_apt+=("${bin#*:}")
 done
+# Samba AD DC for the Active Directory tests (tests/ad.rs, scripts/samba.sh); unshare and flock
+# come from util-linux.
+for bin in samba:samba samba-tool:samba-ad-provision unshare:util-linux flock:util-linux; do
+  command -v "${bin%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${bin%%:*}" ] || need_apt+=("${bin#*:}")
+done
+[ -n "$(find /usr/lib -path '*/samba/ldb/samba_dsdb.so' -print -quit 2>/dev/null)" ] || need_apt+=(samba-dsdb-modules)
 if [ ${#need_apt[@]} -gt 0 ]; then
+  case " ${need_apt[*]} " in
+  *" samba "* | *" samba-ad-provision "* | *" samba-dsdb-modules "*)
+    need_apt+=(samba samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind krb5-user) ;;
+  esac
   export DEBIAN_FRONTEND=noninteractive
   echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+  # No package may start a service (slapd, smbd, samba-ad-dc …) on this host: the tests start
+  # their own, on loopback only.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi

@@ -1,10 +1,13 @@
-//! The LDAP source: connect (TLS, bind), paged search of users and groups, group expansion.
+//! The LDAP source: connect (TLS, bind), paged search of users and groups, range retrieval of
+//! large attributes, the Active Directory dialect, group expansion.
 //!
 //! A read is all or nothing: any failed, truncated or suspicious read is a [`SourceError`],
 //! never a smaller [`Directory`], because a smaller directory would look like people leaving.
 
+mod ad;
 pub mod dn;
 mod expand;
+mod range;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -37,11 +40,28 @@ pub enum SourceError {
     MissingId { dn: String, attribute: &'static str },
 }
 
-/// Attributes asked for on every user entry (besides all user attributes).
+/// The attribute holding an entry's immutable id.
 fn id_attribute(dialect: Dialect) -> &'static str {
     match dialect {
         Dialect::OpenLdap => "entryUUID",
         Dialect::ActiveDirectory => "objectGUID",
+    }
+}
+
+/// Attributes asked for on user entries: all user attributes, the id (operational in
+/// OpenLDAP), and in AD the ones the dialect itself reads, named so a narrowed `*` (some
+/// directories filter it by schema or ACL) cannot drop them silently.
+fn user_attributes(dialect: Dialect) -> &'static [&'static str] {
+    match dialect {
+        Dialect::OpenLdap => &["*", "entryUUID"],
+        Dialect::ActiveDirectory => &[
+            "*",
+            "objectGUID",
+            "userAccountControl",
+            "accountExpires",
+            "userPrincipalName",
+            "sAMAccountName",
+        ],
     }
 }
 
@@ -51,14 +71,15 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
     let mut ldap = connect(cfg).await?;
     let id_attr = id_attribute(cfg.dialect);
 
-    let user_entries = paged_search(
+    let mut user_entries = paged_search(
         &mut ldap,
         cfg,
         &cfg.users.base,
         &cfg.users.filter,
-        &["*", id_attr],
+        user_attributes(cfg.dialect),
     )
     .await?;
+    complete_ranges(&mut ldap, &cfg.users.base, &mut user_entries).await?;
     let disabled: HashSet<String> = match &cfg.users.disabled_filter {
         Some(df) => {
             let filter = format!("(&{}{})", cfg.users.filter, df);
@@ -71,17 +92,23 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
         None => HashSet::new(),
     };
     let group_entries = match &cfg.groups {
-        Some(g) => paged_search(&mut ldap, cfg, &g.base, &g.filter, &["*", id_attr]).await?,
+        Some(g) => {
+            let mut entries =
+                paged_search(&mut ldap, cfg, &g.base, &g.filter, &["*", id_attr]).await?;
+            complete_ranges(&mut ldap, &g.base, &mut entries).await?;
+            entries
+        }
         None => Vec::new(),
     };
     let _ = ldap.unbind().await;
 
+    let now = crate::clock::now();
     let mut users = Vec::with_capacity(user_entries.len());
-    for entry in user_entries {
-        let id = entry_id(&entry, cfg.dialect)?;
+    for mut entry in user_entries {
+        let id = entry_id(&mut entry, cfg.dialect)?;
         let norm = dn::normalize_lossy(&entry.dn);
         let attrs = lowercase_attrs(entry.attrs);
-        let disabled = disabled.contains(&norm) || ad_disabled(cfg.dialect, &attrs);
+        let disabled = disabled.contains(&norm) || ad_inactive(cfg.dialect, &attrs, now);
         users.push(DirectoryUser {
             id,
             dn: entry.dn,
@@ -90,8 +117,8 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
         });
     }
     let mut raw_groups = Vec::with_capacity(group_entries.len());
-    for entry in group_entries {
-        let id = entry_id(&entry, cfg.dialect)?;
+    for mut entry in group_entries {
+        let id = entry_id(&mut entry, cfg.dialect)?;
         raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
     }
     let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
@@ -105,6 +132,19 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
     Ok(Directory { users, groups })
 }
 
+/// Range retrieval for every entry that came back with a `attr;range=…` attribute (AD does
+/// this for `member` beyond 1500 values), whatever the dialect.
+async fn complete_ranges(
+    ldap: &mut Ldap,
+    base: &str,
+    entries: &mut [SearchEntry],
+) -> Result<(), SourceError> {
+    for entry in entries.iter_mut().filter(|e| range::has_ranges(e)) {
+        range::complete(ldap, base, entry).await?;
+    }
+    Ok(())
+}
+
 fn lowercase_attrs(attrs: HashMap<String, Vec<String>>) -> Attributes {
     attrs
         .into_iter()
@@ -112,34 +152,31 @@ fn lowercase_attrs(attrs: HashMap<String, Vec<String>>) -> Attributes {
         .collect::<BTreeMap<_, _>>()
 }
 
-fn ad_disabled(dialect: Dialect, attrs: &Attributes) -> bool {
+/// AD accounts are inactive when `userAccountControl` has bit 2 (ACCOUNTDISABLE) set or
+/// `accountExpires` lies in the past.
+fn ad_inactive(dialect: Dialect, attrs: &Attributes, now: chrono::DateTime<chrono::Utc>) -> bool {
+    let first = |name: &str| attrs.get(name).and_then(|v| v.first()).map(String::as_str);
     dialect == Dialect::ActiveDirectory
-        && attrs
-            .get("useraccountcontrol")
-            .and_then(|v| v.first())
-            .and_then(|v| v.parse::<u32>().ok())
-            .is_some_and(|uac| uac & 2 != 0)
+        && (ad::uac_disabled(first("useraccountcontrol"))
+            || ad::account_expired(first("accountexpires"), now))
 }
 
-fn entry_id(entry: &SearchEntry, dialect: Dialect) -> Result<DirectoryId, SourceError> {
+/// The entry's immutable id. In AD this also turns the binary ids into text attributes
+/// (whichever map ldap3 filed them under), so nothing downstream sees raw GUID bytes.
+fn entry_id(entry: &mut SearchEntry, dialect: Dialect) -> Result<DirectoryId, SourceError> {
     let attr = id_attribute(dialect);
-    let text = entry
-        .attrs
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(attr))
-        .and_then(|(_, v)| v.first());
-    let bin = entry
-        .bin_attrs
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(attr))
-        .and_then(|(_, v)| v.first());
     let id = match dialect {
-        Dialect::OpenLdap => text.map(|t| DirectoryId::new(t)),
-        Dialect::ActiveDirectory => bin
-            .map(|b| b.as_slice())
-            .or_else(|| text.map(|t| t.as_bytes()))
-            .and_then(guid_to_string)
-            .map(|s| DirectoryId::new(&s)),
+        Dialect::OpenLdap => entry
+            .attrs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(attr))
+            .and_then(|(_, v)| v.first())
+            .map(|t| DirectoryId::new(t)),
+        Dialect::ActiveDirectory => {
+            let guid = ad::object_guid(entry);
+            ad::textualize_ids(entry);
+            guid.map(|s| DirectoryId::new(&s))
+        }
     };
     id.filter(|i| !i.0.is_empty())
         .ok_or_else(|| SourceError::MissingId {
