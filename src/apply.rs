@@ -82,6 +82,31 @@ enum Effect {
     RemoveGroup(DirectoryId),
 }
 
+/// Trips after a run of changes that could not reach the target at all, so a dead target
+/// costs a few timeouts, not one per change.
+#[derive(Default)]
+struct Breaker {
+    consecutive: std::sync::atomic::AtomicUsize,
+}
+
+impl Breaker {
+    const LIMIT: usize = 3;
+
+    fn record(&self, err: Option<&ApplyError>) {
+        match err {
+            Some(ApplyError::Target(TargetError::Unavailable { .. })) => {
+                self.consecutive.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => self.consecutive.store(0, Ordering::Relaxed),
+        }
+    }
+
+    fn tripped(&self) -> Option<usize> {
+        let n = self.consecutive.load(Ordering::Relaxed);
+        (n >= Self::LIMIT).then_some(n)
+    }
+}
+
 pub struct Applier<'a> {
     pub client: &'a ScimClient,
     pub target: &'a TargetConfig,
@@ -106,6 +131,7 @@ impl Applier<'_> {
         let stopping = || self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
         let total = changes.len();
         let done = std::sync::atomic::AtomicUsize::new(0);
+        let breaker = &Breaker::default();
         // Consecutive changes of the same kind form a phase; phases run in plan order, the
         // changes inside one run concurrently.
         let mut i = 0;
@@ -128,7 +154,7 @@ impl Applier<'_> {
                     if stopping() {
                         return None;
                     }
-                    let (effects, err) = self.run(st, c).await;
+                    let (effects, err) = self.run(st, c, breaker).await;
                     let n = done.fetch_add(1, Ordering::Relaxed) + 1;
                     if let Some(p) = self.progress {
                         p(&self.target.name.0, n, total);
@@ -195,8 +221,22 @@ impl Applier<'_> {
         report
     }
 
-    async fn run(&self, state: &TargetState, change: &Change) -> (Vec<Effect>, Option<ApplyError>) {
-        match change {
+    async fn run(
+        &self,
+        state: &TargetState,
+        change: &Change,
+        breaker: &Breaker,
+    ) -> (Vec<Effect>, Option<ApplyError>) {
+        if let Some(failures) = breaker.tripped() {
+            return (
+                Vec::new(),
+                Some(ApplyError::Skipped(format!(
+                    "target {} skipped for the rest of this cycle after {failures} consecutive changes failed to reach it",
+                    self.target.name
+                ))),
+            );
+        }
+        let (effects, err) = match change {
             Change::RemoveMembers { group, members, .. } => {
                 self.members(state, group, members, false).await
             }
@@ -207,7 +247,9 @@ impl Applier<'_> {
                 Ok(effects) => (effects, None),
                 Err(e) => (Vec::new(), Some(e)),
             },
-        }
+        };
+        breaker.record(err.as_ref());
+        (effects, err)
     }
 
     async fn run_single(

@@ -236,17 +236,23 @@ async fn run_target(
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
+    client.discover().await;
     let (existing_users, existing_groups, mut problems) =
         match resolve_existing(&client, target, &desired, &state).await {
             Ok(x) => x,
             Err(e) => return fail(e.to_string()),
         };
+    let blocked: BTreeSet<DirectoryId> = problems
+        .iter()
+        .map(|p| DirectoryId(p.external_id.clone()))
+        .collect();
     let mut plan = plan::plan(&PlanInput {
         target,
         desired: &desired,
         state: &state,
         existing_users: &existing_users,
         existing_groups: &existing_groups,
+        blocked: &blocked,
         now: pass.now,
     });
     plan.problems.append(&mut problems);

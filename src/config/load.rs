@@ -157,6 +157,7 @@ const TARGET_KEYS: &[&str] = &[
     "rate_limit",
     "concurrency",
     "members_per_request",
+    "timeout",
     "mapping",
 ];
 const AUTH_KEYS: &[&str] = &["bearer", "basic", "oauth2"];
@@ -1015,6 +1016,7 @@ fn target_config(
     let members_per_request = t
         .integer("members_per_request", 1..=10_000)
         .map(|n| n as usize);
+    let timeout = t.parsed("timeout", parse_duration);
     let mapping = mapping(&t, dialect, &mapping_keys_in_file_order(&text));
 
     let scope_groups = scope_groups.unwrap_or_default();
@@ -1052,8 +1054,13 @@ fn target_config(
             .into_iter()
             .map(|(_, pattern)| pattern.to_owned())
             .collect(),
-        rate_limit,
+        // Slack documents about 180 SCIM writes a minute.
+        rate_limit: rate_limit
+            .or((profile == Profile::Slack).then_some(RateLimit { per_second: 3.0 })),
         concurrency: concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+        timeout: timeout
+            .filter(|t| !t.is_zero())
+            .unwrap_or(Duration::from_secs(30)),
         members_per_request,
         mapping,
     })

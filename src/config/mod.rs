@@ -106,6 +106,8 @@ pub struct TargetConfig {
     pub rate_limit: Option<RateLimit>,
     pub concurrency: usize,
     pub members_per_request: usize,
+    /// Per-request timeout (default 30 s).
+    pub timeout: Duration,
     /// SCIM attribute path → template, in file order. Dialect defaults are already merged in.
     pub mapping: Vec<(String, String)>,
 }

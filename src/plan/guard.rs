@@ -25,40 +25,36 @@ pub fn apply_limits(
     source_hold: Option<&SourceHold>,
     approved: Option<&BTreeSet<(String, DirectoryId)>>,
 ) {
-    let destructive: Vec<&Change> = plan.changes.iter().filter(|c| c.is_destructive()).collect();
-    if destructive.is_empty() {
+    let key = |c: &Change| (c.action().to_string(), c.id().clone());
+    // Approved changes go ahead; only they: anything destructive planned since the approval
+    // is judged on its own.
+    let is_approved = |c: &Change| approved.is_some_and(|a| a.contains(&key(c)));
+    let pending: Vec<&Change> = plan
+        .changes
+        .iter()
+        .filter(|c| c.is_destructive() && !is_approved(c))
+        .collect();
+    if pending.is_empty() {
         return;
     }
-    let key = |c: &Change| (c.action().to_string(), c.id().clone());
-    if let Some(approved) = approved {
-        let set: BTreeSet<_> = destructive.iter().map(|c| key(c)).collect();
-        if set.is_subset(approved) {
-            return;
-        }
-    }
-    let user_deprovisions = destructive
-        .iter()
-        .filter(|c| c.resource() == "User")
-        .count();
+    let user_deprovisions = pending.iter().filter(|c| c.resource() == "User").count();
     let allowed = max_deprovisions.allowed(managed_users);
     let reason = if let Some(SourceHold(why)) = source_hold {
-        Some(why.clone())
+        why.clone()
     } else if user_deprovisions > allowed {
-        Some(format!(
-            "{user_deprovisions} deprovisions exceed max_deprovisions ({}) of {managed_users} managed users; run `ldap2scim approve --target NAME` to release them",
+        format!(
+            "{user_deprovisions} deprovisions exceed max_deprovisions ({}) of {managed_users} managed users; review them with `ldap2scim plan`, then run `ldap2scim approve --target NAME` to release them",
             describe_limit(max_deprovisions, allowed)
-        ))
+        )
     } else {
-        None
+        return;
     };
-    if let Some(reason) = reason {
-        let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut plan.changes)
-            .into_iter()
-            .partition(Change::is_destructive);
-        plan.changes = kept;
-        plan.held = held;
-        plan.held_reason = Some(reason);
-    }
+    let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut plan.changes)
+        .into_iter()
+        .partition(|c| c.is_destructive() && !is_approved(c));
+    plan.changes = kept;
+    plan.held = held;
+    plan.held_reason = Some(reason);
 }
 
 fn describe_limit(limit: Limit, allowed: usize) -> String {

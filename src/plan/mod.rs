@@ -223,6 +223,9 @@ pub struct PlanInput<'a> {
     /// Resources on the target matched to directory entries that have no snapshot row yet.
     pub existing_users: &'a BTreeMap<DirectoryId, Existing>,
     pub existing_groups: &'a BTreeMap<DirectoryId, Existing>,
+    /// Entries not to create: a resource on the target matches them ambiguously or is
+    /// protected (reported as problems, never guessed).
+    pub blocked: &'a BTreeSet<DirectoryId>,
     pub now: DateTime<Utc>,
 }
 
@@ -234,6 +237,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         state,
         existing_users,
         existing_groups,
+        blocked,
         now,
     } = *input;
     let mut p = Plan::default();
@@ -275,6 +279,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 }
             }
             None if !want.active && !target.provision_disabled => {}
+            None if blocked.contains(id) => {}
             None => {
                 provisioned.insert(id.clone());
                 match existing_users.get(id) {
@@ -311,8 +316,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
 
+    // A SCIM resource that a desired entry holds is never deprovisioned through another,
+    // stale row (left behind by a crash between an adoption's two snapshot writes).
+    let held_by_desired: BTreeSet<&ScimId> = state
+        .users
+        .iter()
+        .filter(|(id, _)| desired.users.contains_key(*id))
+        .map(|(_, r)| &r.scim_id)
+        .collect();
     for (id, row) in &state.users {
-        if desired.users.contains_key(id) || superseded.contains(id) {
+        if desired.users.contains_key(id)
+            || superseded.contains(id)
+            || held_by_desired.contains(&row.scim_id)
+        {
             continue;
         }
         let deactivate = |reason| Change::DeactivateUser {
@@ -372,6 +388,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 }
                 row.members.clone()
             }
+            None if blocked.contains(id) => continue,
             None => match existing_groups.get(id) {
                 Some(found) => {
                     group_changes.push(Change::AdoptGroup {

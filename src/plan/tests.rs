@@ -26,6 +26,7 @@ fn target() -> TargetConfig {
         rate_limit: None,
         concurrency: 4,
         members_per_request: 100,
+        timeout: Duration::from_secs(30),
         mapping: vec![],
     }
 }
@@ -63,12 +64,14 @@ fn row(u: &DesiredUser) -> UserRow {
 
 fn run(t: &TargetConfig, desired: &Desired, state: &TargetState) -> Plan {
     let none = BTreeMap::new();
+    let blocked = BTreeSet::new();
     plan(&PlanInput {
         target: t,
         desired,
         state,
         existing_users: &none,
         existing_groups: &none,
+        blocked: &blocked,
         now: Utc::now(),
     })
 }
@@ -237,4 +240,24 @@ fn guard_holds_destructive_changes_over_the_limit() {
     );
     assert!(again.held.is_empty());
     assert_eq!(again.changes.len(), 10);
+
+    // Something destructive planned after the approval is not covered by it.
+    d.users.remove(&DirectoryId::new("u0"));
+    d.users.remove(&DirectoryId::new("u1"));
+    let mut later = run(&target(), &d, &s);
+    guard::apply_limits(
+        &mut later,
+        Limit::Count(1),
+        s.users.len(),
+        None,
+        Some(&approved),
+    );
+    assert_eq!(
+        later.held.len(),
+        2,
+        "u0 and u1 are new deprovisions over the limit: {:?}",
+        later.held
+    );
+    let released = later.changes.iter().filter(|c| c.is_destructive()).count();
+    assert_eq!(released, 5, "the approved five go ahead");
 }

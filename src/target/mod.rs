@@ -5,7 +5,6 @@
 pub mod retry;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -16,6 +15,10 @@ use tracing::{debug, warn};
 use crate::config::{Auth, TargetConfig};
 use crate::model::ScimId;
 use retry::{classify, Decision, Outcome, RetryPolicy};
+
+/// Resources per page when listing, unless `/ServiceProviderConfig` says less.
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_SLOWDOWN: Duration = Duration::from_secs(5);
 
 pub const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
@@ -73,8 +76,13 @@ pub struct ScimClient {
     http: reqwest::Client,
     auth: Auth,
     policy: RetryPolicy,
-    pacer: Option<Arc<Mutex<Instant>>>,
+    /// The next instant a request may start (rate limit and adaptive slow-down).
+    pacer: Mutex<Instant>,
+    /// The configured minimum spacing between requests (`rate_limit`).
     interval: Duration,
+    /// Extra spacing learnt from 429s: doubles on each, decays on success.
+    slowdown: std::sync::Mutex<Duration>,
+    page_size: AtomicUsize,
     oauth_token: Mutex<Option<(String, Instant)>>,
     counters: Counters,
 }
@@ -96,7 +104,7 @@ impl ScimClient {
     pub fn new(cfg: &TargetConfig) -> Result<Self, TargetError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("ldap2scim/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(30))
+            .timeout(cfg.timeout)
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| TargetError::Client {
@@ -113,8 +121,10 @@ impl ScimClient {
             http,
             auth: cfg.auth.clone(),
             policy: RetryPolicy::default(),
-            pacer: cfg.rate_limit.map(|_| Arc::new(Mutex::new(Instant::now()))),
+            pacer: Mutex::new(Instant::now()),
             interval,
+            slowdown: std::sync::Mutex::new(Duration::ZERO),
+            page_size: AtomicUsize::new(DEFAULT_PAGE_SIZE),
             oauth_token: Mutex::new(None),
             counters: Counters::default(),
         })
@@ -146,6 +156,20 @@ impl ScimClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Response, TargetError> {
+        self.send_probed(method, path, query, body, None).await
+    }
+
+    /// Like [`send`](Self::send); for a create, `probe` names the resource type and
+    /// `externalId`: before a retry after a failure that may have happened after the server
+    /// acted (a lost answer), the resource is looked up, and if it is there, that is the answer.
+    async fn send_probed(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        probe: Option<(&str, &str)>,
+    ) -> Result<Response, TargetError> {
         let url = format!("{}{}", self.base, path);
         let mut delays = self.policy.delays();
         let mut attempt = 0;
@@ -169,13 +193,10 @@ impl ScimClient {
             if method != Method::GET {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);
             }
-            let result = req.send().await;
-            let (decision, failure) = match result {
+            // (retry-after hint, what went wrong, whether the server may have acted)
+            let (after, failure, maybe_done) = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status();
-                    if status.as_u16() == 429 {
-                        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
-                    }
                     let decision = classify(&Outcome::Response {
                         status,
                         headers: resp.headers(),
@@ -185,24 +206,23 @@ impl ScimClient {
                         .get("etag")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
-                    let bytes = resp.bytes().await;
-                    match (decision, bytes) {
-                        (Decision::Success, Ok(bytes)) => {
-                            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-                                Value::Null
-                            } else {
-                                serde_json::from_slice(&bytes).map_err(|e| {
-                                    TargetError::Malformed {
-                                        target: self.name.clone(),
-                                        method: method.to_string(),
-                                        path: path.to_string(),
-                                        reason: format!("the body is not JSON ({e})"),
-                                    }
-                                })?
-                            };
-                            debug!(target = %self.name, %method, path, status = status.as_u16(), "SCIM request done");
-                            return Ok(Response { status, etag, body });
-                        }
+                    if status.as_u16() == 429 {
+                        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                        self.slow_down();
+                    }
+                    match (decision, resp.bytes().await) {
+                        (Decision::Success, Ok(bytes)) => match parse_body(&bytes) {
+                            Ok(body) => {
+                                self.speed_up();
+                                debug!(target = %self.name, %method, path, status = status.as_u16(), "SCIM request done");
+                                return Ok(Response { status, etag, body });
+                            }
+                            Err(reason) => (
+                                None,
+                                format!("HTTP {}: malformed response: {reason}", status.as_u16()),
+                                true,
+                            ),
+                        },
                         (Decision::GiveUp, Ok(bytes)) => {
                             let (scim_type, detail) = error_detail(&bytes);
                             return Err(TargetError::Rejected {
@@ -216,22 +236,32 @@ impl ScimClient {
                         }
                         (Decision::Retry(after), Ok(bytes)) => {
                             let (_, detail) = error_detail(&bytes);
+                            let code = status.as_u16();
                             (
-                                Decision::Retry(after),
-                                format!("HTTP {}: {detail}", status.as_u16()),
+                                after,
+                                format!("HTTP {code}: {detail}"),
+                                code != 429 && code != 503,
                             )
                         }
-                        (_, Err(e)) => (
-                            Decision::Retry(None),
-                            format!("reading the response failed: {e}"),
-                        ),
+                        (_, Err(e)) => (None, format!("reading the response failed: {e}"), true),
                     }
                 }
-                Err(e) => (Decision::Retry(None), transport_reason(&e)),
+                Err(e) => (None, transport_reason(&e), !e.is_connect()),
             };
-            let Decision::Retry(after) = decision else {
-                unreachable!("success and give-up returned above")
-            };
+            if let (true, Some((resource_type, external_id))) = (maybe_done, probe) {
+                if let Ok(found) =
+                    Box::pin(self.find_eq(resource_type, "externalId", external_id)).await
+                {
+                    if let Some(existing) = found.into_iter().next() {
+                        warn!(target = %self.name, %method, path, reason = %failure, "the answer was lost but the resource exists; not sending it again");
+                        return Ok(Response {
+                            status: StatusCode::OK,
+                            etag: None,
+                            body: existing,
+                        });
+                    }
+                }
+            }
             let Some(backoff) = delays.next() else {
                 return Err(TargetError::Unavailable {
                     target: self.name.clone(),
@@ -248,17 +278,37 @@ impl ScimClient {
         }
     }
 
-    /// Waits for the target's rate limit.
+    fn slow_down(&self) {
+        let mut s = self.slowdown.lock().unwrap_or_else(|e| e.into_inner());
+        *s = (*s * 2).max(Duration::from_millis(100)).min(MAX_SLOWDOWN);
+    }
+
+    fn speed_up(&self) {
+        let mut s = self.slowdown.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.is_zero() {
+            *s = if *s < Duration::from_millis(20) {
+                Duration::ZERO
+            } else {
+                *s * 3 / 4
+            };
+        }
+    }
+
+    /// Waits for the target's rate limit and for any slow-down 429s taught us.
     async fn pace(&self) {
-        let Some(pacer) = &self.pacer else { return };
-        let wait_until = {
-            let mut next = pacer.lock().await;
-            let now = Instant::now();
-            let slot = (*next).max(now);
-            *next = slot + self.interval;
+        let spacing = self
+            .interval
+            .max(*self.slowdown.lock().unwrap_or_else(|e| e.into_inner()));
+        if spacing.is_zero() {
+            return;
+        }
+        let slot = {
+            let mut next = self.pacer.lock().await;
+            let slot = (*next).max(Instant::now());
+            *next = slot + spacing;
             slot
         };
-        tokio::time::sleep_until(wait_until.into()).await;
+        tokio::time::sleep_until(slot.into()).await;
     }
 
     async fn authorize(
@@ -333,13 +383,19 @@ impl ScimClient {
         Ok(token.to_string())
     }
 
+    /// Creates a resource. A lost answer is not turned into a duplicate: before a retry the
+    /// resource is looked up by its `externalId`.
     pub async fn create(
         &self,
         resource_type: &str,
         body: &Value,
     ) -> Result<(ScimId, Option<String>), TargetError> {
         let path = format!("/{resource_type}");
-        let resp = self.send(Method::POST, &path, &[], Some(body)).await?;
+        let external_id = body.get("externalId").and_then(Value::as_str);
+        let probe = external_id.map(|e| (resource_type, e));
+        let resp = self
+            .send_probed(Method::POST, &path, &[], Some(body), probe)
+            .await?;
         let id =
             resp.body
                 .get("id")
@@ -423,7 +479,7 @@ impl ScimClient {
     /// Every resource of a type, page by page.
     pub async fn list_all(&self, resource_type: &str) -> Result<Vec<Value>, TargetError> {
         let mut all = Vec::new();
-        let page = 100usize;
+        let page = self.page_size.load(Ordering::Relaxed);
         loop {
             let query = [
                 ("startIndex", (all.len() + 1).to_string()),
@@ -453,6 +509,39 @@ impl ScimClient {
             .body)
     }
 
+    /// Reads `/ServiceProviderConfig` and adapts to it (page size from `filter.maxResults`).
+    /// A target without one is used with defaults.
+    pub async fn discover(&self) -> Capabilities {
+        let spc = match self.service_provider_config().await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
+                return Capabilities::default();
+            }
+        };
+        let flag = |k: &str| {
+            spc.get(k)
+                .and_then(|v| v.get("supported"))
+                .and_then(Value::as_bool)
+        };
+        let caps = Capabilities {
+            patch: flag("patch").unwrap_or(true),
+            filter: flag("filter").unwrap_or(true),
+            etag: flag("etag").unwrap_or(false),
+            bulk: flag("bulk").unwrap_or(false),
+            max_results: spc
+                .pointer("/filter/maxResults")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize),
+        };
+        if let Some(max) = caps.max_results.filter(|m| *m > 0) {
+            self.page_size
+                .store(max.min(DEFAULT_PAGE_SIZE * 10), Ordering::Relaxed);
+        }
+        debug!(target = %self.name, ?caps, "service provider capabilities");
+        caps
+    }
+
     fn resources(&self, resource_type: &str, body: Value) -> Result<Vec<Value>, TargetError> {
         match body.get("Resources") {
             Some(Value::Array(items)) => Ok(items.clone()),
@@ -465,6 +554,36 @@ impl ScimClient {
             }),
         }
     }
+}
+
+/// What a target's `/ServiceProviderConfig` says it supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub patch: bool,
+    pub filter: bool,
+    pub etag: bool,
+    pub bulk: bool,
+    pub max_results: Option<usize>,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            patch: true,
+            filter: true,
+            etag: false,
+            bulk: false,
+            max_results: None,
+        }
+    }
+}
+
+/// An empty body is `Null`; anything else must be JSON.
+fn parse_body(bytes: &[u8]) -> Result<Value, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("the body is not JSON ({e})"))
 }
 
 fn etag_of(resp: &Response) -> Option<String> {

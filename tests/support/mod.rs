@@ -19,11 +19,14 @@
 #![allow(dead_code)]
 
 mod config;
+mod fake_ldap;
 mod process;
 mod proxy;
 mod run;
+mod samba;
 mod scim;
 mod slapd;
+mod world;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
@@ -38,11 +41,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[allow(unused_imports)]
 pub use config::{bulk_directory, group, group_dn, person, person_dn, TestConfig, BASE_DN};
 #[allow(unused_imports)]
+pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
+#[allow(unused_imports)]
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]
 pub use proxy::{Fault, Recorded, RecordedRequest, RecordingProxy};
 #[allow(unused_imports)]
 pub use run::{ldap2scim, ldap2scim_binary, Daemon, Ldap2scim, Output};
+#[allow(unused_imports)]
+pub use samba::{ldif_base64, SambaDc, AD_BASE_DN};
 #[allow(unused_imports)]
 pub use scim::{
     all_scim_servers, scim_delete, scim_get, scim_list, scim_list_paged, scim_patch, scim_post,
@@ -50,6 +57,8 @@ pub use scim::{
 };
 #[allow(unused_imports)]
 pub use slapd::Slapd;
+#[allow(unused_imports)]
+pub use world::{change, changes_of, Target, World};
 
 /// The repository root (the crate's manifest directory).
 pub fn repo_dir() -> PathBuf {
