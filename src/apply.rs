@@ -17,7 +17,7 @@ use crate::plan::{AttrChange, Change};
 use crate::snapshot::{
     GroupRow, Ownership, SnapshotError, TargetSnapshot, TargetState, UserRow, UserState,
 };
-use crate::target::{ScimClient, TargetError};
+use crate::target::{Capabilities, ScimClient, TargetError};
 
 /// A change that did not go through, with the reason.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -117,6 +117,8 @@ pub struct Applier<'a> {
     pub stop: Option<&'a AtomicBool>,
     /// Called with (target, changes done, changes total) as changes finish.
     pub progress: Option<Progress<'a>>,
+    /// What the target said it supports (`/ServiceProviderConfig`).
+    pub caps: Capabilities,
 }
 
 impl Applier<'_> {
@@ -273,7 +275,7 @@ impl Applier<'_> {
                         // Already there: a create whose answer was lost, or someone else's.
                         let (sid, owned) =
                             self.find_after_conflict(id, user_name).await?.ok_or(e)?;
-                        let etag = c.patch("Users", &sid, replace_all(attrs)).await?;
+                        let etag = self.write_user(&sid, replace_all(attrs), attrs).await?;
                         info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
                         (sid, etag, owned)
                     }
@@ -292,7 +294,7 @@ impl Applier<'_> {
                 matched_by,
                 ..
             } => {
-                let etag = c.patch("Users", scim_id, replace_all(attrs)).await?;
+                let etag = self.write_user(scim_id, replace_all(attrs), attrs).await?;
                 let previous = supersedes.as_ref().and_then(|old| state.users.get(old));
                 let owned = match (previous, *matched_by) {
                     (Some(prev), _) => prev.owned,
@@ -324,11 +326,11 @@ impl Applier<'_> {
                 ..
             } => {
                 let prev = state.users.get(id);
-                match c
-                    .patch(
-                        "Users",
+                match self
+                    .write_user(
                         scim_id,
                         patch_ops(changes, attrs, self.target.profile),
+                        attrs,
                     )
                     .await
                 {
@@ -405,7 +407,11 @@ impl Applier<'_> {
                     json!({"op": "replace", "path": "displayName", "value": display_name}),
                     json!({"op": "replace", "path": "externalId", "value": id.0}),
                 ];
-                let etag = c.patch("Groups", scim_id, ops).await?;
+                let etag = self
+                    .write_group(scim_id, ops, || {
+                        group_put_body(id, display_name, members, &state.users)
+                    })
+                    .await?;
                 let owned = if *matched_by == "externalId" {
                     Ownership::Created
                 } else {
@@ -427,20 +433,18 @@ impl Applier<'_> {
                 display_name,
                 ..
             } => {
-                let etag = c
-                    .patch(
-                        "Groups",
-                        scim_id,
-                        vec![
-                            json!({"op": "replace", "path": "displayName", "value": display_name}),
-                        ],
-                    )
-                    .await?;
                 let mut row = state
                     .groups
                     .get(id)
                     .cloned()
                     .ok_or_else(|| missing_row(id))?;
+                let ops =
+                    vec![json!({"op": "replace", "path": "displayName", "value": display_name})];
+                let etag = self
+                    .write_group(scim_id, ops, || {
+                        group_put_body(id, display_name, &row.members, &state.users)
+                    })
+                    .await?;
                 row.display_name = display_name.clone();
                 row.etag = etag;
                 self.snapshot.put_group(id, &row)?;
@@ -486,8 +490,28 @@ impl Applier<'_> {
                 None => unresolved += 1,
             }
         }
-        let batch = self.batch_size();
         let mut error = None;
+        if !self.caps.patch {
+            // No PATCH on this target: the whole member list in one PUT is the only way.
+            let mut next = row.members.clone();
+            for (m, _) in &resolved {
+                if add {
+                    next.insert((*m).clone());
+                } else {
+                    next.remove(*m);
+                }
+            }
+            let body = group_put_body(group, &row.display_name, &next, &state.users);
+            match self.client.put("Groups", &row.scim_id, &body).await {
+                Ok(etag) => {
+                    row.members = next;
+                    row.etag = etag;
+                }
+                Err(e) => error = Some(e.into()),
+            }
+            resolved.clear();
+        }
+        let batch = self.batch_size();
         for chunk in resolved.chunks(batch) {
             let ops = if add {
                 vec![
@@ -529,6 +553,35 @@ impl Applier<'_> {
             error.get_or_insert(e.into());
         }
         (vec![Effect::PutGroup(group.clone(), row)], error)
+    }
+
+    /// Changes a user: PATCH where the target supports it, else PUT of the full resource.
+    async fn write_user(
+        &self,
+        scim_id: &ScimId,
+        ops: Vec<Value>,
+        attrs: &FlatAttrs,
+    ) -> Result<Option<String>, TargetError> {
+        if self.caps.patch {
+            return self.client.patch("Users", scim_id, ops).await;
+        }
+        let mut body = map::user_resource(attrs);
+        body["id"] = json!(scim_id.0);
+        self.client.put("Users", scim_id, &body).await
+    }
+
+    /// Changes a group's own attributes: PATCH, else PUT of the full group (members included).
+    async fn write_group(
+        &self,
+        scim_id: &ScimId,
+        ops: Vec<Value>,
+        full: impl FnOnce() -> Value,
+    ) -> Result<Option<String>, TargetError> {
+        if self.caps.patch {
+            self.client.patch("Groups", scim_id, ops).await
+        } else {
+            self.client.put("Groups", scim_id, &full()).await
+        }
     }
 
     fn batch_size(&self) -> usize {
@@ -621,6 +674,26 @@ fn changed_paths(c: &Change) -> Vec<String> {
         }
         _ => Vec::new(),
     }
+}
+
+/// A full Group resource for PUT (targets without PATCH): members as SCIM ids.
+fn group_put_body(
+    id: &DirectoryId,
+    display_name: &str,
+    members: &BTreeSet<DirectoryId>,
+    users: &BTreeMap<DirectoryId, UserRow>,
+) -> Value {
+    let values: Vec<Value> = members
+        .iter()
+        .filter_map(|m| users.get(m))
+        .map(|u| json!({"value": u.scim_id.0}))
+        .collect();
+    json!({
+        "schemas": [map::GROUP_SCHEMA],
+        "displayName": display_name,
+        "externalId": id.0,
+        "members": values,
+    })
 }
 
 fn missing_row(id: &DirectoryId) -> ApplyError {

@@ -9,13 +9,13 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::apply::{members_of, scim_id_of, Applier, ApplyReport};
-use crate::config::{Config, MatchRule, TargetConfig};
+use crate::config::{Config, MatchRule, Profile, TargetConfig};
 use crate::map::{self, Desired, FlatAttrs};
 use crate::model::{Directory, DirectoryId};
 use crate::plan::{self, guard, Existing, Plan, PlanInput};
 use crate::snapshot::{ReadStats, Snapshot, SnapshotError, TargetState};
 use crate::source::{self, SourceError};
-use crate::target::{ScimClient, TargetError};
+use crate::target::{Capabilities, ScimClient, TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -236,9 +236,9 @@ async fn run_target(
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    client.discover().await;
+    let caps = client.discover().await;
     let (existing_users, existing_groups, mut problems) =
-        match resolve_existing(&client, target, &desired, &state).await {
+        match resolve_existing(&client, caps, target, &desired, &state).await {
             Ok(x) => x,
             Err(e) => return fail(e.to_string()),
         };
@@ -295,6 +295,7 @@ async fn run_target(
         now: pass.now,
         stop: pass.stop,
         progress: pass.progress,
+        caps,
     };
     let report = applier.apply(&mut state, &plan.changes).await;
     if let Some(s) = snapshot {
@@ -430,6 +431,7 @@ type Found = (
 /// snapshot) list the target once; a few are looked up one by one.
 async fn resolve_existing(
     client: &ScimClient,
+    caps: Capabilities,
     target: &TargetConfig,
     desired: &Desired,
     state: &TargetState,
@@ -455,7 +457,7 @@ async fn resolve_existing(
     const LIST_THRESHOLD: usize = 50;
 
     if !user_candidates.is_empty() {
-        let listed = if user_candidates.len() > LIST_THRESHOLD {
+        let listed = if user_candidates.len() > LIST_THRESHOLD || !caps.filter {
             Some(client.list_all("Users").await?)
         } else {
             None
@@ -534,7 +536,7 @@ async fn resolve_existing(
         );
     }
     if !group_candidates.is_empty() {
-        let listed = if group_candidates.len() > LIST_THRESHOLD {
+        let listed = if group_candidates.len() > LIST_THRESHOLD || !caps.filter {
             Some(client.list_all("Groups").await?)
         } else {
             None
@@ -576,17 +578,23 @@ async fn resolve_existing(
                     let Some(scim_id) = scim_id_of(summary) else {
                         continue;
                     };
-                    // Lists may leave members out; the resource itself has them.
-                    let full = client.get("Groups", &scim_id).await?;
                     let mut attrs = FlatAttrs::new();
-                    attrs.insert("displayName".into(), full["displayName"].clone());
+                    attrs.insert("displayName".into(), summary["displayName"].clone());
+                    // Lists may leave members out; the resource itself has them. AWS Identity
+                    // Center never returns members: its groups start from "unknown" (additions
+                    // are idempotent, and nothing unseen is removed).
+                    let members = if target.profile == Profile::AwsIdentityCenter {
+                        BTreeSet::new()
+                    } else {
+                        members_of(&client.get("Groups", &scim_id).await?, &known)
+                    };
                     groups.insert(
                         g.id.clone(),
                         Existing {
                             scim_id,
                             attrs,
                             matched_by: how,
-                            members: members_of(&full, &known),
+                            members,
                         },
                     );
                 }

@@ -54,7 +54,14 @@ impl Model {
     /// With `only_seeded_leave`, only users of the seed (synced cleanly before) leave: a user
     /// created and deleted while every sync in between failed never reached a target, and
     /// rightly never will.
-    fn mutate(&mut self, slapd: &Slapd, rng: &mut Rng, steps: usize, next_uid: &mut usize, only_seeded_leave: bool) {
+    fn mutate(
+        &mut self,
+        slapd: &Slapd,
+        rng: &mut Rng,
+        steps: usize,
+        next_uid: &mut usize,
+        only_seeded_leave: bool,
+    ) {
         for _ in 0..steps {
             let live: Vec<String> = self
                 .users
@@ -445,4 +452,134 @@ fn kill_dash_nine_at_random_moments_then_sync_leaves_targets_exact() {
         model.assert_mirrored(&world);
     }
     world.assert_converged();
+}
+
+#[test]
+fn a_target_without_patch_or_filter_gets_full_puts_and_listings() {
+    let (mut model, seed) = Model::seed(8, 2);
+    let slapd = Slapd::start(&seed);
+    let dir = temp_dir("spc");
+    let spc = dir.path().join("spc.json");
+    std::fs::write(
+        &spc,
+        serde_json::json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+            "patch": {"supported": false},
+            "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
+            "filter": {"supported": false, "maxResults": 50},
+            "changePassword": {"supported": false},
+            "sort": {"supported": false},
+            "etag": {"supported": false},
+            "authenticationSchemes": [],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let server = Scim2Server::start_with(&["--service-provider-config", &spc.to_string_lossy()]);
+    let proxy = RecordingProxy::start(&server.base_url());
+    let mut config = TestConfig::new(&slapd);
+    config.set("ldap", "max_shrink", &toml_str("100%"));
+    config.target("nopatch", &proxy.url(), server.token(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    let mut next_uid = 0;
+    let mut rng = Rng(7);
+    model.mutate(&slapd, &mut rng, 12, &mut next_uid, false);
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    std::fs::remove_dir_all(config.state_dir()).unwrap();
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    let requests = proxy.requests();
+    assert!(
+        requests.iter().all(|r| r.method != "PATCH"),
+        "no PATCH: {requests:?}"
+    );
+    assert!(
+        requests.iter().all(|r| !r.path.contains("filter=")),
+        "no filter: {requests:?}"
+    );
+    assert!(
+        requests.iter().any(|r| r.method == "PUT"),
+        "updates went as PUT"
+    );
+
+    let by_id: BTreeMap<String, String> = scim_list(&server.base_url(), server.token(), "Users")
+        .iter()
+        .map(|u| {
+            (
+                u["id"].as_str().unwrap().into(),
+                u["userName"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    for (uid, (live, title)) in &model.users {
+        let u = scim_list(&server.base_url(), server.token(), "Users")
+            .into_iter()
+            .find(|u| u["userName"] == uid.as_str())
+            .unwrap_or_else(|| panic!("{uid} missing"));
+        assert_eq!(u["active"].as_bool(), Some(*live), "{uid}");
+        if *live {
+            assert_eq!(u["title"].as_str(), Some(title.as_str()), "{uid}");
+        }
+    }
+    for g in scim_list(&server.base_url(), server.token(), "Groups") {
+        let cn = g["displayName"].as_str().unwrap();
+        let full = scim_get(
+            &server.base_url(),
+            server.token(),
+            &format!("/Groups/{}", g["id"].as_str().unwrap()),
+        );
+        let members: BTreeSet<String> = full["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| by_id[m["value"].as_str().unwrap()].clone())
+            .collect();
+        assert_eq!(members, model.groups[cn], "members of {cn}");
+    }
+    assert_eq!(
+        by_id.len(),
+        model.users.len(),
+        "no duplicates after the snapshot was lost"
+    );
+}
+
+#[test]
+fn entra_style_removes_members_by_value_array_on_better_auth() {
+    let (mut model, seed) = Model::seed(6, 1);
+    let slapd = Slapd::start(&seed);
+    let server = BetterAuth::start();
+    let proxy = RecordingProxy::start(&server.base_url());
+    let mut config = TestConfig::new(&slapd);
+    config.target(
+        "entra",
+        &proxy.url(),
+        server.token(),
+        "profile = \"entra-style\"\nmembers_per_request = 2",
+    );
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    for uid in ["u000", "u001", "u002"] {
+        slapd.modify(&format!(
+            "dn: {}\nchangetype: modify\ndelete: member\nmember: {}\n",
+            group_dn("g0"),
+            person_dn(uid)
+        ));
+        model.groups.get_mut("g0").unwrap().remove(uid);
+    }
+    proxy.clear();
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    let patches: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 2, "3 removals in batches of 2: {patches:?}");
+    let group = &scim_list(&server.base_url(), server.token(), "Groups")[0];
+    let full = scim_get(
+        &server.base_url(),
+        server.token(),
+        &format!("/Groups/{}", group["id"].as_str().unwrap()),
+    );
+    assert_eq!(
+        full["members"].as_array().map_or(0, |m| m.len()),
+        model.groups["g0"].len()
+    );
 }

@@ -427,6 +427,24 @@ impl ScimClient {
         Ok(etag_of(&resp))
     }
 
+    /// Replaces a whole resource (for targets without PATCH).
+    pub async fn put(
+        &self,
+        resource_type: &str,
+        id: &ScimId,
+        body: &Value,
+    ) -> Result<Option<String>, TargetError> {
+        let resp = self
+            .send(
+                Method::PUT,
+                &format!("/{resource_type}/{}", id.0),
+                &[],
+                Some(body),
+            )
+            .await?;
+        Ok(etag_of(&resp))
+    }
+
     pub async fn delete(&self, resource_type: &str, id: &ScimId) -> Result<(), TargetError> {
         match self
             .send(

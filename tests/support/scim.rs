@@ -56,6 +56,12 @@ pub struct Scim2Server {
 impl Scim2Server {
     /// Starts a fresh, empty scim2-server; panics with its log if it does not come up.
     pub fn start() -> Scim2Server {
+        Scim2Server::start_with(&[])
+    }
+
+    /// Like [`Scim2Server::start`], with extra command-line arguments (e.g.
+    /// `--service-provider-config FILE`).
+    pub fn start_with(extra_args: &[&str]) -> Scim2Server {
         let dir = temp_dir("scim2");
         let python = deps_dir().join("venv-scim2/bin/python");
         assert!(
@@ -74,7 +80,8 @@ impl Scim2Server {
                 "--hostname",
                 "127.0.0.1",
             ])
-            .args(["--port", &port.to_string(), "--bearer-token", &token]);
+            .args(["--port", &port.to_string(), "--bearer-token", &token])
+            .args(extra_args);
             let mut process = Process::spawn("scim2-server", &mut cmd, &log);
             let base = format!("http://127.0.0.1:{port}/v2");
             // The token is ours alone: a 200 cannot come from another test's server.
