@@ -396,3 +396,135 @@ pub fn sync_lines(outcome: &Outcome) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{DirectoryId, ScimId};
+    use crate::plan::{AttrChange, Plan};
+
+    fn outcome() -> Outcome {
+        let id = |s: &str| DirectoryId::new(s);
+        let plan = Plan {
+            changes: vec![
+                Change::CreateUser {
+                    id: id("u1"),
+                    user_name: "jdoe@example.org".into(),
+                    attrs: Default::default(),
+                },
+                Change::UpdateUser {
+                    id: id("u2"),
+                    scim_id: ScimId("s2".into()),
+                    user_name: "ann".into(),
+                    changes: vec![AttrChange {
+                        path: "title".into(),
+                        from: Some(json!("Engineer")),
+                        to: Some(json!("Staff Engineer")),
+                    }],
+                    attrs: Default::default(),
+                },
+                Change::AddMembers {
+                    group: id("g1"),
+                    group_name: "eng".into(),
+                    members: vec![id("u1"), id("u2")],
+                },
+            ],
+            held: vec![Change::DeleteUser {
+                id: id("u3"),
+                scim_id: ScimId("s3".into()),
+                user_name: "old".into(),
+                reason: Reason::Left,
+            }],
+            held_reason: Some(
+                "1 deprovisions exceed max_deprovisions (0) of 3 managed users".into(),
+            ),
+            problems: vec![],
+        };
+        let names = BTreeMap::from([
+            (id("u1"), "jdoe@example.org".to_string()),
+            (id("u2"), "ann".to_string()),
+        ]);
+        Outcome {
+            run_id: "r1".into(),
+            source_users: 3,
+            source_groups: 1,
+            targets: vec![TargetOutcome {
+                name: "slack".into(),
+                status: TargetStatus::Held,
+                error: None,
+                plan,
+                applied: None,
+                names,
+            }],
+        }
+    }
+
+    #[test]
+    fn json_report_has_the_shape_spec_md_gives() {
+        let v = to_json(&outcome());
+        assert_eq!(
+            v,
+            json!({
+                "version": 1,
+                "source": {"users": 3, "groups": 1},
+                "targets": [{
+                    "target": "slack",
+                    "status": "held",
+                    "summary": {"users_created": 1, "users_adopted": 0, "users_updated": 1, "users_deactivated": 0,
+                                "users_deleted": 0, "groups_created": 0, "groups_adopted": 0, "groups_updated": 0,
+                                "groups_deleted": 0, "members_added": 2, "members_removed": 0, "held": 1},
+                    "changes": [
+                        {"action": "create", "resource": "User", "external_id": "u1", "name": "jdoe@example.org"},
+                        {"action": "update", "resource": "User", "external_id": "u2", "name": "ann",
+                         "attributes": {"title": {"from": "Engineer", "to": "Staff Engineer"}}},
+                        {"action": "add-members", "resource": "Group", "external_id": "g1", "name": "eng",
+                         "members": ["jdoe@example.org", "ann"]}
+                    ],
+                    "held": [{"action": "delete", "resource": "User", "external_id": "u3", "name": "old", "reason": "left"}],
+                    "held_reason": "1 deprovisions exceed max_deprovisions (0) of 3 managed users",
+                    "problems": []
+                }]
+            })
+        );
+    }
+
+    #[test]
+    fn text_and_markdown_reports_read_as_a_whole() {
+        assert_eq!(
+            render(&outcome(), Format::Text),
+            "Directory: 3 users, 1 groups
+
+Target slack [held]: users created 1, users updated 1, members added 2, held 1
+  create User jdoe@example.org
+  update User ann: title: \"Engineer\" -> \"Staff Engineer\"
+  add-members Group eng: 2 member(s): jdoe@example.org, ann
+  HELD: 1 deprovisions exceed max_deprovisions (0) of 3 managed users
+    delete User old (no longer in the directory or out of scope)
+"
+        );
+        assert_eq!(
+            render(&outcome(), Format::Markdown),
+            "# ldap2scim plan
+
+Directory: 3 users, 1 groups.
+
+## Target `slack`: held
+
+users created 1, users updated 1, members added 2, held 1
+
+| action | resource | name | details |
+|---|---|---|---|
+| create | User | jdoe@example.org |  |
+| update | User | ann | title: \"Engineer\" -> \"Staff Engineer\" |
+| add-members | Group | eng | 2 member(s): jdoe@example.org, ann |
+| delete (held) | User | old |  |
+
+Held: 1 deprovisions exceed max_deprovisions (0) of 3 managed users
+"
+        );
+    }
+}
