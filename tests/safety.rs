@@ -559,3 +559,27 @@ fn a_lost_snapshot_rebuilds_with_zero_creates_and_zero_duplicates() {
     }
     world.assert_converged();
 }
+
+#[test]
+fn an_entry_whose_id_cannot_be_read_stops_the_cycle() {
+    let world = World::start(&people(5), "");
+    world.sync_ok();
+    // The service account may no longer read one entry's entryUUID.
+    world.slapd.modify(&format!(
+        "dn: olcDatabase={{1}}mdb,cn=config\nchangetype: modify\nadd: olcAccess\nolcAccess: {{0}}to dn.exact=\"{}\" attrs=entryUUID by dn.exact=\"cn=sync,dc=example,dc=org\" none by * break\n",
+        person_dn("p003")
+    ));
+    for t in &world.targets {
+        t.proxy.clear();
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(
+        out.stderr.contains("uid=p003") && out.stderr.contains("has no entryUUID"),
+        "names the entry:\n{out}"
+    );
+    for t in &world.targets {
+        assert_eq!(t.proxy.writes(), 0, "{}", t.name());
+        assert_eq!(active_count(t), 5, "{}", t.name());
+    }
+}
