@@ -275,7 +275,9 @@ impl Applier<'_> {
                         // Already there: a create whose answer was lost, or someone else's.
                         let (sid, owned) =
                             self.find_after_conflict(id, user_name).await?.ok_or(e)?;
-                        let etag = self.write_user(&sid, replace_all(attrs), attrs).await?;
+                        let etag = self
+                            .write_user(&sid, replace_all(attrs), attrs, None)
+                            .await?;
                         info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
                         (sid, etag, owned)
                     }
@@ -294,7 +296,9 @@ impl Applier<'_> {
                 matched_by,
                 ..
             } => {
-                let etag = self.write_user(scim_id, replace_all(attrs), attrs).await?;
+                let etag = self
+                    .write_user(scim_id, replace_all(attrs), attrs, None)
+                    .await?;
                 let previous = supersedes.as_ref().and_then(|old| state.users.get(old));
                 let owned = match (previous, *matched_by) {
                     (Some(prev), _) => prev.owned,
@@ -331,6 +335,7 @@ impl Applier<'_> {
                         scim_id,
                         patch_ops(changes, attrs, self.target.profile),
                         attrs,
+                        prev.and_then(|r| r.etag.as_deref()),
                     )
                     .await
                 {
@@ -561,9 +566,14 @@ impl Applier<'_> {
         scim_id: &ScimId,
         ops: Vec<Value>,
         attrs: &FlatAttrs,
+        etag: Option<&str>,
     ) -> Result<Option<String>, TargetError> {
         if self.caps.patch {
-            return self.client.patch("Users", scim_id, ops).await;
+            let etag = etag.filter(|_| self.caps.etag);
+            return self
+                .client
+                .patch_if_match("Users", scim_id, ops, etag)
+                .await;
         }
         let mut body = map::user_resource(attrs);
         body["id"] = json!(scim_id.0);

@@ -583,3 +583,38 @@ fn entra_style_removes_members_by_value_array_on_better_auth() {
         model.groups["g0"].len()
     );
 }
+
+#[test]
+fn a_412_refetches_the_etag_and_retries_once() {
+    let (_, seed) = Model::seed(3, 1);
+    let slapd = Slapd::start(&seed);
+    let server = Scim2Server::start();
+    let proxy = RecordingProxy::start(&server.base_url());
+    let mut config = TestConfig::new(&slapd);
+    config.target("etags", &proxy.url(), server.token(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Moved\n",
+        person_dn("u001")
+    ));
+    proxy.clear();
+    proxy.push_faults_for("PATCH", vec![Fault::Status(412, None)]);
+    let out = ldap2scim(&config.path(), &["sync"]);
+    out.expect_code(0);
+    assert!(out.stderr.contains("412"), "{out}");
+    let seen: Vec<(String, u16)> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/Users/"))
+        .map(|r| (r.method, r.status))
+        .collect();
+    assert_eq!(seen.len(), 3, "PATCH 412, GET, PATCH: {seen:?}");
+    assert_eq!(seen[0], ("PATCH".to_string(), 412));
+    assert_eq!(seen[1].0, "GET");
+    assert_eq!(seen[2].0, "PATCH");
+    let u = scim_list(&server.base_url(), server.token(), "Users")
+        .into_iter()
+        .find(|u| u["userName"] == "u001")
+        .unwrap();
+    assert_eq!(u["title"], "Moved");
+}

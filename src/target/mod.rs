@@ -156,7 +156,8 @@ impl ScimClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Response, TargetError> {
-        self.send_probed(method, path, query, body, None).await
+        self.send_probed(method, path, query, body, None, None)
+            .await
     }
 
     /// Like [`send`](Self::send); for a create, `probe` names the resource type and
@@ -169,6 +170,7 @@ impl ScimClient {
         query: &[(&str, String)],
         body: Option<&Value>,
         probe: Option<(&str, &str)>,
+        if_match: Option<&str>,
     ) -> Result<Response, TargetError> {
         let url = format!("{}{}", self.base, path);
         let mut delays = self.policy.delays();
@@ -182,6 +184,9 @@ impl ScimClient {
                 .header("Accept", "application/scim+json, application/json");
             if !query.is_empty() {
                 req = req.query(query);
+            }
+            if let Some(etag) = if_match {
+                req = req.header("If-Match", etag);
             }
             if let Some(b) = body {
                 req = req
@@ -394,7 +399,7 @@ impl ScimClient {
         let external_id = body.get("externalId").and_then(Value::as_str);
         let probe = external_id.map(|e| (resource_type, e));
         let resp = self
-            .send_probed(Method::POST, &path, &[], Some(body), probe)
+            .send_probed(Method::POST, &path, &[], Some(body), probe, None)
             .await?;
         let id =
             resp.body
@@ -415,16 +420,44 @@ impl ScimClient {
         id: &ScimId,
         ops: Vec<Value>,
     ) -> Result<Option<String>, TargetError> {
+        self.patch_if_match(resource_type, id, ops, None).await
+    }
+
+    /// PATCH with `If-Match: etag` when one is known. A 412 (someone changed the resource since
+    /// we last saw it) refetches its current ETag and tries once more: our change still wins,
+    /// but never blindly over a version we did not see.
+    pub async fn patch_if_match(
+        &self,
+        resource_type: &str,
+        id: &ScimId,
+        ops: Vec<Value>,
+        etag: Option<&str>,
+    ) -> Result<Option<String>, TargetError> {
         let body = json!({ "schemas": [PATCH_SCHEMA], "Operations": ops });
-        let resp = self
-            .send(
-                Method::PATCH,
-                &format!("/{resource_type}/{}", id.0),
-                &[],
-                Some(&body),
-            )
-            .await?;
-        Ok(etag_of(&resp))
+        let path = format!("/{resource_type}/{}", id.0);
+        match self
+            .send_probed(Method::PATCH, &path, &[], Some(&body), None, etag)
+            .await
+        {
+            Ok(resp) => Ok(etag_of(&resp)),
+            Err(e) if e.status() == Some(412) && etag.is_some() => {
+                let current = self.send(Method::GET, &path, &[], None).await?;
+                let fresh = etag_of(&current);
+                warn!(target = %self.name, path, "412: the resource changed on the target; refetched its ETag and retrying once");
+                let resp = self
+                    .send_probed(
+                        Method::PATCH,
+                        &path,
+                        &[],
+                        Some(&body),
+                        None,
+                        fresh.as_deref(),
+                    )
+                    .await?;
+                Ok(etag_of(&resp))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Replaces a whole resource (for targets without PATCH).
