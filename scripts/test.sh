@@ -31,6 +31,9 @@ fi
 
 scripts/install-deps.sh
 
+# tests/packaging.rs builds the .deb with cargo-deb (about a minute to install).
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
+
 cargo build --all-targets
 # Test binaries run one after the other; inside one, up to RUST_TEST_THREADS tests at a time
 # (an environment variable rather than `-- --test-threads`, which custom harnesses may reject).

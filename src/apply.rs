@@ -22,6 +22,8 @@ use crate::target::{Capabilities, ScimClient, TargetError};
 /// A change that did not go through, with the reason.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Failure {
+    /// `http_4xx`, `http_5xx`, `transport`, `malformed`, `skipped` or `snapshot`.
+    pub class: &'static str,
     pub action: &'static str,
     pub resource: &'static str,
     pub external_id: String,
@@ -69,6 +71,21 @@ pub enum ApplyError {
     Snapshot(#[from] SnapshotError),
     #[error("{0}")]
     Skipped(String),
+}
+
+impl ApplyError {
+    /// A coarse class for metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApplyError::Target(TargetError::Rejected { status, .. }) if *status < 500 => "http_4xx",
+            ApplyError::Target(TargetError::Rejected { .. }) => "http_5xx",
+            ApplyError::Target(TargetError::Unavailable { .. }) => "transport",
+            ApplyError::Target(TargetError::Malformed { .. }) => "malformed",
+            ApplyError::Target(TargetError::Client { .. }) => "client",
+            ApplyError::Snapshot(_) => "snapshot",
+            ApplyError::Skipped(_) => "skipped",
+        }
+    }
 }
 
 /// The state updates of one change, and its error if it (partly) failed.
@@ -206,6 +223,7 @@ impl Applier<'_> {
                     Some((c, e)) => {
                         warn!(target = %self.target.name, action = c.action(), resource = c.resource(), name = c.name(), error = %e, "change failed");
                         report.failures.push(Failure {
+                            class: e.class(),
                             action: c.action(),
                             resource: c.resource(),
                             external_id: c.id().0.clone(),

@@ -1,10 +1,15 @@
 //! The command line: commands and flags, exactly as SPEC.md names them.
+//!
+//! This file refers to nothing else in the crate: `build.rs` compiles it on its own to
+//! generate the man page from the same definition.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::report::Format;
+/// `--config` without the flag (and without `LDAP2SCIM_CONFIG`); equal to
+/// `config::DEFAULT_CONFIG_PATH` (a unit test checks it).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ldap2scim/config.toml";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -14,7 +19,7 @@ use crate::report::Format;
 )]
 pub struct Cli {
     /// The main configuration file.
-    #[arg(long, global = true, default_value = crate::config::DEFAULT_CONFIG_PATH, env = "LDAP2SCIM_CONFIG")]
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH, env = "LDAP2SCIM_CONFIG")]
     pub config: PathBuf,
 
     /// Log format on stderr.
@@ -29,10 +34,20 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Log format on stderr. Text is plain (no colours, no timestamps) under systemd, whose
+/// journal adds its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The formats of the `plan` report (`report::Format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+    Markdown,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,8 +69,8 @@ pub enum Command {
         /// Only this target (repeatable).
         #[arg(long = "target", value_name = "NAME")]
         targets: Vec<String>,
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
         /// Write the report to FILE instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -66,7 +81,7 @@ pub enum Command {
         #[arg(long)]
         connect: bool,
     },
-    /// Per target: last run, result, counts, held changes.
+    /// Per target: last run, result, counts, held changes; the next scheduled run.
     Status,
     /// One user or group: directory entry, mapped resource and snapshot row per target, pending change.
     Explain {
@@ -78,4 +93,15 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         target: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_config_path_is_the_one_config_documents() {
+        assert_eq!(
+            super::DEFAULT_CONFIG_PATH,
+            crate::config::DEFAULT_CONFIG_PATH
+        );
+    }
 }

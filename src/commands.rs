@@ -7,10 +7,13 @@ use std::io::Write;
 use chrono::Utc;
 use serde_json::json;
 
-use crate::cli::{Cli, Command};
+use crate::audit::AuditLog;
+use crate::cli::{Cli, Command, ReportFormat};
 use crate::config::{self, Config};
+use crate::lock::StateLock;
 use crate::model::{DirectoryId, Entry};
-use crate::reconcile::{self, Pass, TargetStatus};
+use crate::progress::ProgressBars;
+use crate::reconcile::{self, Outcome, Pass, TargetStatus};
 use crate::report::{self, Format};
 use crate::snapshot::Snapshot;
 
@@ -43,6 +46,16 @@ pub async fn execute(cli: Cli) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // Commands that write the snapshot hold the state directory for as long as they run.
+    let _lock = match &cli.command {
+        Command::Run { .. } | Command::Sync { .. } | Command::Approve { .. } => {
+            match StateLock::acquire(&config.daemon.state_dir, command_name(&cli.command)) {
+                Ok(lock) => Some(lock),
+                Err(e) => return fail(e),
+            }
+        }
+        _ => None,
+    };
     match &cli.command {
         Command::Run { now } => crate::daemon::run(&cli, config, *now).await,
         Command::Sync { targets } => sync(&config, targets).await,
@@ -50,7 +63,7 @@ pub async fn execute(cli: Cli) -> u8 {
             targets,
             format,
             out,
-        } => plan(&config, targets, *format, out.as_deref()).await,
+        } => plan(&config, targets, report_format(*format), out.as_deref()).await,
         Command::Check { connect } => check(&config, *connect).await,
         Command::Status => status(&config),
         Command::Explain { name_or_dn } => explain(&config, name_or_dn).await,
@@ -58,10 +71,54 @@ pub async fn execute(cli: Cli) -> u8 {
     }
 }
 
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Run { .. } => "run",
+        Command::Sync { .. } => "sync",
+        Command::Plan { .. } => "plan",
+        Command::Check { .. } => "check",
+        Command::Status => "status",
+        Command::Explain { .. } => "explain",
+        Command::Approve { .. } => "approve",
+    }
+}
+
+fn report_format(format: ReportFormat) -> Format {
+    match format {
+        ReportFormat::Text => Format::Text,
+        ReportFormat::Json => Format::Json,
+        ReportFormat::Markdown => Format::Markdown,
+    }
+}
+
+/// Appends the changes of a pass to the audit trail; a failure to write it is logged, not
+/// fatal (the changes already happened and are in the snapshot).
+pub fn record_audit(config: &Config, outcome: &Outcome) {
+    let log = AuditLog::new(&config.daemon.state_dir);
+    if let Err(e) = log.append(outcome, Utc::now()) {
+        tracing::error!(path = %log.path().display(), error = %e, "cannot append to the audit log");
+    }
+}
+
+/// One reconcile now. The caller holds the state directory lock.
 pub async fn sync(config: &Config, targets: &[String]) -> u8 {
-    let pass = Pass::new(config, targets, false);
-    match reconcile::run(&pass).await {
+    let bars = ProgressBars::for_terminal();
+    let hook = |target: &str, done: usize, total: usize| {
+        if let Some(b) = &bars {
+            b.update(target, done, total);
+        }
+    };
+    let mut pass = Pass::new(config, targets, false);
+    if bars.is_some() {
+        pass.progress = Some(&hook);
+    }
+    let result = reconcile::run(&pass).await;
+    if let Some(b) = &bars {
+        b.finish();
+    }
+    match result {
         Ok(outcome) => {
+            record_audit(config, &outcome);
             print!("{}", report::sync_lines(&outcome));
             let _ = std::io::stdout().flush();
             if outcome
@@ -166,46 +223,76 @@ async fn check(config: &Config, connect: bool) -> u8 {
 }
 
 fn status(config: &Config) -> u8 {
-    let snapshot = match Snapshot::open_existing(&config.daemon.state_dir) {
-        Ok(Some(s)) => s,
+    let state_dir = &config.daemon.state_dir;
+    let holder = crate::lock::holder(state_dir);
+    if let Some(h) = &holder {
+        println!(
+            "state directory {} is held by ldap2scim ({h})",
+            state_dir.display()
+        );
+    }
+    let snapshot = match Snapshot::open_existing(state_dir) {
+        Ok(Some(s)) => Some(s),
         Ok(None) => {
             println!(
                 "no sync has run yet (state directory {})",
-                config.daemon.state_dir.display()
+                state_dir.display()
             );
-            return EXIT_OK;
+            None
+        }
+        // The snapshot is open in the process holding the lock (a cycle is running).
+        Err(_) if holder.is_some() => {
+            println!("a cycle is running right now; run `status` again when it has finished");
+            None
         }
         Err(e) => return fail(e),
     };
-    for t in &config.targets {
-        let last: Option<serde_json::Value> = snapshot
-            .get_meta(&reconcile::status_key(&t.name.0))
-            .ok()
-            .flatten();
-        let held: Option<BTreeSet<(String, DirectoryId)>> = snapshot
-            .get_meta(&reconcile::held_key(&t.name.0))
-            .ok()
-            .flatten();
-        let rows = snapshot.target(&t.name.0).and_then(|ts| ts.load());
-        let (users, groups) = rows
-            .map(|s| (s.users.len(), s.groups.len()))
-            .unwrap_or((0, 0));
-        match last {
-            Some(l) => println!(
-                "target {}: last run {} result {}; applied {}, failed {}, held {}; managing {users} users, {groups} groups",
-                t.name, l["at"].as_str().unwrap_or("?"), l["status"].as_str().unwrap_or("?"),
-                l["applied"], l["failed"], held.as_ref().map_or(0, |h| h.len())
-            ),
-            None => println!("target {}: never synced", t.name),
-        }
-        for (action, id) in held.iter().flatten() {
-            println!("  held: {action} {id}");
+    if let Some(snapshot) = &snapshot {
+        for t in &config.targets {
+            print_target_status(snapshot, &t.name.0);
         }
     }
-    if let Some(next) = crate::daemon::next_run(config, Utc::now()) {
-        println!("next scheduled run: {next}");
+    match crate::daemon::next_run(config, Utc::now()) {
+        Some(next) => println!(
+            "next scheduled run: {next} (daemon.schedule \"{}\", {})",
+            config.daemon.schedule, config.daemon.timezone
+        ),
+        None => println!(
+            "next scheduled run: none (daemon.schedule \"{}\")",
+            config.daemon.schedule
+        ),
     }
     EXIT_OK
+}
+
+fn print_target_status(snapshot: &Snapshot, target: &str) {
+    let last: Option<serde_json::Value> = snapshot
+        .get_meta(&reconcile::status_key(target))
+        .ok()
+        .flatten();
+    let held: Option<BTreeSet<(String, DirectoryId)>> = snapshot
+        .get_meta(&reconcile::held_key(target))
+        .ok()
+        .flatten();
+    let rows = snapshot.target(target).and_then(|ts| ts.load());
+    let (users, groups) = rows
+        .map(|s| (s.users.len(), s.groups.len()))
+        .unwrap_or((0, 0));
+    let held_count = held.as_ref().map_or(0, |h| h.len());
+    match last {
+        Some(l) => println!(
+            "target {target}: last run {} result {}; applied {}, failed {}, held {held_count}, {} write requests; managing {users} users, {groups} groups",
+            l["at"].as_str().unwrap_or("?"),
+            l["status"].as_str().unwrap_or("?"),
+            l["applied"],
+            l["failed"],
+            l["writes"],
+        ),
+        None => println!("target {target}: never synced"),
+    }
+    for (action, id) in held.iter().flatten() {
+        println!("  held: {action} {id} (release with `ldap2scim approve --target {target}`)");
+    }
 }
 
 async fn explain(config: &Config, needle: &str) -> u8 {

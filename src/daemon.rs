@@ -1,9 +1,19 @@
 //! The daemon: reconciles on `daemon.schedule` (5-field crontab, Sunday = 0 or 7, in
-//! `daemon.timezone`), reloads the configuration on SIGHUP, stops cleanly on SIGTERM/SIGINT.
-//! Never runs two cycles at once: a cycle runs to completion before the next signal or tick
-//! is looked at.
+//! `daemon.timezone`), reloads the configuration on SIGHUP, stops cleanly on SIGTERM/SIGINT,
+//! talks to systemd (`sd_notify`: READY, STATUS, WATCHDOG, STOPPING) and serves `/metrics`,
+//! `/healthz` and `/readyz` on `daemon.listen`.
+//!
+//! Never runs two cycles at once: a tick that comes while a cycle runs is skipped and counted.
+//! A reload never touches the cycle in flight; it applies from the next one. A stop lets the
+//! cycle finish the request in flight (the `Pass` stop flag), which flushes the snapshot, and
+//! exits within [`STOP_BOUND`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use croner::parser::{CronParser, Seconds};
@@ -12,6 +22,8 @@ use tracing::{error, info, warn};
 
 use crate::cli::Cli;
 use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use crate::reconcile::{self, Outcome, Pass, TargetStatus};
 
 /// A parsed schedule in its timezone.
 pub struct Schedule {
@@ -46,7 +58,222 @@ pub fn next_run(config: &Config, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         .next_after(now)
 }
 
-pub async fn run(cli: &Cli, mut config: Config, run_now: bool) -> u8 {
+/// How long a stop may wait for the cycle in flight before the process exits anyway.
+pub const STOP_BOUND: Duration = Duration::from_secs(30);
+
+/// Testing only: replaces the schedule by a fixed interval (a duration like "2s"), so tests
+/// of overlapping ticks need not wait for minute boundaries. The crontab path has unit tests.
+pub const TICK_INTERVAL_ENV: &str = "LDAP2SCIM_TICK_INTERVAL";
+
+/// When the next cycle is due: the crontab, or the test-only fixed interval.
+enum Ticks {
+    Cron(Box<Schedule>),
+    Every(Duration),
+}
+
+impl Ticks {
+    fn new(config: &Config) -> Result<Ticks, String> {
+        let schedule = Schedule::new(&config.daemon.schedule, &config.daemon.timezone)?;
+        match std::env::var(TICK_INTERVAL_ENV) {
+            Ok(v) if !v.is_empty() => config::parse_duration(&v)
+                .map(Ticks::Every)
+                .map_err(|e| format!("{TICK_INTERVAL_ENV}: {e}")),
+            _ => Ok(Ticks::Cron(Box::new(schedule))),
+        }
+    }
+
+    fn next_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Ticks::Cron(s) => s.next_after(now),
+            Ticks::Every(d) => chrono::Duration::from_std(*d).ok().map(|d| now + d),
+        }
+    }
+}
+
+/// The systemd notification socket (`NOTIFY_SOCKET`), if the service manager gave one.
+/// A datagram per message, as `sd_notify(3)` describes; errors are ignored, as there.
+pub struct Notifier {
+    socket: Option<(
+        std::os::unix::net::UnixDatagram,
+        std::os::unix::net::SocketAddr,
+    )>,
+    /// Half of `WATCHDOG_USEC`, when the watchdog is on for this process.
+    pub watchdog_every: Option<Duration>,
+}
+
+impl Notifier {
+    pub fn from_env() -> Notifier {
+        Notifier::new(
+            std::env::var("NOTIFY_SOCKET").ok().as_deref(),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+        )
+    }
+
+    fn new(
+        socket: Option<&str>,
+        watchdog_usec: Option<&str>,
+        watchdog_pid: Option<&str>,
+    ) -> Notifier {
+        let socket = socket.filter(|s| !s.is_empty()).and_then(|s| {
+            let addr = if let Some(name) = s.strip_prefix('@') {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            } else {
+                std::os::unix::net::SocketAddr::from_pathname(s)
+            };
+            // Non-blocking: a manager that does not read must never stall the daemon.
+            let sock = std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.set_nonblocking(true).map(|()| s));
+            match (sock, addr) {
+                (Ok(sock), Ok(addr)) => Some((sock, addr)),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!(error = %e, "NOTIFY_SOCKET is unusable; not notifying systemd");
+                    None
+                }
+            }
+        });
+        let for_us = watchdog_pid
+            .map(|p| p.trim().parse::<u32>().ok() == Some(std::process::id()))
+            .unwrap_or(true);
+        let watchdog_every = watchdog_usec
+            .and_then(|u| u.trim().parse::<u64>().ok())
+            .filter(|u| *u > 0 && for_us)
+            .map(|u| Duration::from_micros(u / 2));
+        Notifier {
+            socket,
+            watchdog_every,
+        }
+    }
+
+    pub fn notify(&self, state: &str) {
+        if let Some((sock, addr)) = &self.socket {
+            let _ = sock.send_to_addr(state.as_bytes(), addr);
+        }
+    }
+
+    /// `STATUS=…`, one line (systemd shows it in `systemctl status`).
+    pub fn status(&self, text: &str) {
+        self.notify(&format!("STATUS={}", text.replace('\n', " ")));
+    }
+}
+
+/// One cycle: a reconcile pass, its audit records, its metrics and one log line per target.
+/// Returns the one-line summary for `STATUS=`.
+async fn cycle(config: Arc<Config>, stop: Arc<AtomicBool>, metrics: Metrics) -> String {
+    let started = Instant::now();
+    metrics.cycle_started();
+    let mut pass = Pass::new(&config, &[], false);
+    pass.stop = Some(&stop);
+    let run_id = pass.run_id.clone();
+    info!(run_id = %run_id, "cycle started");
+    let result = reconcile::run(&pass).await;
+    let elapsed = started.elapsed();
+    match result {
+        Ok(outcome) => {
+            crate::commands::record_audit(&config, &outcome);
+            metrics.cycle_finished(&outcome, elapsed, unix_now());
+            log_summary(&outcome, elapsed);
+            summary_status(&outcome)
+        }
+        Err(e) => {
+            let class = match e {
+                reconcile::ReconcileError::Source(_) => "source",
+                reconcile::ReconcileError::Snapshot(_) => "snapshot",
+                reconcile::ReconcileError::UnknownTarget { .. } => "config",
+            };
+            metrics.cycle_failed(class, elapsed);
+            error!(run_id = %run_id, error = %e, "cycle failed; nothing was changed on any target");
+            format!("last cycle {run_id} failed: {e}")
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn status_word(s: TargetStatus) -> &'static str {
+    match s {
+        TargetStatus::Ok => "ok",
+        TargetStatus::Held => "held",
+        TargetStatus::Error => "error",
+    }
+}
+
+/// One summary line per target, with the run id.
+fn log_summary(outcome: &Outcome, elapsed: Duration) {
+    for t in &outcome.targets {
+        let a = t.applied.as_ref();
+        let result = status_word(t.status);
+        let (applied, failed, writes, not_started) = (
+            a.map_or(0, |a| a.applied),
+            a.map_or(0, |a| a.failures.len()),
+            a.map_or(0, |a| a.writes),
+            a.map_or(0, |a| a.not_started),
+        );
+        let error = t.error.as_deref().unwrap_or("");
+        if t.status == TargetStatus::Error {
+            warn!(run_id = %outcome.run_id, target = %t.name, result, planned = t.plan.changes.len(), applied, failed, held = t.plan.held.len(), writes, not_started, error, seconds = elapsed.as_secs_f64(), "cycle summary");
+        } else {
+            info!(run_id = %outcome.run_id, target = %t.name, result, planned = t.plan.changes.len(), applied, failed, held = t.plan.held.len(), writes, not_started, seconds = elapsed.as_secs_f64(), "cycle summary");
+        }
+    }
+}
+
+fn summary_status(outcome: &Outcome) -> String {
+    let targets: Vec<String> = outcome
+        .targets
+        .iter()
+        .map(|t| {
+            let applied = t.applied.as_ref().map_or(0, |a| a.applied);
+            format!(
+                "{} {} ({applied} applied, {} held)",
+                t.name,
+                status_word(t.status),
+                t.plan.held.len()
+            )
+        })
+        .collect();
+    format!(
+        "last cycle {} at {}: {}",
+        outcome.run_id,
+        Utc::now().format("%Y-%m-%d %H:%M:%SZ"),
+        targets.join(", ")
+    )
+}
+
+/// Loads and checks a new configuration for a reload; every problem, if any.
+fn reload(cli: &Cli, current: &Config) -> Result<(Config, Ticks), Vec<String>> {
+    let new = config::load(&cli.config)
+        .map_err(|errs| errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let mut problems = Vec::new();
+    if new.daemon.state_dir != current.daemon.state_dir {
+        problems.push(format!(
+            "daemon.state_dir changed from {} to {}: that needs a restart",
+            current.daemon.state_dir.display(),
+            new.daemon.state_dir.display()
+        ));
+    }
+    let ticks = Ticks::new(&new).map_err(|e| problems.push(e)).ok();
+    match ticks {
+        Some(t) if problems.is_empty() => {
+            if new.daemon.listen != current.daemon.listen {
+                warn!("daemon.listen changed; the metrics endpoint moves only on a restart");
+            }
+            Ok((new, t))
+        }
+        _ => Err(problems),
+    }
+}
+
+type CycleFuture = Pin<Box<dyn Future<Output = String>>>;
+
+/// Runs the daemon until SIGTERM/SIGINT; returns the exit code.
+pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
     let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -58,49 +285,134 @@ pub async fn run(cli: &Cli, mut config: Config, run_now: bool) -> u8 {
             return 1;
         }
     };
-    let mut schedule = match Schedule::new(&config.daemon.schedule, &config.daemon.timezone) {
+    let mut ticks = match Ticks::new(&config) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ldap2scim: error: {e}");
             return 1;
         }
     };
+    let metrics = Metrics::default();
+    let _endpoint = match config.daemon.listen {
+        Some(addr) => match crate::metrics::bind(addr).await {
+            Ok(listener) => {
+                info!(listen = %addr, "serving /metrics, /healthz and /readyz");
+                Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                    listener,
+                    metrics.clone(),
+                ))))
+            }
+            Err(e) => {
+                eprintln!("ldap2scim: error: cannot listen on {addr} (daemon.listen): {e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
+    let notifier = Notifier::from_env();
+    let mut config = Arc::new(config);
+    let stop = Arc::new(AtomicBool::new(false));
     info!(schedule = %config.daemon.schedule, timezone = %config.daemon.timezone, "daemon started");
-    let mut pending_now = run_now;
+    notifier.notify("READY=1");
+    notifier.status("started; waiting for the first cycle");
+
+    let mut running: Option<CycleFuture> = None;
+    let start_cycle = |config: &Arc<Config>| -> CycleFuture {
+        Box::pin(cycle(config.clone(), stop.clone(), metrics.clone()))
+    };
+    if run_now {
+        running = Some(start_cycle(&config));
+    }
+    let mut watchdog =
+        tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = ticks.next_after(Utc::now());
+    let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let mut last_status = String::from("no cycle yet");
+    // The next cycle time last logged and sent as STATUS (said once, not at every wake-up).
+    let mut announced: Option<DateTime<Utc>> = None;
     loop {
-        if pending_now {
-            pending_now = false;
-            let code = crate::commands::sync(&config, &[]).await;
-            info!(exit_code = code, "cycle finished");
-        }
-        let Some(next) = schedule.next_after(Utc::now()) else {
+        let Some(due) = next else {
             error!("the schedule has no future run; stopping");
             return 1;
         };
-        let wait = (next - Utc::now()).to_std().unwrap_or_default();
-        info!(next = %next, "next cycle scheduled");
+        if running.is_none() && stop_deadline.is_some() {
+            info!("stopped cleanly");
+            return 0;
+        }
+        if running.is_none() && announced != Some(due) {
+            announced = Some(due);
+            info!(next = %due, "next cycle scheduled");
+            notifier.status(&format!(
+                "{last_status}; next cycle {}",
+                due.format("%Y-%m-%d %H:%M:%SZ")
+            ));
+        }
+        let wait = (due - Utc::now()).to_std().unwrap_or_default();
+        let deadline = stop_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
         tokio::select! {
-            _ = tokio::time::sleep(wait) => pending_now = true,
-            _ = term.recv() => { info!("SIGTERM: stopping"); return 0; }
-            _ = int.recv() => { info!("SIGINT: stopping"); return 0; }
+            summary = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                announced = None;
+                last_status = summary;
+            }
+            _ = tokio::time::sleep(wait), if stop_deadline.is_none() => {
+                if running.is_some() {
+                    metrics.tick_skipped();
+                    warn!(due = %due, skipped = metrics.ticks_skipped(), "a cycle is still running; this scheduled cycle is skipped");
+                } else {
+                    running = Some(start_cycle(&config));
+                }
+                next = ticks.next_after(Utc::now().max(due));
+            }
+            _ = watchdog.tick(), if notifier.watchdog_every.is_some() => notifier.notify("WATCHDOG=1"),
+            _ = tokio::time::sleep_until(deadline), if stop_deadline.is_some() => {
+                warn!(bound = ?STOP_BOUND, "the cycle in flight did not finish in time; exiting anyway (acknowledged changes are already in the snapshot)");
+                return 0;
+            }
+            sig = async { tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" } } => {
+                if stop_deadline.is_some() {
+                    continue;
+                }
+                stop.store(true, Ordering::SeqCst);
+                stop_deadline = Some(tokio::time::Instant::now() + STOP_BOUND);
+                notifier.notify("STOPPING=1");
+                if running.is_some() {
+                    info!(signal = sig, "stopping: the cycle finishes the request in flight and starts nothing new");
+                    notifier.status("stopping: finishing the request in flight");
+                } else {
+                    info!(signal = sig, "stopping");
+                }
+            }
             _ = hup.recv() => {
-                match config::load(&cli.config) {
-                    Ok(new) => match Schedule::new(&new.daemon.schedule, &new.daemon.timezone) {
-                        Ok(s) => {
-                            info!("SIGHUP: configuration reloaded; it applies from the next cycle");
-                            schedule = s;
-                            config = new;
-                        }
-                        Err(e) => warn!(error = %e, "SIGHUP: new configuration rejected; keeping the old one"),
-                    },
-                    Err(errs) => {
-                        for e in &errs.0 {
-                            warn!(error = %e, "SIGHUP: new configuration rejected; keeping the old one");
+                match reload(cli, &config) {
+                    Ok((new, new_ticks)) => {
+                        metrics.reload(true);
+                        info!(targets = new.targets.len(), schedule = %new.daemon.schedule, "SIGHUP: configuration reloaded; it applies from the next cycle");
+                        ticks = new_ticks;
+                        config = Arc::new(new);
+                        next = ticks.next_after(Utc::now());
+                    }
+                    Err(problems) => {
+                        metrics.reload(false);
+                        error!(problems = problems.len(), "SIGHUP: the new configuration is invalid and was rejected; the running one stays in force");
+                        for p in &problems {
+                            error!("SIGHUP: rejected: {p}");
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Aborts the metrics endpoint task when the daemon returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -150,5 +462,37 @@ mod tests {
             Schedule::new("0 0 2 * * *", "UTC").is_err(),
             "six fields are not a crontab"
         );
+    }
+
+    #[test]
+    fn notifies_a_path_or_an_abstract_socket_and_halves_the_watchdog_interval() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.to_str(), Some("2000000"), None);
+        n.notify("READY=1");
+        n.status("two\nlines");
+        let mut buf = [0u8; 256];
+        let len = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"READY=1");
+        let len = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"STATUS=two lines");
+        assert_eq!(n.watchdog_every, Some(Duration::from_secs(1)));
+
+        let name = format!("ldap2scim-test-{}", std::process::id());
+        let abstract_listener =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
+        Notifier::new(Some(&format!("@{name}")), None, None).notify("WATCHDOG=1");
+        let len = abstract_listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"WATCHDOG=1");
+
+        // The watchdog belongs to another process: no pings from this one.
+        let other = Notifier::new(None, Some("2000000"), Some("1"));
+        assert_eq!(other.watchdog_every, None);
+        // No socket: notifying is a no-op.
+        Notifier::new(None, None, None).notify("READY=1");
     }
 }

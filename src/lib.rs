@@ -7,14 +7,18 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod lock;
 pub mod map;
+pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod progress;
 pub mod reconcile;
 pub mod report;
 pub mod snapshot;

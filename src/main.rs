@@ -24,6 +24,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
+        // The journal stamps and stores each line itself: no clock, no colours.
+        LogFormat::Text if stderr_is_journal() => builder
+            .without_time()
+            .with_ansi(false)
+            .with_target(false)
+            .init(),
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
@@ -40,4 +46,17 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(ldap2scim::commands::execute(cli));
     ExitCode::from(code)
+}
+
+/// Whether stderr is the journal stream systemd connected: `JOURNAL_STREAM` holds its
+/// `device:inode`, which must match stderr's own (a child whose stderr was redirected
+/// elsewhere inherits the variable but not the stream).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(expected) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2")
+        .map(|m| format!("{}:{}", m.dev(), m.ino()) == expected)
+        .unwrap_or(false)
 }

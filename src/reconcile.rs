@@ -47,11 +47,15 @@ pub struct TargetOutcome {
     pub applied: Option<ApplyReport>,
     /// userNames of the users that member changes name, for reports.
     pub names: BTreeMap<DirectoryId, String>,
+    /// How long this target took (plan and apply).
+    pub elapsed: std::time::Duration,
 }
 
 #[derive(Debug)]
 pub struct Outcome {
     pub run_id: String,
+    /// How long the directory read took.
+    pub read_duration: std::time::Duration,
     pub source_users: usize,
     pub source_groups: usize,
     pub targets: Vec<TargetOutcome>,
@@ -132,7 +136,9 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     } else {
         Some(Snapshot::open(&pass.config.daemon.state_dir)?)
     };
+    let read_started = std::time::Instant::now();
     let directory = source::read(&pass.config.ldap).await?;
+    let read_duration = read_started.elapsed();
     let last = match &snapshot {
         Some(s) => s.last_read()?,
         None => None,
@@ -169,6 +175,7 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     }
     Ok(Outcome {
         run_id: pass.run_id.clone(),
+        read_duration,
         source_users: directory.users.len(),
         source_groups: directory.groups.len(),
         targets: outcomes,
@@ -211,6 +218,19 @@ async fn run_target(
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
 ) -> TargetOutcome {
+    let started = std::time::Instant::now();
+    let mut outcome = run_target_untimed(pass, target, directory, snapshot, hold).await;
+    outcome.elapsed = started.elapsed();
+    outcome
+}
+
+async fn run_target_untimed(
+    pass: &Pass<'_>,
+    target: &TargetConfig,
+    directory: &Directory,
+    snapshot: Option<&Snapshot>,
+    hold: Option<&guard::SourceHold>,
+) -> TargetOutcome {
     let name = target.name.0.clone();
     let fail = |error: String| TargetOutcome {
         name: name.clone(),
@@ -219,6 +239,7 @@ async fn run_target(
         plan: Plan::default(),
         applied: None,
         names: BTreeMap::new(),
+        elapsed: Default::default(),
     };
     let desired = match map::desired(directory, target) {
         Ok(d) => d,
@@ -283,6 +304,7 @@ async fn run_target(
             plan,
             applied: None,
             names,
+            elapsed: Default::default(),
         };
     }
     let Some(tsnap) = tsnap else {
@@ -348,6 +370,7 @@ async fn run_target(
         plan,
         applied: Some(report),
         names,
+        elapsed: Default::default(),
     }
 }
 

@@ -450,10 +450,12 @@ mod tests {
         ]);
         Outcome {
             run_id: "r1".into(),
+            read_duration: Default::default(),
             source_users: 3,
             source_groups: 1,
             targets: vec![TargetOutcome {
                 name: "slack".into(),
+                elapsed: Default::default(),
                 status: TargetStatus::Held,
                 error: None,
                 plan,

@@ -1,0 +1,1035 @@
+//! The scale benchmark (issue 5): ldap2scim against the physical limits of the same machine,
+//! measured side by side in one run.
+//!
+//! 1. A full directory read by ldap2scim (`source::read`) against `ldapsearch` paging the same
+//!    entries with the same attributes, as the same account over StartTLS.
+//! 2. A no-op cycle (`sync` right after a full sync) against the same `ldapsearch`, counting the
+//!    SCIM writes it sends (there must be none).
+//! 3. The initial push to scim2-server, in objects per second, against the server's own capacity
+//!    measured by `wrk` POSTing unique users (the same payload) at the same concurrency.
+//! 4. The peak RSS of `sync` and `plan` at three directory sizes, and how it grows per user.
+//!
+//! Every server is started by the test harness on 127.0.0.1 and stopped by PID when dropped;
+//! nothing else is contacted. Run it with `scripts/bench.sh` (or `scripts/bench.sh --small`);
+//! `tests/bench_smoke.rs` runs it at a tiny size to prove it works.
+#![forbid(unsafe_code)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use support::{
+    bulk_directory, temp_dir, Ldap2scim, RecordingProxy, Scim2Server, ScimServer, Slapd,
+    TestConfig, BASE_DN,
+};
+
+/// Members per generated group (plus one group `g-all` nesting all the others).
+const GROUP_SIZE: usize = 10;
+
+/// How long one ldap2scim command may run before the benchmark gives up on it.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(900);
+
+fn main() {
+    let options = Options::parse(std::env::args().skip(1));
+    if options.require_wrk && !wrk_available() {
+        eprintln!(
+            "scale: wrk is not installed; scripts/bench.sh installs it (apt-get install wrk)"
+        );
+        std::process::exit(1);
+    }
+    let report = run(&options);
+    print!("{}", report.render());
+}
+
+/// What to measure, and at which sizes.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The full directory (the largest RSS size, and where the read and no-op are compared).
+    pub users: usize,
+    /// The directory pushed to scim2-server (a subset: a full push would take too long).
+    pub push_users: usize,
+    /// `concurrency` settings tried for the push (and for wrk).
+    pub concurrencies: Vec<usize>,
+    /// How long each wrk capacity measurement runs.
+    pub wrk_seconds: u64,
+    /// Repetitions of each read / no-op timing (the median is reported).
+    pub reps: usize,
+    /// Fail when wrk is missing (the real benchmark), rather than skip the capacity baseline.
+    pub require_wrk: bool,
+}
+
+impl Options {
+    /// The full run: 100,000 users and 10,000 groups; push 10,000 users.
+    pub fn full() -> Options {
+        Options {
+            users: 100_000,
+            push_users: 10_000,
+            concurrencies: vec![4, 8],
+            wrk_seconds: 20,
+            reps: 3,
+            require_wrk: true,
+        }
+    }
+
+    /// A tiny run (300 users) that proves every part works, in seconds.
+    pub fn small() -> Options {
+        Options {
+            users: 300,
+            push_users: 300,
+            concurrencies: vec![4],
+            wrk_seconds: 2,
+            reps: 1,
+            require_wrk: false,
+        }
+    }
+
+    /// `--small`, `--users N`, `--push-users N`, `--concurrency 4,8`, `--wrk-seconds S`,
+    /// `--reps R`; anything else (cargo passes `--bench`) is ignored.
+    fn parse(args: impl Iterator<Item = String>) -> Options {
+        let args: Vec<String> = args.collect();
+        let mut options = if args.iter().any(|a| a == "--small") {
+            Options::small()
+        } else {
+            Options::full()
+        };
+        let mut i = 0;
+        while i < args.len() {
+            let value = args.get(i + 1).map(String::as_str).unwrap_or("");
+            let number = || -> usize {
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{} needs a number, not {value:?}", args[i]))
+            };
+            match args[i].as_str() {
+                "--users" => options.users = number(),
+                "--push-users" => options.push_users = number(),
+                "--wrk-seconds" => options.wrk_seconds = number() as u64,
+                "--reps" => options.reps = number().max(1),
+                "--concurrency" => {
+                    options.concurrencies = value
+                        .split(',')
+                        .map(|c| c.trim().parse().expect("--concurrency 4,8"))
+                        .collect()
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            }
+            i += 2;
+        }
+        options
+    }
+
+    /// The directory sizes whose memory is measured: a tenth, half, and all of `users`.
+    pub fn rss_sizes(&self) -> Vec<usize> {
+        let mut sizes = vec![self.users / 10, self.users / 2, self.users];
+        sizes.retain(|n| *n > 0);
+        sizes.dedup();
+        sizes
+    }
+}
+
+/// One ldap2scim command: exit code, wall time, peak RSS and what it said.
+#[derive(Clone, Debug)]
+pub struct CommandRun {
+    pub code: i32,
+    pub wall: Duration,
+    /// VmHWM in KiB, polled every 5 ms from /proc.
+    pub peak_rss_kib: u64,
+    /// The `elapsed_ms` of its "directory read" log line.
+    pub read_ms: Option<u64>,
+    /// The N of "N write requests" in the sync summary line.
+    pub writes: Option<usize>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Memory and time of the three commands at one directory size (against the sink target).
+#[derive(Clone, Debug)]
+pub struct SizeResult {
+    pub users: usize,
+    pub groups: usize,
+    pub initial_sync: CommandRun,
+    pub noop_sync: CommandRun,
+    pub noop_plan: CommandRun,
+    /// Writes the sink received during the no-op sync.
+    pub noop_sink_writes: usize,
+    /// Requests of any kind the sink received during the no-op sync.
+    pub noop_sink_requests: usize,
+    /// Objects (users + groups) per second of the initial sync against the sink.
+    pub sink_push_rate: f64,
+}
+
+/// The push to scim2-server at one concurrency, and the server's capacity at the same one.
+#[derive(Clone, Debug)]
+pub struct PushResult {
+    pub concurrency: usize,
+    pub objects: usize,
+    pub sync: CommandRun,
+    pub objects_per_s: f64,
+    pub writes_per_s: f64,
+    /// wrk POST /Users per second (None when wrk is not installed).
+    pub capacity: Option<WrkResult>,
+}
+
+/// One wrk run.
+#[derive(Clone, Debug)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+    pub seconds: f64,
+    pub rate: f64,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub options: Options,
+    pub started: String,
+    pub machine: String,
+    pub directory_load_s: f64,
+    pub sizes: Vec<SizeResult>,
+    /// Median ldapsearch times for the users search, the groups search, and ldap2scim's extra
+    /// disabled-users search (`1.1` only), at the full size.
+    pub ldapsearch_users: Duration,
+    pub ldapsearch_groups: Duration,
+    pub ldapsearch_disabled: Duration,
+    /// Median wall time of `source::read` through the library.
+    pub library_read: Duration,
+    pub library_read_counts: (usize, usize),
+    /// Median wall time of the no-op `sync` at the full size.
+    pub noop_sync: Duration,
+    pub noop_plan: Duration,
+    pub pushes: Vec<PushResult>,
+    /// The no-op sync against scim2-server after the push, through the recording proxy:
+    /// (wall time, writes, all requests, ldapsearch baseline of the push directory).
+    pub noop_real: Option<(Duration, usize, usize, Duration)>,
+    /// The body ldap2scim POSTed for its first user (what wrk sends too).
+    pub sample_user: Option<Value>,
+}
+
+impl Report {
+    /// The ldapsearch baseline: the users and groups searches, the same entries ldap2scim reads.
+    pub fn baseline(&self) -> Duration {
+        self.ldapsearch_users + self.ldapsearch_groups
+    }
+
+    pub fn read_ratio(&self) -> f64 {
+        ratio(self.library_read, self.baseline())
+    }
+
+    pub fn noop_ratio(&self) -> f64 {
+        ratio(self.noop_sync, self.baseline())
+    }
+
+    pub fn full(&self) -> &SizeResult {
+        self.sizes.last().expect("at least one size")
+    }
+
+    /// Peak RSS growth of the initial sync per user between the smallest and largest size.
+    pub fn bytes_per_user(&self, pick: fn(&SizeResult) -> &CommandRun) -> f64 {
+        let (a, b) = (&self.sizes[0], self.full());
+        if b.users == a.users {
+            return pick(b).peak_rss_kib as f64 * 1024.0 / b.users as f64;
+        }
+        (pick(b).peak_rss_kib as f64 - pick(a).peak_rss_kib as f64) * 1024.0
+            / (b.users - a.users) as f64
+    }
+
+    /// The results as Markdown, for BENCHMARKS.md.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let o = &self.options;
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+        let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+        let full = self.full();
+        let _ = writeln!(out, "## Scale benchmark results\n");
+        let _ = writeln!(out, "- started: {}", self.started);
+        let _ = writeln!(out, "- machine: {}", self.machine);
+        let _ = writeln!(
+            out,
+            "- directory: {} users, {} groups ({GROUP_SIZE} members each, plus `g-all` nesting them), slapadd in {:.1} s; push subset: {} users; repetitions: {} (medians)",
+            full.users, full.groups, self.directory_load_s, o.push_users, o.reps
+        );
+        let _ = writeln!(out, "\n### 1. Full directory read ({} users)\n", full.users);
+        let _ = writeln!(out, "| what | time |\n|---|---|");
+        let _ = writeln!(
+            out,
+            "| ldapsearch users (`-ZZ -E pr=1000/noprompt '*' entryUUID`) | {} |",
+            ms(self.ldapsearch_users)
+        );
+        let _ = writeln!(
+            out,
+            "| ldapsearch groups (same) | {} |",
+            ms(self.ldapsearch_groups)
+        );
+        let _ = writeln!(
+            out,
+            "| **baseline** (users + groups) | **{}** |",
+            ms(self.baseline())
+        );
+        let _ = writeln!(
+            out,
+            "| ldapsearch of ldap2scim's extra disabled-users search (`1.1`) | {} |",
+            ms(self.ldapsearch_disabled)
+        );
+        let _ = writeln!(
+            out,
+            "| ldap2scim `source::read` ({} users, {} groups) | {} |",
+            self.library_read_counts.0,
+            self.library_read_counts.1,
+            ms(self.library_read)
+        );
+        let _ = writeln!(
+            out,
+            "| **ratio** read / baseline (goal ≤ 1.3) | **{:.2}** {} |",
+            self.read_ratio(),
+            verdict(self.read_ratio() <= 1.3)
+        );
+        let _ = writeln!(
+            out,
+            "| ratio read / (baseline + disabled search) | {:.2} |",
+            ratio(
+                self.library_read,
+                self.baseline() + self.ldapsearch_disabled
+            )
+        );
+
+        let _ = writeln!(out, "\n### 2. No-op cycle ({} users)\n", full.users);
+        let _ = writeln!(out, "| what | time |\n|---|---|");
+        let _ = writeln!(
+            out,
+            "| `ldap2scim sync` after a full sync (sink target) | {} (of which directory read {}) |",
+            ms(self.noop_sync),
+            opt_ms(full.noop_sync.read_ms)
+        );
+        let _ = writeln!(
+            out,
+            "| `ldap2scim plan` with the snapshot current | {} (of which directory read {}) |",
+            ms(self.noop_plan),
+            opt_ms(full.noop_plan.read_ms)
+        );
+        let _ = writeln!(
+            out,
+            "| **ratio** no-op sync / baseline (goal ≤ 1.5) | **{:.2}** {} |",
+            self.noop_ratio(),
+            verdict(self.noop_ratio() <= 1.5)
+        );
+        let _ = writeln!(
+            out,
+            "| SCIM writes in the no-op sync: sink count / ldap2scim's own count (goal 0) | **{} / {}** {} (requests of any kind: {}) |",
+            full.noop_sink_writes,
+            full.noop_sync.writes.map_or("?".into(), |w| w.to_string()),
+            verdict(full.noop_sink_writes == 0 && full.noop_sync.writes == Some(0)),
+            full.noop_sink_requests
+        );
+        if let Some((wall, writes, requests, base)) = self.noop_real {
+            let _ = writeln!(
+                out,
+                "| no-op sync against scim2-server ({} users, through the recording proxy) | {} = {:.2}× its ldapsearch baseline ({}); **{writes} writes** {}, {requests} requests |",
+                o.push_users,
+                ms(wall),
+                ratio(wall, base),
+                ms(base),
+                verdict(writes == 0)
+            );
+        }
+
+        let _ = writeln!(
+            out,
+            "\n### 3. Initial push to scim2-server ({} users + {} groups)\n",
+            o.push_users,
+            self.pushes.first().map_or(0, |p| p.objects - o.push_users)
+        );
+        let _ = writeln!(
+            out,
+            "| concurrency | ldap2scim sync | objects/s | write requests/s | wrk POST /Users capacity | **ratio** objects/s ÷ capacity (goal ≥ 0.70) |\n|---|---|---|---|---|---|"
+        );
+        for p in &self.pushes {
+            let (cap, r) = match &p.capacity {
+                Some(w) => (
+                    format!(
+                        "{:.0}/s ({} requests in {:.1} s, {} non-2xx, {} socket errors)",
+                        w.rate, w.requests, w.seconds, w.non_2xx, w.socket_errors
+                    ),
+                    format!(
+                        "**{:.2}** {}",
+                        p.objects_per_s / w.rate,
+                        verdict(p.objects_per_s / w.rate >= 0.7)
+                    ),
+                ),
+                None => ("not measured (no wrk)".into(), "–".into()),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} s, exit {}, {} writes | {:.0} | {:.0} | {cap} | {r} |",
+                p.concurrency,
+                p.sync.wall.as_secs_f64(),
+                p.sync.code,
+                p.sync.writes.map_or("?".into(), |w| w.to_string()),
+                p.objects_per_s,
+                p.writes_per_s,
+            );
+        }
+
+        let _ = writeln!(
+            out,
+            "\n### 4. Peak RSS (VmHWM) and time by directory size (sink target)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| users | groups | initial sync | no-op sync | no-op plan | initial sync time (read) | push rate to the sink |\n|---|---|---|---|---|---|---|"
+        );
+        for s in &self.sizes {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.1} s ({}) | {:.0} objects/s |",
+                s.users,
+                s.groups,
+                mib(s.initial_sync.peak_rss_kib),
+                mib(s.noop_sync.peak_rss_kib),
+                mib(s.noop_plan.peak_rss_kib),
+                s.initial_sync.wall.as_secs_f64(),
+                opt_ms(s.initial_sync.read_ms),
+                s.sink_push_rate
+            );
+        }
+        let peak = full
+            .initial_sync
+            .peak_rss_kib
+            .max(full.noop_sync.peak_rss_kib);
+        let _ = writeln!(
+            out,
+            "\nGrowth per user (smallest → largest size): initial sync {:.0} B, no-op sync {:.0} B, plan {:.0} B. Peak at {} users: {} (goal ≤ 300 MB) {}",
+            self.bytes_per_user(|s| &s.initial_sync),
+            self.bytes_per_user(|s| &s.noop_sync),
+            self.bytes_per_user(|s| &s.noop_plan),
+            full.users,
+            mib(peak),
+            verdict(peak as f64 * 1024.0 <= 300e6)
+        );
+        if let Some(sample) = &self.sample_user {
+            let _ = writeln!(
+                out,
+                "\nThe user body ldap2scim POSTs (wrk POSTs the same, with a unique name per request):\n\n    {sample}"
+            );
+        }
+        out
+    }
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "(met)"
+    } else {
+        "(**missed**)"
+    }
+}
+
+fn opt_ms(ms: Option<u64>) -> String {
+    ms.map_or("?".into(), |m| format!("{m} ms"))
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Runs every measurement of the benchmark and returns the numbers.
+pub fn run(options: &Options) -> Report {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let started = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+    let mut report = Report {
+        options: options.clone(),
+        started,
+        machine: machine(),
+        directory_load_s: 0.0,
+        sizes: Vec::new(),
+        ldapsearch_users: Duration::ZERO,
+        ldapsearch_groups: Duration::ZERO,
+        ldapsearch_disabled: Duration::ZERO,
+        library_read: Duration::ZERO,
+        library_read_counts: (0, 0),
+        noop_sync: Duration::ZERO,
+        noop_plan: Duration::ZERO,
+        pushes: Vec::new(),
+        noop_real: None,
+        sample_user: None,
+    };
+    let sizes = options.rss_sizes();
+    let largest = *sizes.last().expect("a size");
+    for &users in &sizes {
+        progress(&format!("directory of {users} users: slapadd"));
+        let loaded = Instant::now();
+        let slapd = Slapd::start_bulk(&bulk_directory(users, GROUP_SIZE));
+        let load_s = loaded.elapsed().as_secs_f64();
+        let sink = Sink::start();
+        let config = bench_config(&slapd, &sink.url(), sink.token(), 4);
+        if users == largest {
+            report.directory_load_s = load_s;
+            measure_read(&mut report, &slapd, &config);
+        }
+        let result = measure_size(users, &config, &sink);
+        if report.sample_user.is_none() {
+            report.sample_user = sink.sample_user();
+        }
+        if users == largest {
+            let mut syncs = vec![result.noop_sync.wall];
+            let mut plans = vec![result.noop_plan.wall];
+            for _ in 1..options.reps {
+                syncs.push(expect_ok(command(&config, &["sync"]), "no-op sync").wall);
+                plans.push(expect_ok(command(&config, &["plan"]), "no-op plan").wall);
+            }
+            report.noop_sync = median(syncs);
+            report.noop_plan = median(plans);
+        }
+        report.sizes.push(result);
+    }
+    measure_pushes(&mut report, options);
+    report
+}
+
+/// ldapsearch against `source::read`, alternating, `reps` times each.
+fn measure_read(report: &mut Report, slapd: &Slapd, config: &TestConfig) {
+    progress("directory read: ldapsearch vs source::read");
+    let cfg = ldap2scim::config::load(&config.path()).expect("the bench configuration loads");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (mut users, mut groups, mut disabled, mut reads) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..report.options.reps {
+        users.push(ldapsearch(
+            slapd,
+            &cfg.ldap.users.base,
+            &cfg.ldap.users.filter,
+            &["*", "entryUUID"],
+        ));
+        let g = cfg.ldap.groups.as_ref().expect("groups configured");
+        groups.push(ldapsearch(slapd, &g.base, &g.filter, &["*", "entryUUID"]));
+        let df = cfg.ldap.users.disabled_filter.as_deref().unwrap_or("");
+        disabled.push(ldapsearch(
+            slapd,
+            &cfg.ldap.users.base,
+            &format!("(&{}{df})", cfg.ldap.users.filter),
+            &["1.1"],
+        ));
+        let t = Instant::now();
+        let directory = runtime
+            .block_on(ldap2scim::source::read(&cfg.ldap))
+            .expect("source::read");
+        reads.push(t.elapsed());
+        report.library_read_counts = (directory.users.len(), directory.groups.len());
+    }
+    report.ldapsearch_users = median(users);
+    report.ldapsearch_groups = median(groups);
+    report.ldapsearch_disabled = median(disabled);
+    report.library_read = median(reads);
+}
+
+/// Initial sync, no-op sync and no-op plan against the sink, with their peak memory.
+fn measure_size(users: usize, config: &TestConfig, sink: &Sink) -> SizeResult {
+    progress(&format!("{users} users: initial sync to the sink"));
+    let initial_sync = expect_ok(command(config, &["sync"]), "initial sync");
+    let objects = sink.creates();
+    progress(&format!("{users} users: no-op sync and plan"));
+    sink.reset_counts();
+    let noop_sync = expect_ok(command(config, &["sync"]), "no-op sync");
+    let (noop_sink_writes, noop_sink_requests) = (sink.writes(), sink.requests());
+    let noop_plan = command(config, &["plan"]);
+    assert_eq!(
+        noop_plan.code, 0,
+        "plan after a full sync must have nothing to do:\n{}\n{}",
+        noop_plan.stdout, noop_plan.stderr
+    );
+    SizeResult {
+        users,
+        groups: users.div_ceil(GROUP_SIZE) + 1,
+        sink_push_rate: objects as f64 / initial_sync.wall.as_secs_f64(),
+        initial_sync,
+        noop_sync,
+        noop_plan,
+        noop_sink_writes,
+        noop_sink_requests,
+    }
+}
+
+/// The push to a fresh scim2-server, and wrk against another fresh one, per concurrency.
+fn measure_pushes(report: &mut Report, options: &Options) {
+    let users = options.push_users;
+    progress(&format!("push directory of {users} users: slapadd"));
+    let slapd = Slapd::start_bulk(&bulk_directory(users, GROUP_SIZE));
+    let objects = users + users.div_ceil(GROUP_SIZE) + 1;
+    let template = wrk_template(report.sample_user.as_ref());
+    for &concurrency in &options.concurrencies {
+        let capacity = wrk_available().then(|| {
+            progress(&format!(
+                "scim2-server capacity: wrk -c{concurrency} for {} s",
+                options.wrk_seconds
+            ));
+            let server = Scim2Server::start();
+            wrk(&server, concurrency, options.wrk_seconds, &template)
+        });
+        progress(&format!(
+            "push {objects} objects to scim2-server at concurrency {concurrency}"
+        ));
+        let server = Scim2Server::start();
+        let mut config = bench_config(&slapd, &server.base_url(), server.token(), concurrency);
+        let sync = expect_ok(command(&config, &["sync"]), "initial push");
+        let secs = sync.wall.as_secs_f64();
+        if report.noop_real.is_none() {
+            progress("no-op sync against scim2-server, through the recording proxy");
+            let proxy = RecordingProxy::start(&server.base_url());
+            config.target(
+                "bench",
+                &proxy.url(),
+                server.token(),
+                &format!("concurrency = {concurrency}\n"),
+            );
+            let noop = expect_ok(command(&config, &["sync"]), "no-op sync (scim2-server)");
+            let base = ldapsearch(
+                &slapd,
+                &format!("ou=people,{BASE_DN}"),
+                "(objectClass=inetOrgPerson)",
+                &["*", "entryUUID"],
+            ) + ldapsearch(
+                &slapd,
+                &format!("ou=groups,{BASE_DN}"),
+                "(objectClass=groupOfNames)",
+                &["*", "entryUUID"],
+            );
+            report.noop_real = Some((noop.wall, proxy.writes(), proxy.requests().len(), base));
+        }
+        report.pushes.push(PushResult {
+            concurrency,
+            objects,
+            objects_per_s: objects as f64 / secs,
+            writes_per_s: sync.writes.unwrap_or(0) as f64 / secs,
+            sync,
+            capacity,
+        });
+    }
+}
+
+/// The harness configuration for `slapd`, with page size 1000 (ldap2scim's default, and what
+/// ldapsearch pages with), and one target `bench`.
+fn bench_config(slapd: &Slapd, url: &str, token: &str, concurrency: usize) -> TestConfig {
+    let mut config = TestConfig::new(slapd);
+    config.set("ldap", "page_size", "1000");
+    config.target(
+        "bench",
+        url,
+        token,
+        &format!("concurrency = {concurrency}\n"),
+    );
+    config
+}
+
+fn progress(what: &str) {
+    eprintln!("scale: {what}");
+}
+
+fn expect_ok(run: CommandRun, what: &str) -> CommandRun {
+    assert_eq!(
+        run.code, 0,
+        "{what} failed:\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run
+}
+
+/// Runs `ldap2scim --config CFG ARGS`, polling its peak RSS.
+fn command(config: &TestConfig, args: &[&str]) -> CommandRun {
+    let started = Instant::now();
+    let mut process = Ldap2scim::new(&config.path())
+        .args(args)
+        .timeout(COMMAND_TIMEOUT)
+        .spawn();
+    let status = format!("/proc/{}/status", process.pid());
+    let mut peak = 0;
+    let output = loop {
+        if let Some(hwm) = std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| kib_field(&s, "VmHWM:"))
+        {
+            peak = peak.max(hwm);
+        }
+        if let Some(output) = process.wait_timeout(Duration::ZERO) {
+            break output;
+        }
+        assert!(
+            started.elapsed() < COMMAND_TIMEOUT,
+            "ldap2scim {args:?} ran longer than {COMMAND_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = started.elapsed();
+    CommandRun {
+        code: output.code,
+        wall,
+        peak_rss_kib: peak,
+        read_ms: output
+            .stderr
+            .lines()
+            .find(|l| l.contains("directory read"))
+            .and_then(|l| l.split("elapsed_ms=").nth(1))
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok()),
+        writes: output
+            .stdout
+            .lines()
+            .chain(output.stderr.lines())
+            .find_map(|l| l.strip_suffix(" write requests"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok()),
+        stdout: output.stdout,
+        stderr: output.stderr,
+    }
+}
+
+fn kib_field(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Wall time of `ldapsearch` paging (1000) as the service account over StartTLS, LDIF to
+/// /dev/null.
+fn ldapsearch(slapd: &Slapd, base: &str, filter: &str, attrs: &[&str]) -> Duration {
+    let started = Instant::now();
+    let status = Command::new("ldapsearch")
+        .env("LDAPTLS_CACERT", slapd.ca_file())
+        .env("LDAPTLS_REQCERT", "demand")
+        .args(["-ZZ", "-x", "-LLL", "-H", &slapd.ldap_url()])
+        .args(["-D", slapd.bind_dn(), "-w", slapd.bind_pw()])
+        .args(["-E", "pr=1000/noprompt", "-b", base, filter])
+        .args(attrs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .expect("run ldapsearch");
+    assert!(status.success(), "ldapsearch {base} {filter} failed");
+    started.elapsed()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| kib_field(&m, "MemTotal:"))
+        .map_or("?".into(), |k| format!("{:.0} GiB", k as f64 / 1048576.0));
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("{cores} cores ({cpu}), {mem} RAM, load average at start {load}")
+}
+
+fn wrk_available() -> bool {
+    Command::new("wrk")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The JSON of a user POST with `__NAME__` where the unique parts go: ldap2scim's own first
+/// POST /Users body when the sink captured one.
+fn wrk_template(sample: Option<&Value>) -> String {
+    let Some(sample) = sample else {
+        return json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": "__NAME__",
+            "externalId": "__NAME__",
+            "name": { "givenName": "User", "familyName": "__NAME__" },
+            "displayName": "User __NAME__",
+            "emails": [{ "type": "work", "value": "__NAME__@example.org", "primary": true }],
+            "active": true
+        })
+        .to_string();
+    };
+    let mut body = sample.clone();
+    let user_name = body["userName"].as_str().unwrap_or("").to_string();
+    body["externalId"] = json!("__NAME__");
+    let text = body.to_string();
+    if user_name.is_empty() {
+        text
+    } else {
+        text.replace(&user_name, "__NAME__")
+    }
+}
+
+/// wrk POSTing unique users to a fresh `server` at `concurrency` connections.
+fn wrk(server: &Scim2Server, concurrency: usize, seconds: u64, template: &str) -> WrkResult {
+    let dir = temp_dir("wrk");
+    let script = dir.path().join("post-user.lua");
+    let lua = format!(
+        r#"-- POST /Users with a unique userName per request; prints one BENCH line.
+local threads = {{}}
+local template = [==[{template}]==]
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("tid", #threads)
+end
+function init(args)
+  counter = 0
+end
+function request()
+  counter = counter + 1
+  local name = string.format("w%d-%d", tid, counter)
+  local body = string.gsub(template, "__NAME__", name)
+  return wrk.format("POST", nil, {{
+    ["Content-Type"] = "application/scim+json",
+    ["Accept"] = "application/scim+json",
+    ["Authorization"] = "Bearer {token}",
+  }}, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH requests=%d non2xx=%d socket=%d us=%d\n",
+    summary.requests, e.status, e.connect + e.read + e.write + e.timeout, summary.duration))
+end
+"#,
+        token = server.token()
+    );
+    std::fs::write(&script, lua).expect("write the wrk script");
+    let threads = concurrency.clamp(1, 2);
+    let out = Command::new("wrk")
+        .args(["-t", &threads.to_string(), "-c", &concurrency.to_string()])
+        .args(["-d", &format!("{seconds}s"), "--timeout", "10s", "-s"])
+        .arg(&script)
+        .arg(format!("{}/Users", server.base_url()))
+        .output()
+        .expect("run wrk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("BENCH "))
+        .unwrap_or_else(|| {
+            panic!(
+                "wrk printed no result:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (requests, non_2xx) = (field("requests="), field("non2xx="));
+    let seconds = field("us=") as f64 / 1e6;
+    WrkResult {
+        requests,
+        non_2xx,
+        socket_errors: field("socket="),
+        seconds,
+        rate: requests.saturating_sub(non_2xx) as f64 / seconds.max(1e-9),
+    }
+}
+
+/// A SCIM target that accepts everything at once: it gives each created resource an id and
+/// answers every other write with success, and lists nothing. With it, a full sync of 100,000
+/// users measures ldap2scim alone (and its memory), since no real server would finish in time.
+/// HTTP/1.1 with keep-alive, one thread per connection, on 127.0.0.1.
+pub struct Sink {
+    shared: Arc<SinkShared>,
+    port: u16,
+    token: String,
+}
+
+#[derive(Default)]
+struct SinkShared {
+    creates: AtomicUsize,
+    writes: AtomicUsize,
+    requests: AtomicUsize,
+    next_id: AtomicUsize,
+    sample_user: Mutex<Option<Value>>,
+    stopping: AtomicBool,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind the sink");
+        let port = listener.local_addr().expect("sink address").port();
+        let shared = Arc::new(SinkShared::default());
+        let accept = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accept.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let conn = Arc::clone(&accept);
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &conn);
+                });
+            }
+        });
+        Sink {
+            shared,
+            port,
+            token: support::random_token(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v2", self.port)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// POSTs answered so far.
+    pub fn creates(&self) -> usize {
+        self.shared.creates.load(Ordering::Relaxed)
+    }
+
+    /// Requests other than GET since the last reset.
+    pub fn writes(&self) -> usize {
+        self.shared.writes.load(Ordering::Relaxed)
+    }
+
+    /// Requests of any kind since the last reset.
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn reset_counts(&self) {
+        self.shared.writes.store(0, Ordering::Relaxed);
+        self.shared.requests.store(0, Ordering::Relaxed);
+    }
+
+    /// The first POST /Users body.
+    pub fn sample_user(&self) -> Option<Value> {
+        self.shared
+            .sample_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        // Wake the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve(stream: TcpStream, shared: &SinkShared) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 {
+                return Ok(());
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        let (status, reply) = answer(&method, &path, &body, shared);
+        // A 204 has no body, and so no Content-Length either.
+        let length = if status.starts_with("204") {
+            String::new()
+        } else {
+            format!(
+                "Content-Type: application/scim+json\r\nContent-Length: {}\r\n",
+                reply.len()
+            )
+        };
+        let mut response = format!("HTTP/1.1 {status}\r\n{length}\r\n").into_bytes();
+        response.extend_from_slice(reply.as_bytes());
+        writer.write_all(&response)?;
+    }
+}
+
+fn answer(method: &str, path: &str, body: &[u8], shared: &SinkShared) -> (&'static str, String) {
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    if method == "GET" {
+        if path.contains("/ServiceProviderConfig") {
+            let spc = json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                "patch": { "supported": true },
+                "bulk": { "supported": false },
+                "filter": { "supported": true, "maxResults": 1000 },
+                "etag": { "supported": false },
+                "sort": { "supported": false },
+                "changePassword": { "supported": false },
+            });
+            return ("200 OK", spc.to_string());
+        }
+        let empty = json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+            "totalResults": 0, "startIndex": 1, "itemsPerPage": 0, "Resources": []
+        });
+        return ("200 OK", empty.to_string());
+    }
+    shared.writes.fetch_add(1, Ordering::Relaxed);
+    match method {
+        "POST" => {
+            shared.creates.fetch_add(1, Ordering::Relaxed);
+            let mut resource: Value = serde_json::from_slice(body).unwrap_or_else(|_| json!({}));
+            if path.ends_with("/Users") {
+                let mut sample = shared.sample_user.lock().unwrap_or_else(|e| e.into_inner());
+                if sample.is_none() {
+                    *sample = Some(resource.clone());
+                }
+            }
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            resource["id"] = json!(format!("sink-{id:08}"));
+            ("201 Created", resource.to_string())
+        }
+        "PUT" => ("200 OK", String::from_utf8_lossy(body).into_owned()),
+        _ => ("204 No Content", String::new()),
+    }
+}

@@ -1,0 +1,198 @@
+//! The audit trail: every change `sync` or `run` attempted against a target, one JSON object
+//! per line in `<state_dir>/audit.jsonl` (time, run id, target, action, resource, directory id,
+//! SCIM id, attributes changed, outcome). The file rotates by size: `audit.jsonl` →
+//! `audit.jsonl.1` → … → `audit.jsonl.{KEEP}`, the oldest dropped.
+//!
+//! Records carry names and ids only, never attribute values or credentials. Writing the audit
+//! trail never fails a cycle: a write error is returned for the caller to log.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::json;
+
+use crate::reconcile::Outcome;
+
+pub const AUDIT_FILE: &str = "audit.jsonl";
+/// Rotate once the current file reaches this size.
+pub const MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated files kept besides the current one.
+pub const KEEP: usize = 5;
+
+pub struct AuditLog {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+}
+
+impl AuditLog {
+    pub fn new(state_dir: &Path) -> AuditLog {
+        AuditLog {
+            path: state_dir.join(AUDIT_FILE),
+            max_bytes: MAX_BYTES,
+            keep: KEEP,
+        }
+    }
+
+    pub fn with_limits(state_dir: &Path, max_bytes: u64, keep: usize) -> AuditLog {
+        AuditLog {
+            max_bytes,
+            keep,
+            ..AuditLog::new(state_dir)
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends every applied record of `outcome`; returns how many lines were written.
+    pub fn append(&self, outcome: &Outcome, at: DateTime<Utc>) -> std::io::Result<usize> {
+        let mut text = String::new();
+        let mut lines = 0;
+        for t in &outcome.targets {
+            for r in t.applied.iter().flat_map(|a| &a.records) {
+                let line = json!({
+                    "time": at.to_rfc3339_opts(SecondsFormat::Millis, true),
+                    "run_id": outcome.run_id,
+                    "target": t.name,
+                    "action": r.action,
+                    "resource": r.resource,
+                    "external_id": r.external_id,
+                    "name": r.name,
+                    "scim_id": r.scim_id,
+                    "attributes": r.attributes,
+                    "outcome": r.outcome,
+                });
+                text.push_str(&line.to_string());
+                text.push('\n');
+                lines += 1;
+            }
+        }
+        if lines == 0 {
+            return Ok(0);
+        }
+        self.rotate_if_needed()?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_data()?;
+        Ok(lines)
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    fn rotate_if_needed(&self) -> std::io::Result<()> {
+        let size = match std::fs::metadata(&self.path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if size < self.max_bytes {
+            return Ok(());
+        }
+        if self.keep == 0 {
+            return std::fs::remove_file(&self.path);
+        }
+        let _ = std::fs::remove_file(self.rotated(self.keep));
+        for n in (1..self.keep).rev() {
+            let from = self.rotated(n);
+            if from.exists() {
+                std::fs::rename(&from, self.rotated(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{Applied, ApplyReport};
+    use crate::reconcile::{TargetOutcome, TargetStatus};
+
+    fn outcome(records: usize) -> Outcome {
+        let report = ApplyReport {
+            applied: records,
+            records: (0..records)
+                .map(|i| Applied {
+                    action: "update",
+                    resource: "User",
+                    external_id: format!("id-{i}"),
+                    name: format!("user{i}@example.org"),
+                    scim_id: Some(format!("scim-{i}")),
+                    attributes: vec!["title".into()],
+                    outcome: "ok".into(),
+                })
+                .collect(),
+            ..ApplyReport::default()
+        };
+        Outcome {
+            run_id: "abcd1234".into(),
+            read_duration: Default::default(),
+            source_users: records,
+            source_groups: 0,
+            targets: vec![TargetOutcome {
+                name: "app".into(),
+                elapsed: Default::default(),
+                status: TargetStatus::Ok,
+                error: None,
+                plan: Default::default(),
+                applied: Some(report),
+                names: Default::default(),
+            }],
+        }
+    }
+
+    #[test]
+    fn one_line_per_record_with_the_contract_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path());
+        assert_eq!(log.append(&outcome(2), Utc::now()).unwrap(), 2);
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for key in [
+            "time",
+            "run_id",
+            "target",
+            "action",
+            "resource",
+            "external_id",
+            "scim_id",
+            "attributes",
+            "outcome",
+        ] {
+            assert!(lines[0].get(key).is_some(), "{key} missing: {}", lines[0]);
+        }
+        assert_eq!(lines[1]["external_id"], "id-1");
+        assert_eq!(lines[0]["run_id"], "abcd1234");
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_a_bounded_number_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::with_limits(dir.path(), 300, 2);
+        for _ in 0..6 {
+            log.append(&outcome(2), Utc::now()).unwrap();
+        }
+        assert!(log.path().exists());
+        assert!(log.rotated(1).exists());
+        assert!(log.rotated(2).exists());
+        assert!(!log.rotated(3).exists());
+        // Nothing is lost between the current file and the newest rotated one.
+        let recent = std::fs::read_to_string(log.rotated(1)).unwrap();
+        assert!(recent.lines().count() >= 2);
+    }
+}

@@ -1,0 +1,508 @@
+//! The daemon's numbers and its HTTP endpoint (`daemon.listen`): `/metrics` in the Prometheus
+//! text format, `/healthz` (200 while the process lives) and `/readyz` (200 once a cycle
+//! succeeded and the latest one is not failing, 503 otherwise).
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection, GET/HEAD only, no
+//! request body. It serves counters and nothing else; it never exposes configuration values.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::reconcile::{Outcome, TargetStatus};
+
+/// Upper bounds (seconds) of the cycle duration histogram.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; DURATION_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (i, b) in DURATION_BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+}
+
+#[derive(Default, Clone)]
+struct TargetMetrics {
+    cycles: BTreeMap<&'static str, u64>,
+    changes: BTreeMap<String, u64>,
+    errors: BTreeMap<&'static str, u64>,
+    throttled: u64,
+    retries: u64,
+    writes: u64,
+    held: u64,
+    last_success: Option<f64>,
+    duration: Histogram,
+}
+
+#[derive(Default)]
+struct State {
+    targets: BTreeMap<String, TargetMetrics>,
+    cycles_failed: BTreeMap<&'static str, u64>,
+    cycle_duration: Histogram,
+    ticks_skipped: u64,
+    source_users: Option<u64>,
+    source_groups: Option<u64>,
+    read_seconds: Option<f64>,
+    reloads: BTreeMap<&'static str, u64>,
+    ever_succeeded: bool,
+    last_failed: bool,
+    cycle_running: bool,
+}
+
+/// Shared between the cycle and the HTTP endpoint.
+#[derive(Default, Clone)]
+pub struct Metrics(Arc<Mutex<State>>);
+
+impl Metrics {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
+    }
+
+    pub fn cycle_started(&self) {
+        self.with(|s| s.cycle_running = true);
+    }
+
+    /// A tick came while a cycle was still running and was skipped.
+    pub fn tick_skipped(&self) {
+        self.with(|s| s.ticks_skipped += 1);
+    }
+
+    pub fn ticks_skipped(&self) -> u64 {
+        self.with(|s| s.ticks_skipped)
+    }
+
+    pub fn reload(&self, accepted: bool) {
+        self.with(|s| {
+            *s.reloads
+                .entry(if accepted { "accepted" } else { "rejected" })
+                .or_default() += 1
+        });
+    }
+
+    /// A pass that failed as a whole (`class`: "source", "snapshot", "config", …).
+    pub fn cycle_failed(&self, class: &'static str, elapsed: Duration) {
+        self.with(|s| {
+            s.cycle_running = false;
+            *s.cycles_failed.entry(class).or_default() += 1;
+            s.cycle_duration.observe(elapsed.as_secs_f64());
+            s.last_failed = true;
+        });
+    }
+
+    /// A pass that ran; each target's own result is in `outcome`.
+    pub fn cycle_finished(&self, outcome: &Outcome, elapsed: Duration, now_unix: f64) {
+        self.with(|s| {
+            s.cycle_running = false;
+            let secs = elapsed.as_secs_f64();
+            s.cycle_duration.observe(secs);
+            s.source_users = Some(outcome.source_users as u64);
+            s.source_groups = Some(outcome.source_groups as u64);
+            s.read_seconds = Some(outcome.read_duration.as_secs_f64());
+            let mut failing = false;
+            for t in &outcome.targets {
+                let m = s.targets.entry(t.name.clone()).or_default();
+                let status = match t.status {
+                    TargetStatus::Ok => "ok",
+                    TargetStatus::Held => "held",
+                    TargetStatus::Error => "error",
+                };
+                *m.cycles.entry(status).or_default() += 1;
+                m.duration.observe(t.elapsed.as_secs_f64());
+                m.held = t.plan.held.len() as u64;
+                if t.error.is_some() {
+                    *m.errors.entry("plan").or_default() += 1;
+                }
+                if let Some(a) = &t.applied {
+                    m.throttled += a.throttled as u64;
+                    m.retries += a.retries as u64;
+                    m.writes += a.writes as u64;
+                    for r in &a.records {
+                        if r.outcome == "ok" {
+                            *m.changes
+                                .entry(change_kind(r.resource, r.action))
+                                .or_default() += 1;
+                        }
+                    }
+                    for f in &a.failures {
+                        *m.errors.entry(f.class).or_default() += 1;
+                    }
+                }
+                if t.status == TargetStatus::Error {
+                    failing = true;
+                } else {
+                    m.last_success = Some(now_unix);
+                }
+            }
+            s.last_failed = failing;
+            if !failing {
+                s.ever_succeeded = true;
+            }
+        });
+    }
+
+    /// Ready: a cycle has succeeded and the latest one did not fail.
+    pub fn ready(&self) -> bool {
+        self.with(|s| s.ever_succeeded && !s.last_failed)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        self.with(|s| render(s))
+    }
+}
+
+/// `user-create`, `group-add-members`, …
+fn change_kind(resource: &str, action: &str) -> String {
+    format!("{}-{}", resource.to_ascii_lowercase(), action)
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (b, c) in DURATION_BUCKETS.iter().zip(h.counts) {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{braces} {}", h.count);
+}
+
+fn render(s: &State) -> String {
+    let mut out = String::new();
+    let t = &s.targets;
+
+    header(
+        &mut out,
+        "ldap2scim_cycles_total",
+        "counter",
+        "Reconcile cycles per target, by result.",
+    );
+    for (name, m) in t {
+        for (status, n) in &m.cycles {
+            let _ = writeln!(
+                out,
+                "ldap2scim_cycles_total{{target=\"{}\",result=\"{status}\"}} {n}",
+                label(name)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "ldap2scim_changes_total",
+        "counter",
+        "Changes the target acknowledged, by kind.",
+    );
+    for (name, m) in t {
+        for (kind, n) in &m.changes {
+            let _ = writeln!(
+                out,
+                "ldap2scim_changes_total{{target=\"{}\",kind=\"{kind}\"}} {n}",
+                label(name)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "ldap2scim_errors_total",
+        "counter",
+        "Target errors, by class (plan: the target could not be planned; others: a change failed).",
+    );
+    for (name, m) in t {
+        for (class, n) in &m.errors {
+            let _ = writeln!(
+                out,
+                "ldap2scim_errors_total{{target=\"{}\",class=\"{class}\"}} {n}",
+                label(name)
+            );
+        }
+    }
+    for (metric, help, get) in [
+        (
+            "ldap2scim_throttled_total",
+            "Responses 429 (or 503 with Retry-After) from the target.",
+            (|m: &TargetMetrics| m.throttled) as fn(&TargetMetrics) -> u64,
+        ),
+        ("ldap2scim_retries_total", "Requests retried.", |m| {
+            m.retries
+        }),
+        (
+            "ldap2scim_write_requests_total",
+            "Write requests sent, retries included.",
+            |m| m.writes,
+        ),
+    ] {
+        header(&mut out, metric, "counter", help);
+        for (name, m) in t {
+            let _ = writeln!(out, "{metric}{{target=\"{}\"}} {}", label(name), get(m));
+        }
+    }
+    header(
+        &mut out,
+        "ldap2scim_held_changes",
+        "gauge",
+        "Destructive changes held by a safety limit after the last cycle.",
+    );
+    for (name, m) in t {
+        let _ = writeln!(
+            out,
+            "ldap2scim_held_changes{{target=\"{}\"}} {}",
+            label(name),
+            m.held
+        );
+    }
+    header(
+        &mut out,
+        "ldap2scim_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last cycle that did not fail for this target.",
+    );
+    for (name, m) in t {
+        if let Some(ts) = m.last_success {
+            let _ = writeln!(
+                out,
+                "ldap2scim_last_success_timestamp_seconds{{target=\"{}\"}} {ts}",
+                label(name)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "ldap2scim_target_cycle_duration_seconds",
+        "histogram",
+        "Duration of the cycles this target took part in.",
+    );
+    for (name, m) in t {
+        histogram(
+            &mut out,
+            "ldap2scim_target_cycle_duration_seconds",
+            &format!("target=\"{}\"", label(name)),
+            &m.duration,
+        );
+    }
+    header(
+        &mut out,
+        "ldap2scim_cycle_duration_seconds",
+        "histogram",
+        "Duration of whole reconcile cycles (directory read included).",
+    );
+    histogram(
+        &mut out,
+        "ldap2scim_cycle_duration_seconds",
+        "",
+        &s.cycle_duration,
+    );
+    header(
+        &mut out,
+        "ldap2scim_cycle_failures_total",
+        "counter",
+        "Cycles that failed as a whole, by class (source: the directory read; snapshot; lock).",
+    );
+    for (class, n) in &s.cycles_failed {
+        let _ = writeln!(
+            out,
+            "ldap2scim_cycle_failures_total{{class=\"{class}\"}} {n}"
+        );
+    }
+    header(
+        &mut out,
+        "ldap2scim_directory_entries",
+        "gauge",
+        "Entries in the last complete directory read.",
+    );
+    if let (Some(u), Some(g)) = (s.source_users, s.source_groups) {
+        let _ = writeln!(out, "ldap2scim_directory_entries{{kind=\"users\"}} {u}");
+        let _ = writeln!(out, "ldap2scim_directory_entries{{kind=\"groups\"}} {g}");
+    }
+    header(
+        &mut out,
+        "ldap2scim_directory_read_duration_seconds",
+        "gauge",
+        "How long the last complete directory read took.",
+    );
+    if let Some(secs) = s.read_seconds {
+        let _ = writeln!(out, "ldap2scim_directory_read_duration_seconds {secs}");
+    }
+    header(
+        &mut out,
+        "ldap2scim_ticks_skipped_total",
+        "counter",
+        "Scheduled ticks skipped because a cycle was still running.",
+    );
+    let _ = writeln!(out, "ldap2scim_ticks_skipped_total {}", s.ticks_skipped);
+    header(
+        &mut out,
+        "ldap2scim_config_reloads_total",
+        "counter",
+        "SIGHUP reloads, by result.",
+    );
+    for (r, n) in &s.reloads {
+        let _ = writeln!(out, "ldap2scim_config_reloads_total{{result=\"{r}\"}} {n}");
+    }
+    header(
+        &mut out,
+        "ldap2scim_cycle_running",
+        "gauge",
+        "1 while a cycle runs.",
+    );
+    let _ = writeln!(out, "ldap2scim_cycle_running {}", u8::from(s.cycle_running));
+    header(
+        &mut out,
+        "ldap2scim_ready",
+        "gauge",
+        "1 when /readyz answers 200.",
+    );
+    let _ = writeln!(
+        out,
+        "ldap2scim_ready {}",
+        u8::from(s.ever_succeeded && !s.last_failed)
+    );
+    out
+}
+
+/// Binds `addr` (so a port in use is an error at start) and returns the listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves the endpoint until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Metrics) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await
+            {
+                debug!(%peer, error = %e, "metrics endpoint: request timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    // Read the request head only; these endpoints take no body.
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".into()),
+        ("GET" | "HEAD", "/readyz") if metrics.ready() => {
+            ("200 OK", "text/plain; charset=utf-8", "ready\n".into())
+        }
+        ("GET" | "HEAD", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain; charset=utf-8",
+            "not ready: no successful cycle yet, or the last cycle failed\n".into(),
+        ),
+        ("GET" | "HEAD", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "method not allowed\n".into(),
+        ),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(0.3);
+        h.observe(7.0);
+        let mut out = String::new();
+        histogram(&mut out, "x", "", &h);
+        assert!(out.contains("x_bucket{le=\"0.25\"} 0\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.5\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 2\n"), "{out}");
+        assert!(out.contains("x_count 2\n"), "{out}");
+    }
+
+    #[test]
+    fn not_ready_until_a_cycle_succeeds() {
+        let m = Metrics::default();
+        assert!(!m.ready());
+        m.cycle_failed("source", Duration::from_secs(1));
+        assert!(!m.ready());
+        m.tick_skipped();
+        let text = m.render();
+        assert!(text.contains("ldap2scim_ticks_skipped_total 1\n"), "{text}");
+        assert!(
+            text.contains("ldap2scim_cycle_failures_total{class=\"source\"} 1\n"),
+            "{text}"
+        );
+    }
+}
