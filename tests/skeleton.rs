@@ -481,3 +481,58 @@ fn bad_input_gives_a_clear_error_and_leaves_the_snapshot_unchanged() {
     world.sync_ok();
     world.assert_converged();
 }
+
+#[test]
+fn check_and_explain_tell_the_operator_what_they_need() {
+    let mut world = World::start(&seed(), "");
+    let out = world.run(&["check", "--connect"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("ldap: bound"), "{out}");
+    for t in &world.targets {
+        assert!(
+            out.stdout.contains(&format!(
+                "target {}: /ServiceProviderConfig answered",
+                t.name()
+            )),
+            "{out}"
+        );
+    }
+    world.sync_ok();
+
+    let out = world.run(&["explain", &person_dn("alice")]);
+    assert_eq!(out.code, 0, "{out}");
+    let doc = out.json();
+    assert_eq!(doc["kind"], "user");
+    for t in doc["targets"].as_array().unwrap() {
+        assert_eq!(t["mapped"]["userName"], "alice");
+        assert_eq!(t["snapshot"]["user_name"], "alice");
+        assert_eq!(t["pending"].as_array().unwrap().len(), 0);
+    }
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Chief\n",
+        person_dn("alice")
+    ));
+    let doc = world.run(&["explain", "alice"]).json();
+    for t in doc["targets"].as_array().unwrap() {
+        assert_eq!(t["pending"][0]["action"], "update", "{t}");
+    }
+    let out = world.run(&["explain", "nobody-by-that-name"]);
+    assert_eq!(out.code, 1, "{out}");
+
+    // check --connect with a target that does not answer and a wrong password: both named.
+    world.config.target(
+        "down",
+        &format!("http://127.0.0.1:{}/scim", free_port()),
+        "tok",
+        "",
+    );
+    std::fs::write(world.config.dir().join("ldap.pw"), "not-the-password").unwrap();
+    let out = world.run(&["check", "--connect"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("bind as cn=sync"), "{out}");
+    assert!(out.stderr.contains("target down"), "{out}");
+    assert!(
+        !out.stderr.contains("not-the-password") && !out.stdout.contains("not-the-password"),
+        "{out}"
+    );
+}
