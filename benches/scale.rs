@@ -38,8 +38,16 @@ const GROUP_SIZE: usize = 10;
 /// How long one ldap2scim command may run before the benchmark gives up on it.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(900);
 
+#[allow(dead_code)] // tests/bench_smoke.rs includes this file and calls `run` itself.
 fn main() {
-    let options = Options::parse(std::env::args().skip(1));
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: the benchmark is
+    // minutes of work, so it runs only under `cargo bench` (scripts/bench.sh); its tiny-size
+    // check is tests/bench_smoke.rs.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("scale: run it with scripts/bench.sh (cargo bench --bench scale); skipped under cargo test");
+        return;
+    }
+    let options = Options::parse(std::env::args().skip(1).filter(|a| a != "--bench"));
     if options.require_wrk && !wrk_available() {
         eprintln!(
             "scale: wrk is not installed; scripts/bench.sh installs it (apt-get install wrk)"
@@ -65,6 +73,8 @@ pub struct Options {
     pub reps: usize,
     /// Fail when wrk is missing (the real benchmark), rather than skip the capacity baseline.
     pub require_wrk: bool,
+    /// `members_per_request` of the push target; `None` keeps ldap2scim's default.
+    pub members_per_request: Option<usize>,
 }
 
 impl Options {
@@ -77,6 +87,7 @@ impl Options {
             wrk_seconds: 20,
             reps: 3,
             require_wrk: true,
+            members_per_request: None,
         }
     }
 
@@ -89,11 +100,12 @@ impl Options {
             wrk_seconds: 2,
             reps: 1,
             require_wrk: false,
+            members_per_request: None,
         }
     }
 
     /// `--small`, `--users N`, `--push-users N`, `--concurrency 4,8`, `--wrk-seconds S`,
-    /// `--reps R`; anything else (cargo passes `--bench`) is ignored.
+    /// `--reps R`, `--members-per-request N`; anything else (cargo passes `--bench`) is ignored.
     fn parse(args: impl Iterator<Item = String>) -> Options {
         let args: Vec<String> = args.collect();
         let mut options = if args.iter().any(|a| a == "--small") {
@@ -114,6 +126,7 @@ impl Options {
                 "--push-users" => options.push_users = number(),
                 "--wrk-seconds" => options.wrk_seconds = number() as u64,
                 "--reps" => options.reps = number().max(1),
+                "--members-per-request" => options.members_per_request = Some(number()),
                 "--concurrency" => {
                     options.concurrencies = value
                         .split(',')
@@ -348,9 +361,11 @@ impl Report {
 
         let _ = writeln!(
             out,
-            "\n### 3. Initial push to scim2-server ({} users + {} groups)\n",
+            "\n### 3. Initial push to scim2-server ({} users + {} groups, members_per_request {})\n",
             o.push_users,
-            self.pushes.first().map_or(0, |p| p.objects - o.push_users)
+            self.pushes.first().map_or(0, |p| p.objects - o.push_users),
+            o.members_per_request
+                .map_or("default".to_string(), |n| n.to_string())
         );
         let _ = writeln!(
             out,
@@ -589,18 +604,18 @@ fn measure_pushes(report: &mut Report, options: &Options) {
             "push {objects} objects to scim2-server at concurrency {concurrency}"
         ));
         let server = Scim2Server::start();
+        let mut target_extra = format!("concurrency = {concurrency}\n");
+        if let Some(n) = options.members_per_request {
+            let _ = writeln!(target_extra, "members_per_request = {n}");
+        }
         let mut config = bench_config(&slapd, &server.base_url(), server.token(), concurrency);
+        config.target("bench", &server.base_url(), server.token(), &target_extra);
         let sync = expect_ok(command(&config, &["sync"]), "initial push");
         let secs = sync.wall.as_secs_f64();
         if report.noop_real.is_none() {
             progress("no-op sync against scim2-server, through the recording proxy");
             let proxy = RecordingProxy::start(&server.base_url());
-            config.target(
-                "bench",
-                &proxy.url(),
-                server.token(),
-                &format!("concurrency = {concurrency}\n"),
-            );
+            config.target("bench", &proxy.url(), server.token(), &target_extra);
             let noop = expect_ok(command(&config, &["sync"]), "no-op sync (scim2-server)");
             let base = ldapsearch(
                 &slapd,

@@ -536,6 +536,12 @@ impl Applier<'_> {
         }
         let batch = self.batch_size();
         for chunk in resolved.chunks(batch) {
+            if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                error = Some(ApplyError::Skipped(
+                    "stop requested; the remaining member changes wait for the next cycle".into(),
+                ));
+                break;
+            }
             let ops = if add {
                 vec![
                     json!({"op": "add", "path": "members", "value": chunk.iter().map(|(_, s)| json!({"value": s.0})).collect::<Vec<_>>()}),
@@ -556,10 +562,10 @@ impl Applier<'_> {
                             row.members.remove(*m);
                         }
                     }
+                    // The row is written once, after the last batch: rewriting a large
+                    // group's row per batch made a big push quadratic. A crash in between
+                    // only means some acknowledged batches are sent again (they are idempotent).
                     row.etag = etag;
-                    if let Err(e) = self.snapshot.put_group(group, &row) {
-                        return (vec![Effect::PutGroup(group.clone(), row)], Some(e.into()));
-                    }
                 }
                 Err(e) => {
                     error = Some(e.into());

@@ -102,7 +102,9 @@ impl Snapshot {
             reason,
         };
         std::fs::create_dir_all(state_dir).map_err(|e| open_err(e.to_string()))?;
+        // sled's default 1 GiB page cache dwarfs what a cycle needs; rows are read once.
         let db = sled::Config::new()
+            .cache_capacity(64 * 1024 * 1024)
             .path(&path)
             .open()
             .map_err(|e| open_err(e.to_string()))?;

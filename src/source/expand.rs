@@ -8,14 +8,17 @@ use tracing::debug;
 use super::dn;
 use crate::model::{Attributes, DirectoryGroup, DirectoryId, DirectoryUser};
 
+/// `user_dns[i]` is the normalized DN of `users[i]` (normalized once, by the caller).
 pub(super) fn resolve_members(
     users: &[DirectoryUser],
+    user_dns: &[String],
     raw_groups: Vec<(DirectoryId, String, Attributes)>,
     nested: bool,
 ) -> Vec<DirectoryGroup> {
-    let user_by_dn: HashMap<String, &DirectoryId> = users
+    let user_by_dn: HashMap<&str, &DirectoryId> = user_dns
         .iter()
-        .map(|u| (dn::normalize_lossy(&u.dn), &u.id))
+        .map(String::as_str)
+        .zip(users.iter().map(|u| &u.id))
         .collect();
     let group_by_dn: HashMap<String, usize> = raw_groups
         .iter()
@@ -31,7 +34,7 @@ pub(super) fn resolve_members(
         let mut gs = Vec::new();
         for member in attrs.get("member").into_iter().flatten() {
             let norm = dn::normalize_lossy(member);
-            if let Some(id) = user_by_dn.get(&norm) {
+            if let Some(id) = user_by_dn.get(norm.as_str()) {
                 us.insert((*id).clone());
             } else if let Some(&gi) = group_by_dn.get(&norm) {
                 gs.push(gi);
@@ -44,14 +47,16 @@ pub(super) fn resolve_members(
     }
 
     let mut out = Vec::with_capacity(raw_groups.len());
+    // visited[g] == i marks group g as seen in the walk from group i: one allocation for all
+    // walks instead of one per group.
+    let mut visited = vec![usize::MAX; child_groups.len()];
     for (i, (id, gdn, attrs)) in raw_groups.into_iter().enumerate() {
         let mut members = direct_users[i].clone();
         if nested {
-            let mut seen = vec![false; child_groups.len()];
-            seen[i] = true;
+            visited[i] = i;
             let mut stack: Vec<usize> = child_groups[i].clone();
             while let Some(g) = stack.pop() {
-                if std::mem::replace(&mut seen[g], true) {
+                if std::mem::replace(&mut visited[g], i) == i {
                     continue;
                 }
                 members.extend(direct_users[g].iter().cloned());
@@ -109,11 +114,12 @@ mod tests {
                 ],
             ),
         ];
-        let out = resolve_members(&users, groups.clone(), true);
+        let dns: Vec<String> = users.iter().map(|u| dn::normalize_lossy(&u.dn)).collect();
+        let out = resolve_members(&users, &dns, groups.clone(), true);
         for g in &out {
             assert_eq!(g.members.len(), 3, "{}", g.id);
         }
-        let flat = resolve_members(&users, groups, false);
+        let flat = resolve_members(&users, &dns, groups, false);
         assert_eq!(flat[0].members, BTreeSet::from([DirectoryId::new("a")]));
     }
 }

@@ -104,11 +104,13 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
 
     let now = crate::clock::now();
     let mut users = Vec::with_capacity(user_entries.len());
+    let mut user_dns = Vec::with_capacity(user_entries.len());
     for mut entry in user_entries {
         let id = entry_id(&mut entry, cfg.dialect)?;
         let norm = dn::normalize_lossy(&entry.dn);
         let attrs = lowercase_attrs(entry.attrs);
         let disabled = disabled.contains(&norm) || ad_inactive(cfg.dialect, &attrs, now);
+        user_dns.push(norm);
         users.push(DirectoryUser {
             id,
             dn: entry.dn,
@@ -122,7 +124,7 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
         raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
     }
     let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
-    let groups = expand::resolve_members(&users, raw_groups, nested);
+    let groups = expand::resolve_members(&users, &user_dns, raw_groups, nested);
     info!(
         users = users.len(),
         groups = groups.len(),
