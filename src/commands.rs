@@ -323,10 +323,18 @@ async fn explain(config: &Config, needle: &str) -> u8 {
                 json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})
             }
         };
-        let row = snapshot.as_ref().and_then(|s| s.target(&t.name.0).ok()).and_then(|ts| ts.load().ok()).map(|st| {
+        let row = snapshot.as_ref().and_then(|s| s.target(&t.name.0).ok()).and_then(|ts| {
+            let mut st = ts.load().ok()?;
+            ts.load_attrs(&mut st, [&id]).ok()?;
+            Some(st)
+        }).map(|st| {
             st.users
                 .get(&id)
-                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map(|r| {
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    v["attrs"] = serde_json::to_value(&r.attrs).unwrap_or_default();
+                    v
+                })
                 .or_else(|| st.groups.get(&id).map(|r| json!({"scim_id": r.scim_id, "display_name": r.display_name, "members": r.members.len(), "owned": r.owned})))
         });
         let pending: Vec<serde_json::Value> = match &outcome {

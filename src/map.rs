@@ -26,6 +26,8 @@ pub struct DesiredUser {
     pub user_name: String,
     pub active: bool,
     pub attrs: FlatAttrs,
+    /// [`user_hash`] of `attrs`: equal to the snapshot row's hash when nothing changed.
+    pub hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,12 +140,46 @@ pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUs
     attrs.insert("externalId".into(), Value::String(user.id.0.clone()));
     attrs.insert("active".into(), Value::Bool(active));
     Ok(DesiredUser {
+        hash: user_hash(&attrs),
         id: user.id.clone(),
         dn: user.dn.clone(),
         user_name,
         active,
         attrs,
     })
+}
+
+/// The directory attributes a template names (`{givenName} {sn}` → givenName, sn).
+pub fn template_attributes(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(pos) = rest.find(['{', '}']) {
+        let tail = &rest[pos..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            rest = &tail[2..];
+        } else if let (true, Some(end)) = (tail.starts_with('{'), tail.find('}')) {
+            out.push(tail[1..end].to_string());
+            rest = &tail[end + 1..];
+        } else {
+            rest = &tail[1..];
+        }
+    }
+    out
+}
+
+/// Every directory attribute some target's mapping names, for the directory read.
+pub fn needed_attributes<'a>(targets: impl IntoIterator<Item = &'a TargetConfig>) -> Vec<String> {
+    let mut names: Vec<String> = targets
+        .into_iter()
+        .flat_map(|t| {
+            t.mapping
+                .iter()
+                .flat_map(|(_, tpl)| template_attributes(tpl))
+        })
+        .collect();
+    names.sort_by_key(|n| n.to_ascii_lowercase());
+    names.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    names
 }
 
 /// Renders `{attribute}` placeholders with the attribute's first value; `{{`/`}}` escape.
@@ -275,6 +311,15 @@ mod tests {
             attrs,
             disabled: false,
         }
+    }
+
+    #[test]
+    fn templates_name_their_attributes() {
+        assert_eq!(
+            template_attributes("{givenName} {{x}} {sn}"),
+            vec!["givenName", "sn"]
+        );
+        assert!(template_attributes("plain").is_empty());
     }
 
     #[test]

@@ -137,7 +137,9 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         Some(Snapshot::open(&pass.config.daemon.state_dir)?)
     };
     let read_started = std::time::Instant::now();
-    let directory = source::read(&pass.config.ldap).await?;
+    // The read covers every target's mappings: one read serves any subset of targets.
+    let wanted = map::needed_attributes(&pass.config.targets);
+    let directory = source::read_attributes(&pass.config.ldap, Some(&wanted)).await?;
     let read_duration = read_started.elapsed();
     let last = match &snapshot {
         Some(s) => s.last_read()?,
@@ -253,6 +255,23 @@ async fn run_target_untimed(
         Some(Err(e)) => return fail(e.to_string()),
         None => (None, TargetState::default()),
     };
+    // Attribute-level diffs are needed only where the hashes differ (and for leavers).
+    if let Some(ts) = &tsnap {
+        let stale: Vec<DirectoryId> = state
+            .users
+            .iter()
+            .filter(|(id, row)| {
+                desired
+                    .users
+                    .get(*id)
+                    .is_none_or(|want| want.hash != row.hash)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if let Err(e) = ts.load_attrs(&mut state, &stale) {
+            return fail(e.to_string());
+        }
+    }
     let client = match ScimClient::new(target) {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),

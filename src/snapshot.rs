@@ -50,6 +50,10 @@ pub struct UserRow {
     pub user_name: String,
     /// Hash of `attrs`, the representation last acknowledged by the target.
     pub hash: String,
+    /// Stored apart from the row and loaded only for the users a cycle needs them for
+    /// ([`TargetSnapshot::load_attrs`]): a cycle compares hashes first, so a no-op cycle never
+    /// holds every user's attributes twice.
+    #[serde(skip)]
     pub attrs: FlatAttrs,
     pub etag: Option<String>,
     pub state: UserState,
@@ -192,11 +196,16 @@ pub struct TargetSnapshot {
 
 const USER_PREFIX: &str = "u:";
 const GROUP_PREFIX: &str = "g:";
+const ATTRS_PREFIX: &str = "a:";
 
 impl TargetSnapshot {
     pub fn load(&self) -> Result<TargetState, SnapshotError> {
         let mut state = TargetState::default();
-        for item in self.tree.iter() {
+        for item in self
+            .tree
+            .scan_prefix(USER_PREFIX)
+            .chain(self.tree.scan_prefix(GROUP_PREFIX))
+        {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let key = String::from_utf8_lossy(&k).to_string();
             if let Some(id) = key.strip_prefix(USER_PREFIX) {
@@ -212,14 +221,36 @@ impl TargetSnapshot {
         Ok(state)
     }
 
+    /// Writes a user's row and its attributes, atomically.
     pub fn put_user(&self, id: &DirectoryId, row: &UserRow) -> Result<(), SnapshotError> {
-        put_json(&self.tree, &format!("{USER_PREFIX}{id}"), row, &self.path)
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), encode(row));
+        batch.insert(format!("{ATTRS_PREFIX}{id}").as_bytes(), encode(&row.attrs));
+        self.tree.apply_batch(batch).map_err(|e| self.storage(e))
     }
 
     pub fn remove_user(&self, id: &DirectoryId) -> Result<(), SnapshotError> {
-        self.tree
-            .remove(format!("{USER_PREFIX}{id}"))
-            .map_err(|e| self.storage(e))?;
+        let mut batch = sled::Batch::default();
+        batch.remove(format!("{USER_PREFIX}{id}").as_bytes());
+        batch.remove(format!("{ATTRS_PREFIX}{id}").as_bytes());
+        self.tree.apply_batch(batch).map_err(|e| self.storage(e))
+    }
+
+    /// Fills in `attrs` of the given users' rows (those a plan may diff attribute by attribute).
+    pub fn load_attrs<'a>(
+        &self,
+        state: &mut TargetState,
+        ids: impl IntoIterator<Item = &'a DirectoryId>,
+    ) -> Result<(), SnapshotError> {
+        for id in ids {
+            let key = format!("{ATTRS_PREFIX}{id}");
+            if let (Some(row), Some(bytes)) = (
+                state.users.get_mut(id),
+                self.tree.get(&key).map_err(|e| self.storage(e))?,
+            ) {
+                row.attrs = self.decode(&key, &bytes)?;
+            }
+        }
         Ok(())
     }
 
@@ -271,6 +302,10 @@ fn get_json<T: DeserializeOwned>(
         })
 }
 
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("snapshot rows always serialize")
+}
+
 fn put_json<T: Serialize>(
     tree: &sled::Tree,
     key: &str,
@@ -298,7 +333,7 @@ mod tests {
             scim_id: ScimId("s1".into()),
             user_name: "jdoe".into(),
             hash: "h".into(),
-            attrs: FlatAttrs::new(),
+            attrs: FlatAttrs::from([("title".to_string(), serde_json::json!("Engineer"))]),
             etag: Some("W/\"1\"".into()),
             state: UserState::Deactivated { since: Utc::now() },
             owned: Ownership::Adopted,
@@ -315,7 +350,13 @@ mod tests {
             snap.flush().await.unwrap();
         }
         let snap = Snapshot::open(dir.path()).unwrap();
-        let state = snap.target("app").unwrap().load().unwrap();
+        let target = snap.target("app").unwrap();
+        let mut state = target.load().unwrap();
+        assert!(
+            state.users[&id].attrs.is_empty(),
+            "attributes load on demand"
+        );
+        target.load_attrs(&mut state, [&id]).unwrap();
         assert_eq!(state.users.get(&id), Some(&row));
         assert!(snap
             .target("other")

@@ -254,6 +254,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         match state.users.get(id) {
             Some(row) => {
                 provisioned.insert(id.clone());
+                if row.hash == want.hash {
+                    continue;
+                }
                 let changes = diff_attrs(&row.attrs, &want.attrs);
                 if changes.is_empty() {
                     continue;

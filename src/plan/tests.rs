@@ -42,6 +42,7 @@ fn want(id: &str, title: &str, active: bool) -> DesiredUser {
         dn: format!("uid={id}"),
         user_name: id.into(),
         active,
+        hash: crate::map::user_hash(&attrs),
         attrs,
     }
 }
@@ -50,7 +51,7 @@ fn row(u: &DesiredUser) -> UserRow {
     UserRow {
         scim_id: ScimId(format!("s-{}", u.id)),
         user_name: u.user_name.clone(),
-        hash: String::new(),
+        hash: u.hash.clone(),
         attrs: u.attrs.clone(),
         etag: None,
         state: if u.active {

@@ -65,18 +65,41 @@ fn user_attributes(dialect: Dialect) -> &'static [&'static str] {
     }
 }
 
-/// Reads the whole directory as configured. Fails rather than return a partial read.
+/// Reads the whole directory as configured, with every user attribute. Fails rather than
+/// return a partial read.
 pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
+    read_attributes(cfg, None).await
+}
+
+/// Like [`read`], asking only for `wanted` user attributes (besides the ones the dialect
+/// needs): what the mappings name. Less to transfer, decode and hold.
+pub async fn read_attributes(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+) -> Result<Directory, SourceError> {
     let started = Instant::now();
     let mut ldap = connect(cfg).await?;
     let id_attr = id_attribute(cfg.dialect);
+    let user_attrs: Vec<&str> = match wanted {
+        None => user_attributes(cfg.dialect).to_vec(),
+        Some(w) => user_attributes(cfg.dialect)
+            .iter()
+            .copied()
+            .filter(|a| *a != "*")
+            .chain(w.iter().map(String::as_str))
+            .collect(),
+    };
+    let group_attrs: Vec<&str> = match wanted {
+        None => vec!["*", id_attr],
+        Some(_) => vec!["cn", "member", id_attr],
+    };
 
     let mut user_entries = paged_search(
         &mut ldap,
         cfg,
         &cfg.users.base,
         &cfg.users.filter,
-        user_attributes(cfg.dialect),
+        &user_attrs,
     )
     .await?;
     complete_ranges(&mut ldap, &cfg.users.base, &mut user_entries).await?;
@@ -94,7 +117,7 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
     let group_entries = match &cfg.groups {
         Some(g) => {
             let mut entries =
-                paged_search(&mut ldap, cfg, &g.base, &g.filter, &["*", id_attr]).await?;
+                paged_search(&mut ldap, cfg, &g.base, &g.filter, &group_attrs).await?;
             complete_ranges(&mut ldap, &g.base, &mut entries).await?;
             entries
         }
