@@ -193,7 +193,10 @@ impl Applier<'_> {
                 });
                 for e in effects {
                     match e {
-                        Effect::PutUser(id, row) => {
+                        Effect::PutUser(id, mut row) => {
+                            // The snapshot has the attributes; in memory the rest of this
+                            // apply only needs ids (as a cycle does after a hash match).
+                            row.attrs = FlatAttrs::new();
                             state.users.insert(id, row);
                         }
                         Effect::RemoveUser(id) => {
