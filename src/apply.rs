@@ -381,7 +381,18 @@ impl Applier<'_> {
                         let row =
                             self.user_row(sid, user_name, attrs, etag, Ownership::Created, None);
                         self.snapshot.put_user(id, &row)?;
-                        Ok(vec![Effect::PutUser(id.clone(), row)])
+                        let mut effects = vec![Effect::PutUser(id.clone(), row)];
+                        // Its memberships went with it: forget them, so the next plan adds
+                        // them again.
+                        for (gid, group) in &state.groups {
+                            if group.members.contains(id) {
+                                let mut group = group.clone();
+                                group.members.remove(id);
+                                self.snapshot.put_group(gid, &group)?;
+                                effects.push(Effect::PutGroup(gid.clone(), group));
+                            }
+                        }
+                        Ok(effects)
                     }
                     Err(e) => Err(e.into()),
                 }

@@ -618,3 +618,78 @@ fn a_412_refetches_the_etag_and_retries_once() {
         .unwrap();
     assert_eq!(u["title"], "Moved");
 }
+
+#[test]
+fn a_user_deleted_by_hand_on_the_target_is_created_again_and_said_so() {
+    let (model, seed) = Model::seed(4, 1);
+    let world = World::start(&seed, "");
+    world.sync_ok();
+    for t in &world.targets {
+        let id = t.user("u002")["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            scim_delete(
+                &t.server.base_url(),
+                t.server.token(),
+                &format!("/Users/{id}")
+            ),
+            204
+        );
+    }
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Back\n",
+        person_dn("u002")
+    ));
+    let out = world.sync_ok();
+    assert!(
+        out.stderr
+            .contains("deleted on the target by hand; creating it again"),
+        "{out}"
+    );
+    for t in &world.targets {
+        assert_eq!(t.user("u002")["title"], "Back", "{}", t.name());
+        assert_eq!(t.users().len(), 4, "{}", t.name());
+    }
+    // Its group membership went with it; the next cycle adds it back. (scim2-server keeps a
+    // dangling reference to the deleted account in the group: not ours to clean, and it
+    // names no user.)
+    world.sync_ok();
+    for t in &world.targets {
+        let members: BTreeSet<String> = t.memberships()["g0"]
+            .iter()
+            .filter(|m| !m.starts_with('?'))
+            .cloned()
+            .collect();
+        assert_eq!(members, model.groups["g0"], "{}", t.name());
+    }
+    world.assert_converged();
+}
+
+#[test]
+fn a_target_that_dies_mid_cycle_is_skipped_for_the_rest_of_it() {
+    let (_, seed) = Model::seed(40, 1);
+    let world = World::start(&seed, "concurrency = 1");
+    for t in &world.targets {
+        // Discovery and the lookups pass; then every write finds the connection closed.
+        t.proxy
+            .push_faults_for("POST", (0..200).map(|_| Fault::Reset).collect());
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 3, "{out}");
+    assert!(
+        out.stdout.contains("skipped for the rest of this cycle"),
+        "{out}"
+    );
+    for t in &world.targets {
+        let posts = t
+            .proxy
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count();
+        assert!(
+            posts <= 3 * 5,
+            "{}: gave up after three creates ({posts} POSTs), not forty",
+            t.name()
+        );
+    }
+}
