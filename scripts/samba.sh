@@ -23,31 +23,6 @@ script=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0
 
 die() { echo "samba.sh: $*" >&2; exit 1; }
 
-# Throwaway CA + leaf for 127.0.0.1/localhost. The leaf is CA:FALSE (rustls rejects a CA
-# certificate presented as the server's end-entity certificate); keys are mode 0600 (Samba
-# refuses a world-readable key).
-gen_tls() {
-  local out=$1
-  mkdir -p "$out"
-  (
-    cd "$out"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-      -keyout ca.key -out ca.pem -days 3650 -subj "/CN=ldap2scim test AD CA" \
-      -addext "basicConstraints=critical,CA:TRUE" \
-      -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-      -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
-    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
-      "keyUsage=critical,digitalSignature,keyEncipherment" \
-      "extendedKeyUsage=serverAuth" \
-      "subjectAltName=DNS:localhost,IP:127.0.0.1" > server.ext
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-      -out server.pem -days 3650 -extfile server.ext 2>/dev/null
-    chmod 600 ca.key server.key
-    rm -f server.csr server.ext ca.srl
-  )
-}
-
 provision() { # $1 = empty target dir
   local d=$1
   unshare -n samba-tool domain provision --targetdir="$d" \
@@ -59,7 +34,7 @@ provision() { # $1 = empty target dir
     --complexity=off --min-pwd-length=1 --history-length=0 --min-pwd-age=0 --max-pwd-age=0 \
     >>"$d/provision.log" 2>&1 || { tail -30 "$d/provision.log" >&2; return 1; }
   rm -rf "$d/private/tls" # Samba's own certificate is for dc1.example.org; we bring ours
-  gen_tls "$d/tls"
+  "$(dirname "$script")/gen-tls.sh" "$d/tls"
 }
 
 # template CACHE_DIR: one template per samba version and version of this script, provisioned

@@ -22,32 +22,9 @@
 # fills memberOf and the seed must NOT contain memberOf (set SLAPD_SEED_MODE=slapadd to change that).
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 die() { echo "slapd.sh: $*" >&2; exit 1; }
-
-# Throwaway CA + leaf certificate for localhost/127.0.0.1/::1. The leaf is CA:FALSE on purpose:
-# rustls rejects a certificate with CA:TRUE presented as the server's end-entity certificate.
-gen_tls() {
-  local out=$1
-  mkdir -p "$out"
-  (
-    cd "$out"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-      -keyout ca.key -out ca.pem -days 3650 -subj "/CN=ldap2scim test CA" \
-      -addext "basicConstraints=critical,CA:TRUE" \
-      -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-      -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
-    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
-      "keyUsage=critical,digitalSignature,keyEncipherment" \
-      "extendedKeyUsage=serverAuth" \
-      "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" > server.ext
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-      -out server.pem -days 3650 -extfile server.ext 2>/dev/null
-    chmod 600 ca.key server.key
-    rm -f server.csr server.ext ca.srl
-  )
-}
 
 config_ldif() {
   local dir=$1
@@ -161,7 +138,7 @@ init() {
   [ -z "$seed" ] || [ -r "$seed" ] || die "cannot read seed $seed"
   rm -rf "$dir/slapd.d" "$dir/data"
   mkdir -p "$dir/slapd.d" "$dir/data"
-  [ -f "$dir/tls/server.pem" ] || gen_tls "$dir/tls"
+  [ -f "$dir/tls/server.pem" ] || "$here/gen-tls.sh" "$dir/tls"
   config_ldif "$dir" > "$dir/config.ldif"
   slapadd -n0 -F "$dir/slapd.d" -l "$dir/config.ldif" >/dev/null
   # -q skips consistency checks (fast); -w writes the contextCSN so syncprov can hand out cookies.
