@@ -1696,6 +1696,32 @@ members_per_request = 500
     }
 
     #[test]
+    fn profiles_bring_their_limits() {
+        let slack = format!("{MINIMAL_TARGET}profile = \"slack\"\n");
+        let aws = format!(
+            "{MINIMAL_TARGET}profile = \"aws-identity-center\"\nmembers_per_request = 500\n"
+        );
+        let dir = tree(&[
+            ("config.toml", MINIMAL_MAIN),
+            ("targets.d/slack.toml", &slack),
+            ("targets.d/aws.toml", &aws),
+        ]);
+        let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
+        let by = |n: &str| config.targets.iter().find(|t| t.name.0 == n).unwrap();
+        assert_eq!(
+            by("slack").rate_limit,
+            Some(RateLimit { per_second: 3.0 }),
+            "180 writes a minute"
+        );
+        assert_eq!(
+            by("aws").members_per_request,
+            100,
+            "AWS takes at most 100 member changes"
+        );
+        assert_eq!(by("aws").timeout, Duration::from_secs(30));
+    }
+
+    #[test]
     fn groups_table_defaults() {
         let main =
             format!("{MINIMAL_MAIN}\n[ldap.groups]\nbase = \"ou=groups,dc=example,dc=org\"\n");
