@@ -87,12 +87,15 @@ pub fn desired(dir: &Directory, target: &TargetConfig) -> Result<Desired, MapErr
                 .push((user.id.clone(), user.dn.clone(), reason)),
         }
     }
+    // A user that could not be mapped is still in the directory: it keeps its place in its
+    // groups (the planner keeps what the target already has, and never deprovisions it).
+    let unmapped: HashSet<&DirectoryId> = out.problems.iter().map(|(id, _, _)| id).collect();
     if target.groups != GroupScope::None {
         for group in &dir.groups {
             let members: BTreeSet<DirectoryId> = group
                 .members
                 .iter()
-                .filter(|m| out.users.contains_key(*m))
+                .filter(|m| out.users.contains_key(*m) || unmapped.contains(m))
                 .cloned()
                 .collect();
             if target.groups == GroupScope::Scoped && members.is_empty() {

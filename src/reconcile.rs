@@ -160,12 +160,13 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     if let Some(s) = &snapshot {
         if !pass.dry_run {
             // The shrink guard compares with the last read that was allowed to count: one
-            // that held nothing, or whose held changes an operator approved.
-            if hold.is_none()
-                || outcomes
+            // that held nothing, or whose held changes an operator approved on every target
+            // (a pass over some targets only cannot lift the hold for the others).
+            let all_clear = pass.only.is_empty()
+                && outcomes
                     .iter()
-                    .all(|t| t.plan.held.is_empty() && t.error.is_none())
-            {
+                    .all(|t| t.plan.held.is_empty() && t.error.is_none());
+            if hold.is_none() || all_clear {
                 s.set_last_read(&ReadStats {
                     users: directory.users.len(),
                     groups: directory.groups.len(),
@@ -192,21 +193,23 @@ fn source_hold(
     max_shrink: f64,
 ) -> Option<guard::SourceHold> {
     let last = last?;
-    if last.users == 0 {
+    shrank("users", last.users, dir.users.len(), max_shrink)
+        .or_else(|| shrank("groups", last.groups, dir.groups.len(), max_shrink))
+}
+
+fn shrank(kind: &str, before: usize, now: usize, max_shrink: f64) -> Option<guard::SourceHold> {
+    if before == 0 {
         return None;
     }
-    let now = dir.users.len();
     if now == 0 {
         return Some(guard::SourceHold(format!(
-            "the directory read returned no users, but the last good read had {}",
-            last.users
+            "the directory read returned no {kind}, but the last good read had {before}"
         )));
     }
-    let shrink = 1.0 - now as f64 / last.users as f64;
+    let shrink = 1.0 - now as f64 / before as f64;
     (shrink > max_shrink).then(|| {
         guard::SourceHold(format!(
-            "the directory shrank from {} to {now} users ({:.0}%), more than ldap.max_shrink ({:.0}%)",
-            last.users,
+            "the directory shrank from {before} to {now} {kind} ({:.0}%), more than ldap.max_shrink ({:.0}%)",
             shrink * 100.0,
             max_shrink * 100.0
         ))
@@ -306,6 +309,7 @@ async fn run_target_untimed(
         &mut plan,
         target.max_deprovisions,
         state.users.len(),
+        state.groups.len(),
         hold,
         approved.as_ref(),
     );
@@ -349,7 +353,9 @@ async fn run_target_untimed(
         if let Err(e) = stored {
             warn!(target = %name, error = %e, "cannot record held changes");
         }
-        if approved.is_some() && plan.held.is_empty() {
+        // An approval releases one held set, in the sync right after it: never later
+        // deprovisions that happen to have the same action and id.
+        if approved.is_some() {
             let _ = s.remove_meta(&approval_key(&name));
         }
     }

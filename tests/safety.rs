@@ -196,7 +196,12 @@ fn an_empty_or_much_smaller_read_holds_every_deprovision() {
     assert_eq!(out.code, 2, "{out}");
     for t in &world.targets {
         let held = held_of(&plan, t.name());
-        assert_eq!(held.len(), 5, "{}: {held:?}", t.name());
+        let deactivations = held.iter().filter(|h| h.starts_with("deactivate")).count();
+        assert_eq!(deactivations, 5, "{}: {held:?}", t.name());
+        assert!(
+            held.contains(&"remove-members everyone".to_string()),
+            "their memberships are held too: {held:?}"
+        );
         let tp = plan["targets"]
             .as_array()
             .unwrap()
@@ -270,7 +275,16 @@ fn max_deprovisions_holds_the_excess_and_approve_releases_exactly_the_held_set()
     }
     let (_, plan) = world.plan_json();
     for t in &world.targets {
-        assert_eq!(held_of(&plan, t.name()).len(), 10);
+        let held = held_of(&plan, t.name());
+        assert_eq!(
+            held.iter().filter(|h| h.starts_with("deactivate")).count(),
+            10,
+            "{held:?}"
+        );
+        assert!(
+            held.contains(&"remove-members everyone".to_string()),
+            "{held:?}"
+        );
     }
     let status = world.run(&["status"]);
     assert!(status.stdout.contains("held"), "{status}");
@@ -278,7 +292,7 @@ fn max_deprovisions_holds_the_excess_and_approve_releases_exactly_the_held_set()
     for t in &world.targets {
         let out = world.run(&["approve", "--target", t.name()]);
         out.expect_code(0);
-        assert!(out.stdout.contains("approved 10"), "{out}");
+        assert!(out.stdout.contains("approved 11"), "{out}");
     }
     // Planned after the approval: three more leavers, over the limit on their own (10% of 20).
     for i in 10..13 {
@@ -581,5 +595,48 @@ fn an_entry_whose_id_cannot_be_read_stops_the_cycle() {
     for t in &world.targets {
         assert_eq!(t.proxy.writes(), 0, "{}", t.name());
         assert_eq!(active_count(t), 5, "{}", t.name());
+    }
+}
+
+#[test]
+fn a_user_whose_mapping_breaks_is_reported_not_deprovisioned() {
+    let world = World::start(
+        &people(5),
+        "max_deprovisions = \"100%\"\n[mapping]\nuserName = \"{mail}\"",
+    );
+    world.sync_ok();
+    // A mailbox migration clears p001's mail: its userName template renders empty.
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\ndelete: mail\n",
+        person_dn("p001")
+    ));
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert!(
+            changes_of(&plan, t.name()).is_empty(),
+            "{}: nothing planned for it",
+            t.name()
+        );
+        let tp = plan["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["target"] == t.name())
+            .unwrap();
+        assert!(
+            tp["problems"]
+                .to_string()
+                .contains("userName template renders empty"),
+            "{tp}"
+        );
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        assert_eq!(active_count(t), 5, "{}: still active", t.name());
+        assert!(
+            t.memberships()["everyone"].contains("p001@example.org"),
+            "{}: still a member",
+            t.name()
+        );
     }
 }

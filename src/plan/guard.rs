@@ -22,6 +22,7 @@ pub fn apply_limits(
     plan: &mut Plan,
     max_deprovisions: Limit,
     managed_users: usize,
+    managed_groups: usize,
     source_hold: Option<&SourceHold>,
     approved: Option<&BTreeSet<(String, DirectoryId)>>,
 ) {
@@ -38,23 +39,74 @@ pub fn apply_limits(
         return;
     }
     let user_deprovisions = pending.iter().filter(|c| c.resource() == "User").count();
-    let allowed = max_deprovisions.allowed(managed_users);
+    let group_deletes = pending.len() - user_deprovisions;
+    let (allowed_users, allowed_groups) = (
+        max_deprovisions.allowed(managed_users),
+        max_deprovisions.allowed(managed_groups),
+    );
     let reason = if let Some(SourceHold(why)) = source_hold {
         why.clone()
-    } else if user_deprovisions > allowed {
+    } else if user_deprovisions > allowed_users {
         format!(
             "{user_deprovisions} deprovisions exceed max_deprovisions ({}) of {managed_users} managed users; review them with `ldap2scim plan`, then run `ldap2scim approve --target NAME` to release them",
-            describe_limit(max_deprovisions, allowed)
+            describe_limit(max_deprovisions, allowed_users)
+        )
+    } else if group_deletes > allowed_groups {
+        format!(
+            "{group_deletes} group deletions exceed max_deprovisions ({}) of {managed_groups} managed groups; review them with `ldap2scim plan`, then run `ldap2scim approve --target NAME` to release them",
+            describe_limit(max_deprovisions, allowed_groups)
         )
     } else {
         return;
     };
-    let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut plan.changes)
+    let (mut held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut plan.changes)
         .into_iter()
         .partition(|c| c.is_destructive() && !is_approved(c));
-    plan.changes = kept;
+    // A held leaver keeps its group memberships too: removing them would take the access the
+    // hold is there to keep.
+    let held_users: BTreeSet<DirectoryId> = held
+        .iter()
+        .filter(|c| c.resource() == "User")
+        .map(|c| c.id().clone())
+        .collect();
+    let mut changes = Vec::with_capacity(kept.len());
+    for c in kept {
+        match c {
+            Change::RemoveMembers {
+                group,
+                group_name,
+                members,
+            } if !is_approved_removal(approved, &group) => {
+                let (keep_back, go): (Vec<_>, Vec<_>) =
+                    members.into_iter().partition(|m| held_users.contains(m));
+                if !go.is_empty() {
+                    changes.push(Change::RemoveMembers {
+                        group: group.clone(),
+                        group_name: group_name.clone(),
+                        members: go,
+                    });
+                }
+                if !keep_back.is_empty() {
+                    held.push(Change::RemoveMembers {
+                        group,
+                        group_name,
+                        members: keep_back,
+                    });
+                }
+            }
+            other => changes.push(other),
+        }
+    }
+    plan.changes = changes;
     plan.held = held;
     plan.held_reason = Some(reason);
+}
+
+fn is_approved_removal(
+    approved: Option<&BTreeSet<(String, DirectoryId)>>,
+    group: &DirectoryId,
+) -> bool {
+    approved.is_some_and(|a| a.contains(&("remove-members".to_string(), group.clone())))
 }
 
 fn describe_limit(limit: Limit, allowed: usize) -> String {

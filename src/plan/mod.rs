@@ -249,6 +249,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
     // Users that will be on the target (as group member candidates) after this plan.
     let mut provisioned: BTreeSet<DirectoryId> = BTreeSet::new();
+    // Entries present in the directory that could not be mapped: never "left". Their current
+    // rows stay as they are (and count as provisioned, so memberships stay too).
+    let unmapped: BTreeSet<DirectoryId> = desired
+        .problems
+        .iter()
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    provisioned.extend(
+        unmapped
+            .iter()
+            .filter(|id| state.users.contains_key(*id))
+            .cloned(),
+    );
 
     for (id, want) in &desired.users {
         match state.users.get(id) {
@@ -329,6 +342,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
     for (id, row) in &state.users {
         if desired.users.contains_key(id)
+            || unmapped.contains(id)
             || superseded.contains(id)
             || held_by_desired.contains(&row.scim_id)
         {

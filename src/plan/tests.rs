@@ -222,7 +222,7 @@ fn guard_holds_destructive_changes_over_the_limit() {
         d.users.insert(u.id.clone(), u);
     }
     let mut p = run(&target(), &d, &s);
-    guard::apply_limits(&mut p, Limit::Percent(0.1), s.users.len(), None, None);
+    guard::apply_limits(&mut p, Limit::Percent(0.1), s.users.len(), 0, None, None);
     assert_eq!(p.changes.len(), 5, "the safe updates still go ahead");
     assert_eq!(p.held.len(), 5);
     assert!(p
@@ -236,6 +236,7 @@ fn guard_holds_destructive_changes_over_the_limit() {
         &mut again,
         Limit::Percent(0.1),
         s.users.len(),
+        0,
         None,
         Some(&approved),
     );
@@ -250,6 +251,7 @@ fn guard_holds_destructive_changes_over_the_limit() {
         &mut later,
         Limit::Count(1),
         s.users.len(),
+        0,
         None,
         Some(&approved),
     );
@@ -261,4 +263,133 @@ fn guard_holds_destructive_changes_over_the_limit() {
     );
     let released = later.changes.iter().filter(|c| c.is_destructive()).count();
     assert_eq!(released, 5, "the approved five go ahead");
+}
+
+#[test]
+fn a_user_whose_mapping_fails_is_never_deprovisioned_nor_removed_from_groups() {
+    let mut s = TargetState::default();
+    let u = want("a", "x", true);
+    s.users.insert(u.id.clone(), row(&u));
+    let members: BTreeSet<_> = [u.id.clone()].into();
+    s.groups.insert(
+        DirectoryId::new("g"),
+        GroupRow {
+            scim_id: ScimId("sg".into()),
+            display_name: "g".into(),
+            members: members.clone(),
+            etag: None,
+            owned: Ownership::Created,
+        },
+    );
+    let mut d = Desired::default();
+    d.problems.push((
+        u.id.clone(),
+        "uid=a".into(),
+        "its userName template renders empty".into(),
+    ));
+    d.groups.insert(
+        DirectoryId::new("g"),
+        DesiredGroup {
+            id: DirectoryId::new("g"),
+            dn: "cn=g".into(),
+            display_name: "g".into(),
+            members,
+        },
+    );
+    let p = run(&target(), &d, &s);
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert_eq!(p.problems.len(), 1);
+}
+
+#[test]
+fn group_deletions_have_a_limit_and_held_leavers_keep_their_memberships() {
+    let mut s = TargetState::default();
+    let mut d = Desired::default();
+    for i in 0..10 {
+        let u = want(&format!("u{i}"), "x", true);
+        s.users.insert(u.id.clone(), row(&u));
+        if i >= 5 {
+            d.users.insert(u.id.clone(), u);
+        }
+    }
+    for g in 0..4 {
+        let gid = DirectoryId::new(&format!("g{g}"));
+        let members: BTreeSet<_> = s.users.keys().cloned().collect();
+        s.groups.insert(
+            gid.clone(),
+            GroupRow {
+                scim_id: ScimId(format!("s{g}")),
+                display_name: format!("g{g}"),
+                members: members.clone(),
+                etag: None,
+                owned: Ownership::Created,
+            },
+        );
+        if g == 0 {
+            d.groups.insert(
+                gid.clone(),
+                DesiredGroup {
+                    id: gid,
+                    dn: "cn=g0".into(),
+                    display_name: "g0".into(),
+                    members,
+                },
+            );
+        }
+    }
+    // Three groups gone and five users gone: both over a limit of one.
+    let mut p = run(&target(), &d, &s);
+    guard::apply_limits(
+        &mut p,
+        Limit::Count(1),
+        s.users.len(),
+        s.groups.len(),
+        None,
+        None,
+    );
+    assert!(
+        p.changes.iter().all(|c| !c.is_destructive()),
+        "{:?}",
+        p.changes
+    );
+    assert!(
+        p.changes
+            .iter()
+            .all(|c| !matches!(c, Change::RemoveMembers { .. })),
+        "held leavers stay members: {:?}",
+        p.changes
+    );
+    assert_eq!(
+        p.held
+            .iter()
+            .filter(|c| matches!(c, Change::DeleteGroup { .. }))
+            .count(),
+        3
+    );
+    assert_eq!(
+        p.held
+            .iter()
+            .filter(|c| matches!(c, Change::RemoveMembers { .. }))
+            .count(),
+        1
+    );
+
+    // Only groups over the limit, no user leaving: the group deletions are held on their own.
+    let mut d2 = d.clone();
+    for i in 0..5 {
+        let u = want(&format!("u{i}"), "x", true);
+        d2.users.insert(u.id.clone(), u);
+    }
+    d2.groups.get_mut(&DirectoryId::new("g0")).unwrap().members = s.users.keys().cloned().collect();
+    let mut p = run(&target(), &d2, &s);
+    guard::apply_limits(
+        &mut p,
+        Limit::Count(1),
+        s.users.len(),
+        s.groups.len(),
+        None,
+        None,
+    );
+    assert_eq!(p.held.len(), 3, "{:?}", p.held);
+    assert!(p.held_reason.unwrap().contains("group deletions"));
 }

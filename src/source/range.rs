@@ -106,7 +106,12 @@ pub(super) async fn complete(
         let mut high = first.high;
         let mut requests = 0usize;
         while let Some(last) = high {
-            let next = last + 1;
+            let next = last.checked_add(1).ok_or_else(|| {
+                incomplete(format!(
+                    "entry {} has a range ending at {last}, past any real count",
+                    entry.dn
+                ))
+            })?;
             let wanted = format!("{};range={next}-*", first.base);
             requests += 1;
             let (got, more) = fetch_range(ldap, &entry.dn, &first.base, &wanted)
@@ -143,14 +148,19 @@ pub(super) async fn complete(
 /// A bounded range `low-high` holds exactly `high - low + 1` values; fewer or more means the
 /// server skipped or repeated some.
 fn check_count(range: &RangedAttr, count: usize, dn: &str) -> Result<(), String> {
-    match range.high {
-        Some(high) if (high - range.low + 1) != count as u64 => Err(format!(
-            "range {}-{high} of {} of {dn} holds {count} values instead of {}",
-            range.low,
-            range.base,
-            high - range.low + 1
+    let Some(high) = range.high else {
+        return Ok(());
+    };
+    match high.checked_sub(range.low).and_then(|d| d.checked_add(1)) {
+        Some(expected) if expected == count as u64 => Ok(()),
+        Some(expected) => Err(format!(
+            "range {}-{high} of {} of {dn} holds {count} values instead of {expected}",
+            range.low, range.base
         )),
-        _ => Ok(()),
+        None => Err(format!(
+            "range {}-{high} of {} of {dn} is not a range",
+            range.low, range.base
+        )),
     }
 }
 
@@ -246,5 +256,13 @@ mod tests {
         let last = r("member", 1500, None).unwrap();
         assert!(check_count(&last, 0, "CN=g").is_ok());
         assert!(check_count(&last, 7, "CN=g").is_ok());
+    }
+
+    #[test]
+    fn absurd_ranges_are_errors_not_overflows() {
+        let huge = r("member", 0, Some(u64::MAX)).unwrap();
+        assert!(check_count(&huge, 3, "cn=g").is_err());
+        let backwards = r("member", 10, Some(5)).unwrap();
+        assert!(check_count(&backwards, 0, "cn=g").is_err());
     }
 }

@@ -83,6 +83,8 @@ pub struct ScimClient {
     /// Extra spacing learnt from 429s: doubles on each, decays on success.
     slowdown: std::sync::Mutex<Duration>,
     page_size: AtomicUsize,
+    /// From `/ServiceProviderConfig`: whether `filter` may be used (else lookups list).
+    filter_supported: std::sync::atomic::AtomicBool,
     oauth_token: Mutex<Option<(String, Instant)>>,
     counters: Counters,
 }
@@ -125,6 +127,7 @@ impl ScimClient {
             interval,
             slowdown: std::sync::Mutex::new(Duration::ZERO),
             page_size: AtomicUsize::new(DEFAULT_PAGE_SIZE),
+            filter_supported: std::sync::atomic::AtomicBool::new(true),
             oauth_token: Mutex::new(None),
             counters: Counters::default(),
         })
@@ -507,24 +510,45 @@ impl ScimClient {
             .body)
     }
 
-    /// Resources matching `attr eq "value"` (the one filter every provider supports).
+    /// Resources whose top-level `attr` equals `value` (`externalId` exactly; `userName` and
+    /// `displayName` ignoring case, as RFC 7643 defines them). Asks with `attr eq "value"` (the
+    /// one filter every provider supports), or lists everything where filtering is not
+    /// supported, and in both cases keeps only true matches: a target that ignores or
+    /// misreads the filter never makes someone else's account look like ours.
     pub async fn find_eq(
         &self,
         resource_type: &str,
         attr: &str,
         value: &str,
     ) -> Result<Vec<Value>, TargetError> {
-        let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
-        let filter = format!("{attr} eq \"{escaped}\"");
-        let resp = self
-            .send(
-                Method::GET,
-                &format!("/{resource_type}"),
-                &[("filter", filter)],
-                None,
-            )
-            .await?;
-        self.resources(resource_type, resp.body)
+        let candidates = if self.filter_supported.load(Ordering::Relaxed) {
+            let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+            let filter = format!("{attr} eq \"{escaped}\"");
+            let resp = self
+                .send(
+                    Method::GET,
+                    &format!("/{resource_type}"),
+                    &[("filter", filter)],
+                    None,
+                )
+                .await?;
+            self.resources(resource_type, resp.body)?
+        } else {
+            self.list_all(resource_type).await?
+        };
+        let exact = attr == "externalId";
+        Ok(candidates
+            .into_iter()
+            .filter(|r| {
+                r.get(attr).and_then(Value::as_str).is_some_and(|v| {
+                    if exact {
+                        v == value
+                    } else {
+                        v.to_lowercase() == value.to_lowercase()
+                    }
+                })
+            })
+            .collect())
     }
 
     /// Every resource of a type, page by page.
@@ -543,11 +567,16 @@ impl ScimClient {
                 .body
                 .get("totalResults")
                 .and_then(Value::as_u64)
-                .unwrap_or(0) as usize;
+                .map(|n| n as usize);
             let items = self.resources(resource_type, resp.body)?;
             let got = items.len();
             all.extend(items);
-            if got == 0 || all.len() >= total {
+            // Without totalResults, a full page means there may be more.
+            let done = match total {
+                Some(total) => all.len() >= total,
+                None => got < page,
+            };
+            if got == 0 || done {
                 return Ok(all);
             }
         }
@@ -585,6 +614,7 @@ impl ScimClient {
                 .and_then(Value::as_u64)
                 .map(|n| n as usize),
         };
+        self.filter_supported.store(caps.filter, Ordering::Relaxed);
         if let Some(max) = caps.max_results.filter(|m| *m > 0) {
             self.page_size
                 .store(max.min(DEFAULT_PAGE_SIZE * 10), Ordering::Relaxed);

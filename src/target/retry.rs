@@ -9,7 +9,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 
-/// The longest `Retry-After` honoured; a server asking for more is treated as down.
+/// The longest `Retry-After` honoured: a longer one is waited out only this long, so one
+/// target's request stays bounded (and the retry budget still ends it).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, PartialEq)]
