@@ -657,7 +657,7 @@ impl Applier<'_> {
             return Ok(Some((sid, Ownership::Created)));
         }
         if self.target.match_existing.contains(&MatchRule::UserName)
-            && !crate::reconcile::is_protected(self.target, user_name)
+            && !crate::plan::is_protected(self.target, user_name)
         {
             let found = self.client.find_eq("Users", "userName", user_name).await?;
             if found.len() == 1 {

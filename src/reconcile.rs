@@ -359,7 +359,11 @@ async fn run_target_untimed(
             let _ = s.remove_meta(&approval_key(&name));
         }
     }
-    let status = if !report.failures.is_empty() {
+    let status = if !report.failures.is_empty()
+        || report.not_started > 0
+        || plan.problems.iter().any(|p| p.fails)
+    {
+        // Something was not applied, or an entry could not be provisioned: partly failed.
         TargetStatus::Error
     } else if !plan.held.is_empty() {
         TargetStatus::Held
@@ -435,38 +439,6 @@ pub fn approval_key(target: &str) -> String {
     format!("approved/{target}")
 }
 
-/// Whether `name` matches one of the target's `protect` patterns (`*` and `?` globs,
-/// case-insensitive).
-pub fn is_protected(target: &TargetConfig, name: &str) -> bool {
-    target
-        .protect
-        .iter()
-        .any(|p| glob_match(&p.to_lowercase(), &name.to_lowercase()))
-}
-
-fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
 type Found = (
     BTreeMap<DirectoryId, Existing>,
     BTreeMap<DirectoryId, Existing>,
@@ -540,9 +512,22 @@ async fn resolve_existing(
                 1 => {
                     let r = &found[0];
                     let name = r["userName"].as_str().unwrap_or_default();
-                    if is_protected(target, name) {
-                        problems.push(problem(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+                    if plan::is_protected(target, name) {
+                        problems.push(protected(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
                         continue;
+                    }
+                    if let Some((holder, _)) = scim_id_of(r)
+                        .as_ref()
+                        .and_then(|sid| state.user_by_scim_id(sid))
+                    {
+                        if desired.users.contains_key(holder) {
+                            problems.push(problem(
+                                &u.id,
+                                &u.user_name,
+                                format!("the account {name} on the target already belongs to directory entry {holder}; not adopting it for a second one"),
+                            ));
+                            continue;
+                        }
                     }
                     if let Some(scim_id) = scim_id_of(r) {
                         users.insert(
@@ -619,8 +604,8 @@ async fn resolve_existing(
                 1 => {
                     let summary = &found[0];
                     let name = summary["displayName"].as_str().unwrap_or_default();
-                    if is_protected(target, name) {
-                        problems.push(problem(&g.id, &g.display_name, format!("an existing group {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+                    if plan::is_protected(target, name) {
+                        problems.push(protected(&g.id, &g.display_name, format!("an existing group {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
                         continue;
                     }
                     let Some(scim_id) = scim_id_of(summary) else {
@@ -664,6 +649,14 @@ fn problem(id: &DirectoryId, name: &str, reason: String) -> plan::Problem {
         external_id: id.0.clone(),
         name: name.to_string(),
         reason,
+        fails: true,
+    }
+}
+
+fn protected(id: &DirectoryId, name: &str, reason: String) -> plan::Problem {
+    plan::Problem {
+        fails: false,
+        ..problem(id, name, reason)
     }
 }
 
@@ -706,10 +699,10 @@ mod tests {
 
     #[test]
     fn globs_match_case_insensitively() {
-        assert!(glob_match("admin*", "admin-root"));
-        assert!(glob_match("break-glass-?", "break-glass-1"));
-        assert!(!glob_match("admin*", "sysadmin"));
-        assert!(glob_match("*", ""));
+        assert!(plan::glob_match("admin*", "admin-root"));
+        assert!(plan::glob_match("break-glass-?", "break-glass-1"));
+        assert!(!plan::glob_match("admin*", "sysadmin"));
+        assert!(plan::glob_match("*", ""));
     }
 
     #[test]

@@ -630,7 +630,11 @@ fn a_user_whose_mapping_breaks_is_reported_not_deprovisioned() {
             "{tp}"
         );
     }
-    world.sync_ok();
+    let out = world.sync_expect(3);
+    assert!(
+        out.stdout.contains("problem: "),
+        "an entry that cannot be provisioned is a partial failure:\n{out}"
+    );
     for t in &world.targets {
         assert_eq!(active_count(t), 5, "{}: still active", t.name());
         assert!(

@@ -197,6 +197,9 @@ pub struct Problem {
     pub external_id: String,
     pub name: String,
     pub reason: String,
+    /// `false` for what policy wants (a `protect` pattern): reported, but not a failure.
+    #[serde(skip)]
+    pub fails: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -267,7 +270,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         match state.users.get(id) {
             Some(row) => {
                 provisioned.insert(id.clone());
-                if row.hash == want.hash {
+                // `protect` covers what we already manage too (a pattern added later, a rename).
+                if row.hash == want.hash || is_protected(target, &row.user_name) {
                     continue;
                 }
                 let changes = diff_attrs(&row.attrs, &want.attrs);
@@ -343,6 +347,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     for (id, row) in &state.users {
         if desired.users.contains_key(id)
             || unmapped.contains(id)
+            || is_protected(target, &row.user_name)
             || superseded.contains(id)
             || held_by_desired.contains(&row.scim_id)
         {
@@ -394,6 +399,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             .cloned()
             .collect();
         let current: BTreeSet<DirectoryId> = match state.groups.get(id) {
+            Some(row) if is_protected(target, &row.display_name) => continue,
             Some(row) => {
                 if row.display_name != want.display_name {
                     group_changes.push(Change::UpdateGroup {
@@ -450,7 +456,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
     for (id, row) in &state.groups {
-        if !desired.groups.contains_key(id) {
+        if !desired.groups.contains_key(id) && !is_protected(target, &row.display_name) {
             group_deletes.push(Change::DeleteGroup {
                 id: id.clone(),
                 scim_id: row.scim_id.clone(),
@@ -472,6 +478,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             external_id: id.0.clone(),
             name: dn.clone(),
             reason: reason.clone(),
+            fails: true,
         })
         .collect();
     p
@@ -503,6 +510,38 @@ pub fn diff_attrs(have: &FlatAttrs, want: &FlatAttrs) -> Vec<AttrChange> {
             })
         })
         .collect()
+}
+
+/// Whether `name` matches one of the target's `protect` patterns (`*` and `?` globs,
+/// case-insensitive).
+pub fn is_protected(target: &TargetConfig, name: &str) -> bool {
+    target
+        .protect
+        .iter()
+        .any(|p| glob_match(&p.to_lowercase(), &name.to_lowercase()))
+}
+
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]

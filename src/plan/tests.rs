@@ -393,3 +393,26 @@ fn group_deletions_have_a_limit_and_held_leavers_keep_their_memberships() {
     assert_eq!(p.held.len(), 3, "{:?}", p.held);
     assert!(p.held_reason.unwrap().contains("group deletions"));
 }
+
+#[test]
+fn protected_rows_are_never_touched() {
+    let mut t = target();
+    t.protect = vec!["ADMIN*".into()];
+    let mut s = TargetState::default();
+    for id in ["admin-root", "bob"] {
+        let u = want(id, "x", true);
+        s.users.insert(u.id.clone(), row(&u));
+    }
+    let mut d = Desired::default();
+    let bob = want("bob", "changed", true);
+    d.users.insert(bob.id.clone(), bob);
+    let mut admin = want("admin-root", "changed", true);
+    admin.user_name = "admin-root".into();
+    d.users.insert(admin.id.clone(), admin);
+    let p = run(&t, &d, &s);
+    assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
+    assert_eq!(p.changes[0].name(), "bob");
+    // Gone from the directory: still never deactivated.
+    d.users.remove(&DirectoryId::new("admin-root"));
+    assert_eq!(run(&t, &d, &s).changes.len(), 1);
+}
