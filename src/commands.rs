@@ -245,7 +245,11 @@ fn status(config: &Config) -> u8 {
             println!("a cycle is running right now; run `status` again when it has finished");
             None
         }
-        Err(e) => return fail(e),
+        // `status` always answers (exit 0): it says what it cannot read.
+        Err(e) => {
+            println!("cannot read the snapshot: {e}");
+            None
+        }
     };
     if let Some(snapshot) = &snapshot {
         for t in &config.targets {

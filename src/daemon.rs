@@ -183,7 +183,12 @@ async fn cycle(config: Arc<Config>, stop: Arc<AtomicBool>, metrics: Metrics) -> 
                 reconcile::ReconcileError::UnknownTarget { .. } => "config",
             };
             metrics.cycle_failed(class, elapsed);
-            error!(run_id = %run_id, error = %e, "cycle failed; nothing was changed on any target");
+            let what = match e {
+                // A failed read plans nothing; a failed flush comes after changes were applied.
+                reconcile::ReconcileError::Snapshot(_) => "cycle failed",
+                _ => "cycle failed; nothing was changed on any target",
+            };
+            error!(run_id = %run_id, error = %e, "{what}");
             format!("last cycle {run_id} failed: {e}")
         }
     }

@@ -250,7 +250,9 @@ async fn run_target_untimed(
         Ok(d) => d,
         Err(e) => return fail(e.to_string()),
     };
-    let (tsnap, mut state) = match snapshot.map(|s| s.target(&name)) {
+    // A dry run never creates a target's tree: no tree means no rows.
+    let snapshot_for_target = snapshot.filter(|s| !pass.dry_run || s.has_target(&name));
+    let (tsnap, mut state) = match snapshot_for_target.map(|s| s.target(&name)) {
         Some(Ok(ts)) => match ts.load() {
             Ok(st) => (Some(ts), st),
             Err(e) => return fail(e.to_string()),

@@ -124,6 +124,15 @@ impl Snapshot {
         }
     }
 
+    /// Whether a target has rows at all (without creating its tree, for read-only commands).
+    pub fn has_target(&self, name: &str) -> bool {
+        let wanted = format!("target/{name}");
+        self.db
+            .tree_names()
+            .iter()
+            .any(|t| t.as_ref() == wanted.as_bytes())
+    }
+
     pub fn target(&self, name: &str) -> Result<TargetSnapshot, SnapshotError> {
         let tree = self
             .db
