@@ -38,4 +38,13 @@ cargo build --all-targets
 # Test binaries run one after the other; inside one, up to RUST_TEST_THREADS tests at a time
 # (an environment variable rather than `-- --test-threads`, which custom harnesses may reject).
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
-cargo test --all-targets "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --all-targets "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
