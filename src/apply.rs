@@ -132,6 +132,8 @@ pub struct Applier<'a> {
     /// Set when the process must stop: changes not yet started are left for the next cycle
     /// (the request in flight finishes).
     pub stop: Option<&'a AtomicBool>,
+    /// Like `stop`, at a given time.
+    pub deadline: Option<std::time::Instant>,
     /// Called with (target, changes done, changes total) as changes finish.
     pub progress: Option<Progress<'a>>,
     /// What the target said it supports (`/ServiceProviderConfig`).
@@ -147,7 +149,7 @@ impl Applier<'_> {
             counters.retries.load(Ordering::Relaxed),
             counters.throttled.load(Ordering::Relaxed),
         );
-        let stopping = || self.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+        let stopping = || self.should_stop();
         let total = changes.len();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let breaker = &Breaker::default();
@@ -157,7 +159,7 @@ impl Applier<'_> {
         while i < changes.len() {
             if stopping() {
                 report.not_started = changes.len() - i;
-                warn!(target = %self.target.name, left = report.not_started, "stop requested; the remaining changes wait for the next cycle");
+                warn!(target = %self.target.name, left = report.not_started, "stop requested or the next cycle is due; the remaining changes wait for the next cycle");
                 break;
             }
             let kind = std::mem::discriminant(&changes[i]);
@@ -550,7 +552,7 @@ impl Applier<'_> {
         }
         let batch = self.batch_size();
         for chunk in resolved.chunks(batch) {
-            if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            if self.should_stop() {
                 error = Some(ApplyError::Skipped(
                     "stop requested; the remaining member changes wait for the next cycle".into(),
                 ));
@@ -596,6 +598,14 @@ impl Applier<'_> {
             error.get_or_insert(e.into());
         }
         (vec![Effect::PutGroup(group.clone(), row)], error)
+    }
+
+    /// A stop was requested, or the deadline passed: start nothing new.
+    fn should_stop(&self) -> bool {
+        self.stop.is_some_and(|s| s.load(Ordering::Relaxed))
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
     }
 
     /// Changes a user: PATCH where the target supports it, else PUT of the full resource.

@@ -82,6 +82,17 @@ impl Ticks {
         }
     }
 
+    /// When a cycle started at `now` should stop starting changes: a tenth of the interval
+    /// (at most a minute) before the next scheduled time. None for the test-only interval,
+    /// whose tests want cycles that overlap ticks.
+    fn cycle_deadline(&self, now: DateTime<Utc>) -> Option<Instant> {
+        let Ticks::Cron(s) = self else { return None };
+        let next = s.next_after(now)?;
+        let interval = (next - now).to_std().ok()?;
+        let margin = (interval / 10).min(Duration::from_secs(60));
+        Some(Instant::now() + interval.saturating_sub(margin))
+    }
+
     fn next_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             Ticks::Cron(s) => s.next_after(now),
@@ -160,11 +171,17 @@ impl Notifier {
 
 /// One cycle: a reconcile pass, its audit records, its metrics and one log line per target.
 /// Returns the one-line summary for `STATUS=`.
-async fn cycle(config: Arc<Config>, stop: Arc<AtomicBool>, metrics: Metrics) -> String {
+async fn cycle(
+    config: Arc<Config>,
+    stop: Arc<AtomicBool>,
+    metrics: Metrics,
+    deadline: Option<Instant>,
+) -> String {
     let started = Instant::now();
     metrics.cycle_started();
     let mut pass = Pass::new(&config, &[], false);
     pass.stop = Some(&stop);
+    pass.deadline = deadline;
     let run_id = pass.run_id.clone();
     info!(run_id = %run_id, "cycle started");
     let result = reconcile::run(&pass).await;
@@ -322,11 +339,19 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
     notifier.status("started; waiting for the first cycle");
 
     let mut running: Option<CycleFuture> = None;
-    let start_cycle = |config: &Arc<Config>| -> CycleFuture {
-        Box::pin(cycle(config.clone(), stop.clone(), metrics.clone()))
+    // A cycle starts nothing new shortly before the next one is due, so a slow target costs
+    // the others no scheduled cycle (its remaining changes go in the next one).
+    let start_cycle = |config: &Arc<Config>, ticks: &Ticks| -> CycleFuture {
+        let deadline = ticks.cycle_deadline(Utc::now());
+        Box::pin(cycle(
+            config.clone(),
+            stop.clone(),
+            metrics.clone(),
+            deadline,
+        ))
     };
     if run_now {
-        running = Some(start_cycle(&config));
+        running = Some(start_cycle(&config, &ticks));
     }
     let mut watchdog =
         tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
@@ -367,7 +392,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
                     metrics.tick_skipped();
                     warn!(due = %due, skipped = metrics.ticks_skipped(), "a cycle is still running; this scheduled cycle is skipped");
                 } else {
-                    running = Some(start_cycle(&config));
+                    running = Some(start_cycle(&config, &ticks));
                 }
                 next = ticks.next_after(Utc::now().max(due));
             }
@@ -467,6 +492,23 @@ mod tests {
             Schedule::new("0 0 2 * * *", "UTC").is_err(),
             "six fields are not a crontab"
         );
+    }
+
+    #[test]
+    fn a_cycle_yields_shortly_before_the_next_one_is_due() {
+        let ticks = Ticks::Cron(Box::new(Schedule::new("*/15 * * * *", "UTC").unwrap()));
+        let now = Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap();
+        let before = Instant::now();
+        let deadline = ticks.cycle_deadline(now).unwrap();
+        // 15 minutes to the next cycle, minus a tenth capped at a minute: 14 minutes.
+        let budget = deadline - before;
+        assert!(
+            budget <= Duration::from_secs(14 * 60 + 1) && budget > Duration::from_secs(14 * 60 - 5),
+            "{budget:?}"
+        );
+        assert!(Ticks::Every(Duration::from_secs(1))
+            .cycle_deadline(now)
+            .is_none());
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct Pass<'a> {
     pub run_id: String,
     /// Set by a signal handler: finish the request in flight, start nothing new.
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    /// After this instant a target starts no new change (the daemon sets it just before the
+    /// next scheduled cycle, so one slow target cannot make the others miss theirs).
+    pub deadline: Option<std::time::Instant>,
     pub progress: Option<crate::apply::Progress<'a>>,
 }
 
@@ -84,6 +87,7 @@ impl<'a> Pass<'a> {
             now: crate::clock::now(),
             run_id: new_run_id(),
             stop: None,
+            deadline: None,
             progress: None,
         }
     }
@@ -341,6 +345,7 @@ async fn run_target_untimed(
         snapshot: &tsnap,
         now: pass.now,
         stop: pass.stop,
+        deadline: pass.deadline,
         progress: pass.progress,
         caps,
     };
