@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::apply::{members_of, scim_id_of, Applier, ApplyReport};
 use crate::config::{Config, MatchRule, Profile, TargetConfig};
 use crate::map::{self, Desired, FlatAttrs};
 use crate::model::{Directory, DirectoryId};
 use crate::plan::{self, guard, Existing, Plan, PlanInput};
-use crate::snapshot::{ReadStats, Snapshot, SnapshotError, TargetState};
+use crate::snapshot::{ReadStats, Snapshot, SnapshotError, TargetSnapshot, TargetState};
 use crate::source::{self, SourceError};
 use crate::target::{Capabilities, ScimClient, TargetError};
 
@@ -135,16 +135,47 @@ pub fn select_targets<'a>(
 /// is in its [`TargetOutcome`].
 pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     let targets = select_targets(pass.config, pass.only)?;
+    let opened = std::time::Instant::now();
     let snapshot = if pass.dry_run {
         Snapshot::open_existing(&pass.config.daemon.state_dir)?
     } else {
         Some(Snapshot::open(&pass.config.daemon.state_dir)?)
     };
+    debug!(
+        elapsed_ms = opened.elapsed().as_millis() as u64,
+        "snapshot opened"
+    );
+    // Each target's snapshot rows load on the blocking pool while the directory is read.
+    let loads: Vec<tokio::task::JoinHandle<Loaded>> = targets
+        .iter()
+        .map(|t| {
+            let name = t.name.0.clone();
+            // A dry run never creates a target's tree: no tree means no rows.
+            let snap = snapshot
+                .clone()
+                .filter(|s| !pass.dry_run || s.has_target(&name));
+            tokio::task::spawn_blocking(move || match snap.map(|s| s.target(&name)) {
+                Some(Ok(ts)) => ts
+                    .load()
+                    .map(|st| (Some(ts), st))
+                    .map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Ok((None, TargetState::default())),
+            })
+        })
+        .collect();
     let read_started = std::time::Instant::now();
     // The read covers every target's mappings: one read serves any subset of targets.
     let wanted = map::needed_attributes(&pass.config.targets);
     let directory = source::read_attributes(&pass.config.ldap, Some(&wanted)).await?;
     let read_duration = read_started.elapsed();
+    let mut loaded = Vec::with_capacity(loads.len());
+    for load in loads {
+        loaded.push(
+            load.await
+                .unwrap_or_else(|e| Err(format!("loading the snapshot failed: {e}"))),
+        );
+    }
     let last = match &snapshot {
         Some(s) => s.last_read()?,
         None => None,
@@ -154,12 +185,11 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         warn!(reason = %h.0, "holding every deprovision this cycle");
     }
 
-    let outcomes = futures::future::join_all(
-        targets
-            .iter()
-            .map(|t| run_target(pass, t, &directory, snapshot.as_ref(), hold.as_ref())),
-    )
-    .await;
+    let outcomes =
+        futures::future::join_all(targets.iter().zip(loaded).map(|(t, rows)| {
+            run_target(pass, t, &directory, snapshot.as_ref(), hold.as_ref(), rows)
+        }))
+        .await;
 
     if let Some(s) = &snapshot {
         if !pass.dry_run {
@@ -220,15 +250,19 @@ fn shrank(kind: &str, before: usize, now: usize, max_shrink: f64) -> Option<guar
     })
 }
 
+/// A target's snapshot rows (and its tree, absent in a dry run without one), or why not.
+type Loaded = Result<(Option<TargetSnapshot>, TargetState), String>;
+
 async fn run_target(
     pass: &Pass<'_>,
     target: &TargetConfig,
     directory: &Directory,
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
+    rows: Loaded,
 ) -> TargetOutcome {
     let started = std::time::Instant::now();
-    let mut outcome = run_target_untimed(pass, target, directory, snapshot, hold).await;
+    let mut outcome = run_target_untimed(pass, target, directory, snapshot, hold, rows).await;
     outcome.elapsed = started.elapsed();
     outcome
 }
@@ -239,6 +273,7 @@ async fn run_target_untimed(
     directory: &Directory,
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
+    rows: Loaded,
 ) -> TargetOutcome {
     let name = target.name.0.clone();
     let fail = |error: String| TargetOutcome {
@@ -250,19 +285,14 @@ async fn run_target_untimed(
         names: BTreeMap::new(),
         elapsed: Default::default(),
     };
+    let step = std::time::Instant::now();
     let desired = match map::desired(directory, target) {
         Ok(d) => d,
         Err(e) => return fail(e.to_string()),
     };
-    // A dry run never creates a target's tree: no tree means no rows.
-    let snapshot_for_target = snapshot.filter(|s| !pass.dry_run || s.has_target(&name));
-    let (tsnap, mut state) = match snapshot_for_target.map(|s| s.target(&name)) {
-        Some(Ok(ts)) => match ts.load() {
-            Ok(st) => (Some(ts), st),
-            Err(e) => return fail(e.to_string()),
-        },
-        Some(Err(e)) => return fail(e.to_string()),
-        None => (None, TargetState::default()),
+    let (tsnap, mut state) = match rows {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(e),
     };
     // Attribute-level diffs are needed only where the hashes differ (and for leavers).
     if let Some(ts) = &tsnap {
@@ -285,6 +315,8 @@ async fn run_target_untimed(
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, "mapped and snapshot loaded");
+    let step = std::time::Instant::now();
     let caps = client.discover().await;
     let (existing_users, existing_groups, mut problems) =
         match resolve_existing(&client, caps, target, &desired, &state).await {
@@ -295,6 +327,8 @@ async fn run_target_untimed(
         .iter()
         .map(|p| DirectoryId(p.external_id.clone()))
         .collect();
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, "target looked up");
+    let step = std::time::Instant::now();
     let mut plan = plan::plan(&PlanInput {
         target,
         desired: &desired,
@@ -349,6 +383,7 @@ async fn run_target_untimed(
         progress: pass.progress,
         caps,
     };
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, "planned");
     let report = applier.apply(&mut state, &plan.changes).await;
     if let Some(s) = snapshot {
         let held = guard::held_keys(&plan);
