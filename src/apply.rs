@@ -558,17 +558,8 @@ impl Applier<'_> {
                 ));
                 break;
             }
-            let ops = if add {
-                vec![
-                    json!({"op": "add", "path": "members", "value": chunk.iter().map(|(_, s)| json!({"value": s.0})).collect::<Vec<_>>()}),
-                ]
-            } else if self.target.profile == Profile::EntraStyle {
-                vec![
-                    json!({"op": "remove", "path": "members", "value": chunk.iter().map(|(_, s)| json!({"value": s.0})).collect::<Vec<_>>()}),
-                ]
-            } else {
-                chunk.iter().map(|(_, s)| json!({"op": "remove", "path": format!("members[value eq \"{}\"]", s.0)})).collect()
-            };
+            let ids: Vec<&ScimId> = chunk.iter().map(|(_, s)| *s).collect();
+            let ops = member_ops(self.target.profile, add, &ids);
             match self.client.patch("Groups", &row.scim_id, ops).await {
                 Ok(etag) => {
                     for (m, _) in chunk {
@@ -781,6 +772,27 @@ pub fn members_of(group: &Value, state: &TargetState) -> BTreeSet<DirectoryId> {
         .collect()
 }
 
+/// The PATCH operations for one batch of member changes: one `add` with every value;
+/// removals as one filter path per member, or (entra-style) one `remove` with a value array.
+pub fn member_ops(profile: Profile, add: bool, members: &[&ScimId]) -> Vec<Value> {
+    let values = || {
+        members
+            .iter()
+            .map(|s| json!({"value": s.0}))
+            .collect::<Vec<_>>()
+    };
+    match (add, profile) {
+        (true, _) => vec![json!({"op": "add", "path": "members", "value": values()})],
+        (false, Profile::EntraStyle) => {
+            vec![json!({"op": "remove", "path": "members", "value": values()})]
+        }
+        (false, _) => members
+            .iter()
+            .map(|s| json!({"op": "remove", "path": format!("members[value eq \"{}\"]", s.0)}))
+            .collect(),
+    }
+}
+
 /// PATCH operations for a set of attribute changes: one replace (or remove) per top-level
 /// attribute touched, plus removes of sub-attributes that disappeared from a complex one.
 pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs, _profile: Profile) -> Vec<Value> {
@@ -827,6 +839,31 @@ fn replace_all(attrs: &FlatAttrs) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_batches_follow_the_profile() {
+        let (a, b) = (ScimId("a".into()), ScimId("b".into()));
+        let ids = [&a, &b];
+        assert_eq!(
+            member_ops(Profile::Generic, true, &ids),
+            vec![
+                json!({"op": "add", "path": "members", "value": [{"value": "a"}, {"value": "b"}]})
+            ]
+        );
+        assert_eq!(
+            member_ops(Profile::Generic, false, &ids),
+            vec![
+                json!({"op": "remove", "path": "members[value eq \"a\"]"}),
+                json!({"op": "remove", "path": "members[value eq \"b\"]"}),
+            ]
+        );
+        assert_eq!(
+            member_ops(Profile::EntraStyle, false, &ids),
+            vec![
+                json!({"op": "remove", "path": "members", "value": [{"value": "a"}, {"value": "b"}]})
+            ]
+        );
+    }
 
     #[test]
     fn patch_ops_replace_whole_top_level_attributes() {

@@ -231,18 +231,7 @@ fn ad_sync_end_to_end() {
     );
     config
         .set("ldap", "starttls", "false")
-        .set("ldap", "dialect", "\"active-directory\"")
-        .set("ldap", "page_size", "500")
-        .set("ldap", "max_shrink", "\"100%\"")
-        .set("ldap.users", "base", &toml_str(PEOPLE))
-        .set(
-            "ldap.users",
-            "filter",
-            &toml_str("(&(objectCategory=person)(objectClass=user))"),
-        )
-        .unset("ldap.users", "disabled_filter")
-        .set("ldap.groups", "base", &toml_str(GROUPS))
-        .set("ldap.groups", "filter", &toml_str("(objectClass=group)"));
+        .active_directory(PEOPLE, GROUPS);
     config.target(
         "app",
         &scim.base_url(),

@@ -181,6 +181,24 @@ impl TestConfig {
         self
     }
 
+    /// Switches to the `active-directory` dialect: users and groups under the given bases, AD's
+    /// object filters, pages of 500, no disabled filter (userAccountControl covers it), and no
+    /// shrink guard (test directories change by large fractions).
+    pub fn active_directory(&mut self, people: &str, groups: &str) -> &mut Self {
+        self.set("ldap", "dialect", &toml_str("active-directory"))
+            .set("ldap", "page_size", "500")
+            .set("ldap", "max_shrink", &toml_str("100%"))
+            .set("ldap.users", "base", &toml_str(people))
+            .set(
+                "ldap.users",
+                "filter",
+                &toml_str("(&(objectCategory=person)(objectClass=user))"),
+            )
+            .unset("ldap.users", "disabled_filter")
+            .set("ldap.groups", "base", &toml_str(groups))
+            .set("ldap.groups", "filter", &toml_str("(objectClass=group)"))
+    }
+
     /// Deletes `targets.d/NAME.toml`.
     pub fn remove_target(&mut self, name: &str) -> &mut Self {
         let _ = std::fs::remove_file(self.target_path(name));
