@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::config::{MatchRule, Profile, TargetConfig};
-use crate::map::{self, FlatAttrs};
+use crate::map::{self, FlatAttrs, SharedAttrs};
 use crate::model::{DirectoryId, ScimId};
 use crate::plan::{AttrChange, Change};
 use crate::snapshot::{
@@ -198,7 +198,7 @@ impl Applier<'_> {
                         Effect::PutUser(id, mut row) => {
                             // The snapshot has the attributes; in memory the rest of this
                             // apply only needs ids (as a cycle does after a hash match).
-                            row.attrs = FlatAttrs::new();
+                            row.attrs = SharedAttrs::default();
                             state.users.insert(id, row);
                         }
                         Effect::RemoveUser(id) => {
@@ -672,7 +672,7 @@ impl Applier<'_> {
         &self,
         scim_id: ScimId,
         user_name: &str,
-        attrs: &FlatAttrs,
+        attrs: &SharedAttrs,
         etag: Option<String>,
         owned: Ownership,
         prev: Option<&UserRow>,
@@ -687,7 +687,7 @@ impl Applier<'_> {
             scim_id,
             user_name: user_name.to_string(),
             hash: map::user_hash(attrs),
-            attrs: attrs.clone(),
+            attrs: SharedAttrs::clone(attrs),
             etag,
             state,
             owned,

@@ -336,7 +336,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
                 .get(&id)
                 .map(|r| {
                     let mut v = serde_json::to_value(r).unwrap_or_default();
-                    v["attrs"] = serde_json::to_value(&r.attrs).unwrap_or_default();
+                    v["attrs"] = serde_json::to_value(r.attrs.as_ref()).unwrap_or_default();
                     v
                 })
                 .or_else(|| st.groups.get(&id).map(|r| json!({"scim_id": r.scim_id, "display_name": r.display_name, "members": r.members.len(), "owned": r.owned})))

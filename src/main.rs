@@ -8,6 +8,15 @@ use clap::Parser;
 use ldap2scim::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc instead of glibc's malloc: a cycle allocates and frees millions of small strings
+/// on several threads, where glibc's arenas cost time (lock contention, consolidation) and
+/// resident memory (fragmentation). mimalloc was tried too: it returns freed pages to the
+/// kernel so eagerly that a cycle spent a third of its time faulting them back in. Measured in
+/// BENCHMARKS.md. Build with `--features system-allocator` to profile the heap with heaptrack.
+#[cfg(not(feature = "system-allocator"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One crypto provider for both LDAP (ldap3) and HTTPS (reqwest): ring.

@@ -19,13 +19,17 @@ pub const ENTERPRISE_SCHEMA: &str = "urn:ietf:params:scim:schemas:extension:ente
 /// Flat SCIM attributes: path (as in the mapping, plus `externalId` and `active`) → value.
 pub type FlatAttrs = BTreeMap<String, Value>;
 
+/// Flat attributes shared, not copied, between the desired user, the change that creates or
+/// updates it and the snapshot row written afterwards (one copy per user, not three).
+pub type SharedAttrs = std::sync::Arc<FlatAttrs>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredUser {
     pub id: DirectoryId,
     pub dn: String,
     pub user_name: String,
     pub active: bool,
-    pub attrs: FlatAttrs,
+    pub attrs: SharedAttrs,
     /// [`user_hash`] of `attrs`: equal to the snapshot row's hash when nothing changed.
     pub hash: String,
 }
@@ -55,6 +59,17 @@ pub enum MapError {
 
 /// What `target` should contain, given `dir`.
 pub fn desired(dir: &Directory, target: &TargetConfig) -> Result<Desired, MapError> {
+    desired_with(dir, target, |_, _| false)
+}
+
+/// Like [`desired`]; a user for which `unchanged(id, hash)` holds (its snapshot row has the
+/// same hash) keeps no attributes: nothing will be diffed or sent for it, and a cycle over
+/// 100,000 unchanged users need not hold their attributes at all.
+pub fn desired_with(
+    dir: &Directory,
+    target: &TargetConfig,
+    unchanged: impl Fn(&DirectoryId, &str) -> bool,
+) -> Result<Desired, MapError> {
     let in_scope: Option<HashSet<&DirectoryId>> = if target.scope_groups.is_empty() {
         None
     } else {
@@ -74,12 +89,16 @@ pub fn desired(dir: &Directory, target: &TargetConfig) -> Result<Desired, MapErr
         Some(set)
     };
     let mut out = Desired::default();
+    let mapping = compile_mapping(target);
     for user in &dir.users {
         if in_scope.as_ref().is_some_and(|s| !s.contains(&user.id)) {
             continue;
         }
-        match map_user(user, target) {
-            Ok(u) => {
+        match map_compiled(user, &mapping) {
+            Ok(mut u) => {
+                if unchanged(&u.id, &u.hash) {
+                    u.attrs = SharedAttrs::default();
+                }
                 out.users.insert(u.id.clone(), u);
             }
             Err(reason) => out
@@ -126,9 +145,24 @@ fn group_display_name(g: &DirectoryGroup) -> String {
 
 /// Maps one user through the target's templates.
 pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUser, String> {
+    map_compiled(user, &compile_mapping(target))
+}
+
+/// A target's mapping, compiled: SCIM path → template pieces.
+type Compiled = Vec<(String, Vec<Piece>)>;
+
+fn compile_mapping(target: &TargetConfig) -> Compiled {
+    target
+        .mapping
+        .iter()
+        .map(|(path, template)| (path.clone(), compile(template)))
+        .collect()
+}
+
+fn map_compiled(user: &DirectoryUser, mapping: &Compiled) -> Result<DesiredUser, String> {
     let mut attrs = FlatAttrs::new();
-    for (path, template) in &target.mapping {
-        let value = render(template, user);
+    for (path, pieces) in mapping {
+        let value = render_compiled(pieces, user);
         if !value.is_empty() {
             attrs.insert(path.clone(), Value::String(value));
         }
@@ -148,7 +182,7 @@ pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUs
         dn: user.dn.clone(),
         user_name,
         active,
-        attrs,
+        attrs: SharedAttrs::new(attrs),
     })
 }
 
@@ -187,27 +221,63 @@ pub fn needed_attributes<'a>(targets: impl IntoIterator<Item = &'a TargetConfig>
 
 /// Renders `{attribute}` placeholders with the attribute's first value; `{{`/`}}` escape.
 pub fn render(template: &str, user: &DirectoryUser) -> String {
-    let mut out = String::new();
+    render_compiled(&compile(template), user)
+}
+
+/// A template split once into literal text and (lowercased) attribute names, so rendering
+/// 100,000 users does not re-parse it for each.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Text(String),
+    Attr(String),
+}
+
+fn compile(template: &str) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut text = String::new();
     let mut rest = template;
     while let Some(pos) = rest.find(['{', '}']) {
-        out.push_str(&rest[..pos]);
+        text.push_str(&rest[..pos]);
         let tail = &rest[pos..];
         if tail.starts_with("{{") || tail.starts_with("}}") {
-            out.push_str(&tail[..1]);
+            text.push_str(&tail[..1]);
             rest = &tail[2..];
         } else if let (true, Some(end)) = (tail.starts_with('{'), tail.find('}')) {
-            let name = tail[1..end].to_ascii_lowercase();
-            if let Some(v) = user.attrs.get(&name).and_then(|v| v.first()) {
-                out.push_str(v);
+            if !text.is_empty() {
+                pieces.push(Piece::Text(std::mem::take(&mut text)));
             }
+            pieces.push(Piece::Attr(tail[1..end].to_ascii_lowercase()));
             rest = &tail[end + 1..];
         } else {
-            out.push_str(&tail[..1]);
+            text.push_str(&tail[..1]);
             rest = &tail[1..];
         }
     }
-    out.push_str(rest);
-    out.trim().to_string()
+    text.push_str(rest);
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    pieces
+}
+
+fn render_compiled(pieces: &[Piece], user: &DirectoryUser) -> String {
+    let mut out = String::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Attr(name) => {
+                if let Some(v) = user.attrs.get(name).and_then(|v| v.first()) {
+                    out.push_str(v);
+                }
+            }
+        }
+    }
+    let trimmed = out.trim();
+    if trimmed.len() == out.len() {
+        out
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// A multi-valued attribute path like `emails[type eq "work"].value` → ("emails", "work").
@@ -294,13 +364,15 @@ pub fn group_resource(group: &DesiredGroup) -> Value {
 
 /// The hash of a user's representation, stored in the snapshot.
 pub fn user_hash(attrs: &FlatAttrs) -> String {
-    crate::model::content_hash(&serde_json::to_value(attrs).unwrap_or(Value::Null))
+    // The map serializes in key order, exactly as the `Value` built from it used to.
+    crate::model::content_hash(attrs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Attributes;
+    use sha2::Digest;
 
     fn user() -> DirectoryUser {
         let mut attrs = Attributes::new();
@@ -313,6 +385,55 @@ mod tests {
             dn: "uid=jdoe,dc=x".into(),
             attrs,
             disabled: false,
+        }
+    }
+
+    #[test]
+    fn user_hash_is_the_hash_of_the_json_value() {
+        // Snapshots written before the streaming hash must still match.
+        let mut attrs = FlatAttrs::new();
+        attrs.insert("userName".into(), json!("jdoe"));
+        attrs.insert("name.givenName".into(), json!("Jöhn \"J\""));
+        attrs.insert("active".into(), json!(true));
+        let bytes = serde_json::to_vec(&serde_json::to_value(&attrs).unwrap()).unwrap();
+        let digest = sha2::Sha256::digest(&bytes);
+        let old: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        assert_eq!(user_hash(&attrs), old);
+    }
+
+    #[test]
+    fn compiled_templates_render_like_the_text() {
+        let u = user();
+        for t in [
+            "{givenName} {sn}",
+            " {uid} ",
+            "{{x}} {mail}",
+            "a}b{c",
+            "{",
+            "x{uid",
+            "{missing}",
+        ] {
+            let mut expect = String::new();
+            let mut rest = t;
+            while let Some(pos) = rest.find(['{', '}']) {
+                expect.push_str(&rest[..pos]);
+                let tail = &rest[pos..];
+                if tail.starts_with("{{") || tail.starts_with("}}") {
+                    expect.push_str(&tail[..1]);
+                    rest = &tail[2..];
+                } else if let (true, Some(end)) = (tail.starts_with('{'), tail.find('}')) {
+                    let name = tail[1..end].to_ascii_lowercase();
+                    if let Some(v) = u.attrs.get(&name).and_then(|v| v.first()) {
+                        expect.push_str(v);
+                    }
+                    rest = &tail[end + 1..];
+                } else {
+                    expect.push_str(&tail[..1]);
+                    rest = &tail[1..];
+                }
+            }
+            expect.push_str(rest);
+            assert_eq!(render(t, &u), expect.trim(), "{t}");
         }
     }
 

@@ -473,6 +473,19 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
     let _ = stream.shutdown().await;
 }
 
+/// The process's resident memory in MiB (Linux `/proc/self/status`), for debug timings;
+/// 0 where it cannot be read.
+pub fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,8 +104,31 @@ pub enum Entry<'a> {
 
 /// A stable hash of a JSON representation (object keys are kept in a canonical order by the
 /// callers, which build it from `BTreeMap`s).
-pub fn content_hash(value: &serde_json::Value) -> String {
-    let bytes = serde_json::to_vec(value).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+pub fn content_hash<T: Serialize + ?Sized>(value: &T) -> String {
+    // Serialized straight into the hasher: the same bytes as `serde_json::to_vec`, without
+    // building them (or a `Value`) first.
+    let mut hasher = HashWriter(Sha256::new());
+    if serde_json::to_writer(&mut hasher, value).is_err() {
+        hasher = HashWriter(Sha256::new());
+    }
+    let digest = hasher.0.finalize();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(32);
+    for b in digest.iter().take(16) {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -185,11 +185,29 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         warn!(reason = %h.0, "holding every deprovision this cycle");
     }
 
-    let outcomes =
-        futures::future::join_all(targets.iter().zip(loaded).map(|(t, rows)| {
-            run_target(pass, t, &directory, snapshot.as_ref(), hold.as_ref(), rows)
-        }))
-        .await;
+    // Map every target now, then let go of the directory's attributes: from here on only the
+    // desired resources count, so the apply phase does not hold the read as well.
+    let mapping_started = std::time::Instant::now();
+    let prepared: Vec<Prepared> = targets
+        .iter()
+        .zip(loaded)
+        .map(|(t, rows)| prepare(t, &directory, rows))
+        .collect();
+    let (source_users, source_groups) = (directory.users.len(), directory.groups.len());
+    drop_in_background(directory);
+    debug!(
+        elapsed_ms = mapping_started.elapsed().as_millis() as u64,
+        rss_mib = crate::metrics::rss_mib(),
+        "mapped and snapshot loaded"
+    );
+
+    let outcomes = futures::future::join_all(
+        targets
+            .iter()
+            .zip(prepared)
+            .map(|(t, prepared)| run_target(pass, t, snapshot.as_ref(), hold.as_ref(), prepared)),
+    )
+    .await;
 
     if let Some(s) = &snapshot {
         if !pass.dry_run {
@@ -202,8 +220,8 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
                     .all(|t| t.plan.held.is_empty() && t.error.is_none());
             if hold.is_none() || all_clear {
                 s.set_last_read(&ReadStats {
-                    users: directory.users.len(),
-                    groups: directory.groups.len(),
+                    users: source_users,
+                    groups: source_groups,
                     at: Some(pass.now),
                 })?;
             }
@@ -213,8 +231,8 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     Ok(Outcome {
         run_id: pass.run_id.clone(),
         read_duration,
-        source_users: directory.users.len(),
-        source_groups: directory.groups.len(),
+        source_users,
+        source_groups,
         targets: outcomes,
     })
 }
@@ -253,16 +271,51 @@ fn shrank(kind: &str, before: usize, now: usize, max_shrink: f64) -> Option<guar
 /// A target's snapshot rows (and its tree, absent in a dry run without one), or why not.
 type Loaded = Result<(Option<TargetSnapshot>, TargetState), String>;
 
+/// Frees a large structure (100,000 entries take tens of milliseconds to free) on the
+/// blocking pool, while the cycle goes on.
+fn drop_in_background<T: Send + 'static>(value: T) {
+    tokio::task::spawn_blocking(move || drop(value));
+}
+
+/// A target's desired resources, snapshot tree and rows, ready to plan; or why not.
+type Prepared = Result<(Desired, Option<TargetSnapshot>, TargetState), String>;
+
+/// Maps the directory for `target` and completes its snapshot rows: attribute-level diffs are
+/// needed only where the hashes differ (and for leavers), so only those rows' attributes are
+/// loaded, and a desired user whose hash matches its row keeps no attributes either.
+fn prepare(target: &TargetConfig, directory: &Directory, rows: Loaded) -> Prepared {
+    let (tsnap, mut state) = rows?;
+    let desired = map::desired_with(directory, target, |id, hash| {
+        state.users.get(id).is_some_and(|row| row.hash == hash)
+    })
+    .map_err(|e| e.to_string())?;
+    let stale: Vec<DirectoryId> = state
+        .users
+        .iter()
+        .filter(|(id, row)| {
+            desired
+                .users
+                .get(*id)
+                .is_none_or(|want| want.hash != row.hash)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    if let Some(ts) = &tsnap {
+        ts.load_attrs(&mut state, &stale)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((desired, tsnap, state))
+}
+
 async fn run_target(
     pass: &Pass<'_>,
     target: &TargetConfig,
-    directory: &Directory,
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
-    rows: Loaded,
+    prepared: Prepared,
 ) -> TargetOutcome {
     let started = std::time::Instant::now();
-    let mut outcome = run_target_untimed(pass, target, directory, snapshot, hold, rows).await;
+    let mut outcome = run_target_untimed(pass, target, snapshot, hold, prepared).await;
     outcome.elapsed = started.elapsed();
     outcome
 }
@@ -270,10 +323,9 @@ async fn run_target(
 async fn run_target_untimed(
     pass: &Pass<'_>,
     target: &TargetConfig,
-    directory: &Directory,
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
-    rows: Loaded,
+    prepared: Prepared,
 ) -> TargetOutcome {
     let name = target.name.0.clone();
     let fail = |error: String| TargetOutcome {
@@ -285,37 +337,14 @@ async fn run_target_untimed(
         names: BTreeMap::new(),
         elapsed: Default::default(),
     };
-    let step = std::time::Instant::now();
-    let desired = match map::desired(directory, target) {
-        Ok(d) => d,
-        Err(e) => return fail(e.to_string()),
-    };
-    let (tsnap, mut state) = match rows {
-        Ok(loaded) => loaded,
+    let (desired, tsnap, mut state) = match prepared {
+        Ok(p) => p,
         Err(e) => return fail(e),
     };
-    // Attribute-level diffs are needed only where the hashes differ (and for leavers).
-    if let Some(ts) = &tsnap {
-        let stale: Vec<DirectoryId> = state
-            .users
-            .iter()
-            .filter(|(id, row)| {
-                desired
-                    .users
-                    .get(*id)
-                    .is_none_or(|want| want.hash != row.hash)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        if let Err(e) = ts.load_attrs(&mut state, &stale) {
-            return fail(e.to_string());
-        }
-    }
     let client = match ScimClient::new(target) {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, "mapped and snapshot loaded");
     let step = std::time::Instant::now();
     let caps = client.discover().await;
     let (existing_users, existing_groups, mut problems) =
@@ -327,7 +356,7 @@ async fn run_target_untimed(
         .iter()
         .map(|p| DirectoryId(p.external_id.clone()))
         .collect();
-    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, "target looked up");
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "target looked up");
     let step = std::time::Instant::now();
     let mut plan = plan::plan(&PlanInput {
         target,
@@ -340,6 +369,7 @@ async fn run_target_untimed(
     });
     plan.problems.append(&mut problems);
     let names = member_names(&plan, &desired, &state);
+    drop_in_background(desired);
     let approved = snapshot.and_then(|s| {
         s.get_meta::<BTreeSet<(String, DirectoryId)>>(&approval_key(&name))
             .ok()
@@ -360,6 +390,7 @@ async fn run_target_untimed(
         } else {
             TargetStatus::Held
         };
+        drop_in_background(state);
         return TargetOutcome {
             name,
             status,
@@ -383,8 +414,9 @@ async fn run_target_untimed(
         progress: pass.progress,
         caps,
     };
-    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, "planned");
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "planned");
     let report = applier.apply(&mut state, &plan.changes).await;
+    drop_in_background(state);
     if let Some(s) = snapshot {
         let held = guard::held_keys(&plan);
         let stored = if held.is_empty() {
@@ -603,7 +635,7 @@ async fn resolve_existing(
                 scim_id: e.scim_id.clone(),
                 user_name: String::new(),
                 hash: String::new(),
-                attrs: FlatAttrs::new(),
+                attrs: Default::default(),
                 etag: None,
                 state: crate::snapshot::UserState::Active,
                 owned: crate::snapshot::Ownership::Adopted,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::map::FlatAttrs;
+use crate::map::{FlatAttrs, SharedAttrs};
 use crate::model::{DirectoryId, ScimId};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,7 @@ pub struct UserRow {
     /// ([`TargetSnapshot::load_attrs`]): a cycle compares hashes first, so a no-op cycle never
     /// holds every user's attributes twice.
     #[serde(skip)]
-    pub attrs: FlatAttrs,
+    pub attrs: SharedAttrs,
     pub etag: Option<String>,
     pub state: UserState,
     pub owned: Ownership,
@@ -108,7 +108,7 @@ impl Snapshot {
         std::fs::create_dir_all(state_dir).map_err(|e| open_err(e.to_string()))?;
         // sled's default 1 GiB page cache dwarfs what a cycle needs; rows are read once.
         let db = sled::Config::new()
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(16 * 1024 * 1024)
             .path(&path)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
@@ -234,7 +234,10 @@ impl TargetSnapshot {
     pub fn put_user(&self, id: &DirectoryId, row: &UserRow) -> Result<(), SnapshotError> {
         let mut batch = sled::Batch::default();
         batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), encode(row));
-        batch.insert(format!("{ATTRS_PREFIX}{id}").as_bytes(), encode(&row.attrs));
+        batch.insert(
+            format!("{ATTRS_PREFIX}{id}").as_bytes(),
+            encode(row.attrs.as_ref()),
+        );
         self.tree.apply_batch(batch).map_err(|e| self.storage(e))
     }
 
@@ -257,7 +260,7 @@ impl TargetSnapshot {
                 state.users.get_mut(id),
                 self.tree.get(&key).map_err(|e| self.storage(e))?,
             ) {
-                row.attrs = self.decode(&key, &bytes)?;
+                row.attrs = SharedAttrs::new(self.decode::<FlatAttrs>(&key, &bytes)?);
             }
         }
         Ok(())
@@ -342,7 +345,7 @@ mod tests {
             scim_id: ScimId("s1".into()),
             user_name: "jdoe".into(),
             hash: "h".into(),
-            attrs: FlatAttrs::from([("title".to_string(), serde_json::json!("Engineer"))]),
+            attrs: FlatAttrs::from([("title".to_string(), serde_json::json!("Engineer"))]).into(),
             etag: Some("W/\"1\"".into()),
             state: UserState::Deactivated { since: Utc::now() },
             owned: Ownership::Adopted,

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{Deprovision, TargetConfig};
-use crate::map::{Desired, FlatAttrs};
+use crate::map::{Desired, FlatAttrs, SharedAttrs};
 use crate::model::{DirectoryId, ScimId};
 use crate::snapshot::{TargetState, UserState};
 
@@ -54,7 +54,7 @@ pub enum Change {
     CreateUser {
         id: DirectoryId,
         user_name: String,
-        attrs: FlatAttrs,
+        attrs: SharedAttrs,
     },
     /// Take over a resource that already exists on the target, then bring it in line.
     AdoptUser {
@@ -63,7 +63,7 @@ pub enum Change {
         user_name: String,
         matched_by: &'static str,
         changes: Vec<AttrChange>,
-        attrs: FlatAttrs,
+        attrs: SharedAttrs,
         /// A snapshot row (an earlier directory entry) that pointed at the same resource.
         supersedes: Option<DirectoryId>,
     },
@@ -72,7 +72,7 @@ pub enum Change {
         scim_id: ScimId,
         user_name: String,
         changes: Vec<AttrChange>,
-        attrs: FlatAttrs,
+        attrs: SharedAttrs,
     },
     DeactivateUser {
         id: DirectoryId,
@@ -80,7 +80,7 @@ pub enum Change {
         user_name: String,
         reason: Reason,
         changes: Vec<AttrChange>,
-        attrs: FlatAttrs,
+        attrs: SharedAttrs,
     },
     DeleteUser {
         id: DirectoryId,
@@ -363,7 +363,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 from: Some(Value::Bool(true)),
                 to: Some(Value::Bool(false)),
             }],
-            attrs: with_active(&row.attrs, false),
+            attrs: SharedAttrs::new(with_active(&row.attrs, false)),
         };
         let delete = |reason| Change::DeleteUser {
             id: id.clone(),

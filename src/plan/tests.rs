@@ -43,7 +43,7 @@ fn want(id: &str, title: &str, active: bool) -> DesiredUser {
         user_name: id.into(),
         active,
         hash: crate::map::user_hash(&attrs),
-        attrs,
+        attrs: attrs.into(),
     }
 }
 

@@ -94,57 +94,95 @@ pub async fn read_attributes(
         Some(_) => vec!["cn", "member", id_attr],
     };
 
-    let mut user_entries = paged_search(
-        &mut ldap,
-        cfg,
-        &cfg.users.base,
-        &cfg.users.filter,
-        &user_attrs,
-    )
-    .await?;
-    complete_ranges(&mut ldap, &cfg.users.base, &mut user_entries).await?;
-    let disabled: HashSet<String> = match &cfg.users.disabled_filter {
-        Some(df) => {
-            let filter = format!("(&{}{})", cfg.users.filter, df);
-            paged_search(&mut ldap, cfg, &cfg.users.base, &filter, &["1.1"])
-                .await?
-                .into_iter()
-                .map(|e| dn::normalize_lossy(&e.dn))
-                .collect()
-        }
-        None => HashSet::new(),
-    };
-    let group_entries = match &cfg.groups {
-        Some(g) => {
-            let mut entries =
-                paged_search(&mut ldap, cfg, &g.base, &g.filter, &group_attrs).await?;
-            complete_ranges(&mut ldap, &g.base, &mut entries).await?;
-            entries
-        }
-        None => Vec::new(),
-    };
-    let _ = ldap.unbind().await;
-
+    // The three searches run at once, each on its own connection (slapd keeps one paged search
+    // per connection: a second one invalidates the first one's cookie), and every entry is converted as it arrives: the raw entries are never all held at once,
+    // and the conversion overlaps the server's work.
     let now = crate::clock::now();
-    let mut users = Vec::with_capacity(user_entries.len());
-    let mut user_dns = Vec::with_capacity(user_entries.len());
-    for mut entry in user_entries {
-        let id = entry_id(&mut entry, cfg.dialect)?;
-        let norm = dn::normalize_lossy(&entry.dn);
-        let attrs = lowercase_attrs(entry.attrs);
-        let disabled = disabled.contains(&norm) || ad_inactive(cfg.dialect, &attrs, now);
-        user_dns.push(norm);
-        users.push(DirectoryUser {
-            id,
-            dn: entry.dn,
-            attrs,
-            disabled,
-        });
-    }
-    let mut raw_groups = Vec::with_capacity(group_entries.len());
-    for mut entry in group_entries {
-        let id = entry_id(&mut entry, cfg.dialect)?;
-        raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
+    let users_read = async {
+        let mut ldap = ldap.clone();
+        let mut users = Vec::new();
+        let mut user_dns = Vec::new();
+        let mut ranged = Vec::new();
+        let mut keep = |mut entry: SearchEntry| -> Result<(), SourceError> {
+            if range::has_ranges(&entry) {
+                ranged.push(entry);
+                return Ok(());
+            }
+            let (user, norm) = user_entry(&mut entry, cfg.dialect, now)?;
+            users.push(user);
+            user_dns.push(norm);
+            Ok(())
+        };
+        paged_search_each(
+            &mut ldap,
+            cfg,
+            &cfg.users.base,
+            &cfg.users.filter,
+            &user_attrs,
+            &mut keep,
+        )
+        .await?;
+        // Entries with `attr;range=…` (AD, beyond 1500 values) are completed, then converted.
+        complete_ranges(&mut ldap, &cfg.users.base, &mut ranged).await?;
+        for mut entry in ranged {
+            let (user, norm) = user_entry(&mut entry, cfg.dialect, now)?;
+            users.push(user);
+            user_dns.push(norm);
+        }
+        Ok::<_, SourceError>((users, user_dns))
+    };
+    let disabled_read = async {
+        let mut disabled = HashSet::new();
+        if let Some(df) = &cfg.users.disabled_filter {
+            let mut ldap = connect(cfg).await?;
+            let filter = format!("(&{}{})", cfg.users.filter, df);
+            paged_search_each(
+                &mut ldap,
+                cfg,
+                &cfg.users.base,
+                &filter,
+                &["1.1"],
+                &mut |e| {
+                    disabled.insert(dn::normalize_lossy(&e.dn));
+                    Ok(())
+                },
+            )
+            .await?;
+            let _ = ldap.unbind().await;
+        }
+        Ok::<_, SourceError>(disabled)
+    };
+    let groups_read = async {
+        let mut raw_groups = Vec::new();
+        if let Some(g) = &cfg.groups {
+            let mut ldap = connect(cfg).await?;
+            let mut ranged = Vec::new();
+            let mut keep = |mut entry: SearchEntry| -> Result<(), SourceError> {
+                if range::has_ranges(&entry) {
+                    ranged.push(entry);
+                    return Ok(());
+                }
+                let id = entry_id(&mut entry, cfg.dialect)?;
+                raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
+                Ok(())
+            };
+            paged_search_each(&mut ldap, cfg, &g.base, &g.filter, &group_attrs, &mut keep).await?;
+            complete_ranges(&mut ldap, &g.base, &mut ranged).await?;
+            let _ = ldap.unbind().await;
+            for mut entry in ranged {
+                let id = entry_id(&mut entry, cfg.dialect)?;
+                raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
+            }
+        }
+        Ok::<_, SourceError>(raw_groups)
+    };
+    let ((mut users, user_dns), disabled, raw_groups) =
+        tokio::try_join!(users_read, disabled_read, groups_read)?;
+    let _ = ldap.unbind().await;
+    if !disabled.is_empty() {
+        for (user, norm) in users.iter_mut().zip(&user_dns) {
+            user.disabled |= disabled.contains(norm);
+        }
     }
     let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
     let groups = expand::resolve_members(&users, &user_dns, raw_groups, nested);
@@ -152,9 +190,29 @@ pub async fn read_attributes(
         users = users.len(),
         groups = groups.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
+        rss_mib = crate::metrics::rss_mib(),
         "directory read"
     );
     Ok(Directory { users, groups })
+}
+
+/// One user entry in the model (with its normalized DN, for group expansion).
+fn user_entry(
+    entry: &mut SearchEntry,
+    dialect: Dialect,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(DirectoryUser, String), SourceError> {
+    let id = entry_id(entry, dialect)?;
+    let norm = dn::normalize_lossy(&entry.dn);
+    let attrs = lowercase_attrs(std::mem::take(&mut entry.attrs));
+    let disabled = ad_inactive(dialect, &attrs, now);
+    let user = DirectoryUser {
+        id,
+        dn: std::mem::take(&mut entry.dn),
+        attrs,
+        disabled,
+    };
+    Ok((user, norm))
 }
 
 /// Range retrieval for every entry that came back with a `attr;range=…` attribute (AD does
@@ -337,13 +395,14 @@ fn result_name(rc: u32) -> &'static str {
 
 /// A paged search (RFC 2696) that either returns every entry or fails: a result code other
 /// than success, a lost connection between pages, or a referral makes the read incomplete.
-async fn paged_search(
+async fn paged_search_each(
     ldap: &mut Ldap,
     cfg: &LdapConfig,
     base: &str,
     filter: &str,
     attrs: &[&str],
-) -> Result<Vec<SearchEntry>, SourceError> {
+    each: &mut dyn FnMut(SearchEntry) -> Result<(), SourceError>,
+) -> Result<usize, SourceError> {
     let incomplete = |reason: String| SourceError::Incomplete {
         base: base.to_string(),
         reason,
@@ -359,7 +418,8 @@ async fn paged_search(
             filter: filter.into(),
             reason: describe(&e),
         })?;
-    let mut entries = Vec::new();
+    let mut entries = 0usize;
+    let mut rejected = None;
     loop {
         match stream.next().await {
             Ok(Some(re)) if re.is_intermediate() => {}
@@ -374,14 +434,23 @@ async fn paged_search(
                     ));
                 }
             }
-            Ok(Some(re)) => entries.push(SearchEntry::construct(re)),
+            Ok(Some(re)) => {
+                entries += 1;
+                // An entry that cannot be used (no id) fails the read, but only once the
+                // search is known to be complete: a truncated or referred read says so first.
+                if rejected.is_none() {
+                    if let Err(e) = each(SearchEntry::construct(re)) {
+                        rejected = Some(e);
+                    }
+                }
+            }
             Ok(None) => break,
             Err(e) => {
                 let _ = stream.finish().await;
                 return Err(incomplete(format!(
                     "{} after {} entries",
                     describe(&e),
-                    entries.len()
+                    entries
                 )));
             }
         }
@@ -389,7 +458,7 @@ async fn paged_search(
     let res = stream.finish().await;
     match res.rc {
         0 => {}
-        32 if entries.is_empty() => {
+        32 if entries == 0 => {
             return Err(SourceError::Search {
                 base: base.into(),
                 filter: filter.into(),
@@ -400,7 +469,7 @@ async fn paged_search(
             let mut reason = format!(
                 "{} (LDAP result code {rc}) after {} entries",
                 result_name(rc),
-                entries.len()
+                entries
             );
             if !res.text.is_empty() {
                 reason.push_str(": ");
@@ -409,7 +478,16 @@ async fn paged_search(
             return Err(incomplete(reason));
         }
     }
-    debug!(base, filter, entries = entries.len(), "paged search done");
+    if let Some(e) = rejected {
+        return Err(e);
+    }
+    debug!(
+        base,
+        filter,
+        entries,
+        rss_mib = crate::metrics::rss_mib(),
+        "paged search done"
+    );
     Ok(entries)
 }
 
