@@ -47,7 +47,19 @@ fn main() {
         println!("scale: run it with scripts/bench.sh (cargo bench --bench scale); skipped under cargo test");
         return;
     }
-    let options = Options::parse(std::env::args().skip(1).filter(|a| a != "--bench"));
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if let Some(n) = args.iter().position(|a| a == "--serve") {
+        let users = args
+            .get(n + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--serve N");
+        serve_for_profiling(users);
+        return;
+    }
+    let options = Options::parse(args.into_iter());
     if options.require_wrk && !wrk_available() {
         eprintln!(
             "scale: wrk is not installed; scripts/bench.sh installs it (apt-get install wrk)"
@@ -193,6 +205,16 @@ pub struct PushResult {
     pub writes_per_s: f64,
     /// wrk POST /Users per second (None when wrk is not installed).
     pub capacity: Option<WrkResult>,
+    /// The same objects pushed by the load generator at the same concurrency.
+    pub replay: ReplayResult,
+}
+
+/// The load generator's push of the same objects (see [`replay`]).
+#[derive(Clone, Debug)]
+pub struct ReplayResult {
+    pub requests: usize,
+    pub seconds: f64,
+    pub objects_per_s: f64,
 }
 
 /// One wrk run.
@@ -397,6 +419,28 @@ impl Report {
                 p.writes_per_s,
             );
         }
+        let _ = writeln!(
+            out,
+            "\nThe same objects pushed by the load generator (users with ldap2scim's body, the groups, the \
+             memberships in batches of the same size; as fast as the server answers):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| concurrency | load generator | its objects/s | ldap2scim objects/s | **ratio** ldap2scim ÷ load generator |\n|---|---|---|---|---|"
+        );
+        for p in &self.pushes {
+            let r = p.objects_per_s / p.replay.objects_per_s;
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} s, {} requests | {:.0} | {:.0} | **{r:.2}** {} |",
+                p.concurrency,
+                p.replay.seconds,
+                p.replay.requests,
+                p.replay.objects_per_s,
+                p.objects_per_s,
+                verdict(r >= 0.7)
+            );
+        }
 
         let _ = writeln!(
             out,
@@ -519,6 +563,21 @@ pub fn run(options: &Options) -> Report {
     report
 }
 
+/// `--serve N`: a directory of N users and the sink, with one full sync done, kept up until
+/// standard input closes, so `sync` or `plan` can be profiled by hand (perf, heaptrack) with the
+/// configuration whose path it prints.
+fn serve_for_profiling(users: usize) {
+    let slapd = Slapd::start_bulk(&bulk_directory(users, GROUP_SIZE));
+    let sink = Sink::start();
+    let config = bench_config(&slapd, &sink.url(), sink.token(), 4);
+    expect_ok(command(&config, &["sync"]), "initial sync");
+    println!("LDAP2SCIM_CONFIG={}", config.path().display());
+    println!("LDAP_URL={}", slapd.ldap_url());
+    let _ = std::io::stdout().flush();
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_to_string(&mut rest);
+}
+
 /// ldapsearch against `source::read`, alternating, `reps` times each.
 fn measure_read(report: &mut Report, slapd: &Slapd, config: &TestConfig) {
     progress("directory read: ldapsearch vs source::read");
@@ -601,6 +660,15 @@ fn measure_pushes(report: &mut Report, options: &Options) {
             wrk(&server, concurrency, options.wrk_seconds, &template)
         });
         progress(&format!(
+            "scim2-server capacity for the same objects: load generator at concurrency {concurrency}"
+        ));
+        let replay = replay(
+            users,
+            concurrency,
+            options.members_per_request.unwrap_or(100),
+            &template,
+        );
+        progress(&format!(
             "push {objects} objects to scim2-server at concurrency {concurrency}"
         ));
         let server = Scim2Server::start();
@@ -637,6 +705,7 @@ fn measure_pushes(report: &mut Report, options: &Options) {
             writes_per_s: sync.writes.unwrap_or(0) as f64 / secs,
             sync,
             capacity,
+            replay,
         });
     }
 }
@@ -1047,4 +1116,114 @@ fn answer(method: &str, path: &str, body: &[u8], shared: &SinkShared) -> (&'stat
         "PUT" => ("200 OK", String::from_utf8_lossy(body).into_owned()),
         _ => ("204 No Content", String::new()),
     }
+}
+
+/// The load generator for "the same work": a fresh scim2-server receives the objects ldap2scim
+/// pushes (the same users with ldap2scim's own body, the same groups, the same memberships in
+/// batches of the same size), from `concurrency` workers sending as fast as the server answers.
+/// Its time is the server's capacity for provisioning this directory; unlike wrk's POST-only
+/// rate it includes what a large group's member PATCHes cost the server.
+fn replay(
+    users: usize,
+    concurrency: usize,
+    members_per_request: usize,
+    template: &str,
+) -> ReplayResult {
+    let server = Scim2Server::start();
+    let (base, token) = (server.base_url(), server.token().to_string());
+    let started = Instant::now();
+    // Phase 1: users, as ldap2scim's body with each user's own name.
+    let user_ids = run_pool(concurrency, users, |agent, i| {
+        let name = format!("u{:06}", i + 1);
+        let body: Value = serde_json::from_str(&template.replace("__NAME__", &name))
+            .expect("the captured user body is JSON");
+        created_id(agent, &base, &token, "/Users", &body)
+    });
+    // Phase 2: the groups (g-0001… and g-all), without members.
+    let small = users.div_ceil(GROUP_SIZE);
+    let group_ids = run_pool(concurrency, small + 1, |agent, g| {
+        let name = if g == small {
+            "g-all".to_string()
+        } else {
+            format!("g-{:04}", g + 1)
+        };
+        let body = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": name,
+            "externalId": name,
+        });
+        created_id(agent, &base, &token, "/Groups", &body)
+    });
+    // Phase 3: memberships, in batches of `members_per_request`: each small group's members,
+    // and every user into g-all.
+    let mut batches: Vec<(usize, Vec<usize>)> = Vec::new();
+    for g in 0..small {
+        let members: Vec<usize> = (g * GROUP_SIZE..((g + 1) * GROUP_SIZE).min(users)).collect();
+        for chunk in members.chunks(members_per_request.max(1)) {
+            batches.push((g, chunk.to_vec()));
+        }
+    }
+    let all: Vec<usize> = (0..users).collect();
+    for chunk in all.chunks(members_per_request.max(1)) {
+        batches.push((small, chunk.to_vec()));
+    }
+    let patches = batches.len();
+    run_pool(concurrency, patches, |agent, b| {
+        let (g, members) = &batches[b];
+        let body = json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{
+                "op": "add",
+                "path": "members",
+                "value": members.iter().map(|m| json!({"value": user_ids[*m]})).collect::<Vec<_>>(),
+            }],
+        });
+        let path = format!("/Groups/{}", group_ids[*g]);
+        let (status, answer) = support::scim_send(agent, "PATCH", &base, &token, &path, &body);
+        assert!(status < 300, "replay PATCH {path}: {status} {answer}");
+        String::new()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let objects = users + small + 1;
+    ReplayResult {
+        requests: users + small + 1 + patches,
+        seconds,
+        objects_per_s: objects as f64 / seconds,
+    }
+}
+
+/// The SCIM id of a resource POSTed to `path`.
+fn created_id(agent: &ureq::Agent, base: &str, token: &str, path: &str, body: &Value) -> String {
+    let (status, answer) = support::scim_send(agent, "POST", base, token, path, body);
+    assert_eq!(status, 201, "replay POST {path}: {answer}");
+    answer["id"]
+        .as_str()
+        .expect("a created resource has an id")
+        .to_string()
+}
+
+/// Runs `job(agent, i)` for i in 0..n on `workers` threads (each with its own keep-alive
+/// connection), and returns the results in order.
+fn run_pool<F>(workers: usize, n: usize, job: F) -> Vec<String>
+where
+    F: Fn(&ureq::Agent, usize) -> String + Sync,
+{
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(vec![String::new(); n]);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.max(1) {
+            scope.spawn(|| {
+                let agent = support::scim_agent();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let id = job(&agent, i);
+                    results.lock().expect("results")[i] = id;
+                }
+            });
+        }
+    });
+    results.into_inner().expect("results")
 }

@@ -41,7 +41,8 @@ export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --all-targets "$@" 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary does not hide the results of the others.
+cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite, summed over every test binary.

@@ -52,8 +52,8 @@ pub use run::{ldap2scim, ldap2scim_binary, Daemon, Ldap2scim, Output};
 pub use samba::{ldif_base64, SambaDc, AD_BASE_DN};
 #[allow(unused_imports)]
 pub use scim::{
-    all_scim_servers, scim_delete, scim_get, scim_list, scim_list_paged, scim_patch, scim_post,
-    scim_request, scim_try_request, BetterAuth, Scim2Server, ScimServer,
+    all_scim_servers, scim_agent, scim_delete, scim_get, scim_list, scim_list_paged, scim_patch,
+    scim_post, scim_request, scim_send, scim_try_request, BetterAuth, Scim2Server, ScimServer,
 };
 #[allow(unused_imports)]
 pub use slapd::Slapd;

@@ -264,6 +264,25 @@ fn wait_ready(process: &mut Process, mut ready: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// A ureq agent for the harness (keep-alive; statuses are answers, not errors).
+pub fn scim_agent() -> ureq::Agent {
+    agent()
+}
+
+/// Sends one request with a JSON body through `agent` (the load generator's keep-alive
+/// connection); panics if the server cannot be reached.
+pub fn scim_send(
+    agent: &ureq::Agent,
+    method: &str,
+    base: &str,
+    token: &str,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    request(agent, method, base, token, path, Some(body))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
