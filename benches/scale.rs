@@ -6,7 +6,8 @@
 //! 2. A no-op cycle (`sync` right after a full sync) against the same `ldapsearch`, counting the
 //!    SCIM writes it sends (there must be none).
 //! 3. The initial push to scim2-server, in objects per second, against the server's own capacity
-//!    measured by `wrk` POSTing unique users (the same payload) at the same concurrency.
+//!    measured twice at the same concurrency: by `wrk` POSTing unique users (the same payload),
+//!    and by a load generator pushing the same objects (users, groups, member batches).
 //! 4. The peak RSS of `sync` and `plan` at three directory sizes, and how it grows per user.
 //!
 //! Every server is started by the test harness on 127.0.0.1 and stopped by PID when dropped;

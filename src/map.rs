@@ -68,7 +68,7 @@ pub fn desired(dir: &Directory, target: &TargetConfig) -> Result<Desired, MapErr
 pub fn desired_with(
     dir: &Directory,
     target: &TargetConfig,
-    unchanged: impl Fn(&DirectoryId, &str) -> bool,
+    unchanged: impl Fn(&DirectoryId, &str) -> bool + Sync,
 ) -> Result<Desired, MapError> {
     let in_scope: Option<HashSet<&DirectoryId>> = if target.scope_groups.is_empty() {
         None
@@ -90,22 +90,48 @@ pub fn desired_with(
     };
     let mut out = Desired::default();
     let mapping = compile_mapping(target);
-    for user in &dir.users {
+    let map_one = |user: &DirectoryUser| -> Option<Result<DesiredUser, String>> {
         if in_scope.as_ref().is_some_and(|s| !s.contains(&user.id)) {
-            continue;
+            return None;
         }
-        match map_compiled(user, &mapping) {
-            Ok(mut u) => {
-                if unchanged(&u.id, &u.hash) {
-                    u.attrs = SharedAttrs::default();
-                }
-                out.users.insert(u.id.clone(), u);
+        Some(map_compiled(user, &mapping).map(|mut u| {
+            if unchanged(&u.id, &u.hash) {
+                u.attrs = SharedAttrs::default();
             }
-            Err(reason) => out
+            u
+        }))
+    };
+    // Mapping is pure and per user: large directories are split over the cores (the read is
+    // over by now, so they are free), then gathered in directory order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mapped: Vec<Option<Result<DesiredUser, String>>> =
+        if dir.users.len() < 20_000 || threads < 2 {
+            dir.users.iter().map(map_one).collect()
+        } else {
+            let chunk = dir.users.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = dir
+                    .users
+                    .chunks(chunk)
+                    .map(|part| scope.spawn(|| part.iter().map(map_one).collect::<Vec<_>>()))
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("mapping never panics"))
+                    .collect()
+            })
+        };
+    let mut users = Vec::with_capacity(mapped.len());
+    for (user, result) in dir.users.iter().zip(mapped) {
+        match result {
+            None => {}
+            Some(Ok(u)) => users.push((u.id.clone(), u)),
+            Some(Err(reason)) => out
                 .problems
                 .push((user.id.clone(), user.dn.clone(), reason)),
         }
     }
+    out.users = users.into_iter().collect();
     // A user that could not be mapped is still in the directory: it keeps its place in its
     // groups (the planner keeps what the target already has, and never deprovisions it).
     let unmapped: HashSet<&DirectoryId> = out.problems.iter().map(|(id, _, _)| id).collect();

@@ -6,7 +6,7 @@
 
 pub mod guard;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -251,7 +251,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .filter_map(|e| state.user_by_scim_id(&e.scim_id).map(|(id, _)| id.clone()))
         .collect();
     // Users that will be on the target (as group member candidates) after this plan.
-    let mut provisioned: BTreeSet<DirectoryId> = BTreeSet::new();
+    let mut provisioned: HashSet<&DirectoryId> =
+        HashSet::with_capacity(desired.users.len() + desired.problems.len());
     // Entries present in the directory that could not be mapped: never "left". Their current
     // rows stay as they are (and count as provisioned, so memberships stay too).
     let unmapped: BTreeSet<DirectoryId> = desired
@@ -260,16 +261,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .map(|(id, _, _)| id.clone())
         .collect();
     provisioned.extend(
-        unmapped
+        desired
+            .problems
             .iter()
-            .filter(|id| state.users.contains_key(*id))
-            .cloned(),
+            .map(|(id, _, _)| id)
+            .filter(|id| state.users.contains_key(*id)),
     );
 
     for (id, want) in &desired.users {
         match state.users.get(id) {
             Some(row) => {
-                provisioned.insert(id.clone());
+                provisioned.insert(id);
                 // `protect` covers what we already manage too (a pattern added later, a rename).
                 if row.hash == want.hash || is_protected(target, &row.user_name) {
                     continue;
@@ -301,7 +303,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             None if !want.active && !target.provision_disabled => {}
             None if blocked.contains(id) => {}
             None => {
-                provisioned.insert(id.clone());
+                provisioned.insert(id);
                 match existing_users.get(id) {
                     Some(found) => {
                         let supersedes = state
@@ -391,14 +393,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut removals = Vec::new();
     let mut additions = Vec::new();
     let mut group_deletes = Vec::new();
+    let no_members = BTreeSet::new();
     for (id, want) in &desired.groups {
-        let want_members: BTreeSet<DirectoryId> = want
-            .members
-            .iter()
-            .filter(|m| provisioned.contains(*m))
-            .cloned()
-            .collect();
-        let current: BTreeSet<DirectoryId> = match state.groups.get(id) {
+        let current: &BTreeSet<DirectoryId> = match state.groups.get(id) {
             Some(row) if is_protected(target, &row.display_name) => continue,
             Some(row) => {
                 if row.display_name != want.display_name {
@@ -409,7 +406,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                         from_name: row.display_name.clone(),
                     });
                 }
-                row.members.clone()
+                &row.members
             }
             None if blocked.contains(id) => continue,
             None => match existing_groups.get(id) {
@@ -427,19 +424,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                             .to_string(),
                         members: found.members.clone(),
                     });
-                    found.members.clone()
+                    &found.members
                 }
                 None => {
                     group_changes.push(Change::CreateGroup {
                         id: id.clone(),
                         display_name: want.display_name.clone(),
                     });
-                    BTreeSet::new()
+                    &no_members
                 }
             },
         };
-        let remove: Vec<DirectoryId> = current.difference(&want_members).cloned().collect();
-        let add: Vec<DirectoryId> = want_members.difference(&current).cloned().collect();
+        let wanted = want.members.iter().filter(|m| provisioned.contains(*m));
+        let (remove, add) = sorted_difference(current.iter(), wanted);
         if !remove.is_empty() {
             removals.push(Change::RemoveMembers {
                 group: id.clone(),
@@ -488,6 +485,31 @@ fn grace_over(since: DateTime<Utc>, grace: Duration, now: DateTime<Utc>) -> bool
     chrono::Duration::from_std(grace)
         .map(|g| since + g <= now)
         .unwrap_or(false)
+}
+
+/// What is in `have` and not in `want` (to remove), and the reverse (to add), for two
+/// ascending sequences: one linear merge, even for a group of 100,000 members.
+fn sorted_difference<'a>(
+    have: impl Iterator<Item = &'a DirectoryId>,
+    want: impl Iterator<Item = &'a DirectoryId>,
+) -> (Vec<DirectoryId>, Vec<DirectoryId>) {
+    let (mut remove, mut add) = (Vec::new(), Vec::new());
+    let (mut have, mut want) = (have.peekable(), want.peekable());
+    loop {
+        match (have.peek(), want.peek()) {
+            (Some(h), Some(w)) => match h.cmp(w) {
+                std::cmp::Ordering::Less => remove.extend(have.next().cloned()),
+                std::cmp::Ordering::Greater => add.extend(want.next().cloned()),
+                std::cmp::Ordering::Equal => {
+                    have.next();
+                    want.next();
+                }
+            },
+            (Some(_), None) => remove.extend(have.next().cloned()),
+            (None, Some(_)) => add.extend(want.next().cloned()),
+            (None, None) => return (remove, add),
+        }
+    }
 }
 
 fn with_active(attrs: &FlatAttrs, active: bool) -> FlatAttrs {
