@@ -70,36 +70,13 @@ pub fn desired_with(
     target: &TargetConfig,
     unchanged: impl Fn(&DirectoryId, &str) -> bool + Sync,
 ) -> Result<Desired, MapError> {
-    let in_scope: Option<HashSet<&DirectoryId>> = if target.scope_groups.is_empty() {
-        None
-    } else {
-        let mut set = HashSet::new();
-        for scope_dn in &target.scope_groups {
-            let norm = dn::normalize_lossy(scope_dn);
-            let group = dir
-                .groups
-                .iter()
-                .find(|g| dn::normalize_lossy(&g.dn) == norm)
-                .ok_or_else(|| MapError::ScopeGroupMissing {
-                    target: target.name.0.clone(),
-                    dn: scope_dn.clone(),
-                })?;
-            set.extend(group.members.iter());
-        }
-        Some(set)
-    };
-    let mut out = Desired::default();
-    let mapping = compile_mapping(target);
+    let in_scope = scope(dir, target)?;
+    let mapping = UserMapper::new(target);
     let map_one = |user: &DirectoryUser| -> Option<Result<DesiredUser, String>> {
         if in_scope.as_ref().is_some_and(|s| !s.contains(&user.id)) {
             return None;
         }
-        Some(map_compiled(user, &mapping).map(|mut u| {
-            if unchanged(&u.id, &u.hash) {
-                u.attrs = SharedAttrs::default();
-            }
-            u
-        }))
+        Some(mapping.map(user))
     };
     // Mapping is pure and per user: large directories are split over the cores (the read is
     // over by now, so they are free), then gathered in directory order.
@@ -121,11 +98,86 @@ pub fn desired_with(
                     .collect()
             })
         };
+    Ok(assemble(dir, target, mapped, unchanged))
+}
+
+/// Like [`desired_with`], for users already mapped while the directory was read (`mapped[i]`
+/// belongs to `dir.users[i]`; see [`UserMapper`]). Only for targets without `scope_groups`:
+/// scope is known only once the groups are read.
+pub fn desired_premapped(
+    dir: &Directory,
+    target: &TargetConfig,
+    mapped: Vec<Result<DesiredUser, String>>,
+    unchanged: impl Fn(&DirectoryId, &str) -> bool,
+) -> Desired {
+    debug_assert!(target.scope_groups.is_empty() && mapped.len() == dir.users.len());
+    assemble(
+        dir,
+        target,
+        mapped.into_iter().map(Some).collect(),
+        unchanged,
+    )
+}
+
+/// The users of `scope_groups` (expanded), or `None` when the target has no scope.
+fn scope<'d>(
+    dir: &'d Directory,
+    target: &TargetConfig,
+) -> Result<Option<HashSet<&'d DirectoryId>>, MapError> {
+    if target.scope_groups.is_empty() {
+        return Ok(None);
+    }
+    let mut set = HashSet::new();
+    for scope_dn in &target.scope_groups {
+        let norm = dn::normalize_lossy(scope_dn);
+        let group = dir
+            .groups
+            .iter()
+            .find(|g| dn::normalize_lossy(&g.dn) == norm)
+            .ok_or_else(|| MapError::ScopeGroupMissing {
+                target: target.name.0.clone(),
+                dn: scope_dn.clone(),
+            })?;
+        set.extend(group.members.iter());
+    }
+    Ok(Some(set))
+}
+
+/// One target's mapping, compiled once, applied user by user.
+pub struct UserMapper {
+    mapping: Compiled,
+}
+
+impl UserMapper {
+    pub fn new(target: &TargetConfig) -> Self {
+        UserMapper {
+            mapping: compile_mapping(target),
+        }
+    }
+
+    pub fn map(&self, user: &DirectoryUser) -> Result<DesiredUser, String> {
+        map_compiled(user, &self.mapping)
+    }
+}
+
+/// Desired users and groups from mapped users (`None`: out of scope), in directory order.
+fn assemble(
+    dir: &Directory,
+    target: &TargetConfig,
+    mapped: Vec<Option<Result<DesiredUser, String>>>,
+    unchanged: impl Fn(&DirectoryId, &str) -> bool,
+) -> Desired {
+    let mut out = Desired::default();
     let mut users = Vec::with_capacity(mapped.len());
     for (user, result) in dir.users.iter().zip(mapped) {
         match result {
             None => {}
-            Some(Ok(u)) => users.push((u.id.clone(), u)),
+            Some(Ok(mut u)) => {
+                if !u.attrs.is_empty() && unchanged(&u.id, &u.hash) {
+                    u.attrs = SharedAttrs::default();
+                }
+                users.push((u.id.clone(), u))
+            }
             Some(Err(reason)) => out
                 .problems
                 .push((user.id.clone(), user.dn.clone(), reason)),
@@ -157,7 +209,7 @@ pub fn desired_with(
             );
         }
     }
-    Ok(out)
+    out
 }
 
 fn group_display_name(g: &DirectoryGroup) -> String {

@@ -3,6 +3,7 @@
 //! target's result, not the cycle's.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -146,36 +147,73 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         "snapshot opened"
     );
     // Each target's snapshot rows load on the blocking pool while the directory is read.
-    let loads: Vec<tokio::task::JoinHandle<Loaded>> = targets
+    let rows: Vec<Arc<OnceLock<Loaded>>> = targets.iter().map(|_| Arc::default()).collect();
+    let loads: Vec<tokio::task::JoinHandle<()>> = targets
         .iter()
-        .map(|t| {
+        .zip(&rows)
+        .map(|(t, cell)| {
             let name = t.name.0.clone();
+            let cell = Arc::clone(cell);
             // A dry run never creates a target's tree: no tree means no rows.
             let snap = snapshot
                 .clone()
                 .filter(|s| !pass.dry_run || s.has_target(&name));
-            tokio::task::spawn_blocking(move || match snap.map(|s| s.target(&name)) {
-                Some(Ok(ts)) => ts
-                    .load()
-                    .map(|st| (Some(ts), st))
-                    .map_err(|e| e.to_string()),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Ok((None, TargetState::default())),
+            tokio::task::spawn_blocking(move || {
+                let loaded = match snap.map(|s| s.target(&name)) {
+                    Some(Ok(ts)) => ts
+                        .load()
+                        .map(|st| (Some(ts), st))
+                        .map_err(|e| e.to_string()),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Ok((None, TargetState::default())),
+                };
+                let _ = cell.set(loaded);
             })
         })
         .collect();
     let read_started = std::time::Instant::now();
     // The read covers every target's mappings: one read serves any subset of targets.
     let wanted = map::needed_attributes(&pass.config.targets);
-    let directory = source::read_attributes(&pass.config.ldap, Some(&wanted)).await?;
+    // Users are mapped for every target as they arrive (targets with scope_groups wait for
+    // the groups), and then keep no attributes in the directory: a user whose snapshot row
+    // (if already loaded) has the same hash keeps none in its desired form either.
+    let mappers: Vec<Option<map::UserMapper>> = targets
+        .iter()
+        .map(|t| t.scope_groups.is_empty().then(|| map::UserMapper::new(t)))
+        .collect();
+    let mut premapped: Vec<Vec<Result<map::DesiredUser, String>>> =
+        targets.iter().map(|_| Vec::new()).collect();
+    let mut on_user = |user: &mut crate::model::DirectoryUser| {
+        for ((mapper, out), cell) in mappers.iter().zip(&mut premapped).zip(&rows) {
+            let Some(mapper) = mapper else { continue };
+            let mut mapped = mapper.map(user);
+            if let (Ok(u), Some(Ok((_, state)))) = (&mut mapped, cell.get()) {
+                if state.users.get(&u.id).is_some_and(|row| row.hash == u.hash) {
+                    u.attrs = map::SharedAttrs::default();
+                }
+            }
+            out.push(mapped);
+        }
+        if mappers.iter().all(Option::is_some) {
+            user.attrs = Default::default();
+        }
+    };
+    let directory = source::read_streaming(&pass.config.ldap, Some(&wanted), &mut on_user).await?;
     let read_duration = read_started.elapsed();
-    let mut loaded = Vec::with_capacity(loads.len());
     for load in loads {
-        loaded.push(
-            load.await
-                .unwrap_or_else(|e| Err(format!("loading the snapshot failed: {e}"))),
-        );
+        if let Err(e) = load.await {
+            warn!(error = %e, "loading the snapshot failed");
+        }
     }
+    let loaded: Vec<Loaded> = rows
+        .into_iter()
+        .map(|cell| {
+            Arc::try_unwrap(cell)
+                .ok()
+                .and_then(OnceLock::into_inner)
+                .unwrap_or_else(|| Err("loading the snapshot failed".into()))
+        })
+        .collect();
     let last = match &snapshot {
         Some(s) => s.last_read()?,
         None => None,
@@ -191,7 +229,10 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     let prepared: Vec<Prepared> = targets
         .iter()
         .zip(loaded)
-        .map(|(t, rows)| prepare(t, &directory, rows))
+        .zip(premapped.into_iter().zip(&mappers))
+        .map(|((t, rows), (mapped, mapper))| {
+            prepare(t, &directory, rows, mapper.is_some().then_some(mapped))
+        })
         .collect();
     let (source_users, source_groups) = (directory.users.len(), directory.groups.len());
     drop_in_background(directory);
@@ -283,12 +324,19 @@ type Prepared = Result<(Desired, Option<TargetSnapshot>, TargetState), String>;
 /// Maps the directory for `target` and completes its snapshot rows: attribute-level diffs are
 /// needed only where the hashes differ (and for leavers), so only those rows' attributes are
 /// loaded, and a desired user whose hash matches its row keeps no attributes either.
-fn prepare(target: &TargetConfig, directory: &Directory, rows: Loaded) -> Prepared {
+fn prepare(
+    target: &TargetConfig,
+    directory: &Directory,
+    rows: Loaded,
+    premapped: Option<Vec<Result<map::DesiredUser, String>>>,
+) -> Prepared {
     let (tsnap, mut state) = rows?;
-    let desired = map::desired_with(directory, target, |id, hash| {
-        state.users.get(id).is_some_and(|row| row.hash == hash)
-    })
-    .map_err(|e| e.to_string())?;
+    let unchanged =
+        |id: &DirectoryId, hash: &str| state.users.get(id).is_some_and(|row| row.hash == hash);
+    let desired = match premapped {
+        Some(mapped) => map::desired_premapped(directory, target, mapped, unchanged),
+        None => map::desired_with(directory, target, unchanged).map_err(|e| e.to_string())?,
+    };
     let stale: Vec<DirectoryId> = state
         .users
         .iter()

@@ -10,7 +10,7 @@ mod expand;
 mod range;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use ldap3::adapters::PagedResults;
@@ -77,6 +77,18 @@ pub async fn read_attributes(
     cfg: &LdapConfig,
     wanted: Option<&[String]>,
 ) -> Result<Directory, SourceError> {
+    read_streaming(cfg, wanted, &mut |_| {}).await
+}
+
+/// Like [`read_attributes`], handing each user to `on_user` as soon as it is final (its
+/// attributes complete, its disabled state known), while the rest is still being read: the
+/// caller can map it and drop what it no longer needs. The read as a whole still either
+/// completes or fails; what `on_user` saw of a failed read must be thrown away.
+pub async fn read_streaming(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    on_user: &mut (dyn FnMut(&mut DirectoryUser) + Send),
+) -> Result<Directory, SourceError> {
     let started = Instant::now();
     let mut ldap = connect(cfg).await?;
     let id_attr = id_attribute(cfg.dialect);
@@ -98,10 +110,20 @@ pub async fn read_attributes(
     // per connection: a second one invalidates the first one's cookie), and every entry is converted as it arrives: the raw entries are never all held at once,
     // and the conversion overlaps the server's work.
     let now = crate::clock::now();
+    // Who is disabled is known once the disabled-users search is over; users that arrive
+    // before that wait in `Finisher::pending`.
+    let disabled_known: OnceLock<HashSet<String>> = OnceLock::new();
+    if cfg.users.disabled_filter.is_none() {
+        let _ = disabled_known.set(HashSet::new());
+    }
     let users_read = async {
         let mut ldap = ldap.clone();
-        let mut users = Vec::new();
-        let mut user_dns = Vec::new();
+        let mut done = Finisher {
+            users: Vec::new(),
+            user_dns: Vec::new(),
+            pending: Vec::new(),
+            on_user,
+        };
         let mut ranged = Vec::new();
         let mut keep = |mut entry: SearchEntry| -> Result<(), SourceError> {
             if range::has_ranges(&entry) {
@@ -109,8 +131,7 @@ pub async fn read_attributes(
                 return Ok(());
             }
             let (user, norm) = user_entry(&mut entry, cfg.dialect, now)?;
-            users.push(user);
-            user_dns.push(norm);
+            done.add(user, norm, disabled_known.get());
             Ok(())
         };
         paged_search_each(
@@ -126,10 +147,9 @@ pub async fn read_attributes(
         complete_ranges(&mut ldap, &cfg.users.base, &mut ranged).await?;
         for mut entry in ranged {
             let (user, norm) = user_entry(&mut entry, cfg.dialect, now)?;
-            users.push(user);
-            user_dns.push(norm);
+            done.add(user, norm, disabled_known.get());
         }
-        Ok::<_, SourceError>((users, user_dns))
+        Ok::<_, SourceError>(done)
     };
     let disabled_read = async {
         let mut disabled = HashSet::new();
@@ -149,8 +169,9 @@ pub async fn read_attributes(
             )
             .await?;
             let _ = ldap.unbind().await;
+            let _ = disabled_known.set(disabled);
         }
-        Ok::<_, SourceError>(disabled)
+        Ok::<_, SourceError>(())
     };
     let groups_read = async {
         let mut raw_groups = Vec::new();
@@ -176,14 +197,13 @@ pub async fn read_attributes(
         }
         Ok::<_, SourceError>(raw_groups)
     };
-    let ((mut users, user_dns), disabled, raw_groups) =
-        tokio::try_join!(users_read, disabled_read, groups_read)?;
+    let (mut done, (), raw_groups) = tokio::try_join!(users_read, disabled_read, groups_read)?;
     let _ = ldap.unbind().await;
-    if !disabled.is_empty() {
-        for (user, norm) in users.iter_mut().zip(&user_dns) {
-            user.disabled |= disabled.contains(norm);
-        }
-    }
+    let no_one = HashSet::new();
+    done.flush(disabled_known.get().unwrap_or(&no_one));
+    let Finisher {
+        users, user_dns, ..
+    } = done;
     let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
     let groups = expand::resolve_members(&users, &user_dns, raw_groups, nested);
     info!(
@@ -194,6 +214,39 @@ pub async fn read_attributes(
         "directory read"
     );
     Ok(Directory { users, groups })
+}
+
+/// Users read so far, and the ones waiting to learn whether they are disabled.
+struct Finisher<'a> {
+    users: Vec<DirectoryUser>,
+    user_dns: Vec<String>,
+    pending: Vec<(DirectoryUser, String)>,
+    on_user: &'a mut (dyn FnMut(&mut DirectoryUser) + Send),
+}
+
+impl Finisher<'_> {
+    fn add(&mut self, user: DirectoryUser, norm: String, disabled: Option<&HashSet<String>>) {
+        match disabled {
+            Some(d) => {
+                self.flush(d);
+                self.finish(user, norm, d);
+            }
+            None => self.pending.push((user, norm)),
+        }
+    }
+
+    fn flush(&mut self, disabled: &HashSet<String>) {
+        for (user, norm) in std::mem::take(&mut self.pending) {
+            self.finish(user, norm, disabled);
+        }
+    }
+
+    fn finish(&mut self, mut user: DirectoryUser, norm: String, disabled: &HashSet<String>) {
+        user.disabled |= disabled.contains(&norm);
+        (self.on_user)(&mut user);
+        self.users.push(user);
+        self.user_dns.push(norm);
+    }
 }
 
 /// One user entry in the model (with its normalized DN, for group expansion).
