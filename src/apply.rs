@@ -198,7 +198,7 @@ impl Applier<'_> {
                         Effect::PutUser(id, mut row) => {
                             // The snapshot has the attributes; in memory the rest of this
                             // apply only needs ids (as a cycle does after a hash match).
-                            row.attrs = SharedAttrs::default();
+                            row.attrs = map::no_attrs();
                             state.users.insert(id, row);
                         }
                         Effect::RemoveUser(id) => {

@@ -23,6 +23,13 @@ pub type FlatAttrs = BTreeMap<String, Value>;
 /// updates it and the snapshot row written afterwards (one copy per user, not three).
 pub type SharedAttrs = std::sync::Arc<FlatAttrs>;
 
+/// The empty attributes, shared: an unchanged user or a row whose attributes were not loaded
+/// costs no allocation (100,000 of them add up).
+pub fn no_attrs() -> SharedAttrs {
+    static EMPTY: std::sync::OnceLock<SharedAttrs> = std::sync::OnceLock::new();
+    SharedAttrs::clone(EMPTY.get_or_init(SharedAttrs::default))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredUser {
     pub id: DirectoryId,
@@ -174,7 +181,7 @@ fn assemble(
             None => {}
             Some(Ok(mut u)) => {
                 if !u.attrs.is_empty() && unchanged(&u.id, &u.hash) {
-                    u.attrs = SharedAttrs::default();
+                    u.attrs = no_attrs();
                 }
                 users.push((u.id.clone(), u))
             }
@@ -189,12 +196,26 @@ fn assemble(
     let unmapped: HashSet<&DirectoryId> = out.problems.iter().map(|(id, _, _)| id).collect();
     if target.groups != GroupScope::None {
         for group in &dir.groups {
-            let members: BTreeSet<DirectoryId> = group
-                .members
-                .iter()
-                .filter(|m| out.users.contains_key(*m) || unmapped.contains(m))
-                .cloned()
-                .collect();
+            let members: BTreeSet<DirectoryId> = if group.members.len() > 64 {
+                // A large group: one merge with the (id-ordered) users.
+                let mut users = out.users.keys().peekable();
+                group
+                    .members
+                    .iter()
+                    .filter(|m| {
+                        while users.next_if(|k| k < m).is_some() {}
+                        users.next_if(|k| k == m).is_some() || unmapped.contains(m)
+                    })
+                    .cloned()
+                    .collect()
+            } else {
+                group
+                    .members
+                    .iter()
+                    .filter(|m| out.users.contains_key(*m) || unmapped.contains(m))
+                    .cloned()
+                    .collect()
+            };
             if target.groups == GroupScope::Scoped && members.is_empty() {
                 continue;
             }

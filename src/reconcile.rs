@@ -136,38 +136,25 @@ pub fn select_targets<'a>(
 /// is in its [`TargetOutcome`].
 pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     let targets = select_targets(pass.config, pass.only)?;
-    let opened = std::time::Instant::now();
-    let snapshot = if pass.dry_run {
-        Snapshot::open_existing(&pass.config.daemon.state_dir)?
-    } else {
-        Some(Snapshot::open(&pass.config.daemon.state_dir)?)
-    };
-    debug!(
-        elapsed_ms = opened.elapsed().as_millis() as u64,
-        "snapshot opened"
-    );
-    // Each target's snapshot rows load on the blocking pool while the directory is read.
+    // The snapshot opens and each target's rows load on the blocking pool while the directory
+    // is read (nothing is written before the read is complete).
     let rows: Vec<Arc<OnceLock<Loaded>>> = targets.iter().map(|_| Arc::default()).collect();
-    let loads: Vec<tokio::task::JoinHandle<()>> = targets
+    let opening = {
+        let state_dir = pass.config.daemon.state_dir.clone();
+        let dry_run = pass.dry_run;
+        let names: Vec<String> = targets.iter().map(|t| t.name.0.clone()).collect();
+        let cells = rows.clone();
+        tokio::task::spawn_blocking(move || open_and_load(&state_dir, dry_run, &names, &cells))
+    };
+    // Each target's `/ServiceProviderConfig` is read meanwhile too (a GET, nothing more).
+    let discoveries: Vec<tokio::task::JoinHandle<Connected>> = targets
         .iter()
-        .zip(&rows)
-        .map(|(t, cell)| {
-            let name = t.name.0.clone();
-            let cell = Arc::clone(cell);
-            // A dry run never creates a target's tree: no tree means no rows.
-            let snap = snapshot
-                .clone()
-                .filter(|s| !pass.dry_run || s.has_target(&name));
-            tokio::task::spawn_blocking(move || {
-                let loaded = match snap.map(|s| s.target(&name)) {
-                    Some(Ok(ts)) => ts
-                        .load()
-                        .map(|st| (Some(ts), st))
-                        .map_err(|e| e.to_string()),
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Ok((None, TargetState::default())),
-                };
-                let _ = cell.set(loaded);
+        .map(|t| {
+            let client = ScimClient::new(t).map_err(|e| e.to_string());
+            tokio::spawn(async move {
+                let client = client?;
+                let caps = client.discover().await;
+                Ok((client, caps))
             })
         })
         .collect();
@@ -189,7 +176,7 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
             let mut mapped = mapper.map(user);
             if let (Ok(u), Some(Ok((_, state)))) = (&mut mapped, cell.get()) {
                 if state.users.get(&u.id).is_some_and(|row| row.hash == u.hash) {
-                    u.attrs = map::SharedAttrs::default();
+                    u.attrs = map::no_attrs();
                 }
             }
             out.push(mapped);
@@ -200,11 +187,16 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     };
     let directory = source::read_streaming(&pass.config.ldap, Some(&wanted), &mut on_user).await?;
     let read_duration = read_started.elapsed();
-    for load in loads {
-        if let Err(e) = load.await {
-            warn!(error = %e, "loading the snapshot failed");
+    let snapshot = match opening.await {
+        Ok(opened) => opened?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            return Err(ReconcileError::Snapshot(SnapshotError::Open {
+                path: pass.config.daemon.state_dir.clone(),
+                reason: format!("opening was interrupted ({e})"),
+            }))
         }
-    }
+    };
     let loaded: Vec<Loaded> = rows
         .into_iter()
         .map(|cell| {
@@ -242,12 +234,28 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         "mapped and snapshot loaded"
     );
 
-    let outcomes = futures::future::join_all(
-        targets
-            .iter()
-            .zip(prepared)
-            .map(|(t, prepared)| run_target(pass, t, snapshot.as_ref(), hold.as_ref(), prepared)),
-    )
+    let mut connected = Vec::with_capacity(discoveries.len());
+    for (t, discovery) in targets.iter().zip(discoveries) {
+        connected.push(match discovery.await {
+            Ok(c) => c,
+            // Only a panic ends the task early: connect again here.
+            Err(_) => ScimClient::new(t)
+                .map_err(|e| e.to_string())
+                .map(|client| (client, Capabilities::default())),
+        });
+    }
+    let outcomes = futures::future::join_all(targets.iter().zip(prepared).zip(connected).map(
+        |((t, prepared), connected)| {
+            run_target(
+                pass,
+                t,
+                snapshot.as_ref(),
+                hold.as_ref(),
+                prepared,
+                connected,
+            )
+        },
+    ))
     .await;
 
     if let Some(s) = &snapshot {
@@ -312,11 +320,48 @@ fn shrank(kind: &str, before: usize, now: usize, max_shrink: f64) -> Option<guar
 /// A target's snapshot rows (and its tree, absent in a dry run without one), or why not.
 type Loaded = Result<(Option<TargetSnapshot>, TargetState), String>;
 
+/// Opens the snapshot (`None`: a dry run before any sync) and loads each target's rows into
+/// its cell, in the background of the directory read.
+fn open_and_load(
+    state_dir: &std::path::Path,
+    dry_run: bool,
+    names: &[String],
+    cells: &[Arc<OnceLock<Loaded>>],
+) -> Result<Option<Snapshot>, SnapshotError> {
+    let opened = std::time::Instant::now();
+    let snapshot = if dry_run {
+        Snapshot::open_existing(state_dir)?
+    } else {
+        Some(Snapshot::open(state_dir)?)
+    };
+    debug!(
+        elapsed_ms = opened.elapsed().as_millis() as u64,
+        "snapshot opened"
+    );
+    for (name, cell) in names.iter().zip(cells) {
+        // A dry run never creates a target's tree: no tree means no rows.
+        let snap = snapshot.as_ref().filter(|s| !dry_run || s.has_target(name));
+        let loaded = match snap.map(|s| s.target(name)) {
+            Some(Ok(ts)) => ts
+                .load()
+                .map(|st| (Some(ts), st))
+                .map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Ok((None, TargetState::default())),
+        };
+        let _ = cell.set(loaded);
+    }
+    Ok(snapshot)
+}
+
 /// Frees a large structure (100,000 entries take tens of milliseconds to free) on the
 /// blocking pool, while the cycle goes on.
 fn drop_in_background<T: Send + 'static>(value: T) {
     tokio::task::spawn_blocking(move || drop(value));
 }
+
+/// A target's client, and what its `/ServiceProviderConfig` said; or why there is none.
+type Connected = Result<(ScimClient, Capabilities), String>;
 
 /// A target's desired resources, snapshot tree and rows, ready to plan; or why not.
 type Prepared = Result<(Desired, Option<TargetSnapshot>, TargetState), String>;
@@ -337,14 +382,16 @@ fn prepare(
         Some(mapped) => map::desired_premapped(directory, target, mapped, unchanged),
         None => map::desired_with(directory, target, unchanged).map_err(|e| e.to_string())?,
     };
+    // Both maps are in id order: one merge.
+    let mut wanted = desired.users.iter().peekable();
     let stale: Vec<DirectoryId> = state
         .users
         .iter()
         .filter(|(id, row)| {
-            desired
-                .users
-                .get(*id)
-                .is_none_or(|want| want.hash != row.hash)
+            while wanted.next_if(|(k, _)| k < id).is_some() {}
+            wanted
+                .next_if(|(k, _)| k == id)
+                .is_none_or(|(_, want)| want.hash != row.hash)
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -361,9 +408,10 @@ async fn run_target(
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
     prepared: Prepared,
+    connected: Connected,
 ) -> TargetOutcome {
     let started = std::time::Instant::now();
-    let mut outcome = run_target_untimed(pass, target, snapshot, hold, prepared).await;
+    let mut outcome = run_target_untimed(pass, target, snapshot, hold, prepared, connected).await;
     outcome.elapsed = started.elapsed();
     outcome
 }
@@ -374,6 +422,7 @@ async fn run_target_untimed(
     snapshot: Option<&Snapshot>,
     hold: Option<&guard::SourceHold>,
     prepared: Prepared,
+    connected: Connected,
 ) -> TargetOutcome {
     let name = target.name.0.clone();
     let fail = |error: String| TargetOutcome {
@@ -389,12 +438,11 @@ async fn run_target_untimed(
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let client = match ScimClient::new(target) {
+    let (client, caps) = match connected {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
     let step = std::time::Instant::now();
-    let caps = client.discover().await;
     let (existing_users, existing_groups, mut problems) =
         match resolve_existing(&client, caps, target, &desired, &state).await {
             Ok(x) => x,
@@ -581,10 +629,15 @@ async fn resolve_existing(
     let mut users = BTreeMap::new();
     let mut groups = BTreeMap::new();
     let mut problems = Vec::new();
+    // Both maps are in id order: one merge.
+    let mut rows = state.users.keys().peekable();
     let user_candidates: Vec<&map::DesiredUser> = desired
         .users
         .values()
-        .filter(|u| !state.users.contains_key(&u.id) && (u.active || target.provision_disabled))
+        .filter(|u| {
+            while rows.next_if(|k| *k < &u.id).is_some() {}
+            rows.next_if(|k| *k == &u.id).is_none() && (u.active || target.provision_disabled)
+        })
         .collect();
     let group_candidates: Vec<&map::DesiredGroup> = desired
         .groups

@@ -53,7 +53,7 @@ pub struct UserRow {
     /// Stored apart from the row and loaded only for the users a cycle needs them for
     /// ([`TargetSnapshot::load_attrs`]): a cycle compares hashes first, so a no-op cycle never
     /// holds every user's attributes twice.
-    #[serde(skip)]
+    #[serde(skip, default = "crate::map::no_attrs")]
     pub attrs: SharedAttrs,
     pub etag: Option<String>,
     pub state: UserState,

@@ -347,13 +347,17 @@ impl ScimClient {
                 return Ok(tok.clone());
             }
         }
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "client_credentials");
-        form.append_pair("client_id", client_id);
-        form.append_pair("client_secret", client_secret.expose());
-        if let Some(s) = scope {
-            form.append_pair("scope", s);
-        }
+        // Built apart: the serializer is not `Send`, so it must not live across an await.
+        let form = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "client_credentials");
+            form.append_pair("client_id", client_id);
+            form.append_pair("client_secret", client_secret.expose());
+            if let Some(s) = scope {
+                form.append_pair("scope", s);
+            }
+            form.finish()
+        };
         let fail = |reason: String| TargetError::Unavailable {
             target: self.name.clone(),
             method: "POST".into(),
@@ -365,7 +369,7 @@ impl ScimClient {
             .http
             .post(token_url)
             .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(form.finish())
+            .body(form)
             .send()
             .await
             .map_err(|e| fail(transport_reason(&e)))?;
