@@ -15,6 +15,11 @@
 //! `tests/bench_smoke.rs` runs it at a tiny size to prove it works.
 #![forbid(unsafe_code)]
 
+/// The allocator the ldap2scim binary uses (src/main.rs), so that the in-process read below
+/// is measured as the binary would run it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

@@ -40,10 +40,11 @@ pub struct Applied {
     pub name: String,
     /// The SCIM id the change touched (after it was known).
     pub scim_id: Option<String>,
-    /// Attribute paths changed, or member ids added/removed.
-    pub attributes: Vec<String>,
+    /// Attribute paths changed, or member ids added/removed (shared between records with the
+    /// same paths: 100,000 creates have one list).
+    pub attributes: std::sync::Arc<[String]>,
     /// `"ok"` or the error.
-    pub outcome: String,
+    pub outcome: std::borrow::Cow<'static, str>,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +154,7 @@ impl Applier<'_> {
         let total = changes.len();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let breaker = &Breaker::default();
+        let mut paths = SharedPaths::default();
         // Consecutive changes of the same kind form a phase; phases run in plan order, the
         // changes inside one run concurrently.
         let mut i = 0;
@@ -218,10 +220,12 @@ impl Applier<'_> {
                     external_id: change.id().0.clone(),
                     name: change.name().to_string(),
                     scim_id: scim_id.or_else(|| change_scim_id(change)),
-                    attributes: changed_paths(change),
+                    attributes: paths.shared(changed_paths(change)),
                     outcome: err
                         .as_ref()
-                        .map_or_else(|| "ok".to_string(), |(_, e)| e.to_string()),
+                        .map_or(std::borrow::Cow::Borrowed("ok"), |(_, e)| {
+                            std::borrow::Cow::Owned(e.to_string())
+                        }),
                 });
                 match err {
                     None => report.applied += 1,
@@ -709,6 +713,23 @@ fn change_scim_id(c: &Change) -> Option<String> {
 }
 
 /// What a change touches, for the audit log: attribute paths, or member directory ids.
+/// The last attribute-path list recorded, reused while the next ones are equal.
+#[derive(Default)]
+struct SharedPaths(Option<std::sync::Arc<[String]>>);
+
+impl SharedPaths {
+    fn shared(&mut self, paths: Vec<String>) -> std::sync::Arc<[String]> {
+        match &self.0 {
+            Some(last) if **last == *paths => last.clone(),
+            _ => {
+                let fresh: std::sync::Arc<[String]> = paths.into();
+                self.0 = Some(fresh.clone());
+                fresh
+            }
+        }
+    }
+}
+
 fn changed_paths(c: &Change) -> Vec<String> {
     match c {
         Change::AdoptUser { changes, .. }

@@ -49,37 +49,46 @@ impl AuditLog {
     }
 
     /// Appends every applied record of `outcome`; returns how many lines were written.
+    /// Lines are written as they are built: a first sync of 100,000 people is 100,000 lines,
+    /// which are never all held in memory at once.
     pub fn append(&self, outcome: &Outcome, at: DateTime<Utc>) -> std::io::Result<usize> {
-        let mut text = String::new();
-        let mut lines = 0;
-        for t in &outcome.targets {
-            for r in t.applied.iter().flat_map(|a| &a.records) {
-                let line = json!({
-                    "time": at.to_rfc3339_opts(SecondsFormat::Millis, true),
-                    "run_id": outcome.run_id,
-                    "target": t.name,
-                    "action": r.action,
-                    "resource": r.resource,
-                    "external_id": r.external_id,
-                    "name": r.name,
-                    "scim_id": r.scim_id,
-                    "attributes": r.attributes,
-                    "outcome": r.outcome,
-                });
-                text.push_str(&line.to_string());
-                text.push('\n');
-                lines += 1;
-            }
-        }
-        if lines == 0 {
+        let records = || {
+            outcome.targets.iter().flat_map(|t| {
+                t.applied
+                    .iter()
+                    .flat_map(|a| &a.records)
+                    .map(move |r| (t, r))
+            })
+        };
+        if records().next().is_none() {
             return Ok(0);
         }
         self.rotate_if_needed()?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)?;
-        file.write_all(text.as_bytes())?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+        let time = at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut lines = 0;
+        for (t, r) in records() {
+            let line = json!({
+                "time": time,
+                "run_id": outcome.run_id,
+                "target": t.name,
+                "action": r.action,
+                "resource": r.resource,
+                "external_id": r.external_id,
+                "name": r.name,
+                "scim_id": r.scim_id,
+                "attributes": &*r.attributes,
+                "outcome": r.outcome,
+            });
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+            lines += 1;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_data()?;
         Ok(lines)
     }
@@ -129,7 +138,7 @@ mod tests {
                     external_id: format!("id-{i}"),
                     name: format!("user{i}@example.org"),
                     scim_id: Some(format!("scim-{i}")),
-                    attributes: vec!["title".into()],
+                    attributes: vec!["title".to_string()].into(),
                     outcome: "ok".into(),
                 })
                 .collect(),

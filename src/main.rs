@@ -54,6 +54,9 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(ldap2scim::commands::execute(cli));
+    // Everything that must be durable was flushed before the command returned; what may
+    // still run on the blocking pool is freeing memory, which the exit does faster.
+    runtime.shutdown_background();
     ExitCode::from(code)
 }
 

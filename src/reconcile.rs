@@ -234,26 +234,19 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         "mapped and snapshot loaded"
     );
 
-    let mut connected = Vec::with_capacity(discoveries.len());
-    for (t, discovery) in targets.iter().zip(discoveries) {
-        connected.push(match discovery.await {
-            Ok(c) => c,
-            // Only a panic ends the task early: connect again here.
-            Err(_) => ScimClient::new(t)
-                .map_err(|e| e.to_string())
-                .map(|client| (client, Capabilities::default())),
-        });
-    }
-    let outcomes = futures::future::join_all(targets.iter().zip(prepared).zip(connected).map(
-        |((t, prepared), connected)| {
-            run_target(
-                pass,
-                t,
-                snapshot.as_ref(),
-                hold.as_ref(),
-                prepared,
-                connected,
-            )
+    // Each target waits only for its own discovery: a dead target's retries delay no other.
+    let snapshot_ref = snapshot.as_ref();
+    let hold_ref = hold.as_ref();
+    let outcomes = futures::future::join_all(targets.iter().zip(prepared).zip(discoveries).map(
+        |((t, prepared), discovery)| async move {
+            let connected = match discovery.await {
+                Ok(c) => c,
+                // Only a panic ends the task early: connect again here.
+                Err(_) => ScimClient::new(t)
+                    .map_err(|e| e.to_string())
+                    .map(|client| (client, Capabilities::default())),
+            };
+            run_target(pass, t, snapshot_ref, hold_ref, prepared, connected).await
         },
     ))
     .await;

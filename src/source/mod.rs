@@ -195,17 +195,18 @@ pub async fn read_streaming(
                 raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
             }
         }
-        Ok::<_, SourceError>(raw_groups)
+        // How the groups nest is worked out now, while the users are still arriving.
+        let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
+        Ok::<_, SourceError>(expand::GroupGraph::new(raw_groups, nested))
     };
-    let (mut done, (), raw_groups) = tokio::try_join!(users_read, disabled_read, groups_read)?;
+    let (mut done, (), graph) = tokio::try_join!(users_read, disabled_read, groups_read)?;
     let _ = ldap.unbind().await;
     let no_one = HashSet::new();
     done.flush(disabled_known.get().unwrap_or(&no_one));
     let Finisher {
         users, user_dns, ..
     } = done;
-    let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
-    let groups = expand::resolve_members(&users, &user_dns, raw_groups, nested);
+    let groups = graph.resolve(&users, &user_dns);
     info!(
         users = users.len(),
         groups = groups.len(),
