@@ -105,24 +105,30 @@ pub fn desired_with(
                     .collect()
             })
         };
-    Ok(assemble(dir, target, mapped, unchanged))
+    Ok(assemble(dir, target, mapped, unchanged, None))
 }
 
 /// Like [`desired_with`], for users already mapped while the directory was read (`mapped[i]`
 /// belongs to `dir.users[i]`; see [`UserMapper`]). Only for targets without `scope_groups`:
 /// scope is known only once the groups are read.
+///
+/// `members`, when given, are the groups' member sets taken out of `dir` (`members[i]` of
+/// `dir.groups[i]`), for the last target to use them: filtered in place, not copied.
 pub fn desired_premapped(
     dir: &Directory,
     target: &TargetConfig,
     mapped: Vec<Result<DesiredUser, String>>,
     unchanged: impl Fn(&DirectoryId, &str) -> bool,
+    members: Option<Vec<BTreeSet<DirectoryId>>>,
 ) -> Desired {
     debug_assert!(target.scope_groups.is_empty() && mapped.len() == dir.users.len());
+    debug_assert!(members.as_ref().is_none_or(|m| m.len() == dir.groups.len()));
     assemble(
         dir,
         target,
         mapped.into_iter().map(Some).collect(),
         unchanged,
+        members,
     )
 }
 
@@ -173,6 +179,7 @@ fn assemble(
     target: &TargetConfig,
     mapped: Vec<Option<Result<DesiredUser, String>>>,
     unchanged: impl Fn(&DirectoryId, &str) -> bool,
+    mut taken: Option<Vec<BTreeSet<DirectoryId>>>,
 ) -> Desired {
     let mut out = Desired::default();
     let mut users = Vec::with_capacity(mapped.len());
@@ -195,8 +202,21 @@ fn assemble(
     // groups (the planner keeps what the target already has, and never deprovisions it).
     let unmapped: HashSet<&DirectoryId> = out.problems.iter().map(|(id, _, _)| id).collect();
     if target.groups != GroupScope::None {
-        for group in &dir.groups {
-            let members: BTreeSet<DirectoryId> = if group.members.len() > 64 {
+        for (i, group) in dir.groups.iter().enumerate() {
+            let members: BTreeSet<DirectoryId> = if let Some(sets) = taken.as_mut() {
+                // The directory's own sets, filtered in place instead of copied.
+                let mut set = std::mem::take(&mut sets[i]);
+                if set.len() > 64 {
+                    let mut users = out.users.keys().peekable();
+                    set.retain(|m| {
+                        while users.next_if(|k| *k < m).is_some() {}
+                        users.next_if(|k| *k == m).is_some() || unmapped.contains(m)
+                    });
+                } else {
+                    set.retain(|m| out.users.contains_key(m) || unmapped.contains(m));
+                }
+                set
+            } else if group.members.len() > 64 {
                 // A large group: one merge with the (id-ordered) users.
                 let mut users = out.users.keys().peekable();
                 group
