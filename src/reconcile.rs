@@ -2,7 +2,7 @@
 //! selected target. Targets run concurrently and independently: one failing target is that
 //! target's result, not the cycle's.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
@@ -388,6 +388,29 @@ fn drop_in_background<T: Send + 'static>(value: T) {
     tokio::task::spawn_blocking(move || drop(value));
 }
 
+/// A listing of a target's resources by the string value of `attr` (ASCII-lowercased when
+/// `fold_case`), in listing order.
+fn index_by<'a>(all: &'a [Value], attr: &str, fold_case: bool) -> HashMap<String, Vec<&'a Value>> {
+    let mut ix: HashMap<String, Vec<&Value>> = HashMap::new();
+    for r in all {
+        if let Some(v) = r[attr].as_str() {
+            let key = if fold_case {
+                v.to_ascii_lowercase()
+            } else {
+                v.to_string()
+            };
+            ix.entry(key).or_default().push(r);
+        }
+    }
+    ix
+}
+
+fn lookup(ix: &HashMap<String, Vec<&Value>>, key: &str) -> Vec<Value> {
+    ix.get(key).map_or_else(Vec::new, |found| {
+        found.iter().map(|r| (*r).clone()).collect()
+    })
+}
+
 /// A user mapped while the directory was read, with its attributes packed as JSON when the
 /// snapshot rows were not loaded yet to tell whether they are needed.
 type Premapped = (Result<map::DesiredUser, String>, Option<Box<[u8]>>);
@@ -716,28 +739,21 @@ async fn resolve_existing(
         } else {
             None
         };
+        // Indexed once: 100,000 candidates against a listing of 100,000 must not be a scan each.
+        let listed_ids = listed
+            .as_deref()
+            .map(|all| index_by(all, "externalId", false));
+        let listed_names = listed.as_deref().map(|all| index_by(all, "userName", true));
         for u in user_candidates {
-            let mut found = match &listed {
-                Some(all) => all
-                    .iter()
-                    .filter(|r| r["externalId"].as_str() == Some(&u.id.0))
-                    .cloned()
-                    .collect(),
+            let mut found = match &listed_ids {
+                Some(ix) => lookup(ix, &u.id.0),
                 None => client.find_eq("Users", "externalId", &u.id.0).await?,
             };
             let mut how = "externalId";
             if found.is_empty() && by_user_name {
                 how = "userName";
-                found = match &listed {
-                    Some(all) => all
-                        .iter()
-                        .filter(|r| {
-                            r["userName"]
-                                .as_str()
-                                .is_some_and(|n| n.eq_ignore_ascii_case(&u.user_name))
-                        })
-                        .cloned()
-                        .collect(),
+                found = match &listed_names {
+                    Some(ix) => lookup(ix, &u.user_name.to_ascii_lowercase()),
                     None => client.find_eq("Users", "userName", &u.user_name).await?,
                 };
             }
@@ -808,24 +824,22 @@ async fn resolve_existing(
         } else {
             None
         };
+        let listed_ids = listed
+            .as_deref()
+            .map(|all| index_by(all, "externalId", false));
+        let listed_names = listed
+            .as_deref()
+            .map(|all| index_by(all, "displayName", false));
         for g in group_candidates {
-            let mut found: Vec<Value> = match &listed {
-                Some(all) => all
-                    .iter()
-                    .filter(|r| r["externalId"].as_str() == Some(&g.id.0))
-                    .cloned()
-                    .collect(),
+            let mut found: Vec<Value> = match &listed_ids {
+                Some(ix) => lookup(ix, &g.id.0),
                 None => client.find_eq("Groups", "externalId", &g.id.0).await?,
             };
             let mut how = "externalId";
             if found.is_empty() && by_display_name {
                 how = "displayName";
-                found = match &listed {
-                    Some(all) => all
-                        .iter()
-                        .filter(|r| r["displayName"].as_str() == Some(&g.display_name))
-                        .cloned()
-                        .collect(),
+                found = match &listed_names {
+                    Some(ix) => lookup(ix, &g.display_name),
                     None => {
                         client
                             .find_eq("Groups", "displayName", &g.display_name)
