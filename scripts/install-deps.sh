@@ -10,7 +10,8 @@ deps=${LDAP2SCIM_DEPS:-$root/.deps}
 mkdir -p "$deps"
 
 need_apt=()
-for bin in slapd:slapd ldapsearch:ldap-utils openssl:openssl ss:iproute2 curl:curl systemd-analyze:systemd gzip:gzip; do
+# make and a C compiler build jemalloc (ldap2scim's allocator, tikv-jemalloc-sys).
+for bin in slapd:slapd ldapsearch:ldap-utils openssl:openssl ss:iproute2 curl:curl systemd-analyze:systemd gzip:gzip make:make cc:gcc; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${bin%%:*}" ] || need_apt+=("${bin#*:}")
 done
 # Samba AD DC for the Active Directory tests (tests/ad.rs, scripts/samba.sh); unshare and flock
