@@ -107,8 +107,9 @@ pub async fn read_streaming(
     };
 
     // The three searches run at once, each on its own connection (slapd keeps one paged search
-    // per connection: a second one invalidates the first one's cookie), and every entry is converted as it arrives: the raw entries are never all held at once,
-    // and the conversion overlaps the server's work.
+    // per connection: a second one invalidates the first one's cookie), and every entry is
+    // converted as it arrives: the raw entries are never all held at once, and the conversion
+    // overlaps the server's work.
     let now = crate::clock::now();
     // Who is disabled is known once the disabled-users search is over; users that arrive
     // before that wait in `Finisher::pending`.
