@@ -179,21 +179,19 @@ pub async fn read_streaming(
         if let Some(g) = &cfg.groups {
             let mut ldap = connect(cfg).await?;
             let mut ranged = Vec::new();
-            let mut keep = |mut entry: SearchEntry| -> Result<(), SourceError> {
+            let mut keep = |entry: SearchEntry| -> Result<(), SourceError> {
                 if range::has_ranges(&entry) {
                     ranged.push(entry);
                     return Ok(());
                 }
-                let id = entry_id(&mut entry, cfg.dialect)?;
-                raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
+                raw_groups.push(group_entry(entry, cfg.dialect)?);
                 Ok(())
             };
             paged_search_each(&mut ldap, cfg, &g.base, &g.filter, &group_attrs, &mut keep).await?;
             complete_ranges(&mut ldap, &g.base, &mut ranged).await?;
             let _ = ldap.unbind().await;
-            for mut entry in ranged {
-                let id = entry_id(&mut entry, cfg.dialect)?;
-                raw_groups.push((id, entry.dn, lowercase_attrs(entry.attrs)));
+            for entry in ranged {
+                raw_groups.push(group_entry(entry, cfg.dialect)?);
             }
         }
         // How the groups nest is worked out now, while the users are still arriving.
@@ -249,6 +247,15 @@ impl Finisher<'_> {
         self.users.push(user);
         self.user_dns.push(norm);
     }
+}
+
+/// One group entry: its id, DN and attributes (members still as DNs).
+fn group_entry(
+    mut entry: SearchEntry,
+    dialect: Dialect,
+) -> Result<(DirectoryId, String, Attributes), SourceError> {
+    let id = entry_id(&mut entry, dialect)?;
+    Ok((id, entry.dn, lowercase_attrs(entry.attrs)))
 }
 
 /// One user entry in the model (with its normalized DN, for group expansion).
