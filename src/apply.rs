@@ -293,8 +293,9 @@ impl Applier<'_> {
                 user_name,
                 attrs,
             } => {
+                let flat = attrs.unpack();
                 let (scim_id, etag, owned) = match c
-                    .create("Users", &map::user_resource(attrs))
+                    .create("Users", &map::user_resource(&flat))
                     .await
                 {
                     Ok((sid, etag)) => (sid, etag, Ownership::Created),
@@ -303,14 +304,14 @@ impl Applier<'_> {
                         let (sid, owned) =
                             self.find_after_conflict(id, user_name).await?.ok_or(e)?;
                         let etag = self
-                            .write_user(&sid, replace_all(attrs), attrs, None)
+                            .write_user(&sid, replace_all(&flat), &flat, None)
                             .await?;
                         info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
                         (sid, etag, owned)
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let row = self.user_row(scim_id, user_name, attrs, etag, owned, None);
+                let row = self.user_row(scim_id, user_name, attrs, &flat, etag, owned, None);
                 self.snapshot.put_user(id, &row)?;
                 Ok(vec![Effect::PutUser(id.clone(), row)])
             }
@@ -323,8 +324,9 @@ impl Applier<'_> {
                 matched_by,
                 ..
             } => {
+                let flat = attrs.unpack();
                 let etag = self
-                    .write_user(scim_id, replace_all(attrs), attrs, None)
+                    .write_user(scim_id, replace_all(&flat), &flat, None)
                     .await?;
                 let previous = supersedes.as_ref().and_then(|old| state.users.get(old));
                 let owned = match (previous, *matched_by) {
@@ -332,7 +334,8 @@ impl Applier<'_> {
                     (None, "externalId") => Ownership::Created,
                     _ => Ownership::Adopted,
                 };
-                let row = self.user_row(scim_id.clone(), user_name, attrs, etag, owned, None);
+                let row =
+                    self.user_row(scim_id.clone(), user_name, attrs, &flat, etag, owned, None);
                 self.snapshot.put_user(id, &row)?;
                 let mut effects = vec![Effect::PutUser(id.clone(), row)];
                 if let Some(old) = supersedes {
@@ -357,19 +360,27 @@ impl Applier<'_> {
                 ..
             } => {
                 let prev = state.users.get(id);
+                let flat = attrs.unpack();
                 match self
                     .write_user(
                         scim_id,
-                        patch_ops(changes, attrs, self.target.profile),
-                        attrs,
+                        patch_ops(changes, &flat, self.target.profile),
+                        &flat,
                         prev.and_then(|r| r.etag.as_deref()),
                     )
                     .await
                 {
                     Ok(etag) => {
                         let owned = prev.map(|r| r.owned).unwrap_or(Ownership::Created);
-                        let row =
-                            self.user_row(scim_id.clone(), user_name, attrs, etag, owned, prev);
+                        let row = self.user_row(
+                            scim_id.clone(),
+                            user_name,
+                            attrs,
+                            &flat,
+                            etag,
+                            owned,
+                            prev,
+                        );
                         self.snapshot.put_user(id, &row)?;
                         Ok(vec![Effect::PutUser(id.clone(), row)])
                     }
@@ -383,9 +394,16 @@ impl Applier<'_> {
                     }
                     Err(e) if e.status() == Some(404) => {
                         warn!(target = %self.target.name, user = %user_name, "user was deleted on the target by hand; creating it again");
-                        let (sid, etag) = c.create("Users", &map::user_resource(attrs)).await?;
-                        let row =
-                            self.user_row(sid, user_name, attrs, etag, Ownership::Created, None);
+                        let (sid, etag) = c.create("Users", &map::user_resource(&flat)).await?;
+                        let row = self.user_row(
+                            sid,
+                            user_name,
+                            attrs,
+                            &flat,
+                            etag,
+                            Ownership::Created,
+                            None,
+                        );
                         self.snapshot.put_user(id, &row)?;
                         let mut effects = vec![Effect::PutUser(id.clone(), row)];
                         // Its memberships went with it: forget them, so the next plan adds
@@ -672,16 +690,19 @@ impl Applier<'_> {
         Ok(None)
     }
 
+    /// The row of a user the target acknowledged: `attrs` packed, `flat` the same unpacked.
+    #[allow(clippy::too_many_arguments)]
     fn user_row(
         &self,
         scim_id: ScimId,
         user_name: &str,
         attrs: &SharedAttrs,
+        flat: &FlatAttrs,
         etag: Option<String>,
         owned: Ownership,
         prev: Option<&UserRow>,
     ) -> UserRow {
-        let active = attrs.get("active").and_then(Value::as_bool).unwrap_or(true);
+        let active = flat.get("active").and_then(Value::as_bool).unwrap_or(true);
         let state = match (active, prev.map(|p| p.state)) {
             (true, _) => UserState::Active,
             (false, Some(UserState::Deactivated { since })) => UserState::Deactivated { since },
@@ -690,7 +711,7 @@ impl Applier<'_> {
         UserRow {
             scim_id,
             user_name: user_name.to_string(),
-            hash: map::user_hash(attrs),
+            hash: map::packed_hash(attrs),
             attrs: SharedAttrs::clone(attrs),
             etag,
             state,
@@ -737,7 +758,7 @@ fn changed_paths(c: &Change) -> Vec<String> {
         | Change::DeactivateUser { changes, .. } => {
             changes.iter().map(|a| a.path.clone()).collect()
         }
-        Change::CreateUser { attrs, .. } => attrs.keys().cloned().collect(),
+        Change::CreateUser { attrs, .. } => attrs.paths(),
         Change::UpdateGroup { .. } | Change::AdoptGroup { .. } => vec!["displayName".into()],
         Change::AddMembers { members, .. } | Change::RemoveMembers { members, .. } => {
             members.iter().map(|m| format!("member:{m}")).collect()

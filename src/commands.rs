@@ -321,7 +321,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
     for t in &config.targets {
         let mapped = match entry {
             Entry::User(u) => crate::map::map_user(u, t)
-                .map(|m| crate::map::user_resource(&m.attrs))
+                .map(|m| crate::map::user_resource(&m.attrs.unpack()))
                 .unwrap_or_else(|e| json!({"error": e})),
             Entry::Group(g) => {
                 json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})
@@ -336,7 +336,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
                 .get(&id)
                 .map(|r| {
                     let mut v = serde_json::to_value(r).unwrap_or_default();
-                    v["attrs"] = serde_json::to_value(r.attrs.as_ref()).unwrap_or_default();
+                    v["attrs"] = serde_json::to_value(r.attrs.unpack()).unwrap_or_default();
                     v
                 })
                 .or_else(|| st.groups.get(&id).map(|r| json!({"scim_id": r.scim_id, "display_name": r.display_name, "members": r.members.len(), "owned": r.owned})))

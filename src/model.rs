@@ -111,7 +111,18 @@ pub fn content_hash<T: Serialize + ?Sized>(value: &T) -> String {
     if serde_json::to_writer(&mut hasher, value).is_err() {
         hasher = HashWriter(Sha256::new());
     }
-    let digest = hasher.0.finalize();
+    hex_digest(hasher.0)
+}
+
+/// [`content_hash`] of bytes that already are a value's JSON serialization.
+pub fn bytes_hash(json: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(json);
+    hex_digest(hasher)
+}
+
+fn hex_digest(hasher: Sha256) -> String {
+    let digest = hasher.finalize();
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(32);
     for b in digest.iter().take(16) {

@@ -168,32 +168,19 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         .iter()
         .map(|t| t.scope_groups.is_empty().then(|| map::UserMapper::new(t)))
         .collect();
-    let mut premapped: Vec<Vec<Premapped>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut premapped: Vec<Vec<Mapped>> = targets.iter().map(|_| Vec::new()).collect();
     let mut on_user = |user: &mut crate::model::DirectoryUser| {
         for ((mapper, out), cell) in mappers.iter().zip(&mut premapped).zip(&rows) {
             let Some(mapper) = mapper else { continue };
             let mut mapped = mapper.map(user);
-            let mut packed = None;
-            if let Ok(u) = &mut mapped {
-                match cell.get() {
-                    Some(Ok((_, state))) => {
-                        if state.users.get(&u.id).is_some_and(|row| row.hash == u.hash) {
-                            u.attrs = map::no_attrs();
-                        }
-                    }
-                    // The rows are not loaded yet: until they are, the attributes wait as
-                    // compact JSON (a fifth of the map's size); see `unpack`.
-                    _ => {
-                        packed = serde_json::to_vec(&*u.attrs)
-                            .ok()
-                            .map(Vec::into_boxed_slice);
-                        if packed.is_some() {
-                            u.attrs = map::no_attrs();
-                        }
-                    }
+            // With the rows loaded, an unchanged user drops its attributes now; otherwise they
+            // wait (packed, a few hundred bytes) until `map::desired_premapped` can tell.
+            if let (Ok(u), Some(Ok((_, state)))) = (&mut mapped, cell.get()) {
+                if state.users.get(&u.id).is_some_and(|row| row.hash == u.hash) {
+                    u.attrs = map::no_attrs();
                 }
             }
-            out.push((mapped, packed));
+            out.push(mapped);
         }
         if mappers.iter().all(Option::is_some) {
             user.attrs = Default::default();
@@ -411,32 +398,8 @@ fn lookup(ix: &HashMap<String, Vec<&Value>>, key: &str) -> Vec<Value> {
     })
 }
 
-/// A user mapped while the directory was read, with its attributes packed as JSON when the
-/// snapshot rows were not loaded yet to tell whether they are needed.
-type Premapped = (Result<map::DesiredUser, String>, Option<Box<[u8]>>);
-
-/// Settles the users mapped while the rows were still loading: an unchanged one drops its
-/// packed attributes, any other gets them back (without them its plan would be wrong).
-fn unpack(
-    premapped: Vec<Premapped>,
-    state: &TargetState,
-) -> Result<Vec<Result<map::DesiredUser, String>>, String> {
-    premapped
-        .into_iter()
-        .map(|(mapped, packed)| match (mapped, packed) {
-            (Ok(mut u), Some(bytes)) => {
-                if state.users.get(&u.id).is_none_or(|row| row.hash != u.hash) {
-                    let attrs: map::FlatAttrs = serde_json::from_slice(&bytes).map_err(|e| {
-                        format!("cannot restore the attributes of {}: {e}", u.user_name)
-                    })?;
-                    u.attrs = map::SharedAttrs::new(attrs);
-                }
-                Ok(Ok(u))
-            }
-            (mapped, _) => Ok(mapped),
-        })
-        .collect()
-}
+/// A user mapped while the directory was read, or why it cannot be mapped.
+type Mapped = Result<map::DesiredUser, String>;
 
 /// A target's client, and what its `/ServiceProviderConfig` said; or why there is none.
 type Connected = Result<(ScimClient, Capabilities), String>;
@@ -451,17 +414,14 @@ fn prepare(
     target: &TargetConfig,
     directory: &Directory,
     rows: Loaded,
-    premapped: Option<Vec<Premapped>>,
+    premapped: Option<Vec<Mapped>>,
     members: Option<Vec<BTreeSet<DirectoryId>>>,
 ) -> Prepared {
     let (tsnap, mut state) = rows?;
     let unchanged =
         |id: &DirectoryId, hash: &str| state.users.get(id).is_some_and(|row| row.hash == hash);
     let desired = match premapped {
-        Some(mapped) => {
-            let mapped = unpack(mapped, &state)?;
-            map::desired_premapped(directory, target, mapped, unchanged, members)
-        }
+        Some(mapped) => map::desired_premapped(directory, target, mapped, unchanged, members),
         None => map::desired_with(directory, target, unchanged).map_err(|e| e.to_string())?,
     };
     // Both maps are in id order: one merge.
@@ -966,58 +926,5 @@ mod tests {
         };
         assert!(source_hold(&dir, Some(&last), 0.2).is_some());
         assert!(source_hold(&dir, None, 0.2).is_none());
-    }
-
-    /// Users mapped before the rows were loaded: a changed or new one must get its packed
-    /// attributes back (an empty map would plan the removal of every attribute); an unchanged
-    /// one must not keep them.
-    #[test]
-    fn packed_attributes_come_back_exactly_where_needed() {
-        let user = |id: &str, title: &str| {
-            let mut attrs = map::FlatAttrs::new();
-            attrs.insert("userName".into(), serde_json::json!(id));
-            attrs.insert("title".into(), serde_json::json!(title));
-            let hash = map::user_hash(&attrs);
-            let packed = serde_json::to_vec(&attrs).unwrap().into_boxed_slice();
-            let u = map::DesiredUser {
-                id: DirectoryId::new(id),
-                dn: format!("uid={id},dc=x"),
-                user_name: id.into(),
-                active: true,
-                attrs: map::no_attrs(),
-                hash,
-            };
-            (u, packed, attrs)
-        };
-        let (same, same_packed, _) = user("same", "Engineer");
-        let (changed, changed_packed, changed_attrs) = user("changed", "Manager");
-        let (new, new_packed, new_attrs) = user("new", "Intern");
-        let row = |hash: &str| crate::snapshot::UserRow {
-            scim_id: crate::model::ScimId("s".into()),
-            user_name: String::new(),
-            hash: hash.into(),
-            attrs: map::no_attrs(),
-            etag: None,
-            state: crate::snapshot::UserState::Active,
-            owned: crate::snapshot::Ownership::Created,
-        };
-        let mut state = TargetState::default();
-        state.users.insert(same.id.clone(), row(&same.hash));
-        state.users.insert(changed.id.clone(), row("an older hash"));
-        let out = unpack(
-            vec![
-                (Ok(same), Some(same_packed)),
-                (Ok(changed), Some(changed_packed)),
-                (Ok(new), Some(new_packed)),
-                (Err("no userName".into()), None),
-            ],
-            &state,
-        )
-        .unwrap();
-        let attrs = |i: usize| out[i].as_ref().unwrap().attrs.as_ref().clone();
-        assert!(attrs(0).is_empty());
-        assert_eq!(attrs(1), changed_attrs);
-        assert_eq!(attrs(2), new_attrs);
-        assert!(out[3].is_err());
     }
 }

@@ -236,7 +236,7 @@ impl TargetSnapshot {
         batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), encode(row));
         batch.insert(
             format!("{ATTRS_PREFIX}{id}").as_bytes(),
-            encode(row.attrs.as_ref()),
+            row.attrs.json().as_bytes(),
         );
         self.tree.apply_batch(batch).map_err(|e| self.storage(e))
     }
@@ -260,7 +260,7 @@ impl TargetSnapshot {
                 state.users.get_mut(id),
                 self.tree.get(&key).map_err(|e| self.storage(e))?,
             ) {
-                row.attrs = SharedAttrs::new(self.decode::<FlatAttrs>(&key, &bytes)?);
+                row.attrs = SharedAttrs::pack(&self.decode::<FlatAttrs>(&key, &bytes)?);
             }
         }
         Ok(())

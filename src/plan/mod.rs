@@ -280,7 +280,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 if row.hash == want.hash || is_protected(target, &row.user_name) {
                     continue;
                 }
-                let changes = diff_attrs(&row.attrs, &want.attrs);
+                let want_attrs = want.attrs.unpack();
+                let changes = diff_attrs(&row.attrs.unpack(), &want_attrs);
                 if changes.is_empty() {
                     continue;
                 }
@@ -310,6 +311,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 provisioned.insert(id);
                 match existing_users.get(id) {
                     Some(found) => {
+                        let want_attrs = want.attrs.unpack();
                         let supersedes = state
                             .user_by_scim_id(&found.scim_id)
                             .map(|(old, _)| old.clone());
@@ -323,10 +325,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                                 &found
                                     .attrs
                                     .iter()
-                                    .filter(|(k, _)| want.attrs.contains_key(*k))
+                                    .filter(|(k, _)| want_attrs.contains_key(*k))
                                     .map(|(k, v)| (k.clone(), v.clone()))
                                     .collect(),
-                                &want.attrs,
+                                &want_attrs,
                             ),
                             attrs: want.attrs.clone(),
                             supersedes,
@@ -382,7 +384,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 from: Some(Value::Bool(true)),
                 to: Some(Value::Bool(false)),
             }],
-            attrs: SharedAttrs::new(with_active(&row.attrs, false)),
+            attrs: SharedAttrs::pack(&with_active(&row.attrs.unpack(), false)),
         };
         let delete = |reason| Change::DeleteUser {
             id: id.clone(),
@@ -584,4 +586,4 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

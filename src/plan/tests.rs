@@ -8,7 +8,7 @@ use crate::config::{Auth, GroupScope, Limit, Profile, Secret, TargetName};
 use crate::map::{DesiredGroup, DesiredUser};
 use crate::snapshot::{GroupRow, Ownership, UserRow};
 
-fn target() -> TargetConfig {
+pub(crate) fn target() -> TargetConfig {
     TargetConfig {
         name: TargetName("app".into()),
         file: "app.toml".into(),
