@@ -48,6 +48,16 @@ impl SharedAttrs {
         }
     }
 
+    /// Packed JSON written by [`map_compiled`], byte for byte what `pack` would write.
+    fn from_written(json: Vec<u8>) -> Self {
+        let json = String::from_utf8(json).expect("serde_json writes UTF-8");
+        debug_assert_eq!(
+            Self::pack(&serde_json::from_str(&json).unwrap()).json(),
+            json
+        );
+        Self(Some(json.into()))
+    }
+
     /// Packs attributes read back from storage, checking that they are a map of values.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         Ok(Self::pack(&serde_json::from_slice::<FlatAttrs>(bytes)?))
@@ -304,41 +314,81 @@ pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUs
     map_compiled(user, &compile_mapping(target))
 }
 
-/// A target's mapping, compiled: SCIM path → template pieces.
-type Compiled = Vec<(String, Vec<Piece>)>;
+/// A target's mapping, compiled: one slot per SCIM path, in the order of the flat map's keys
+/// (so a user's packed JSON is written straight, without building the map), each with its
+/// key already written as JSON (`"name.givenName":`).
+type Compiled = Vec<(String, String, Slot)>;
+
+enum Slot {
+    Template(Vec<Piece>),
+    /// The directory id, whatever the mapping says.
+    ExternalId,
+    /// Enabled or not, whatever the mapping says.
+    Active,
+}
 
 fn compile_mapping(target: &TargetConfig) -> Compiled {
-    target
-        .mapping
-        .iter()
-        .map(|(path, template)| (path.clone(), compile(template)))
+    let mut slots: BTreeMap<&str, Slot> = BTreeMap::new();
+    for (path, template) in &target.mapping {
+        slots.insert(path, Slot::Template(compile(template)));
+    }
+    slots.insert("externalId", Slot::ExternalId);
+    slots.insert("active", Slot::Active);
+    slots
+        .into_iter()
+        .map(|(path, slot)| {
+            let mut key = serde_json::to_string(path).expect("a string serializes");
+            key.push(':');
+            (path.to_string(), key, slot)
+        })
         .collect()
 }
 
 fn map_compiled(user: &DirectoryUser, mapping: &Compiled) -> Result<DesiredUser, String> {
-    let mut attrs = FlatAttrs::new();
-    for (path, pieces) in mapping {
-        let value = render_compiled(pieces, user);
-        if !value.is_empty() {
-            attrs.insert(path.clone(), Value::String(value));
+    // Exactly what `SharedAttrs::pack` writes for the map {path: value} (unit-tested).
+    let mut json = Vec::with_capacity(256);
+    let mut user_name = None;
+    for (path, key, slot) in mapping {
+        let rendered;
+        let value: &str = match slot {
+            Slot::Template(pieces) => {
+                rendered = render_compiled(pieces, user);
+                if rendered.is_empty() {
+                    continue;
+                }
+                &rendered
+            }
+            Slot::ExternalId => &user.id.0,
+            Slot::Active => {
+                if user.disabled {
+                    "false"
+                } else {
+                    "true"
+                }
+            }
+        };
+        json.push(if json.is_empty() { b'{' } else { b',' });
+        json.extend_from_slice(key.as_bytes());
+        if matches!(slot, Slot::Active) {
+            json.extend_from_slice(value.as_bytes());
+        } else {
+            serde_json::to_writer(&mut json, value).expect("a string serializes");
+        }
+        if path == "userName" {
+            user_name = Some(value.to_string());
         }
     }
-    let user_name = match attrs.get("userName") {
-        Some(Value::String(s)) => s.clone(),
-        _ => {
-            return Err("its userName template renders empty; check the mapping of userName".into())
-        }
+    json.push(b'}');
+    let Some(user_name) = user_name else {
+        return Err("its userName template renders empty; check the mapping of userName".into());
     };
-    let active = !user.disabled;
-    attrs.insert("externalId".into(), Value::String(user.id.0.clone()));
-    attrs.insert("active".into(), Value::Bool(active));
-    let attrs = SharedAttrs::pack(&attrs);
+    let attrs = SharedAttrs::from_written(json);
     Ok(DesiredUser {
         hash: packed_hash(&attrs),
         id: user.id.clone(),
         dn: user.dn.clone(),
         user_name,
-        active,
+        active: !user.disabled,
         attrs,
     })
 }
@@ -639,6 +689,42 @@ mod tests {
         assert_eq!(attrs("changed"), changed_attrs);
         assert_eq!(attrs("new"), new_attrs);
         assert_eq!(out.problems.len(), 1);
+    }
+
+    #[test]
+    fn mapped_users_are_packed_as_the_map_would_be() {
+        let mut target = crate::plan::tests::target();
+        target.mapping = [
+            ("userName", "{uid}"),
+            ("name.givenName", "{givenName} \"{sn}\""),
+            ("title", "{missing}"),
+            ("emails[type eq \"work\"].value", "{mail}"),
+            ("externalId", "{mail}"),
+            ("active", "no"),
+            ("displayName", "Zoë\t{sn}"),
+        ]
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .to_vec();
+        let mut u = user();
+        u.disabled = true;
+        let mapped = map_user(&u, &target).unwrap();
+        let expected = FlatAttrs::from(
+            [
+                ("userName", json!("jdoe")),
+                ("name.givenName", json!("Jane \"Doe\"")),
+                ("emails[type eq \"work\"].value", json!("jdoe@example.org")),
+                ("externalId", json!("abc")), // ids are kept lowercase
+                ("active", json!(false)),
+                ("displayName", json!("Zoë\tDoe")),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        assert_eq!(mapped.attrs.json(), SharedAttrs::pack(&expected).json());
+        assert_eq!(mapped.hash, user_hash(&expected));
+        assert_eq!(mapped.user_name, "jdoe");
+        assert!(!mapped.active);
+        target.mapping[0].1 = "{missing}".into();
+        assert!(map_user(&u, &target).unwrap_err().contains("userName"));
     }
 
     #[test]
