@@ -57,13 +57,15 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if let Some(n) = args.iter().position(|a| a == "--serve") {
-        let users = args
-            .get(n + 1)
-            .and_then(|v| v.parse().ok())
-            .expect("--serve N");
-        serve_for_profiling(users);
-        return;
+    for (flag, push) in [("--serve", false), ("--serve-push", true)] {
+        if let Some(n) = args.iter().position(|a| a == flag) {
+            let users = args
+                .get(n + 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{flag} N"));
+            serve_for_profiling(users, push);
+            return;
+        }
     }
     let options = Options::parse(args.into_iter());
     if options.require_wrk && !wrk_available() {
@@ -213,6 +215,9 @@ pub struct PushResult {
     pub capacity: Option<WrkResult>,
     /// The same objects pushed by the load generator at the same concurrency.
     pub replay: ReplayResult,
+    /// The push of the users and the department groups only (`g-all` left out by the groups
+    /// filter), to a fresh server: (objects, sync).
+    pub departments: (usize, CommandRun),
 }
 
 /// The load generator's push of the same objects (see [`replay`]).
@@ -221,6 +226,8 @@ pub struct ReplayResult {
     pub requests: usize,
     pub seconds: f64,
     pub objects_per_s: f64,
+    /// Where the server's time went: (phase, requests, seconds), in order.
+    pub phases: Vec<(&'static str, usize, f64)>,
 }
 
 /// One wrk run.
@@ -397,6 +404,43 @@ impl Report {
         );
         let _ = writeln!(
             out,
+            "**Users and department groups** (`g-all` left out by the groups filter; each user in \
+             one group of 10), against wrk and against the load generator's same phases:\n\n\
+             | concurrency | ldap2scim sync | objects/s | ÷ wrk POST /Users (goal ≥ 0.70) | ÷ load generator, same objects |\n|---|---|---|---|---|"
+        );
+        for p in &self.pushes {
+            let (objects, run) = &p.departments;
+            let rate = *objects as f64 / run.wall.as_secs_f64();
+            let vs_wrk = p.capacity.as_ref().map_or("–".to_string(), |w| {
+                let r = rate / w.rate;
+                format!("**{r:.2}** {} ({:.0}/s)", verdict(r >= 0.7), w.rate)
+            });
+            // The load generator's users, groups and small-group phases are the same objects
+            // (it creates g-all too: one request more).
+            let (gen_requests, gen_seconds) = p
+                .replay
+                .phases
+                .iter()
+                .filter(|(name, _, _)| !name.contains("g-all"))
+                .fold((0, 0.0), |(n, t), (_, r, s)| (n + r, t + s));
+            let gen_rate = *objects as f64 / gen_seconds.max(1e-9);
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} s, exit {}, {} writes | {rate:.0} | {vs_wrk} | {:.2} ({gen_requests} requests in {gen_seconds:.1} s) |",
+                p.concurrency,
+                run.wall.as_secs_f64(),
+                run.code,
+                run.writes.map_or("?".into(), |w| w.to_string()),
+                rate / gen_rate,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n**With `g-all`** (every user, through the nested groups: its 100 member PATCHes \
+             cost the server more as the group grows):\n"
+        );
+        let _ = writeln!(
+            out,
             "| concurrency | ldap2scim sync | objects/s | write requests/s | wrk POST /Users capacity | **ratio** objects/s ÷ capacity (goal ≥ 0.70) |\n|---|---|---|---|---|---|"
         );
         for p in &self.pushes {
@@ -446,6 +490,27 @@ impl Report {
                 p.objects_per_s,
                 verdict(r >= 0.7)
             );
+        }
+
+        if let Some(p) = self.pushes.first() {
+            let _ = writeln!(
+                out,
+                "\nWhere the server's time goes (the load generator at concurrency {}, phase by phase; \
+                 wrk's POST /Users rate for comparison):\n\n\
+                 | phase | requests | time | requests/s | ÷ wrk |\n|---|---|---|---|---|",
+                p.concurrency
+            );
+            for (name, requests, seconds) in &p.replay.phases {
+                let rate = *requests as f64 / seconds.max(1e-9);
+                let vs_wrk = p
+                    .capacity
+                    .as_ref()
+                    .map_or("–".to_string(), |c| format!("{:.2}", rate / c.rate));
+                let _ = writeln!(
+                    out,
+                    "| {name} | {requests} | {seconds:.1} s | {rate:.0} | {vs_wrk} |"
+                );
+            }
         }
 
         let _ = writeln!(
@@ -571,12 +636,20 @@ pub fn run(options: &Options) -> Report {
 
 /// `--serve N`: a directory of N users and the sink, with one full sync done, kept up until
 /// standard input closes, so `sync` or `plan` can be profiled by hand (perf, heaptrack) with the
-/// configuration whose path it prints.
-fn serve_for_profiling(users: usize) {
+/// configuration whose path it prints. `--serve-push N`: the directory and an empty
+/// scim2-server instead, nothing synced (one push; point the target at a fresh server for more).
+fn serve_for_profiling(users: usize, push: bool) {
     let slapd = Slapd::start_bulk(&bulk_directory(users, GROUP_SIZE));
     let sink = Sink::start();
-    let config = bench_config(&slapd, &sink.url(), sink.token(), 4);
-    expect_ok(command(&config, &["sync"]), "initial sync");
+    let scim2 = push.then(Scim2Server::start);
+    let config = match &scim2 {
+        Some(server) => bench_config(&slapd, &server.base_url(), server.token(), 4),
+        None => {
+            let config = bench_config(&slapd, &sink.url(), sink.token(), 4);
+            expect_ok(command(&config, &["sync"]), "initial sync");
+            config
+        }
+    };
     println!("LDAP2SCIM_CONFIG={}", config.path().display());
     println!("LDAP_URL={}", slapd.ldap_url());
     let _ = std::io::stdout().flush();
@@ -704,9 +777,25 @@ fn measure_pushes(report: &mut Report, options: &Options) {
             );
             report.noop_real = Some((noop.wall, proxy.writes(), proxy.requests().len(), base));
         }
+        progress(&format!(
+            "push the users and department groups (no g-all) at concurrency {concurrency}"
+        ));
+        let server = Scim2Server::start();
+        let mut config = bench_config(&slapd, &server.base_url(), server.token(), concurrency);
+        config.target("bench", &server.base_url(), server.token(), &target_extra);
+        config.set(
+            "ldap.groups",
+            "filter",
+            "\"(&(objectClass=groupOfNames)(!(cn=g-all)))\"",
+        );
+        let departments = (
+            objects - 1,
+            expect_ok(command(&config, &["sync"]), "push without g-all"),
+        );
         report.pushes.push(PushResult {
             concurrency,
             objects,
+            departments,
             objects_per_s: objects as f64 / secs,
             writes_per_s: sync.writes.unwrap_or(0) as f64 / secs,
             sync,
@@ -1138,6 +1227,12 @@ fn replay(
     let server = Scim2Server::start();
     let (base, token) = (server.base_url(), server.token().to_string());
     let started = Instant::now();
+    let mut phases = Vec::new();
+    let mut phase_started = Instant::now();
+    let mut phase = |name: &'static str, requests: usize| {
+        phases.push((name, requests, phase_started.elapsed().as_secs_f64()));
+        phase_started = Instant::now();
+    };
     // Phase 1: users, as ldap2scim's body with each user's own name.
     let user_ids = run_pool(concurrency, users, |agent, i| {
         let name = format!("u{:06}", i + 1);
@@ -1145,6 +1240,7 @@ fn replay(
             .expect("the captured user body is JSON");
         created_id(agent, &base, &token, "/Users", &body)
     });
+    phase("users (POST)", users);
     // Phase 2: the groups (g-0001… and g-all), without members.
     let small = users.div_ceil(GROUP_SIZE);
     let group_ids = run_pool(concurrency, small + 1, |agent, g| {
@@ -1160,8 +1256,9 @@ fn replay(
         });
         created_id(agent, &base, &token, "/Groups", &body)
     });
+    phase("groups (POST)", small + 1);
     // Phase 3: memberships, in batches of `members_per_request`: each small group's members,
-    // and every user into g-all.
+    // then every user into g-all (timed apart: its PATCHes cost the server more as it grows).
     let mut batches: Vec<(usize, Vec<usize>)> = Vec::new();
     for g in 0..small {
         let members: Vec<usize> = (g * GROUP_SIZE..((g + 1) * GROUP_SIZE).min(users)).collect();
@@ -1169,12 +1266,13 @@ fn replay(
             batches.push((g, chunk.to_vec()));
         }
     }
+    let small_patches = batches.len();
     let all: Vec<usize> = (0..users).collect();
     for chunk in all.chunks(members_per_request.max(1)) {
         batches.push((small, chunk.to_vec()));
     }
     let patches = batches.len();
-    run_pool(concurrency, patches, |agent, b| {
+    let patch = |agent: &ureq::Agent, b: usize| {
         let (g, members) = &batches[b];
         let body = json!({
             "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
@@ -1188,13 +1286,20 @@ fn replay(
         let (status, answer) = support::scim_send(agent, "PATCH", &base, &token, &path, &body);
         assert!(status < 300, "replay PATCH {path}: {status} {answer}");
         String::new()
+    };
+    run_pool(concurrency, small_patches, patch);
+    phase("members of the small groups (PATCH)", small_patches);
+    run_pool(concurrency, patches - small_patches, |agent, b| {
+        patch(agent, small_patches + b)
     });
+    phase("members of g-all (PATCH)", patches - small_patches);
     let seconds = started.elapsed().as_secs_f64();
     let objects = users + small + 1;
     ReplayResult {
         requests: users + small + 1 + patches,
         seconds,
         objects_per_s: objects as f64 / seconds,
+        phases,
     }
 }
 
