@@ -33,6 +33,23 @@ fn the_scale_benchmark_runs_at_a_tiny_size() {
     for push in &report.pushes {
         assert_eq!(push.sync.code, 0);
         assert!(push.objects_per_s > 0.0);
+        let (objects, departments) = &push.departments;
+        assert_eq!(departments.code, 0, "the push without g-all ran");
+        assert_eq!(
+            *objects,
+            push.objects - 1,
+            "the same directory without g-all"
+        );
+        assert_eq!(
+            departments.writes,
+            Some(*objects + options.push_users.div_ceil(10)),
+            "users, department groups and one member PATCH each"
+        );
+        assert_eq!(
+            push.replay.phases.len(),
+            4,
+            "the load generator's phases are timed"
+        );
     }
     let (_, writes, requests, _) = report
         .noop_real
