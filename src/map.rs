@@ -72,7 +72,7 @@ impl SharedAttrs {
         self.0.is_none()
     }
 
-    /// One attribute's value, without unpacking the others' into a map.
+    /// One attribute's value (unpacks the whole map: for tests and rare lookups).
     pub fn get(&self, path: &str) -> Option<Value> {
         self.unpack().remove(path)
     }
