@@ -244,18 +244,6 @@ impl Applier<'_> {
             }
             i = j;
         }
-        // The rows of the last changes are still collected (TargetSnapshot batches them).
-        if let Err(e) = self.snapshot.commit() {
-            warn!(target = %self.target.name, error = %e, "cannot write the snapshot rows of this cycle's last changes");
-            report.failures.push(Failure {
-                class: "snapshot",
-                action: "write",
-                resource: "snapshot",
-                external_id: String::new(),
-                name: self.target.name.0.clone(),
-                error: e.to_string(),
-            });
-        }
         report.writes = counters.writes.load(Ordering::Relaxed) - writes0;
         report.retries = counters.retries.load(Ordering::Relaxed) - retries0;
         report.throttled = counters.throttled.load(Ordering::Relaxed) - throttled0;

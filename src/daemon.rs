@@ -398,7 +398,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
             }
             _ = watchdog.tick(), if notifier.watchdog_every.is_some() => notifier.notify("WATCHDOG=1"),
             _ = tokio::time::sleep_until(deadline), if stop_deadline.is_some() => {
-                warn!(bound = ?STOP_BOUND, "the cycle in flight did not finish in time; exiting anyway (changes acknowledged since the last snapshot write are found again next cycle: created resources by externalId, updates sent again)");
+                warn!(bound = ?STOP_BOUND, "the cycle in flight did not finish in time; exiting anyway (acknowledged changes are already in the snapshot)");
                 return 0;
             }
             sig = async { tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" } } => {

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -143,7 +142,6 @@ impl Snapshot {
         Ok(TargetSnapshot {
             tree,
             path: self.path.clone(),
-            pending: Default::default(),
         })
     }
 
@@ -200,64 +198,18 @@ impl Snapshot {
 }
 
 /// One target's rows.
-///
-/// Row writes are collected and applied as one `sled::Batch` (atomic: a user's row and its
-/// attributes always land together) every [`PENDING_MAX`] writes, before any read, and by
-/// [`commit`](Self::commit), which the applier calls at the end of every apply. One batch per
-/// row cost too much: sled writes its I/O buffer out for every batch (a 10,000-user push made
-/// 251,000 context switches and spent 3.4 s in the kernel). A crash loses at most the rows of
-/// the last unapplied batch, each with its attributes: like a lost create answer (the next
-/// cycle finds the resource by externalId) or an update sent again (the same values).
 #[derive(Clone)]
 pub struct TargetSnapshot {
     tree: sled::Tree,
     path: PathBuf,
-    pending: Arc<Mutex<Pending>>,
 }
-
-/// Row writes not applied to sled yet, in order.
-#[derive(Default)]
-struct Pending {
-    batch: sled::Batch,
-    writes: usize,
-}
-
-/// Row writes per batch.
-const PENDING_MAX: usize = 256;
 
 const USER_PREFIX: &str = "u:";
 const GROUP_PREFIX: &str = "g:";
 const ATTRS_PREFIX: &str = "a:";
 
 impl TargetSnapshot {
-    /// Applies the row writes collected so far (one atomic batch).
-    pub fn commit(&self) -> Result<(), SnapshotError> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        self.apply_pending(&mut pending)
-    }
-
-    fn apply_pending(&self, pending: &mut Pending) -> Result<(), SnapshotError> {
-        if pending.writes == 0 {
-            return Ok(());
-        }
-        let batch = std::mem::take(&mut pending.batch);
-        pending.writes = 0;
-        self.tree.apply_batch(batch).map_err(|e| self.storage(e))
-    }
-
-    /// Adds writes to the pending batch (applied once it is full).
-    fn write(&self, add: impl FnOnce(&mut sled::Batch)) -> Result<(), SnapshotError> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        add(&mut pending.batch);
-        pending.writes += 1;
-        if pending.writes >= PENDING_MAX {
-            self.apply_pending(&mut pending)?;
-        }
-        Ok(())
-    }
-
     pub fn load(&self) -> Result<TargetState, SnapshotError> {
-        self.commit()?;
         let mut state = TargetState::default();
         for item in self
             .tree
@@ -279,20 +231,29 @@ impl TargetSnapshot {
         Ok(state)
     }
 
-    /// Writes a user's row and its attributes, together.
+    /// Writes a user's row and its attributes, atomically.
+    ///
+    /// One `sled::Batch` per acknowledged change is what it costs (sled writes its I/O buffer
+    /// out for every batch: half the system time of a push). Cheaper forms were measured and
+    /// rejected: two loose inserts can leave a row whose stale hash hides a later change after
+    /// a crash between them, and collecting many changes per batch widens the window in which
+    /// a crash loses acknowledged rows (a lost reactivation row, followed by a leave, would
+    /// keep the account active). BENCHMARKS.md has the numbers.
     pub fn put_user(&self, id: &DirectoryId, row: &UserRow) -> Result<(), SnapshotError> {
-        let (row_bytes, attrs) = (encode(row), row.attrs.json().as_bytes().to_vec());
-        self.write(|batch| {
-            batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), row_bytes);
-            batch.insert(format!("{ATTRS_PREFIX}{id}").as_bytes(), attrs);
-        })
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), encode(row));
+        batch.insert(
+            format!("{ATTRS_PREFIX}{id}").as_bytes(),
+            row.attrs.json().as_bytes(),
+        );
+        self.tree.apply_batch(batch).map_err(|e| self.storage(e))
     }
 
     pub fn remove_user(&self, id: &DirectoryId) -> Result<(), SnapshotError> {
-        self.write(|batch| {
-            batch.remove(format!("{USER_PREFIX}{id}").as_bytes());
-            batch.remove(format!("{ATTRS_PREFIX}{id}").as_bytes());
-        })
+        let mut batch = sled::Batch::default();
+        batch.remove(format!("{USER_PREFIX}{id}").as_bytes());
+        batch.remove(format!("{ATTRS_PREFIX}{id}").as_bytes());
+        self.tree.apply_batch(batch).map_err(|e| self.storage(e))
     }
 
     /// Fills in `attrs` of the given users' rows (those a plan may diff attribute by attribute).
@@ -301,7 +262,6 @@ impl TargetSnapshot {
         state: &mut TargetState,
         ids: impl IntoIterator<Item = &'a DirectoryId>,
     ) -> Result<(), SnapshotError> {
-        self.commit()?;
         for id in ids {
             let key = format!("{ATTRS_PREFIX}{id}");
             if let (Some(row), Some(bytes)) = (
@@ -315,12 +275,14 @@ impl TargetSnapshot {
     }
 
     pub fn put_group(&self, id: &DirectoryId, row: &GroupRow) -> Result<(), SnapshotError> {
-        let bytes = encode(row);
-        self.write(|batch| batch.insert(format!("{GROUP_PREFIX}{id}").as_bytes(), bytes))
+        put_json(&self.tree, &format!("{GROUP_PREFIX}{id}"), row, &self.path)
     }
 
     pub fn remove_group(&self, id: &DirectoryId) -> Result<(), SnapshotError> {
-        self.write(|batch| batch.remove(format!("{GROUP_PREFIX}{id}").as_bytes()))
+        self.tree
+            .remove(format!("{GROUP_PREFIX}{id}"))
+            .map_err(|e| self.storage(e))?;
+        Ok(())
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, SnapshotError> {
@@ -398,9 +360,7 @@ mod tests {
         };
         {
             let snap = Snapshot::open(dir.path()).unwrap();
-            let target = snap.target("app").unwrap();
-            target.put_user(&id, &row).unwrap();
-            target.commit().unwrap();
+            snap.target("app").unwrap().put_user(&id, &row).unwrap();
             snap.set_last_read(&ReadStats {
                 users: 3,
                 groups: 1,
@@ -426,69 +386,5 @@ mod tests {
             .users
             .is_empty());
         assert_eq!(snap.last_read().unwrap().unwrap().users, 3);
-    }
-
-    /// Row writes reach sled in atomic batches (a row always with its attributes): when a
-    /// batch is full, on `commit`, and before the writer's own reads.
-    #[test]
-    fn row_writes_land_in_batches_and_on_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let snap = Snapshot::open(dir.path()).unwrap();
-        let writer = snap.target("app").unwrap();
-        // Another handle on the same tree sees only what reached sled.
-        let stored = || snap.target("app").unwrap().load().unwrap();
-        let row = |n: usize| UserRow {
-            scim_id: ScimId(format!("s{n}")),
-            user_name: format!("user{n}"),
-            hash: format!("h{n}"),
-            attrs: FlatAttrs::from([("n".to_string(), serde_json::json!(n))]).into(),
-            etag: None,
-            state: UserState::Active,
-            owned: Ownership::Created,
-        };
-        let id = |n: usize| DirectoryId::new(&format!("u{n}"));
-        for n in 0..PENDING_MAX - 1 {
-            writer.put_user(&id(n), &row(n)).unwrap();
-        }
-        assert!(stored().users.is_empty(), "a batch is not full yet");
-        writer
-            .put_user(&id(PENDING_MAX), &row(PENDING_MAX))
-            .unwrap();
-        let mut state = stored();
-        assert_eq!(state.users.len(), PENDING_MAX, "a full batch is applied");
-        let ids: Vec<DirectoryId> = state.users.keys().cloned().collect();
-        snap.target("app")
-            .unwrap()
-            .load_attrs(&mut state, &ids)
-            .unwrap();
-        for (id, r) in &state.users {
-            let n: usize = id.0[1..].parse().unwrap();
-            assert_eq!(r, &row(n), "each row with its own attributes");
-        }
-        writer.remove_user(&id(0)).unwrap();
-        writer
-            .put_group(
-                &DirectoryId::new("g"),
-                &GroupRow {
-                    scim_id: ScimId("sg".into()),
-                    display_name: "g".into(),
-                    members: [id(1)].into(),
-                    etag: None,
-                    owned: Ownership::Created,
-                },
-            )
-            .unwrap();
-        assert_eq!(stored().users.len(), PENDING_MAX);
-        assert_eq!(
-            writer.load().unwrap().groups.len(),
-            1,
-            "the writer reads its own writes"
-        );
-        let state = stored();
-        assert_eq!(state.users.len(), PENDING_MAX - 1);
-        assert!(state.groups.contains_key(&DirectoryId::new("g")));
-        writer.put_user(&id(0), &row(0)).unwrap();
-        writer.commit().unwrap();
-        assert_eq!(stored().users.len(), PENDING_MAX, "commit applies the rest");
     }
 }
