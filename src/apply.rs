@@ -294,23 +294,7 @@ impl Applier<'_> {
                 attrs,
             } => {
                 let flat = attrs.unpack();
-                let (scim_id, etag, owned) = match c
-                    .create("Users", &map::user_resource(&flat))
-                    .await
-                {
-                    Ok((sid, etag)) => (sid, etag, Ownership::Created),
-                    Err(e) if e.status() == Some(409) => {
-                        // Already there: a create whose answer was lost, or someone else's.
-                        let (sid, owned) =
-                            self.find_after_conflict(id, user_name).await?.ok_or(e)?;
-                        let etag = self
-                            .write_user(&sid, replace_all(&flat), &flat, None)
-                            .await?;
-                        info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
-                        (sid, etag, owned)
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+                let (scim_id, etag, owned) = self.create_user(id, user_name, &flat).await?;
                 let row = self.user_row(scim_id, user_name, attrs, &flat, etag, owned, None);
                 self.snapshot.put_user(id, &row)?;
                 Ok(vec![Effect::PutUser(id.clone(), row)])
@@ -394,16 +378,8 @@ impl Applier<'_> {
                     }
                     Err(e) if e.status() == Some(404) => {
                         warn!(target = %self.target.name, user = %user_name, "user was deleted on the target by hand; creating it again");
-                        let (sid, etag) = c.create("Users", &map::user_resource(&flat)).await?;
-                        let row = self.user_row(
-                            sid,
-                            user_name,
-                            attrs,
-                            &flat,
-                            etag,
-                            Ownership::Created,
-                            None,
-                        );
+                        let (sid, etag, owned) = self.create_user(id, user_name, &flat).await?;
+                        let row = self.user_row(sid, user_name, attrs, &flat, etag, owned, None);
                         self.snapshot.put_user(id, &row)?;
                         let mut effects = vec![Effect::PutUser(id.clone(), row)];
                         // Its memberships went with it: forget them, so the next plan adds
@@ -661,6 +637,27 @@ impl Applier<'_> {
             _ => usize::MAX,
         };
         self.target.members_per_request.clamp(1, cap)
+    }
+
+    /// Creates a user. On 409 (already there: a create whose answer was lost, or an account
+    /// someone made by hand under the same name) it takes the resource that holds the place,
+    /// if the match rules allow, and brings it in line; otherwise the 409 is the error.
+    async fn create_user(
+        &self,
+        id: &DirectoryId,
+        user_name: &str,
+        flat: &FlatAttrs,
+    ) -> Result<(ScimId, Option<String>, Ownership), ApplyError> {
+        match self.client.create("Users", &map::user_resource(flat)).await {
+            Ok((sid, etag)) => Ok((sid, etag, Ownership::Created)),
+            Err(e) if e.status() == Some(409) => {
+                let (sid, owned) = self.find_after_conflict(id, user_name).await?.ok_or(e)?;
+                let etag = self.write_user(&sid, replace_all(flat), flat, None).await?;
+                info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
+                Ok((sid, etag, owned))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// After a 409 on create: the resource with our externalId (ours, its create answer was
