@@ -42,7 +42,7 @@ impl SharedAttrs {
     /// The attributes as a map (empty when there are none).
     pub fn unpack(&self) -> FlatAttrs {
         match &self.0 {
-            // Only `pack` makes the text: it always reads back.
+            // Only `pack` and `from_written` make the text: it always reads back.
             Some(json) => serde_json::from_str(json).expect("packed attributes are valid JSON"),
             None => FlatAttrs::new(),
         }
@@ -58,11 +58,6 @@ impl SharedAttrs {
         Self(Some(json.into()))
     }
 
-    /// Packs attributes read back from storage, checking that they are a map of values.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        Ok(Self::pack(&serde_json::from_slice::<FlatAttrs>(bytes)?))
-    }
-
     /// The compact JSON (`{}` when empty): what [`user_hash`] hashes and the snapshot stores.
     pub fn json(&self) -> &str {
         self.0.as_deref().unwrap_or("{}")
@@ -70,11 +65,6 @@ impl SharedAttrs {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_none()
-    }
-
-    /// One attribute's value (unpacks the whole map: for tests and rare lookups).
-    pub fn get(&self, path: &str) -> Option<Value> {
-        self.unpack().remove(path)
     }
 
     /// The attribute paths present, in order.
@@ -623,13 +613,7 @@ mod tests {
         let packed = SharedAttrs::pack(&attrs);
         assert_eq!(packed.unpack(), attrs);
         assert_eq!(packed_hash(&packed), user_hash(&attrs));
-        assert_eq!(packed.get("active"), Some(json!(false)));
         assert_eq!(packed.paths(), attrs.keys().cloned().collect::<Vec<_>>());
-        assert_eq!(
-            SharedAttrs::from_json(packed.json().as_bytes()).unwrap(),
-            packed
-        );
-        assert!(SharedAttrs::from_json(b"[1]").is_err());
         // Empty: no allocation, and the same hash as an empty map.
         assert!(no_attrs().is_empty());
         assert_eq!(packed_hash(&no_attrs()), user_hash(&FlatAttrs::new()));
