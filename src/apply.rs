@@ -730,7 +730,6 @@ fn change_scim_id(c: &Change) -> Option<String> {
     }
 }
 
-/// What a change touches, for the audit log: attribute paths, or member directory ids.
 /// The last attribute-path list recorded, reused while the next ones are equal.
 #[derive(Default)]
 struct SharedPaths(Option<std::sync::Arc<[String]>>);
@@ -748,6 +747,7 @@ impl SharedPaths {
     }
 }
 
+/// What a change touches, for the audit log: attribute paths, or member directory ids.
 fn changed_paths(c: &Change) -> Vec<String> {
     match c {
         Change::AdoptUser { changes, .. }

@@ -58,7 +58,7 @@ impl SharedAttrs {
         Self(Some(json.into()))
     }
 
-    /// The compact JSON (`{}` when empty): what [`user_hash`] hashes and the snapshot stores.
+    /// The compact JSON (`{}` when empty): what [`packed_hash`] hashes and the snapshot stores.
     pub fn json(&self) -> &str {
         self.0.as_deref().unwrap_or("{}")
     }
@@ -110,7 +110,7 @@ pub struct DesiredUser {
     pub user_name: String,
     pub active: bool,
     pub attrs: SharedAttrs,
-    /// [`user_hash`] of `attrs`: equal to the snapshot row's hash when nothing changed.
+    /// [`packed_hash`] of `attrs`: equal to the snapshot row's hash when nothing changed.
     pub hash: String,
 }
 
@@ -559,13 +559,16 @@ pub fn group_resource(group: &DesiredGroup) -> Value {
     })
 }
 
-/// The hash of a user's representation, stored in the snapshot.
+/// The hash of a user's representation, stored in the snapshot, from the map: what
+/// [`packed_hash`] must equal (the tests' reference; the code hashes packed attributes).
+#[cfg(test)]
 pub fn user_hash(attrs: &FlatAttrs) -> String {
     // The map serializes in key order, exactly as the `Value` built from it used to.
     crate::model::content_hash(attrs)
 }
 
-/// [`user_hash`] of packed attributes: their text is the map's serialization, hashed as is.
+/// The hash of a user's representation, stored in the snapshot: SHA-256 of the packed text,
+/// which is the flat map's JSON serialization (so the same as hashing the map).
 pub fn packed_hash(attrs: &SharedAttrs) -> String {
     crate::model::bytes_hash(attrs.json().as_bytes())
 }
