@@ -16,8 +16,9 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::{
-    Auth, Config, DaemonConfig, Deprovision, Dialect, GroupScope, GroupsConfig, LdapConfig, Limit,
-    MatchRule, Profile, RateLimit, Secret, TargetConfig, TargetName, UsersConfig,
+    Auth, ClientAuth, Config, DaemonConfig, Deprovision, Dialect, GroupScope, GroupsConfig,
+    LdapConfig, LdapServer, LdapTransport, Limit, MatchRule, Profile, RateLimit, Rebind, Secret,
+    TargetConfig, TargetName, UsersConfig,
 };
 
 /// One problem in one configuration file.
@@ -137,6 +138,7 @@ const LDAP_KEYS: &[&str] = &[
     "page_size",
     "timeout",
     "max_shrink",
+    "allow_plaintext",
     "users",
     "groups",
 ];
@@ -159,10 +161,21 @@ const TARGET_KEYS: &[&str] = &[
     "members_per_request",
     "timeout",
     "mapping",
+    "allow_plaintext",
+    "ca_file",
+    "max_response_size",
+    "max_value_length",
+    "rebind",
 ];
 const AUTH_KEYS: &[&str] = &["bearer", "basic", "oauth2"];
 const BASIC_KEYS: &[&str] = &["username", "password"];
-const OAUTH2_KEYS: &[&str] = &["token_url", "client_id", "client_secret", "scope"];
+const OAUTH2_KEYS: &[&str] = &[
+    "token_url",
+    "client_id",
+    "client_secret",
+    "scope",
+    "client_auth",
+];
 const SECRET_KEYS: &[&str] = &["env", "file"];
 
 const DEFAULT_SCHEDULE: &str = "*/15 * * * *";
@@ -176,6 +189,8 @@ const DEFAULT_DELETE_AFTER: Duration = Duration::from_secs(30 * 86_400);
 const DEFAULT_MAX_DEPROVISIONS: Limit = Limit::Percent(0.05);
 const DEFAULT_CONCURRENCY: usize = 4;
 const DEFAULT_MEMBERS_PER_REQUEST: usize = 100;
+const DEFAULT_MAX_RESPONSE_SIZE: u64 = 32 * 1024 * 1024;
+const DEFAULT_MAX_VALUE_LENGTH: usize = 64 * 1024;
 /// AWS IAM Identity Center rejects PATCH requests with more than 100 member operations.
 const AWS_MAX_MEMBERS_PER_REQUEST: usize = 100;
 
@@ -203,6 +218,9 @@ const DEPROVISIONS: &[(&str, Deprovision)] = &[
     ("delete", Deprovision::Delete),
     ("deactivate-then-delete", Deprovision::DeactivateThenDelete),
 ];
+const REBINDS: &[(&str, Rebind)] = &[("allow", Rebind::Allow), ("hold", Rebind::Hold)];
+const CLIENT_AUTHS: &[(&str, ClientAuth)] =
+    &[("basic", ClientAuth::Basic), ("post", ClientAuth::Post)];
 const MATCH_RULES: &[(&str, MatchRule)] = &[
     ("externalId", MatchRule::ExternalId),
     ("userName", MatchRule::UserName),
@@ -694,6 +712,20 @@ fn ldap_config(root: &Section<'_>) -> (Dialect, Option<LdapConfig>) {
         );
     }
     let ca_file = l.parsed("ca_file", |text| readable_file(l.src.resolve(text)));
+    let allow_plaintext = l.bool("allow_plaintext").unwrap_or(false);
+    let urls = urls.map(|urls| ldap_servers(urls, starttls));
+    if let Some(plain) = urls.as_ref().and_then(|servers| {
+        servers
+            .iter()
+            .find(|s| s.transport == LdapTransport::Plain && !s.is_loopback())
+    }) {
+        if !allow_plaintext {
+            l.error(
+                "url",
+                format!("{plain} would send the bind password in cleartext; use ldaps://, set starttls = true, or set allow_plaintext = true if this network is trusted"),
+            );
+        }
+    }
     let bind_dn = l.non_empty_string("bind_dn");
     let bind_password = l.secret("bind_password");
     match (l.has("bind_dn"), l.has("bind_password")) {
@@ -741,6 +773,7 @@ fn ldap_config(root: &Section<'_>) -> (Dialect, Option<LdapConfig>) {
     let ldap = urls.zip(users).map(|(urls, users)| LdapConfig {
         urls,
         starttls,
+        allow_plaintext,
         ca_file,
         bind_dn: bind_dn.map(str::to_owned),
         bind_password,
@@ -755,7 +788,7 @@ fn ldap_config(root: &Section<'_>) -> (Dialect, Option<LdapConfig>) {
 }
 
 /// `url` is one string or an array of at least one.
-fn ldap_urls(l: &Section<'_>, name: &str) -> Option<Vec<String>> {
+fn ldap_urls(l: &Section<'_>, name: &str) -> Option<Vec<url::Url>> {
     match l.value(name)? {
         Value::String(url) => check_ldap_url(url)
             .map(|url| vec![url])
@@ -779,37 +812,109 @@ fn ldap_urls(l: &Section<'_>, name: &str) -> Option<Vec<String>> {
     }
 }
 
+/// The parsed servers with their transport, decided from the (lowercased) parsed scheme.
+fn ldap_servers(urls: Vec<url::Url>, starttls: bool) -> Vec<LdapServer> {
+    urls.into_iter()
+        .map(|url| {
+            let transport = match (url.scheme(), starttls) {
+                ("ldaps", _) => LdapTransport::Ldaps,
+                (_, true) => LdapTransport::StartTls,
+                _ => LdapTransport::Plain,
+            };
+            LdapServer { url, transport }
+        })
+        .collect()
+}
+
 fn has_scheme(url: &str, scheme: &str) -> bool {
     url.split_once("://")
         .is_some_and(|(s, _)| s.eq_ignore_ascii_case(scheme))
 }
 
-fn check_ldap_url(text: &str) -> Result<String, String> {
-    if !has_scheme(text, "ldap") && !has_scheme(text, "ldaps") {
+/// An `ldap://` or `ldaps://` URL (the scheme in any case), parsed once.
+fn check_ldap_url(text: &str) -> Result<url::Url, String> {
+    let url = parse_url(text, &["ldap", "ldaps"])?;
+    if url.query().is_some() || !matches!(url.path(), "" | "/") {
         return Err(format!(
-            "invalid url \"{text}\"; it must start with ldap:// or ldaps://"
+            "invalid url \"{text}\"; give only scheme, host and port (the search bases are ldap.users.base and ldap.groups.base)"
         ));
     }
-    check_url_host(text)?;
-    Ok(text.to_owned())
+    Ok(url)
 }
 
+/// An `http://` or `https://` URL (the scheme in any case), without trailing slash.
 fn check_http_url(text: &str) -> Result<String, String> {
-    if !has_scheme(text, "http") && !has_scheme(text, "https") {
-        return Err(format!(
-            "invalid url \"{text}\"; it must start with http:// or https://"
-        ));
-    }
-    check_url_host(text)?;
-    Ok(text.trim_end_matches('/').to_owned())
+    let url = parse_url(text, &["http", "https"])?;
+    Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
-fn check_url_host(text: &str) -> Result<(), String> {
-    match url::Url::parse(text) {
-        Ok(url) if url.host_str().is_some_and(|host| !host.is_empty()) => Ok(()),
-        Ok(_) => Err(format!("invalid url \"{text}\"; it names no host")),
-        Err(e) => Err(format!("invalid url \"{text}\": {e}")),
+/// Parses a URL once with the `url` crate (which lowercases the scheme and host): one of
+/// `schemes`, with a host, and without inline credentials.
+fn parse_url(text: &str, schemes: &[&str]) -> Result<url::Url, String> {
+    let expected = || {
+        let names: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+        format!(
+            "invalid url \"{}\"; it must start with {}",
+            redact_userinfo(text),
+            names.join(" or ")
+        )
+    };
+    let url = url::Url::parse(text).map_err(|e| {
+        if schemes.iter().any(|s| has_scheme(text, s)) {
+            format!("invalid url \"{}\": {e}", redact_userinfo(text))
+        } else {
+            expected()
+        }
+    })?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(expected());
     }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "the url \"{}\" carries credentials (user:password@); put them in auth (or ldap.bind_dn and ldap.bind_password) as a secret instead",
+            redact_userinfo(text)
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("invalid url \"{text}\"; it names no host"));
+    }
+    Ok(url)
+}
+
+/// A URL as it may be printed: anything between `://` and an `@` before the host is hidden.
+fn redact_userinfo(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => text.to_owned(),
+    }
+}
+
+/// A size: `"64KiB"`, `"32MiB"`, `"1GiB"`, `"4096B"` or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid =
+        || format!("invalid size \"{text}\"; use a number with B, KiB, MiB or GiB, like \"32MiB\"");
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let size = number.checked_mul(factor).ok_or_else(invalid)?;
+    if size == 0 {
+        return Err(format!(
+            "invalid size \"{text}\"; it must be more than zero"
+        ));
+    }
+    Ok(size)
 }
 
 fn readable_file(path: PathBuf) -> Result<PathBuf, String> {
@@ -1018,6 +1123,30 @@ fn target_config(
         .map(|n| n as usize);
     let timeout = t.parsed("timeout", parse_duration);
     let mapping = mapping(&t, dialect, &mapping_keys_in_file_order(&text));
+    let allow_plaintext = t.bool("allow_plaintext").unwrap_or(false);
+    let ca_file = t.parsed("ca_file", |text| readable_file(src.resolve(text)));
+    let max_response_size = t.parsed("max_response_size", parse_size);
+    let max_value_length = t.parsed("max_value_length", parse_size);
+    let rebind = t.choice("rebind", REBINDS);
+    if !allow_plaintext {
+        let cleartext = |text: &str| {
+            url::Url::parse(text).is_ok_and(|u| u.scheme() == "http" && !super::is_loopback_url(&u))
+        };
+        if url.as_deref().is_some_and(cleartext) {
+            t.error(
+                "url",
+                "http:// to a host that is not loopback would send the credentials in cleartext; use https://, or set allow_plaintext = true if this network is trusted",
+            );
+        }
+        if let Some(Auth::OAuth2 { token_url, .. }) = &auth {
+            if cleartext(token_url) {
+                t.error(
+                    "auth.oauth2.token_url",
+                    "http:// to a host that is not loopback would send the client secret in cleartext; use https://, or set allow_plaintext = true if this network is trusted",
+                );
+            }
+        }
+    }
 
     let scope_groups = scope_groups.unwrap_or_default();
     let default_groups = if scope_groups.is_empty() {
@@ -1063,6 +1192,13 @@ fn target_config(
             .unwrap_or(Duration::from_secs(30)),
         members_per_request,
         mapping,
+        allow_plaintext,
+        ca_file,
+        max_response_size: max_response_size.unwrap_or(DEFAULT_MAX_RESPONSE_SIZE),
+        max_value_length: max_value_length
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .unwrap_or(DEFAULT_MAX_VALUE_LENGTH),
+        rebind: rebind.unwrap_or(Rebind::Allow),
     })
 }
 
@@ -1104,11 +1240,13 @@ fn auth(t: &Section<'_>, name: &str) -> Option<Auth> {
             let client_id = oauth2.required("client_id", Section::non_empty_string);
             let client_secret = oauth2.required("client_secret", Section::secret);
             let scope = oauth2.non_empty_string("scope");
+            let client_auth = oauth2.choice("client_auth", CLIENT_AUTHS);
             Some(Auth::OAuth2 {
                 token_url: token_url?,
                 client_id: client_id?.to_owned(),
                 client_secret: client_secret?,
                 scope: scope.map(str::to_owned),
+                client_auth: client_auth.unwrap_or(ClientAuth::Basic),
             })
         }
         // Unknown keys inside auth were already reported; say what is expected only if
@@ -1472,9 +1610,13 @@ mod tests {
             .message
     }
 
+    fn urls(ldap: &LdapConfig) -> Vec<&str> {
+        ldap.urls.iter().map(LdapServer::as_str).collect()
+    }
+
     const MINIMAL_MAIN: &str = r#"
 [ldap]
-url = "ldap://ldap.example.org"
+url = "ldap://127.0.0.1"
 
 [ldap.users]
 base = "ou=people,dc=example,dc=org"
@@ -1563,7 +1705,7 @@ members_per_request = 500
         assert_eq!(daemon.listen, Some("127.0.0.1:9464".parse().unwrap()));
 
         let ldap = &config.ldap;
-        assert_eq!(ldap.urls, ["ldaps://dc1.corp.example:636"]);
+        assert_eq!(urls(ldap), ["ldaps://dc1.corp.example:636"]);
         assert_eq!(ldap.ca_file, Some(dir.path().join("ca.pem")));
         assert_eq!(ldap.bind_dn.as_deref(), Some("CN=sync,DC=corp,DC=example"));
         assert_eq!(ldap.bind_password.as_ref().unwrap().expose(), "s3cret");
@@ -1597,7 +1739,9 @@ members_per_request = 500
                 client_id,
                 client_secret,
                 scope,
+                client_auth,
             } => {
+                assert_eq!(*client_auth, ClientAuth::Basic, "RFC 6749's default");
                 assert_eq!(token_url, "https://login.example.com/token");
                 assert_eq!(client_id, "ldap2scim");
                 assert_eq!(client_secret.expose(), "client-secret");
@@ -1738,7 +1882,7 @@ members_per_request = 500
     #[test]
     fn url_may_be_an_array() {
         let main = MINIMAL_MAIN.replace(
-            "url = \"ldap://ldap.example.org\"",
+            "url = \"ldap://127.0.0.1\"",
             "url = [\"ldaps://a.example.org\", \"ldaps://b.example.org:636\"]",
         );
         let dir = tree(&[
@@ -1747,12 +1891,12 @@ members_per_request = 500
         ]);
         let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
         assert_eq!(
-            config.ldap.urls,
+            urls(&config.ldap),
             ["ldaps://a.example.org", "ldaps://b.example.org:636"]
         );
 
         let main = MINIMAL_MAIN.replace(
-            "url = \"ldap://ldap.example.org\"",
+            "url = \"ldap://127.0.0.1\"",
             "url = [\"ldaps://a.example.org\", \"http://b\", 7]\nstarttls = true",
         );
         let dir = tree(&[
@@ -1769,7 +1913,7 @@ members_per_request = 500
             ]
         );
 
-        let main = MINIMAL_MAIN.replace("url = \"ldap://ldap.example.org\"", "url = []");
+        let main = MINIMAL_MAIN.replace("url = \"ldap://127.0.0.1\"", "url = []");
         let dir = tree(&[
             ("config.toml", &main),
             ("targets.d/app.toml", MINIMAL_TARGET),
@@ -1866,7 +2010,7 @@ shedule = "*/5 * * * *"
 schedule = "61 * * * *"
 
 [ldap]
-url = "ldap://ldap.example.org"
+url = "ldap://127.0.0.1"
 bind_dn = "cn=sync,dc=example,dc=org"
 bind_password = "hunter2"
 page_size = "big"
@@ -2097,6 +2241,142 @@ title = "{title"
         assert_eq!(config.targets.len(), 1);
         assert_eq!(config.targets[0].name.0, "example-app");
         assert!(config.ldap.groups.is_some());
+    }
+
+    #[test]
+    fn hardening_keys_and_their_defaults() {
+        let dir = tree(&[
+            ("config.toml", MINIMAL_MAIN),
+            ("targets.d/app.toml", MINIMAL_TARGET),
+        ]);
+        let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
+        assert!(!config.ldap.allow_plaintext);
+        assert_eq!(config.ldap.urls[0].transport, LdapTransport::Plain);
+        let t = &config.targets[0];
+        assert!(!t.allow_plaintext);
+        assert_eq!(t.ca_file, None);
+        assert_eq!(t.max_response_size, 32 * 1024 * 1024);
+        assert_eq!(t.max_value_length, 64 * 1024);
+        assert_eq!(t.rebind, Rebind::Allow);
+
+        let target = r#"
+url = "https://app.example.com/scim/v2/"
+auth = { oauth2 = { token_url = "https://login.example.com/t", client_id = "c", client_secret = { env = "APP_TOKEN" }, client_auth = "post" } }
+ca_file = "ca.pem"
+max_response_size = "1MiB"
+max_value_length = "100B"
+rebind = "hold"
+"#;
+        let dir = tree(&[
+            ("config.toml", MINIMAL_MAIN),
+            ("targets.d/app.toml", target),
+            ("targets.d/ca.pem", "not checked here"),
+        ]);
+        let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
+        let t = &config.targets[0];
+        assert_eq!(t.ca_file, Some(dir.path().join("targets.d/ca.pem")));
+        assert_eq!(t.max_response_size, 1 << 20);
+        assert_eq!(t.max_value_length, 100);
+        assert_eq!(t.rebind, Rebind::Hold);
+        assert!(matches!(
+            t.auth,
+            Auth::OAuth2 {
+                client_auth: ClientAuth::Post,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn schemes_are_case_insensitive_and_cleartext_needs_allow_plaintext() {
+        // `LDAP://` is ldap://: with starttls it is StartTLS, not a cleartext bind.
+        let main = MINIMAL_MAIN.replace(
+            "url = \"ldap://127.0.0.1\"",
+            "url = [\"LDAP://ldap.example.org\", \"LDAPS://b.example.org\"]\nstarttls = true",
+        );
+        let dir = tree(&[
+            ("config.toml", &main),
+            ("targets.d/app.toml", MINIMAL_TARGET),
+        ]);
+        let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
+        assert_eq!(
+            locations(&dir, &errors),
+            [("config.toml".into(), "ldap.starttls".into())],
+            "{errors:?}"
+        );
+        let main = MINIMAL_MAIN.replace(
+            "url = \"ldap://127.0.0.1\"",
+            "url = \"LDAP://ldap.example.org\"\nstarttls = true",
+        );
+        let dir = tree(&[
+            ("config.toml", &main),
+            ("targets.d/app.toml", MINIMAL_TARGET),
+        ]);
+        let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
+        assert_eq!(config.ldap.urls[0].transport, LdapTransport::StartTls);
+        assert_eq!(config.ldap.urls[0].as_str(), "ldap://ldap.example.org");
+
+        // Cleartext to another host: refused unless allow_plaintext says so.
+        let plain = MINIMAL_MAIN.replace("ldap://127.0.0.1", "Ldap://ldap.example.org");
+        let target =
+            "url = \"HTTP://app.example.com/scim\"\nauth = { bearer = { env = \"APP_TOKEN\" } }\n";
+        let dir = tree(&[("config.toml", &plain), ("targets.d/app.toml", target)]);
+        let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
+        assert_eq!(
+            locations(&dir, &errors),
+            [
+                ("config.toml".into(), "ldap.url".into()),
+                ("targets.d/app.toml".into(), "url".into()),
+            ]
+        );
+        assert!(message(&errors, "ldap.url").contains("allow_plaintext"));
+        let allowed = plain.replace("[ldap.users]", "allow_plaintext = true\n[ldap.users]");
+        let dir = tree(&[
+            ("config.toml", &allowed),
+            (
+                "targets.d/app.toml",
+                &format!("{target}allow_plaintext = true\n"),
+            ),
+        ]);
+        let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
+        assert!(config.ldap.allow_plaintext);
+        assert_eq!(config.targets[0].url, "http://app.example.com/scim");
+
+        // Loopback needs nothing.
+        let target =
+            "url = \"http://[::1]:8080/scim\"\nauth = { bearer = { env = \"APP_TOKEN\" } }\n";
+        let dir = tree(&[
+            ("config.toml", MINIMAL_MAIN),
+            ("targets.d/app.toml", target),
+        ]);
+        load_ok(&dir, &[("APP_TOKEN", "t")]);
+    }
+
+    #[test]
+    fn urls_with_inline_credentials_point_at_auth() {
+        let target = "url = \"https://svc:hunter2@app.example.com/scim\"\nauth = { bearer = { env = \"APP_TOKEN\" } }\n";
+        let dir = tree(&[
+            ("config.toml", MINIMAL_MAIN),
+            ("targets.d/app.toml", target),
+        ]);
+        let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
+        let m = message(&errors, "url");
+        assert!(m.contains("auth"), "{m}");
+        assert!(!m.contains("hunter2"), "{m}");
+        assert!(!ConfigErrors(errors.clone()).to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10B"), Ok(10));
+        assert!(parse_size("0KiB").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{load, load_with_env, nearest, parse_duration, ConfigError, ConfigErrors};
+pub use load::{
+    load, load_with_env, nearest, parse_duration, parse_size, ConfigError, ConfigErrors,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ldap2scim/config.toml";
 
@@ -45,9 +47,12 @@ pub enum Dialect {
 
 #[derive(Clone, Debug)]
 pub struct LdapConfig {
-    /// At least one; `ldap://` or `ldaps://`. Several = failover list, tried in order.
-    pub urls: Vec<String>,
+    /// At least one, parsed once; several = failover list, tried in order.
+    pub urls: Vec<LdapServer>,
     pub starttls: bool,
+    /// A simple bind may leave in cleartext (`ldap://` without StartTLS to a host that is not
+    /// loopback) only when this says so.
+    pub allow_plaintext: bool,
     pub ca_file: Option<PathBuf>,
     pub bind_dn: Option<String>,
     pub bind_password: Option<Secret>,
@@ -59,6 +64,56 @@ pub struct LdapConfig {
     pub users: UsersConfig,
     /// `None` when the file has no `[ldap.groups]`: no groups are read or pushed.
     pub groups: Option<GroupsConfig>,
+}
+
+/// One LDAP server of `ldap.url`: the URL as parsed (scheme lowercased), and how its connection
+/// is protected, decided from that parsed scheme and `ldap.starttls`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LdapServer {
+    pub url: url::Url,
+    pub transport: LdapTransport,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LdapTransport {
+    /// `ldaps://`: TLS from the first byte.
+    Ldaps,
+    /// `ldap://` with `starttls = true`: the connection fails unless StartTLS succeeds.
+    StartTls,
+    /// `ldap://` without StartTLS: allowed to loopback, elsewhere only with `allow_plaintext`.
+    Plain,
+}
+
+impl LdapServer {
+    pub fn as_str(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// Whether the host is the local machine (127.0.0.0/8, ::1, `localhost`).
+    pub fn is_loopback(&self) -> bool {
+        is_loopback_url(&self.url)
+    }
+}
+
+impl fmt::Display for LdapServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.url.as_str())
+    }
+}
+
+/// Whether a URL's host is the local machine (127.0.0.0/8, ::1, `localhost`): the only place a
+/// secret may go in cleartext without `allow_plaintext`.
+pub fn is_loopback_url(url: &url::Url) -> bool {
+    // For schemes the url crate does not know (ldap, ldaps) the host stays opaque text, so
+    // addresses are parsed here.
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +165,37 @@ pub struct TargetConfig {
     pub timeout: Duration,
     /// SCIM attribute path → template, in file order. Dialect defaults are already merged in.
     pub mapping: Vec<(String, String)>,
+    /// `http://` to a host that is not loopback is allowed only when this says so.
+    pub allow_plaintext: bool,
+    /// A private CA for this target's TLS (verified as strictly as the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// The largest response body accepted, in bytes (default 32 MiB).
+    pub max_response_size: u64,
+    /// The longest directory value pushed, in bytes (default 64 KiB); a longer one is a
+    /// problem for its entry.
+    pub max_value_length: usize,
+    /// What happens when an owned account would move to another directory entry.
+    pub rebind: Rebind,
+}
+
+/// `rebind`: an account ldap2scim manages for one directory entry is claimed by another one
+/// (same userName: an entry deleted and a new one made).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rebind {
+    /// Planned as a `rebind` change, counted against `max_deprovisions`.
+    Allow,
+    /// Held until `approve`, like a destructive change over a limit.
+    Hold,
+}
+
+/// How the OAuth2 client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// HTTP Basic with the client id and secret (`client_secret_basic`), which every server
+    /// must accept.
+    Basic,
+    /// The id and secret in the form body (`client_secret_post`).
+    Post,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +210,7 @@ pub enum Auth {
         client_id: String,
         client_secret: Secret,
         scope: Option<String>,
+        client_auth: ClientAuth,
     },
 }
 

@@ -28,6 +28,11 @@ pub(crate) fn target() -> TargetConfig {
         members_per_request: 100,
         timeout: Duration::from_secs(30),
         mapping: vec![],
+        allow_plaintext: false,
+        ca_file: None,
+        max_response_size: 32 << 20,
+        max_value_length: 64 << 10,
+        rebind: crate::config::Rebind::Allow,
     }
 }
 

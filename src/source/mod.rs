@@ -17,7 +17,7 @@ use ldap3::adapters::PagedResults;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use tracing::{debug, info, warn};
 
-use crate::config::{Dialect, LdapConfig};
+use crate::config::{Dialect, LdapConfig, LdapTransport};
 use crate::model::{Attributes, Directory, DirectoryId, DirectoryUser};
 
 #[derive(Debug, thiserror::Error)]
@@ -346,7 +346,7 @@ pub fn guid_to_string(b: &[u8]) -> Option<String> {
 pub async fn check_connection(cfg: &LdapConfig) -> Result<String, SourceError> {
     let mut ldap = connect(cfg).await?;
     let _ = ldap.unbind().await;
-    Ok(cfg.urls.first().cloned().unwrap_or_default())
+    Ok(cfg.urls.first().map(|s| s.to_string()).unwrap_or_default())
 }
 
 async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
@@ -355,10 +355,23 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
         None => None,
     };
     let mut last_err = None;
-    for (i, url) in cfg.urls.iter().enumerate() {
+    for (i, server) in cfg.urls.iter().enumerate() {
+        let url = server.as_str();
+        // The configuration refuses this too; a simple bind never leaves in cleartext unless
+        // the operator said so (or it stays on this machine).
+        if server.transport == LdapTransport::Plain
+            && cfg.bind_password.is_some()
+            && !cfg.allow_plaintext
+            && !server.is_loopback()
+        {
+            return Err(SourceError::Connect {
+                url: url.to_string(),
+                reason: "the bind would be sent in cleartext; use ldaps://, set ldap.starttls = true, or set ldap.allow_plaintext = true".into(),
+            });
+        }
         let mut settings = LdapConnSettings::new()
             .set_conn_timeout(cfg.timeout)
-            .set_starttls(cfg.starttls && url.starts_with("ldap://"));
+            .set_starttls(server.transport == LdapTransport::StartTls);
         if let Some(tls) = &tls {
             settings = settings.set_config(tls.clone());
         }
@@ -396,7 +409,7 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
                     warn!(url, error = %describe(&e), "LDAP server unreachable, trying the next one");
                 }
                 last_err = Some(SourceError::Connect {
-                    url: url.clone(),
+                    url: url.to_string(),
                     reason: describe(&e),
                 });
             }

@@ -337,6 +337,7 @@ impl ScimClient {
             client_id,
             client_secret,
             scope,
+            ..
         } = &self.auth
         else {
             unreachable!("only called for OAuth2")
