@@ -1,6 +1,7 @@
 //! Renders the outcome of a pass: the dry-run report (text, JSON as in SPEC.md, Markdown) and
 //! the result lines of a sync. Pure.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 use serde_json::{json, Map, Value};
@@ -239,6 +240,42 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
     }
 }
 
+/// `s` as it may appear in a text or Markdown report: characters that move the cursor, end a
+/// line, start a terminal escape or reorder the text around them (C0 and C1 controls, DEL,
+/// Unicode line and paragraph separators, bidirectional controls) are written as escapes
+/// (`\n`, `\u{1b}`), so a directory value cannot break a line or a table row, or fake one.
+/// Text without them is returned as it is.
+fn one_line(s: &str) -> Cow<'_, str> {
+    let breaks = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.contains(breaks) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if breaks(c) {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// [`one_line`], with `|` escaped too: one cell of a Markdown table row.
+fn md_cell(s: &str) -> String {
+    one_line(s).replace('|', "\\|")
+}
+
 fn summary_line(t: &TargetOutcome) -> String {
     let s = Summary::of(t);
     let parts: Vec<String> = s
@@ -265,31 +302,33 @@ fn text(outcome: &Outcome) -> String {
         let _ = writeln!(
             out,
             "\nTarget {} [{}]: {}",
-            t.name,
+            one_line(&t.name),
             status_str(t.status),
             summary_line(t)
         );
         if let Some(e) = &t.error {
-            let _ = writeln!(out, "  error: {e}");
+            let _ = writeln!(out, "  error: {}", one_line(e));
         }
         for c in &t.plan.changes {
-            let _ = writeln!(out, "  {}", describe(t, c));
+            let _ = writeln!(out, "  {}", one_line(&describe(t, c)));
         }
         if !t.plan.held.is_empty() {
             let _ = writeln!(
                 out,
                 "  HELD: {}",
-                t.plan.held_reason.as_deref().unwrap_or("")
+                one_line(t.plan.held_reason.as_deref().unwrap_or(""))
             );
             for c in &t.plan.held {
-                let _ = writeln!(out, "    {}", describe(t, c));
+                let _ = writeln!(out, "    {}", one_line(&describe(t, c)));
             }
         }
         for p in &t.plan.problems {
             let _ = writeln!(
                 out,
                 "  problem: {} ({}): {}",
-                p.name, p.external_id, p.reason
+                one_line(&p.name),
+                one_line(&p.external_id),
+                one_line(&p.reason)
             );
         }
     }
@@ -307,12 +346,12 @@ fn markdown(outcome: &Outcome) -> String {
         let _ = writeln!(
             out,
             "\n## Target `{}`: {}\n\n{}\n",
-            t.name,
+            one_line(&t.name),
             status_str(t.status),
             summary_line(t)
         );
         if let Some(e) = &t.error {
-            let _ = writeln!(out, "**Error:** {}\n", e.replace('|', "\\|"));
+            let _ = writeln!(out, "**Error:** {}\n", md_cell(e));
         }
         let rows: Vec<(&str, &Change)> = t
             .plan
@@ -338,19 +377,21 @@ fn markdown(outcome: &Outcome) -> String {
                     out,
                     "| {action} | {} | {} | {} |",
                     c.resource(),
-                    c.name().replace('|', "\\|"),
-                    detail.replace('|', "\\|")
+                    md_cell(c.name()),
+                    md_cell(detail)
                 );
             }
         }
         if let Some(r) = &t.plan.held_reason {
-            let _ = writeln!(out, "\nHeld: {r}");
+            let _ = writeln!(out, "\nHeld: {}", one_line(r));
         }
         for p in &t.plan.problems {
             let _ = writeln!(
                 out,
                 "\n- problem: {} (`{}`): {}",
-                p.name, p.external_id, p.reason
+                one_line(&p.name),
+                one_line(&p.external_id),
+                one_line(&p.reason)
             );
         }
     }
@@ -365,7 +406,7 @@ pub fn sync_lines(outcome: &Outcome) -> String {
         let _ = writeln!(
             out,
             "target {}: {} ({}); applied {}, failed {}, held {}, {} write requests",
-            t.name,
+            one_line(&t.name),
             status_str(t.status),
             summary_line(t),
             applied.map_or(0, |a| a.applied),
@@ -374,23 +415,28 @@ pub fn sync_lines(outcome: &Outcome) -> String {
             applied.map_or(0, |a| a.writes),
         );
         if let Some(e) = &t.error {
-            let _ = writeln!(out, "  error: {e}");
+            let _ = writeln!(out, "  error: {}", one_line(e));
         }
         for f in applied.map(|a| a.failures.as_slice()).unwrap_or_default() {
             let _ = writeln!(
                 out,
                 "  failed: {} {} {}: {}",
-                f.action, f.resource, f.name, f.error
+                f.action,
+                f.resource,
+                one_line(&f.name),
+                one_line(&f.error)
             );
         }
         if let Some(r) = &t.plan.held_reason {
-            let _ = writeln!(out, "  held: {r}");
+            let _ = writeln!(out, "  held: {}", one_line(r));
         }
         for p in &t.plan.problems {
             let _ = writeln!(
                 out,
                 "  problem: {} ({}): {}",
-                p.name, p.external_id, p.reason
+                one_line(&p.name),
+                one_line(&p.external_id),
+                one_line(&p.reason)
             );
         }
     }
@@ -405,7 +451,7 @@ mod tests {
 
     use super::*;
     use crate::model::{DirectoryId, ScimId};
-    use crate::plan::{AttrChange, Plan};
+    use crate::plan::{AttrChange, Plan, Problem};
 
     fn outcome() -> Outcome {
         let id = |s: &str| DirectoryId::new(s);
@@ -528,5 +574,120 @@ users created 1, users updated 1, members added 2, held 1
 Held: 1 deprovisions exceed max_deprovisions (0) of 3 managed users
 "
         );
+    }
+
+    /// Directory values with every kind of control character, `|` and a fake row in names,
+    /// members, attribute values and problems.
+    fn hostile_outcome() -> Outcome {
+        let id = |s: &str| DirectoryId::new(s);
+        let mut o = outcome();
+        let evil = "eve\n  delete User ceo\r\t\u{1b}[2J\u{7f}\u{85}\u{2028}\u{202e}x";
+        let t = &mut o.targets[0];
+        t.plan.changes = vec![
+            Change::CreateUser {
+                id: id("u1"),
+                user_name: evil.into(),
+                attrs: Default::default(),
+            },
+            Change::UpdateUser {
+                id: id("u2"),
+                scim_id: ScimId("s2".into()),
+                user_name: "ann".into(),
+                changes: vec![AttrChange {
+                    path: "title".into(),
+                    from: Some(json!("a | b")),
+                    to: Some(json!(evil)),
+                }],
+                attrs: Default::default(),
+            },
+            Change::AddMembers {
+                group: id("g1"),
+                group_name: "eng\n| delete | User | ceo |".into(),
+                members: vec![id("u1"), id("u2")],
+            },
+        ];
+        t.names.insert(id("u1"), evil.into());
+        t.plan.problems = vec![Problem {
+            external_id: "u9".into(),
+            name: "uid=x\ny,dc=x".into(),
+            reason: "its title is\nbroken".into(),
+            fails: true,
+        }];
+        o
+    }
+
+    /// No character that moves the cursor or ends a line is left, but the line ends.
+    fn assert_clean(report: &str) {
+        for line in report.lines() {
+            assert!(
+                !line
+                    .contains(|c: char| c.is_control()
+                        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202e}')),
+                "{line:?}"
+            );
+        }
+        assert!(!report.contains('\r'), "{report:?}");
+    }
+
+    #[test]
+    fn control_characters_cannot_break_or_fake_a_line_of_a_text_report() {
+        let text = render(&hostile_outcome(), Format::Text);
+        assert_clean(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        // Exactly the lines of the same report without the hostile values.
+        assert_eq!(lines.len(), 9, "{text}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| !l.trim_start().starts_with("delete User ceo")),
+            "{text}"
+        );
+        assert_eq!(
+            lines[3],
+            r"  create User eve\n  delete User ceo\r\t\u{1b}[2J\u{7f}\u{85}\u{2028}\u{202e}x"
+        );
+        assert!(
+            lines[5].starts_with(
+                r"  add-members Group eng\n| delete | User | ceo |: 2 member(s): eve\n"
+            ),
+            "{}",
+            lines[5]
+        );
+        assert_eq!(
+            lines[8],
+            r"  problem: uid=x\ny,dc=x (u9): its title is\nbroken"
+        );
+    }
+
+    #[test]
+    fn control_characters_and_pipes_cannot_break_a_markdown_table() {
+        let md = render(&hostile_outcome(), Format::Markdown);
+        assert_clean(&md);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+        // Header, separator, three changes and the held one: one line each, four cells each.
+        assert_eq!(rows.len(), 6, "{md}");
+        for row in &rows {
+            let cells = row.replace("\\|", "").matches('|').count();
+            assert_eq!(cells, 5, "{row}");
+        }
+        assert!(
+            rows[4].contains(r"eng\n\| delete \| User \| ceo \|"),
+            "{}",
+            rows[4]
+        );
+        assert!(
+            md.contains(r"- problem: uid=x\ny,dc=x (`u9`): its title is\nbroken"),
+            "{md}"
+        );
+        // The same report with nothing hostile in it is unchanged by the escaping.
+        assert_eq!(one_line("plain | text: ü"), "plain | text: ü");
+        assert!(matches!(one_line("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn sync_lines_are_one_line_per_fact() {
+        let lines = sync_lines(&hostile_outcome());
+        assert_clean(&lines);
+        assert_eq!(lines.lines().count(), 3, "{lines}");
     }
 }
