@@ -214,17 +214,20 @@ fn scope<'d>(
 /// One target's mapping, compiled once, applied user by user.
 pub struct UserMapper {
     mapping: Compiled,
+    /// The target's `max_value_length`, in bytes.
+    max_value_length: usize,
 }
 
 impl UserMapper {
     pub fn new(target: &TargetConfig) -> Self {
         UserMapper {
             mapping: compile_mapping(target),
+            max_value_length: target.max_value_length,
         }
     }
 
     pub fn map(&self, user: &DirectoryUser) -> Result<DesiredUser, String> {
-        map_compiled(user, &self.mapping)
+        map_compiled(user, &self.mapping, self.max_value_length)
     }
 }
 
@@ -301,7 +304,7 @@ fn group_display_name(g: &DirectoryGroup) -> String {
 
 /// Maps one user through the target's templates.
 pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUser, String> {
-    map_compiled(user, &compile_mapping(target))
+    UserMapper::new(target).map(user)
 }
 
 /// A target's mapping, compiled: one slot per SCIM path, in the order of the flat map's keys
@@ -334,7 +337,14 @@ fn compile_mapping(target: &TargetConfig) -> Compiled {
         .collect()
 }
 
-fn map_compiled(user: &DirectoryUser, mapping: &Compiled) -> Result<DesiredUser, String> {
+/// How a problem of the entry's own values ends: the plan leaves its account as it is.
+const UNTIL_FIXED: &str = "until then nothing is changed for this entry on the target";
+
+fn map_compiled(
+    user: &DirectoryUser,
+    mapping: &Compiled,
+    max_value_length: usize,
+) -> Result<DesiredUser, String> {
     // Exactly what `SharedAttrs::pack` writes for the map {path: value} (unit-tested).
     let mut json = Vec::with_capacity(256);
     let mut user_name = None;
@@ -342,9 +352,22 @@ fn map_compiled(user: &DirectoryUser, mapping: &Compiled) -> Result<DesiredUser,
         let rendered;
         let value: &str = match slot {
             Slot::Template(pieces) => {
+                // A value that is not text would render as if the attribute were absent, and
+                // an absent attribute is pushed as a removal.
+                if let Some(attr) = unreadable_attribute(pieces, user) {
+                    return Err(format!(
+                        "its attribute {attr} (mapped to {path}) has a value that is not valid UTF-8; fix the value in the directory ({UNTIL_FIXED})"
+                    ));
+                }
                 rendered = render_compiled(pieces, user);
                 if rendered.is_empty() {
                     continue;
+                }
+                if rendered.len() > max_value_length {
+                    return Err(format!(
+                        "its {path} value is {} bytes long, more than this target's max_value_length ({max_value_length} bytes); shorten it in the directory or raise max_value_length ({UNTIL_FIXED})",
+                        rendered.len()
+                    ));
                 }
                 &rendered
             }
@@ -380,6 +403,17 @@ fn map_compiled(user: &DirectoryUser, mapping: &Compiled) -> Result<DesiredUser,
         user_name,
         active: !user.disabled,
         attrs,
+    })
+}
+
+/// The first attribute the template names whose value is not valid UTF-8.
+fn unreadable_attribute<'p>(pieces: &'p [Piece], user: &DirectoryUser) -> Option<&'p str> {
+    if user.invalid_utf8.is_empty() {
+        return None;
+    }
+    pieces.iter().find_map(|p| match p {
+        Piece::Attr(name) if user.invalid_utf8.iter().any(|a| a == name) => Some(name.as_str()),
+        _ => None,
     })
 }
 
@@ -590,6 +624,7 @@ mod tests {
             dn: "uid=jdoe,dc=x".into(),
             attrs,
             disabled: false,
+            invalid_utf8: Vec::new(),
         }
     }
 
@@ -638,6 +673,7 @@ mod tests {
             dn: format!("uid={id},dc=x"),
             attrs: Attributes::new(),
             disabled: false,
+            invalid_utf8: Vec::new(),
         };
         let desired = |id: &str, title: &str| {
             let mut attrs = FlatAttrs::new();
@@ -712,6 +748,46 @@ mod tests {
         assert!(!mapped.active);
         target.mapping[0].1 = "{missing}".into();
         assert!(map_user(&u, &target).unwrap_err().contains("userName"));
+    }
+
+    #[test]
+    fn a_mapped_attribute_that_is_not_utf8_is_a_problem_not_an_absent_value() {
+        let mut target = crate::plan::tests::target();
+        target.mapping = vec![
+            ("userName".into(), "{uid}".into()),
+            ("emails[type eq \"work\"].value".into(), "{mail}".into()),
+        ];
+        let mut u = user();
+        u.attrs.remove("mail");
+        u.invalid_utf8 = vec!["mail".into()];
+        let err = map_user(&u, &target).unwrap_err();
+        assert!(err.contains("mail") && err.contains("UTF-8"), "{err}");
+        // An attribute no mapping names (a photo, a certificate) is no one's business.
+        u.invalid_utf8 = vec!["jpegphoto".into()];
+        u.attrs
+            .insert("mail".into(), vec!["jdoe@example.org".into()]);
+        assert!(map_user(&u, &target).is_ok());
+    }
+
+    #[test]
+    fn a_value_longer_than_max_value_length_is_a_problem_for_that_target() {
+        let mut target = crate::plan::tests::target();
+        target.mapping = vec![
+            ("userName".into(), "{uid}".into()),
+            ("title".into(), "{title}".into()),
+        ];
+        target.max_value_length = 10;
+        let mut u = user();
+        u.attrs.insert("title".into(), vec!["x".repeat(10)]);
+        assert!(map_user(&u, &target).is_ok(), "exactly the limit is fine");
+        u.attrs.insert("title".into(), vec!["é".repeat(6)]);
+        let err = map_user(&u, &target).unwrap_err();
+        assert!(
+            err.contains("title") && err.contains("12 bytes") && err.contains("max_value_length"),
+            "{err}"
+        );
+        target.max_value_length = 64 << 10;
+        assert!(UserMapper::new(&target).map(&u).is_ok());
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct DirectoryUser {
     pub attrs: Attributes,
     /// Disabled in the directory (`disabled_filter`, or AD `userAccountControl` bit 2).
     pub disabled: bool,
+    /// Attributes (lowercased) that came back with a value that is not valid UTF-8; they are
+    /// not in `attrs`. A mapping that names one cannot tell what the value is: the entry is a
+    /// problem, never an attribute pushed as empty. (AD's binary ids are text by then.)
+    pub invalid_utf8: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -68,6 +68,11 @@ impl GroupGraph {
         }
     }
 
+    /// Every group read, as (id, DN), in read order.
+    pub(super) fn entries(&self) -> impl Iterator<Item = (&DirectoryId, &str)> {
+        self.raw.iter().map(|(id, dn, _)| (id, dn.as_str()))
+    }
+
     /// The groups with their members resolved to users. `user_dns[i]` is the normalized DN
     /// of `users[i]`.
     pub(super) fn resolve(
@@ -141,6 +146,7 @@ mod tests {
             dn: format!("uid={id},ou=people,dc=x"),
             attrs: Attributes::new(),
             disabled: false,
+            invalid_utf8: Vec::new(),
         }
     }
 

@@ -17,7 +17,7 @@ use ldap3::adapters::PagedResults;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use tracing::{debug, info, warn};
 
-use crate::config::{Dialect, LdapConfig, LdapTransport};
+use crate::config::{Dialect, LdapConfig, LdapServer, LdapTransport};
 use crate::model::{Attributes, Directory, DirectoryId, DirectoryUser};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,23 @@ pub enum SourceError {
     Incomplete { base: String, reason: String },
     #[error("directory entry {dn} has no {attribute}: cannot identify it. Check that the bind account may read {attribute}; nothing was changed on any target")]
     MissingId { dn: String, attribute: &'static str },
+    /// Two entries with one id would be one account that flips between two people, or one
+    /// of them silently dropped: the read cannot be used.
+    #[error("directory entries {first_dn} and {second_dn} have the same {attribute} {id}: one account cannot belong to two entries, so the read is incomplete and nothing was changed on any target. Give one of them its own {attribute} (an entry copied or restored together with its operational attributes keeps the old one), or leave one out of ldap.users.filter / ldap.groups.filter")]
+    DuplicateId {
+        id: DirectoryId,
+        attribute: &'static str,
+        first_dn: String,
+        second_dn: String,
+    },
+    #[error("directory entry {dn} was returned twice ({how}): the read is incomplete and nothing was changed on any target. {fix}")]
+    DuplicateEntry {
+        dn: String,
+        how: &'static str,
+        fix: &'static str,
+    },
+    #[error("group {dn} has a {attribute} value that is not valid UTF-8: its members cannot be known, so the read is incomplete and nothing was changed on any target. Fix the value in the directory")]
+    InvalidMembers { dn: String, attribute: &'static str },
 }
 
 /// The attribute holding an entry's immutable id.
@@ -205,6 +222,11 @@ pub async fn read_streaming(
     let Finisher {
         users, user_dns, ..
     } = done;
+    unique_ids(
+        id_attr,
+        users.iter().map(|u| (&u.id, u.dn.as_str())).collect(),
+        graph.entries(),
+    )?;
     let groups = graph.resolve(&users, &user_dns);
     info!(
         users = users.len(),
@@ -249,12 +271,62 @@ impl Finisher<'_> {
     }
 }
 
+/// Fails on the first id held by two entries (users and groups share one id space: each is
+/// one `externalId`). `users` are (id, DN) in read order, `groups` likewise.
+fn unique_ids<'a>(
+    attribute: &'static str,
+    users: Vec<(&'a DirectoryId, &'a str)>,
+    groups: impl Iterator<Item = (&'a DirectoryId, &'a str)>,
+) -> Result<(), SourceError> {
+    let mut seen: HashMap<&DirectoryId, (&str, bool)> = HashMap::with_capacity(users.len());
+    let users = users.into_iter().map(|(id, dn)| (id, dn, true));
+    for (id, dn, is_user) in users.chain(groups.map(|(id, dn)| (id, dn, false))) {
+        let Some(&(first_dn, first_is_user)) = seen.get(id) else {
+            seen.insert(id, (dn, is_user));
+            continue;
+        };
+        if dn::normalize_lossy(first_dn) == dn::normalize_lossy(dn) {
+            return Err(SourceError::DuplicateEntry {
+                dn: dn.to_string(),
+                how: match (first_is_user, is_user) {
+                    (true, true) => "twice by the users search",
+                    (false, false) => "twice by the groups search",
+                    _ => "as a user and as a group",
+                },
+                fix: if first_is_user == is_user {
+                    "The server's paged results are inconsistent; try again, or lower ldap.page_size"
+                } else {
+                    "Make ldap.users.filter and ldap.groups.filter exclusive"
+                },
+            });
+        }
+        return Err(SourceError::DuplicateId {
+            id: id.clone(),
+            attribute,
+            first_dn: first_dn.to_string(),
+            second_dn: dn.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// One group entry: its id, DN and attributes (members still as DNs).
 fn group_entry(
     mut entry: SearchEntry,
     dialect: Dialect,
 ) -> Result<(DirectoryId, String, Attributes), SourceError> {
     let id = entry_id(&mut entry, dialect)?;
+    // ldap3 files an attribute with a value that is not UTF-8 under `bin_attrs`: read as
+    // text only, the group would seem to have lost all its members.
+    if let Some(attribute) = ["member"]
+        .into_iter()
+        .find(|a| entry.bin_attrs.keys().any(|k| k.eq_ignore_ascii_case(a)))
+    {
+        return Err(SourceError::InvalidMembers {
+            dn: entry.dn,
+            attribute,
+        });
+    }
     Ok((id, entry.dn, lowercase_attrs(entry.attrs)))
 }
 
@@ -268,11 +340,20 @@ fn user_entry(
     let norm = dn::normalize_lossy(&entry.dn);
     let attrs = lowercase_attrs(std::mem::take(&mut entry.attrs));
     let disabled = ad_inactive(dialect, &attrs, now);
+    // What is left in `bin_attrs` (AD's ids are text by now) is not valid UTF-8: named, so a
+    // mapping that uses it reports the entry instead of pushing the attribute as absent.
+    let mut invalid_utf8: Vec<String> = entry
+        .bin_attrs
+        .keys()
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    invalid_utf8.sort_unstable();
     let user = DirectoryUser {
         id,
         dn: std::mem::take(&mut entry.dn),
         attrs,
         disabled,
+        invalid_utf8,
     };
     Ok((user, norm))
 }
@@ -357,17 +438,8 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
     let mut last_err = None;
     for (i, server) in cfg.urls.iter().enumerate() {
         let url = server.as_str();
-        // The configuration refuses this too; a simple bind never leaves in cleartext unless
-        // the operator said so (or it stays on this machine).
-        if server.transport == LdapTransport::Plain
-            && cfg.bind_password.is_some()
-            && !cfg.allow_plaintext
-            && !server.is_loopback()
-        {
-            return Err(SourceError::Connect {
-                url: url.to_string(),
-                reason: "the bind would be sent in cleartext; use ldaps://, set ldap.starttls = true, or set ldap.allow_plaintext = true".into(),
-            });
+        if let Some(refused) = cleartext_refusal(cfg, server) {
+            return Err(refused);
         }
         let mut settings = LdapConnSettings::new()
             .set_conn_timeout(cfg.timeout)
@@ -419,6 +491,20 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
         url: String::new(),
         reason: "no ldap.url configured".into(),
     }))
+}
+
+/// The configuration refuses this too; here it is checked again right before a connection:
+/// a simple bind never leaves in cleartext unless the operator said so (or it stays on this
+/// machine).
+fn cleartext_refusal(cfg: &LdapConfig, server: &LdapServer) -> Option<SourceError> {
+    (server.transport == LdapTransport::Plain
+        && cfg.bind_password.is_some()
+        && !cfg.allow_plaintext
+        && !server.is_loopback())
+    .then(|| SourceError::Connect {
+        url: server.to_string(),
+        reason: "the bind would be sent in cleartext; use ldaps://, set ldap.starttls = true, or set ldap.allow_plaintext = true".into(),
+    })
 }
 
 /// A connected TCP socket with TCP_NODELAY for an `ldap://` or `ldaps://` URL (`None` for
@@ -605,6 +691,165 @@ async fn paged_search_each(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Secret, UsersConfig};
+
+    fn ldap_config(url: &str, starttls: bool) -> LdapConfig {
+        let url = url::Url::parse(url).unwrap();
+        let transport = match (url.scheme(), starttls) {
+            ("ldaps", _) => LdapTransport::Ldaps,
+            (_, true) => LdapTransport::StartTls,
+            _ => LdapTransport::Plain,
+        };
+        LdapConfig {
+            urls: vec![LdapServer { url, transport }],
+            starttls,
+            allow_plaintext: false,
+            ca_file: None,
+            bind_dn: Some("cn=sync,dc=example,dc=org".into()),
+            bind_password: Some(Secret::new("pw".into())),
+            dialect: Dialect::OpenLdap,
+            page_size: 100,
+            timeout: std::time::Duration::from_secs(1),
+            max_shrink: 1.0,
+            users: UsersConfig {
+                base: "dc=example,dc=org".into(),
+                filter: "(objectClass=*)".into(),
+                disabled_filter: None,
+            },
+            groups: None,
+        }
+    }
+
+    /// Decided before any socket is opened (no address here is ever connected to).
+    #[test]
+    fn a_cleartext_bind_to_another_host_is_refused_unless_allowed() {
+        let refused = |cfg: &LdapConfig| cleartext_refusal(cfg, &cfg.urls[0]);
+        let cfg = ldap_config("LDAP://dc1.corp.example", false);
+        let err = refused(&cfg).expect("refused").to_string();
+        assert!(
+            err.contains("ldap://dc1.corp.example") && err.contains("allow_plaintext"),
+            "{err}"
+        );
+        assert!(!err.contains("pw"), "{err}");
+        let mut allowed = cfg.clone();
+        allowed.allow_plaintext = true;
+        assert!(refused(&allowed).is_none());
+        let mut anonymous = cfg.clone();
+        anonymous.bind_password = None;
+        assert!(refused(&anonymous).is_none(), "nothing secret to send");
+        for protected in [
+            ldap_config("LDAP://dc1.corp.example", true),
+            ldap_config("LDAPS://dc1.corp.example", false),
+            ldap_config("ldap://127.0.0.1:389", false),
+            ldap_config("ldap://[::1]:389", false),
+            ldap_config("ldap://LocalHost", false),
+        ] {
+            assert!(refused(&protected).is_none(), "{:?}", protected.urls);
+        }
+    }
+
+    fn ids<'a>(pairs: &'a [(DirectoryId, &'a str)]) -> Vec<(&'a DirectoryId, &'a str)> {
+        pairs.iter().map(|(i, d)| (i, *d)).collect()
+    }
+
+    #[test]
+    fn two_entries_with_one_id_stop_the_read_naming_both() {
+        let id = |s: &str| DirectoryId::new(s);
+        let users = [
+            (id("A"), "uid=alice,ou=people,dc=x"),
+            (id("b"), "uid=bob,ou=people,dc=x"),
+        ];
+        let groups = [(id("g"), "cn=eng,ou=groups,dc=x")];
+        assert!(unique_ids("entryUUID", ids(&users), ids(&groups).into_iter()).is_ok());
+
+        // Two users (ids compare case-insensitively: both are one externalId).
+        let twins = [users[0].clone(), (id("a"), "uid=mallory,ou=people,dc=x")];
+        let err = unique_ids("entryUUID", ids(&twins), std::iter::empty()).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, SourceError::DuplicateId { .. }), "{text}");
+        for part in [
+            "uid=alice,ou=people,dc=x",
+            "uid=mallory,ou=people,dc=x",
+            "entryUUID",
+            "nothing was changed",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        // A user and a group.
+        let group = [(id("b"), "cn=ops,ou=groups,dc=x")];
+        let text = unique_ids("objectGUID", ids(&users), ids(&group).into_iter())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("uid=bob,ou=people,dc=x") && text.contains("cn=ops,ou=groups,dc=x"),
+            "{text}"
+        );
+        // Two groups.
+        let groups = [groups[0].clone(), (id("g"), "cn=ops,ou=groups,dc=x")];
+        assert!(unique_ids("entryUUID", ids(&users), ids(&groups).into_iter()).is_err());
+        // The same entry as a user and as a group: said as such.
+        let same = [(id("b"), "UID=bob, ou=people,dc=x")];
+        let err = unique_ids("entryUUID", ids(&users), ids(&same).into_iter()).unwrap_err();
+        assert!(matches!(err, SourceError::DuplicateEntry { .. }), "{err}");
+        assert!(
+            err.to_string().contains("as a user and as a group"),
+            "{err}"
+        );
+    }
+
+    fn search_entry(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
+        SearchEntry {
+            dn: "uid=jdoe,ou=people,dc=x".into(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect(),
+            bin_attrs: bin
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_vec()]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn values_that_are_not_utf8_are_named_on_the_user() {
+        let now = chrono::Utc::now();
+        let mut e = search_entry(
+            &[("entryUUID", "u-1"), ("uid", "jdoe")],
+            &[("Mail", b"j\xffdoe@x.org"), ("jpegPhoto", b"\xff\xd8")],
+        );
+        let (user, _) = user_entry(&mut e, Dialect::OpenLdap, now).unwrap();
+        assert_eq!(user.invalid_utf8, vec!["jpegphoto", "mail"]);
+        assert!(!user.attrs.contains_key("mail"));
+        // AD's binary ids are text, not invalid values.
+        let guid = [0x80u8; 16];
+        let sid: &[u8] = &[1, 1, 0, 0, 0, 0, 0, 5, 18, 0, 0, 0x80];
+        let mut e = search_entry(
+            &[("userPrincipalName", "j@x.org")],
+            &[
+                ("objectGUID", &guid),
+                ("objectSid", sid),
+                ("thumbnailPhoto", b"\xff"),
+            ],
+        );
+        let (user, _) = user_entry(&mut e, Dialect::ActiveDirectory, now).unwrap();
+        assert_eq!(user.invalid_utf8, vec!["thumbnailphoto"]);
+        assert!(user.attrs.contains_key("objectguid"));
+    }
+
+    #[test]
+    fn a_group_whose_members_are_not_utf8_stops_the_read() {
+        let e = SearchEntry {
+            dn: "cn=eng,ou=groups,dc=x".into(),
+            attrs: [("entryUUID".to_string(), vec!["g-1".to_string()])].into(),
+            bin_attrs: [("member".to_string(), vec![b"uid=\xff".to_vec()])].into(),
+        };
+        let err = group_entry(e, Dialect::OpenLdap).unwrap_err().to_string();
+        assert!(
+            err.contains("cn=eng,ou=groups,dc=x") && err.contains("member"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn guid_bytes_format_canonically() {
