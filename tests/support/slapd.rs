@@ -200,6 +200,44 @@ impl Slapd {
         self.ldap_tool("ldapmodify", &["-a"], Some(ldif));
     }
 
+    /// Adds the entries of an LDIF as root over ldapi with the Relax Rules control
+    /// (`ldapadd -e relax`), which lets a seed set operational attributes such as `entryUUID`
+    /// (e.g. two entries with one id, as a botched restore leaves them).
+    pub fn add_relaxed(&self, ldif: &str) {
+        self.ldap_tool("ldapmodify", &["-a", "-e", "relax"], Some(ldif));
+    }
+
+    /// The `entryUUID` of one entry.
+    pub fn entry_uuid(&self, dn: &str) -> String {
+        let ldif = self.ldap_tool(
+            "ldapsearch",
+            &[
+                "-LLL",
+                "-s",
+                "base",
+                "-b",
+                dn,
+                "(objectClass=*)",
+                "entryUUID",
+            ],
+            None,
+        );
+        ldif.lines()
+            .find_map(|l| l.strip_prefix("entryUUID: "))
+            .unwrap_or_else(|| panic!("no entryUUID for {dn}: {ldif}"))
+            .trim()
+            .to_string()
+    }
+
+    /// From now on a simple bind needs a protected connection (`olcSecurity:
+    /// simple_bind=128` on cn=config): one in cleartext fails with confidentialityRequired (13),
+    /// so a bind that succeeds proves TLS (LDAPS or StartTLS) was in use.
+    pub fn require_tls_for_simple_bind(&self) {
+        self.modify(
+            "dn: cn=config\nchangetype: modify\nadd: olcSecurity\nolcSecurity: simple_bind=128\n",
+        );
+    }
+
     /// Deletes one entry as root over ldapi.
     pub fn delete(&self, dn: &str) {
         self.ldap_tool("ldapdelete", &[dn], None);
