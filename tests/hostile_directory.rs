@@ -447,3 +447,39 @@ fn control_characters_in_the_directory_cannot_break_text_or_markdown_plans() {
     );
     drop(app);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Entries ldap3 cannot take apart
+
+/// ldap3 panics on an entry whose DN is not UTF-8: the read must fail as incomplete instead,
+/// and nothing change.
+#[test]
+fn an_entry_whose_dn_is_not_utf8_stops_the_read_without_a_crash() {
+    let mut entries = fake_directory(b"jdoe@example.org");
+    let fake = FakeLdap::start(entries.clone(), 1000);
+    let mut config = TestConfig::for_directory(
+        &fake.url(),
+        std::path::Path::new("/nonexistent"),
+        "cn=sync,dc=example,dc=org",
+        "pw",
+    );
+    point_at_fake(&mut config, &fake);
+    let app = App::start(&mut config, "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+
+    entries[1] = entries[1]
+        .clone()
+        .with_dn_bytes(b"uid=\xffann,ou=people,dc=example,dc=org");
+    let broken = FakeLdap::start(entries, 1000);
+    point_at_fake(&mut config, &broken);
+    app.proxy.clear();
+    let out = ldap2scim(&config.path(), &["sync"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("incomplete") && out.stderr.contains("not valid UTF-8"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    assert_eq!(app.proxy.writes(), 0, "{:?}", app.proxy.requests());
+    assert_eq!(app.users().len(), 2);
+}

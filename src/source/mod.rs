@@ -14,7 +14,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use ldap3::adapters::PagedResults;
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
+use ldap3::asn1::PL;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, ResultEntry, Scope, SearchEntry};
 use tracing::{debug, info, warn};
 
 use crate::config::{Dialect, LdapConfig, LdapServer, LdapTransport};
@@ -636,7 +637,12 @@ async fn paged_search_each(
                 // An entry that cannot be used (no id) fails the read, but only once the
                 // search is known to be complete: a truncated or referred read says so first.
                 if rejected.is_none() {
-                    if let Err(e) = each(SearchEntry::construct(re)) {
+                    let converted = search_entry(re).map_err(|why| {
+                        incomplete(format!(
+                            "the server returned an entry that cannot be read ({why})"
+                        ))
+                    });
+                    if let Err(e) = converted.and_then(&mut *each) {
                         rejected = Some(e);
                     }
                 }
@@ -686,6 +692,49 @@ async fn paged_search_each(
         "paged search done"
     );
     Ok(entries)
+}
+
+/// [`SearchEntry::construct`], which panics on an entry whose DN or attribute description is
+/// not UTF-8 (or that is not shaped like an entry): those are checked first, so what a server
+/// sends cannot crash the process. Values are not checked here (ldap3 files the ones that
+/// are not UTF-8 under `bin_attrs`).
+pub(super) fn search_entry(re: ResultEntry) -> Result<SearchEntry, String> {
+    let malformed = || "it is not shaped like an LDAP entry".to_string();
+    let PL::C(parts) = &re.0.payload else {
+        return Err(malformed());
+    };
+    let (Some(dn), Some(attrs), 4) = (parts.first(), parts.get(1), re.0.id) else {
+        return Err(malformed());
+    };
+    let (PL::P(dn), PL::C(attrs)) = (&dn.payload, &attrs.payload) else {
+        return Err(malformed());
+    };
+    let dn = std::str::from_utf8(dn).map_err(|_| {
+        format!(
+            "its DN {} is not valid UTF-8",
+            String::from_utf8_lossy(dn).escape_debug()
+        )
+    })?;
+    for attr in attrs {
+        let PL::C(attr) = &attr.payload else {
+            return Err(malformed());
+        };
+        let (Some(name), Some(values)) = (attr.first(), attr.get(1)) else {
+            return Err(malformed());
+        };
+        let (PL::P(name), PL::C(values)) = (&name.payload, &values.payload) else {
+            return Err(malformed());
+        };
+        if std::str::from_utf8(name).is_err() {
+            return Err(format!(
+                "entry {dn} has an attribute description that is not valid UTF-8"
+            ));
+        }
+        if !values.iter().all(|v| matches!(v.payload, PL::P(_))) {
+            return Err(malformed());
+        }
+    }
+    Ok(SearchEntry::construct(re))
 }
 
 #[cfg(test)]
@@ -797,7 +846,7 @@ mod tests {
         );
     }
 
-    fn search_entry(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
+    fn entry_with(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
         SearchEntry {
             dn: "uid=jdoe,ou=people,dc=x".into(),
             attrs: attrs
@@ -814,7 +863,7 @@ mod tests {
     #[test]
     fn values_that_are_not_utf8_are_named_on_the_user() {
         let now = chrono::Utc::now();
-        let mut e = search_entry(
+        let mut e = entry_with(
             &[("entryUUID", "u-1"), ("uid", "jdoe")],
             &[("Mail", b"j\xffdoe@x.org"), ("jpegPhoto", b"\xff\xd8")],
         );
@@ -824,7 +873,7 @@ mod tests {
         // AD's binary ids are text, not invalid values.
         let guid = [0x80u8; 16];
         let sid: &[u8] = &[1, 1, 0, 0, 0, 0, 0, 5, 18, 0, 0, 0x80];
-        let mut e = search_entry(
+        let mut e = entry_with(
             &[("userPrincipalName", "j@x.org")],
             &[
                 ("objectGUID", &guid),
@@ -835,6 +884,54 @@ mod tests {
         let (user, _) = user_entry(&mut e, Dialect::ActiveDirectory, now).unwrap();
         assert_eq!(user.invalid_utf8, vec!["thumbnailphoto"]);
         assert!(user.attrs.contains_key("objectguid"));
+    }
+
+    /// A SearchResultEntry as it comes off the wire.
+    fn result_entry(dn: &[u8], attrs: &[(&[u8], &[&[u8]])]) -> ResultEntry {
+        use ldap3::asn1::{StructureTag, TagClass};
+        let tag = |id, payload| StructureTag {
+            class: TagClass::Universal,
+            id,
+            payload,
+        };
+        let attrs = attrs
+            .iter()
+            .map(|(name, values)| {
+                let values = values.iter().map(|v| tag(4, PL::P(v.to_vec()))).collect();
+                tag(
+                    16,
+                    PL::C(vec![tag(4, PL::P(name.to_vec())), tag(17, PL::C(values))]),
+                )
+            })
+            .collect();
+        ResultEntry::new(StructureTag {
+            class: TagClass::Application,
+            id: 4,
+            payload: PL::C(vec![tag(4, PL::P(dn.to_vec())), tag(16, PL::C(attrs))]),
+        })
+    }
+
+    #[test]
+    fn entries_ldap3_would_panic_on_are_errors() {
+        let ok = search_entry(result_entry(
+            b"uid=a,dc=x",
+            &[(b"mail", &[b"a@x", b"\xff"])],
+        ))
+        .unwrap();
+        assert_eq!(ok.dn, "uid=a,dc=x");
+        assert!(ok.bin_attrs.contains_key("mail"));
+        let err = search_entry(result_entry(b"uid=\xffa,dc=x", &[])).unwrap_err();
+        assert!(err.contains("DN") && err.contains("UTF-8"), "{err}");
+        let err = search_entry(result_entry(b"uid=a,dc=x", &[(b"m\xffil", &[b"x"])])).unwrap_err();
+        assert!(
+            err.contains("uid=a,dc=x") && err.contains("attribute description"),
+            "{err}"
+        );
+        let mut no_attrs = result_entry(b"uid=a,dc=x", &[]);
+        if let PL::C(parts) = &mut no_attrs.0.payload {
+            parts.pop();
+        }
+        assert!(search_entry(no_attrs).is_err());
     }
 
     #[test]

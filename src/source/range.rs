@@ -183,7 +183,7 @@ async fn fetch_range(
         if re.is_ref() || re.is_intermediate() {
             continue;
         }
-        let entry = SearchEntry::construct(re);
+        let entry = super::search_entry(re).map_err(failed)?;
         for (key, vals) in entry.attrs {
             if let Some(r) = parse_range_key(&key) {
                 if r.base.eq_ignore_ascii_case(base_attr) {

@@ -26,6 +26,8 @@ pub struct FakeEntry {
     pub attrs: Vec<(String, Vec<Vec<u8>>)>,
     /// Served by range retrieval (see [`FakeLdap::start`]) instead of as a plain `member`.
     pub ranged_members: Option<Vec<String>>,
+    /// Sent as the entry's DN instead of `dn` (e.g. bytes that are not UTF-8).
+    pub raw_dn: Option<Vec<u8>>,
 }
 
 impl FakeEntry {
@@ -43,12 +45,19 @@ impl FakeEntry {
                 })
                 .collect(),
             ranged_members: None,
+            raw_dn: None,
         }
     }
 
     /// Adds an attribute with one raw (possibly binary) value.
     pub fn with_bytes(mut self, attr: &str, value: &[u8]) -> FakeEntry {
         self.attrs.push((attr.to_string(), vec![value.to_vec()]));
+        self
+    }
+
+    /// Sends `dn` as the entry's DN in search results (`self.dn` still finds it).
+    pub fn with_dn_bytes(mut self, dn: &[u8]) -> FakeEntry {
+        self.raw_dn = Some(dn.to_vec());
         self
     }
 
@@ -326,7 +335,7 @@ fn base_search(shared: &Shared, dn: &str, attrs: &[String]) -> Vec<Response> {
         out_attrs.push((key, values));
     }
     vec![
-        (encode_entry(&entry.dn, &out_attrs), Vec::new()),
+        (encode_entry(entry.dn.as_bytes(), &out_attrs), Vec::new()),
         (result(0x65, 0, ""), Vec::new()),
     ]
 }
@@ -396,7 +405,8 @@ fn subtree_search(shared: &Shared, base: &str, controls: &[u8]) -> Vec<Response>
                 ));
             }
         }
-        out.push((encode_entry(&entry.dn, &attrs), Vec::new()));
+        let dn = entry.raw_dn.as_deref().unwrap_or(entry.dn.as_bytes());
+        out.push((encode_entry(dn, &attrs), Vec::new()));
     }
     let controls = match paging {
         Some(_) => {
@@ -553,7 +563,7 @@ fn result(tag: u8, code: i64, message: &str) -> Vec<u8> {
     )
 }
 
-fn encode_entry(dn: &str, attrs: &[(String, Vec<Vec<u8>>)]) -> Vec<u8> {
+fn encode_entry(dn: &[u8], attrs: &[(String, Vec<Vec<u8>>)]) -> Vec<u8> {
     let mut list = Vec::new();
     for (name, values) in attrs {
         let vals: Vec<u8> = values.iter().flat_map(|v| octets(v)).collect();
@@ -562,10 +572,7 @@ fn encode_entry(dn: &str, attrs: &[(String, Vec<Vec<u8>>)]) -> Vec<u8> {
             &[octets(name.as_bytes()), tlv_out(0x31, &vals)].concat(),
         ));
     }
-    tlv_out(
-        0x64,
-        &[octets(dn.as_bytes()), tlv_out(0x30, &list)].concat(),
-    )
+    tlv_out(0x64, &[octets(dn), tlv_out(0x30, &list)].concat())
 }
 
 fn message_out(id: i64, op: &[u8]) -> Vec<u8> {
