@@ -225,7 +225,7 @@ pub async fn read_streaming(
     } = done;
     unique_ids(
         id_attr,
-        users.iter().map(|u| (&u.id, u.dn.as_str())).collect(),
+        users.iter().map(|u| (&u.id, u.dn.as_str())),
         graph.entries(),
     )?;
     let groups = graph.resolve(&users, &user_dns);
@@ -276,11 +276,11 @@ impl Finisher<'_> {
 /// one `externalId`). `users` are (id, DN) in read order, `groups` likewise.
 fn unique_ids<'a>(
     attribute: &'static str,
-    users: Vec<(&'a DirectoryId, &'a str)>,
+    users: impl ExactSizeIterator<Item = (&'a DirectoryId, &'a str)>,
     groups: impl Iterator<Item = (&'a DirectoryId, &'a str)>,
 ) -> Result<(), SourceError> {
     let mut seen: HashMap<&DirectoryId, (&str, bool)> = HashMap::with_capacity(users.len());
-    let users = users.into_iter().map(|(id, dn)| (id, dn, true));
+    let users = users.map(|(id, dn)| (id, dn, true));
     for (id, dn, is_user) in users.chain(groups.map(|(id, dn)| (id, dn, false))) {
         let Some(&(first_dn, first_is_user)) = seen.get(id) else {
             seen.insert(id, (dn, is_user));
@@ -295,7 +295,7 @@ fn unique_ids<'a>(
                     _ => "as a user and as a group",
                 },
                 fix: if first_is_user == is_user {
-                    "The server's paged results are inconsistent; try again, or lower ldap.page_size"
+                    "The server's paged results are inconsistent (did the entry move during the read?); the next cycle reads again"
                 } else {
                     "Make ldap.users.filter and ldap.groups.filter exclusive"
                 },
@@ -319,13 +319,14 @@ fn group_entry(
     let id = entry_id(&mut entry, dialect)?;
     // ldap3 files an attribute with a value that is not UTF-8 under `bin_attrs`: read as
     // text only, the group would seem to have lost all its members.
-    if let Some(attribute) = ["member"]
-        .into_iter()
-        .find(|a| entry.bin_attrs.keys().any(|k| k.eq_ignore_ascii_case(a)))
+    if entry
+        .bin_attrs
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("member"))
     {
         return Err(SourceError::InvalidMembers {
             dn: entry.dn,
-            attribute,
+            attribute: "member",
         });
     }
     Ok((id, entry.dn, lowercase_attrs(entry.attrs)))
@@ -797,8 +798,10 @@ mod tests {
         }
     }
 
-    fn ids<'a>(pairs: &'a [(DirectoryId, &'a str)]) -> Vec<(&'a DirectoryId, &'a str)> {
-        pairs.iter().map(|(i, d)| (i, *d)).collect()
+    fn ids<'a>(
+        pairs: &'a [(DirectoryId, &'a str)],
+    ) -> impl ExactSizeIterator<Item = (&'a DirectoryId, &'a str)> {
+        pairs.iter().map(|(i, d)| (i, *d))
     }
 
     #[test]
@@ -809,7 +812,7 @@ mod tests {
             (id("b"), "uid=bob,ou=people,dc=x"),
         ];
         let groups = [(id("g"), "cn=eng,ou=groups,dc=x")];
-        assert!(unique_ids("entryUUID", ids(&users), ids(&groups).into_iter()).is_ok());
+        assert!(unique_ids("entryUUID", ids(&users), ids(&groups)).is_ok());
 
         // Two users (ids compare case-insensitively: both are one externalId).
         let twins = [users[0].clone(), (id("a"), "uid=mallory,ou=people,dc=x")];
@@ -826,7 +829,7 @@ mod tests {
         }
         // A user and a group.
         let group = [(id("b"), "cn=ops,ou=groups,dc=x")];
-        let text = unique_ids("objectGUID", ids(&users), ids(&group).into_iter())
+        let text = unique_ids("objectGUID", ids(&users), ids(&group))
             .unwrap_err()
             .to_string();
         assert!(
@@ -835,10 +838,10 @@ mod tests {
         );
         // Two groups.
         let groups = [groups[0].clone(), (id("g"), "cn=ops,ou=groups,dc=x")];
-        assert!(unique_ids("entryUUID", ids(&users), ids(&groups).into_iter()).is_err());
+        assert!(unique_ids("entryUUID", ids(&users), ids(&groups)).is_err());
         // The same entry as a user and as a group: said as such.
         let same = [(id("b"), "UID=bob, ou=people,dc=x")];
-        let err = unique_ids("entryUUID", ids(&users), ids(&same).into_iter()).unwrap_err();
+        let err = unique_ids("entryUUID", ids(&users), ids(&same)).unwrap_err();
         assert!(matches!(err, SourceError::DuplicateEntry { .. }), "{err}");
         assert!(
             err.to_string().contains("as a user and as a group"),
