@@ -153,7 +153,8 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
             let client = ScimClient::new(t).map_err(|e| e.to_string());
             tokio::spawn(async move {
                 let client = client?;
-                let caps = client.discover().await;
+                // A refused credential fails the target; other discovery failures use defaults.
+                let caps = client.discover().await.map_err(|e| e.to_string())?;
                 Ok((client, caps))
             })
         })
