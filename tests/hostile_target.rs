@@ -626,4 +626,17 @@ fn a_revoked_token_fails_the_target_even_with_nothing_to_do() {
         let e = t["error"].as_str().unwrap_or_default();
         assert!(e.contains("401") || e.contains("403"), "{}: {e}", s.name());
     }
+    let status = run(&config, &["status"]);
+    status.expect_code(0);
+    for s in &servers {
+        assert!(
+            status
+                .stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("target {}:", s.name()))
+                    && l.contains("result error")),
+            "{}: {status}",
+            s.name()
+        );
+    }
 }
