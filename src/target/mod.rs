@@ -218,11 +218,7 @@ impl ScimClient {
 
     /// The URL of `segments` below the base URL, each one percent-encoded as one segment.
     fn url(&self, segments: &[&str]) -> url::Url {
-        let mut url = self.base.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        below(&self.base, segments)
     }
 
     /// Sends one request with the retry policy. `segments` is the path below the base URL
@@ -925,6 +921,15 @@ impl ScimClient {
     }
 }
 
+/// `base` with `segments` appended, each percent-encoded as exactly one path segment.
+fn below(base: &url::Url, segments: &[&str]) -> url::Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
 /// Whether an error says the credentials were refused: 401, 403, or no OAuth2 token.
 pub fn is_auth_failure(e: &TargetError) -> bool {
     match e {
@@ -1076,5 +1081,79 @@ fn transport_reason(e: &reqwest::Error) -> String {
             reason = reason.replace(url.as_str(), "");
         }
         reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stay_one_path_segment() {
+        let base = url::Url::parse("https://t.example/scim/v2").unwrap();
+        assert_eq!(
+            below(&base, &["Users", "a b%/..?#"]).as_str(),
+            "https://t.example/scim/v2/Users/a%20b%25%2F..%3F%23"
+        );
+        let slash = url::Url::parse("https://t.example/scim/v2/").unwrap();
+        assert_eq!(
+            below(&slash, &["Users"]).as_str(),
+            "https://t.example/scim/v2/Users"
+        );
+    }
+
+    #[test]
+    fn resource_ids_are_validated_with_a_reason() {
+        assert_eq!(
+            resource_id(&json!({ "id": "abc" })).unwrap(),
+            ScimId("abc".into())
+        );
+        assert!(resource_id(&json!({})).unwrap_err().contains("no id"));
+        assert!(resource_id(&json!({ "id": 7 }))
+            .unwrap_err()
+            .contains("not a string"));
+        assert!(resource_id(&json!({ "id": "../../x?y=" })).is_err());
+    }
+
+    #[test]
+    fn error_details_are_redacted_before_they_are_cut() {
+        let secret = "0123456789abcdef";
+        let r = Redactor::new([secret]);
+        let redact = |t: &str| r.redact(t);
+        // A non-SCIM body whose excerpt would end inside the secret.
+        let body = format!("{}{secret}", "x".repeat(190));
+        let (_, detail) = error_detail(body.as_bytes(), redact);
+        assert!(!detail.contains("01234567"), "{detail}");
+        assert!(detail.ends_with("***"), "{detail}");
+        let scim = json!({
+            "schemas": [ERROR_SCHEMA],
+            "scimType": "invalidValue",
+            "detail": format!("Authorization: Bearer {secret}"),
+        });
+        let (kind, detail) = error_detail(scim.to_string().as_bytes(), redact);
+        assert_eq!(kind.as_deref(), Some("invalidValue"));
+        assert_eq!(detail, "Authorization: Bearer ***");
+    }
+
+    #[test]
+    fn auth_failures_are_told_apart() {
+        let rejected = |status| TargetError::Rejected {
+            target: "t".into(),
+            method: "GET".into(),
+            path: "/Users".into(),
+            status,
+            scim_type: None,
+            detail: String::new(),
+        };
+        assert!(is_auth_failure(&rejected(401)));
+        assert!(is_auth_failure(&rejected(403)));
+        assert!(!is_auth_failure(&rejected(404)));
+        assert!(is_auth_failure(&TargetError::Unavailable {
+            target: "t".into(),
+            method: "POST".into(),
+            path: TOKEN_PATH.into(),
+            attempts: 1,
+            reason: String::new(),
+        }));
     }
 }
