@@ -69,7 +69,17 @@ impl Pager {
             }
         }
         if got == 0 {
-            return Ok((Vec::new(), Step::Done));
+            // An empty page ends the listing, unless the same page still counts more than
+            // came (resources removed meanwhile lower the count; a target that stops early
+            // does not).
+            return match page.total_results {
+                Some(total) if (self.seen.len() as u64) < total => Err(format!(
+                    "an empty page at startIndex {} after {} of the {total} resources it counts",
+                    self.start,
+                    self.seen.len()
+                )),
+                _ => Ok((Vec::new(), Step::Done)),
+            };
         }
         if let (Some(now), Some(before)) = (page.start_index, self.last_start_index) {
             if now <= before {
@@ -167,6 +177,21 @@ mod tests {
         assert_eq!(p.take(&page(None, None, &["c"])).unwrap().1, Step::Done);
         let mut p = Pager::new(2);
         assert_eq!(p.take(&page(None, None, &[])).unwrap().1, Step::Done);
+    }
+
+    #[test]
+    fn an_empty_page_before_the_count_is_an_error() {
+        let mut p = Pager::new(2);
+        p.take(&page(Some(1), Some(5), &["a", "b"])).unwrap();
+        let e = p.take(&page(Some(3), Some(5), &[])).unwrap_err();
+        assert!(e.contains("after 2 of the 5"), "{e}");
+        // Removed meanwhile: the count went down with it.
+        let mut p = Pager::new(2);
+        p.take(&page(Some(1), Some(3), &["a", "b"])).unwrap();
+        assert_eq!(p.take(&page(Some(3), Some(2), &[])).unwrap().1, Step::Done);
+        // An empty target.
+        let mut p = Pager::new(2);
+        assert_eq!(p.take(&page(Some(1), Some(0), &[])).unwrap().1, Step::Done);
     }
 
     #[test]
