@@ -246,10 +246,20 @@ impl ScimClient {
         probe: Option<(&str, &str)>,
         if_match: Option<&str>,
     ) -> Result<Response, TargetError> {
-        let url = self.url(segments);
         // For messages: the path as we meant it (ids were validated when they arrived).
         let path = format!("/{}", segments.join("/"));
         let path = path.as_str();
+        // Ids are checked again here: one that reached us another way (an old snapshot) must
+        // not become another path either (the url crate drops a `..` segment).
+        if let Some(reason) = segments.iter().skip(1).find_map(|s| ScimId::parse(s).err()) {
+            return Err(TargetError::Malformed {
+                target: self.name.clone(),
+                method: method.to_string(),
+                path: format!("/{}/…", segments.first().unwrap_or(&"")),
+                reason: self.redact(&format!("not sent: {reason}")),
+            });
+        }
+        let url = self.url(segments);
         let http = if method == Method::GET {
             &self.reads
         } else {
@@ -1133,6 +1143,21 @@ mod tests {
         let (kind, detail) = error_detail(scim.to_string().as_bytes(), redact);
         assert_eq!(kind.as_deref(), Some("invalidValue"));
         assert_eq!(detail, "Authorization: Bearer ***");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_id_from_anywhere_is_never_sent() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Nothing listens there, and nothing must be tried.
+        let client = ScimClient::new(&crate::plan::tests::target()).unwrap();
+        for id in ["..", ".", "../x", "a/b", "a?b", ""] {
+            let id = ScimId(id.into());
+            let e = client.delete("Users", &id).await.unwrap_err();
+            assert!(matches!(e, TargetError::Malformed { .. }), "{e}");
+            let e = client.get("Users", &id).await.unwrap_err();
+            assert!(e.to_string().contains("not sent"), "{e}");
+        }
+        assert_eq!(client.counters().requests.load(Ordering::Relaxed), 0);
     }
 
     #[test]
