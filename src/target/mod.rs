@@ -256,7 +256,9 @@ impl ScimClient {
                 target: self.name.clone(),
                 method: method.to_string(),
                 path: format!("/{}/…", segments.first().unwrap_or(&"")),
-                reason: self.redact(&format!("not sent: {reason}")),
+                reason: self.redact(&format!(
+                    "an id it gave earlier is unusable, nothing sent: {reason}"
+                )),
             });
         }
         let url = self.url(segments);
@@ -1155,7 +1157,7 @@ mod tests {
             let e = client.delete("Users", &id).await.unwrap_err();
             assert!(matches!(e, TargetError::Malformed { .. }), "{e}");
             let e = client.get("Users", &id).await.unwrap_err();
-            assert!(e.to_string().contains("not sent"), "{e}");
+            assert!(e.to_string().contains("nothing sent"), "{e}");
         }
         assert_eq!(client.counters().requests.load(Ordering::Relaxed), 0);
     }
