@@ -480,9 +480,11 @@ impl ScimClient {
                 "; the target does not implement {method} {path}: choose a `profile` for it in its target file"
             )
         } else {
+            let keys: Vec<String> = attrs.iter().map(|a| format!("`{a}`")).collect();
             format!(
-                "; the target does not implement {method} {path} of {}: remove the mapping key(s) from its target file's [mapping] or choose a `profile` that leaves them out",
-                attrs.join(", ")
+                "; the target does not implement {method} of {}: remove {} from the [mapping] of its target file, or choose a `profile` that leaves it out",
+                attrs.join(", "),
+                keys.join(", ")
             )
         };
         self.redact(&hint)
