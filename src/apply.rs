@@ -788,11 +788,9 @@ fn missing_row(id: &DirectoryId) -> ApplyError {
     ApplyError::Skipped(format!("no snapshot row for {id}"))
 }
 
+/// The resource's id, if it has a valid one ([`crate::target::resource_id`] says why not).
 pub fn scim_id_of(resource: &Value) -> Option<ScimId> {
-    resource
-        .get("id")
-        .and_then(Value::as_str)
-        .map(|s| ScimId(s.to_string()))
+    crate::target::resource_id(resource).ok()
 }
 
 /// A target group's current members, as directory ids of users the snapshot knows.

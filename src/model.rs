@@ -31,6 +31,51 @@ impl fmt::Display for DirectoryId {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ScimId(pub String);
 
+/// The longest id accepted from a target.
+pub const MAX_SCIM_ID_LEN: usize = 1024;
+
+impl ScimId {
+    /// The one way an id that came from a target becomes a `ScimId`. An id is one path
+    /// segment of the resource's URL (it is percent-encoded there), so anything that could
+    /// read as more than one segment, a query or a fragment is refused: `/`, `\`, `?`, `#`,
+    /// `.`, `..` or any `..`, control characters, an empty or an overlong id.
+    pub fn parse(raw: &str) -> Result<ScimId, String> {
+        let shown = || {
+            let mut s: String = raw.chars().take(64).collect();
+            if s.len() < raw.len() {
+                s.push('…');
+            }
+            format!("{s:?}")
+        };
+        if raw.is_empty() {
+            return Err("the id is empty".into());
+        }
+        if raw.len() > MAX_SCIM_ID_LEN {
+            return Err(format!(
+                "the id {} is longer than {MAX_SCIM_ID_LEN} bytes",
+                shown()
+            ));
+        }
+        if raw == "." || raw.contains("..") {
+            return Err(format!("the id {} is not a single path segment", shown()));
+        }
+        if let Some(c) = raw
+            .chars()
+            .find(|c| matches!(c, '/' | '\\' | '?' | '#') || c.is_control())
+        {
+            return Err(format!(
+                "the id {} contains {c:?}, which cannot be part of a path segment",
+                shown()
+            ));
+        }
+        Ok(ScimId(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for ScimId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -145,5 +190,39 @@ impl std::io::Write for HashWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod scim_id_tests {
+    use super::ScimId;
+
+    #[test]
+    fn ids_are_single_path_segments() {
+        for ok in [
+            "2819c223-7f76-453a-919d-413861904646",
+            "a b",
+            "x%2Fy",
+            "a.b",
+            "é",
+        ] {
+            assert_eq!(ScimId::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a?b",
+            "a#b",
+            "a\\b",
+            "a..b",
+            "../../x?y=",
+            "a\nb",
+        ] {
+            assert!(ScimId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(ScimId::parse(&"x".repeat(2000)).is_err());
     }
 }

@@ -153,7 +153,8 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
             let client = ScimClient::new(t).map_err(|e| e.to_string());
             tokio::spawn(async move {
                 let client = client?;
-                let caps = client.discover().await;
+                // A refused credential fails the target; other discovery failures use defaults.
+                let caps = client.discover().await.map_err(|e| e.to_string())?;
                 Ok((client, caps))
             })
         })
@@ -455,6 +456,19 @@ async fn run_target(
     let started = std::time::Instant::now();
     let mut outcome = run_target_untimed(pass, target, snapshot, hold, prepared, connected).await;
     outcome.elapsed = started.elapsed();
+    // A target that failed before applying anything (a refused credential, an unusable
+    // listing) is recorded too, so `status` does not keep showing its last good run.
+    if let (Some(s), false, Some(error)) = (snapshot, pass.dry_run, &outcome.error) {
+        let record = serde_json::json!({
+            "at": pass.now.to_rfc3339(),
+            "status": TargetStatus::Error,
+            "error": error,
+            "applied": 0, "failed": 0, "held": 0, "writes": 0,
+        });
+        if let Err(e) = s.put_meta(&status_key(&outcome.name), &record) {
+            warn!(target = %outcome.name, error = %e, "cannot record the run status");
+        }
+    }
     outcome
 }
 

@@ -1,20 +1,36 @@
 //! SCIM 2.0 targets: the HTTP client of one service provider, with its authentication, rate
 //! limit and retry policy. One client per target; every request goes through
 //! [`ScimClient::send`], so retries and errors are handled in one place.
+//!
+//! A target is not trusted: nothing it answers may leak a secret (everything taken from a
+//! response goes through the target's [`Redactor`]), send data to another origin (writes and
+//! the OAuth2 token request never follow a redirect, reads only within the same origin), or
+//! grow without bound (response size and paging are limited). Ids it hands out are single
+//! path segments ([`ScimId::parse`]), percent-encoded into URLs.
 
+pub mod paging;
+pub mod redact;
 pub mod retry;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use reqwest::{Method, StatusCode};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION};
+use reqwest::{redirect, Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
-use crate::config::{Auth, TargetConfig};
+use crate::config::{Auth, ClientAuth, TargetConfig};
 use crate::model::ScimId;
+use paging::{Pager, Step};
+pub use redact::Redactor;
 use retry::{classify, Decision, Outcome, RetryPolicy};
+
+/// How many same-origin redirects a read follows.
+const MAX_READ_REDIRECTS: usize = 5;
+/// What error messages call the OAuth2 token request (never its URL's query).
+const TOKEN_PATH: &str = "(oauth2 token_url)";
 
 /// Resources per page when listing, unless `/ServiceProviderConfig` says less.
 const DEFAULT_PAGE_SIZE: usize = 100;
@@ -72,9 +88,16 @@ pub struct Response {
 
 pub struct ScimClient {
     name: String,
-    base: String,
-    http: reqwest::Client,
+    base: url::Url,
+    /// For GET: follows a few redirects within the base URL's origin, never to another one.
+    reads: reqwest::Client,
+    /// For writes and the OAuth2 token request: never follows a redirect.
+    writes: reqwest::Client,
     auth: Auth,
+    /// Cuts every secret of this target out of what a response or a transport error says.
+    redactor: std::sync::RwLock<Redactor>,
+    /// The largest response body read, in bytes.
+    max_response_size: u64,
     policy: RetryPolicy,
     /// The next instant a request may start (rate limit and adaptive slow-down).
     pacer: Mutex<Instant>,
@@ -104,24 +127,58 @@ pub struct Counters {
 
 impl ScimClient {
     pub fn new(cfg: &TargetConfig) -> Result<Self, TargetError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("ldap2scim/", env!("CARGO_PKG_VERSION")))
-            .timeout(cfg.timeout)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| TargetError::Client {
-                target: cfg.name.0.clone(),
-                reason: e.to_string(),
-            })?;
+        let client_error = |reason: String| TargetError::Client {
+            target: cfg.name.0.clone(),
+            reason,
+        };
+        let base =
+            url::Url::parse(&cfg.url).map_err(|e| client_error(format!("url {}: {e}", cfg.url)))?;
+        if base.cannot_be_a_base() {
+            return Err(client_error(format!(
+                "url {} cannot be a base URL",
+                cfg.url
+            )));
+        }
+        let roots = match &cfg.ca_file {
+            Some(path) => Some(ca_roots(path).map_err(client_error)?),
+            None => None,
+        };
+        let build = |policy: redirect::Policy| {
+            let mut builder = reqwest::Client::builder()
+                .user_agent(concat!("ldap2scim/", env!("CARGO_PKG_VERSION")))
+                .timeout(cfg.timeout)
+                .connect_timeout(Duration::from_secs(10))
+                .redirect(policy);
+            if let Some(roots) = &roots {
+                builder = builder.tls_certs_only(roots.iter().cloned());
+            }
+            builder.build().map_err(|e| client_error(e.to_string()))
+        };
+        let reads = build(redirect::Policy::custom(|attempt| {
+            let same_origin = attempt
+                .previous()
+                .first()
+                .is_some_and(|first| first.origin() == attempt.url().origin());
+            if same_origin && attempt.previous().len() <= MAX_READ_REDIRECTS {
+                attempt.follow()
+            } else {
+                // The 3xx itself comes back, and becomes an error naming where it pointed.
+                attempt.stop()
+            }
+        }))?;
+        let writes = build(redirect::Policy::none())?;
         let interval = cfg
             .rate_limit
             .map(|r| Duration::from_secs_f64(1.0 / r.per_second.max(0.001)))
             .unwrap_or(Duration::ZERO);
         Ok(ScimClient {
             name: cfg.name.0.clone(),
-            base: cfg.url.trim_end_matches('/').to_string(),
-            http,
+            base,
+            reads,
+            writes,
             auth: cfg.auth.clone(),
+            redactor: std::sync::RwLock::new(redactor_for(&cfg.auth)),
+            max_response_size: cfg.max_response_size,
             policy: RetryPolicy::default(),
             pacer: Mutex::new(Instant::now()),
             interval,
@@ -151,15 +208,29 @@ impl ScimClient {
         &self.counters
     }
 
-    /// Sends one request with the retry policy. `path` is relative to the base URL.
+    /// `text` without any secret of this target.
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .redact(text)
+    }
+
+    /// The URL of `segments` below the base URL, each one percent-encoded as one segment.
+    fn url(&self, segments: &[&str]) -> url::Url {
+        below(&self.base, segments)
+    }
+
+    /// Sends one request with the retry policy. `segments` is the path below the base URL
+    /// (`["Users", id]`), each element one percent-encoded path segment.
     pub async fn send(
         &self,
         method: Method,
-        path: &str,
+        segments: &[&str],
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Response, TargetError> {
-        self.send_probed(method, path, query, body, None, None)
+        self.send_probed(method, segments, query, body, None, None)
             .await
     }
 
@@ -169,21 +240,40 @@ impl ScimClient {
     async fn send_probed(
         &self,
         method: Method,
-        path: &str,
+        segments: &[&str],
         query: &[(&str, String)],
         body: Option<&Value>,
         probe: Option<(&str, &str)>,
         if_match: Option<&str>,
     ) -> Result<Response, TargetError> {
-        let url = format!("{}{}", self.base, path);
+        // For messages: the path as we meant it (ids were validated when they arrived).
+        let path = format!("/{}", segments.join("/"));
+        let path = path.as_str();
+        // Ids are checked again here: one that reached us another way (an old snapshot) must
+        // not become another path either (the url crate drops a `..` segment).
+        if let Some(reason) = segments.iter().skip(1).find_map(|s| ScimId::parse(s).err()) {
+            return Err(TargetError::Malformed {
+                target: self.name.clone(),
+                method: method.to_string(),
+                path: format!("/{}/…", segments.first().unwrap_or(&"")),
+                reason: self.redact(&format!(
+                    "an id it gave earlier is unusable, nothing sent: {reason}"
+                )),
+            });
+        }
+        let url = self.url(segments);
+        let http = if method == Method::GET {
+            &self.reads
+        } else {
+            &self.writes
+        };
         let mut delays = self.policy.delays();
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.pace().await;
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
+            let mut req = http
+                .request(method.clone(), url.clone())
                 .header("Accept", "application/scim+json, application/json");
             if !query.is_empty() {
                 req = req.query(query);
@@ -201,10 +291,24 @@ impl ScimClient {
             if method != Method::GET {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);
             }
+            let rejected = |status: StatusCode, scim_type: Option<String>, detail: String| {
+                TargetError::Rejected {
+                    target: self.name.clone(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    status: status.as_u16(),
+                    scim_type,
+                    detail,
+                }
+            };
             // (retry-after hint, what went wrong, whether the server may have acted)
             let (after, failure, maybe_done) = match req.send().await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     let status = resp.status();
+                    if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                        let detail = self.redirect_detail(&method, resp.headers());
+                        return Err(rejected(status, None, detail));
+                    }
                     let decision = classify(&Outcome::Response {
                         status,
                         headers: resp.headers(),
@@ -218,7 +322,19 @@ impl ScimClient {
                         self.counters.throttled.fetch_add(1, Ordering::Relaxed);
                         self.slow_down();
                     }
-                    match (decision, resp.bytes().await) {
+                    match (decision, self.read_body(&mut resp).await) {
+                        (_, Err(BodyError::TooLarge)) => {
+                            return Err(TargetError::Malformed {
+                                target: self.name.clone(),
+                                method: method.to_string(),
+                                path: path.to_string(),
+                                reason: format!(
+                                    "HTTP {}: the body is larger than max_response_size ({} bytes); not read further",
+                                    status.as_u16(),
+                                    self.max_response_size
+                                ),
+                            });
+                        }
                         (Decision::Success, Ok(bytes)) => match parse_body(&bytes) {
                             Ok(body) => {
                                 self.speed_up();
@@ -227,23 +343,31 @@ impl ScimClient {
                             }
                             Err(reason) => (
                                 None,
-                                format!("HTTP {}: malformed response: {reason}", status.as_u16()),
+                                format!(
+                                    "HTTP {}: malformed response: {}",
+                                    status.as_u16(),
+                                    self.redact(&reason)
+                                ),
                                 true,
                             ),
                         },
                         (Decision::GiveUp, Ok(bytes)) => {
-                            let (scim_type, detail) = error_detail(&bytes);
-                            return Err(TargetError::Rejected {
-                                target: self.name.clone(),
-                                method: method.to_string(),
-                                path: path.to_string(),
-                                status: status.as_u16(),
-                                scim_type,
-                                detail,
-                            });
+                            let (scim_type, mut detail) = self.error_detail(&bytes);
+                            if status == StatusCode::NOT_IMPLEMENTED {
+                                detail.push_str(&self.not_implemented_hint(&method, path, body));
+                            }
+                            return Err(rejected(status, scim_type, detail));
+                        }
+                        // A final answer stays final even when its body is unreadable.
+                        (Decision::GiveUp, Err(BodyError::Read(e))) => {
+                            let detail = format!(
+                                "(the body could not be read: {})",
+                                self.redact(&transport_reason(&e))
+                            );
+                            return Err(rejected(status, None, detail));
                         }
                         (Decision::Retry(after), Ok(bytes)) => {
-                            let (_, detail) = error_detail(&bytes);
+                            let (_, detail) = self.error_detail(&bytes);
                             let code = status.as_u16();
                             (
                                 after,
@@ -251,10 +375,31 @@ impl ScimClient {
                                 code != 429 && code != 503,
                             )
                         }
-                        (_, Err(e)) => (None, format!("reading the response failed: {e}"), true),
+                        (_, Err(BodyError::Read(e))) => (
+                            None,
+                            format!(
+                                "reading the response failed: {}",
+                                self.redact(&transport_reason(&e))
+                            ),
+                            true,
+                        ),
                     }
                 }
-                Err(e) => (None, transport_reason(&e), !e.is_connect()),
+                Err(e) => {
+                    let reason = self.redact(&transport_reason(&e));
+                    match classify(&Outcome::Transport) {
+                        Decision::Retry(after) => (after, reason, !e.is_connect()),
+                        Decision::Success | Decision::GiveUp => {
+                            return Err(TargetError::Unavailable {
+                                target: self.name.clone(),
+                                method: method.to_string(),
+                                path: path.to_string(),
+                                attempts: attempt,
+                                reason,
+                            })
+                        }
+                    }
+                }
             };
             if let (true, Some((resource_type, external_id))) = (maybe_done, probe) {
                 if let Ok(found) =
@@ -284,6 +429,81 @@ impl ScimClient {
             warn!(target = %self.name, %method, path, attempt, wait_ms = wait.as_millis() as u64, reason = %failure, "SCIM request failed; retrying");
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Why a 3xx was not followed, naming only the origin it pointed to (its path and query
+    /// may carry anything).
+    fn redirect_detail(&self, method: &Method, headers: &HeaderMap) -> String {
+        let to = headers
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| self.base.join(l).ok())
+            .map(|u| u.origin().ascii_serialization());
+        let to = match to {
+            Some(origin) if origin == self.base.origin().ascii_serialization() => {
+                format!("{origin} (the same origin)")
+            }
+            Some(origin) => origin,
+            None => "an unreadable Location".into(),
+        };
+        let rule = if *method == Method::GET {
+            "a read follows redirects only within the target's own origin, a few at most"
+        } else {
+            "a write never follows a redirect"
+        };
+        self.redact(&format!("redirected to {to}; not followed: {rule}"))
+    }
+
+    /// For a 501: what the target refused (a PATCH's attribute paths) and what to change.
+    fn not_implemented_hint(&self, method: &Method, path: &str, body: Option<&Value>) -> String {
+        let mut attrs: Vec<String> = Vec::new();
+        for op in body
+            .and_then(|b| b.get("Operations"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            match op.get("path").and_then(Value::as_str) {
+                Some(p) => attrs.push(p.to_string()),
+                None => attrs.extend(
+                    op.get("value")
+                        .and_then(Value::as_object)
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, _)| k.clone()),
+                ),
+            }
+        }
+        attrs.dedup();
+        let hint = if attrs.is_empty() {
+            format!(
+                "; the target does not implement {method} {path}: choose a `profile` for it in its target file"
+            )
+        } else {
+            let keys: Vec<String> = attrs.iter().map(|a| format!("`{a}`")).collect();
+            format!(
+                "; the target does not implement {method} of {}: remove {} from the [mapping] of its target file, or choose a `profile` that leaves it out",
+                attrs.join(", "),
+                keys.join(", ")
+            )
+        };
+        self.redact(&hint)
+    }
+
+    /// The whole body, unless it is larger than `max_response_size` (then no more is read).
+    async fn read_body(&self, resp: &mut reqwest::Response) -> Result<Vec<u8>, BodyError> {
+        let max = self.max_response_size;
+        if resp.content_length().is_some_and(|len| len > max) {
+            return Err(BodyError::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
+            if (body.len() + chunk.len()) as u64 > max {
+                return Err(BodyError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     fn slow_down(&self) {
@@ -330,14 +550,17 @@ impl ScimClient {
         })
     }
 
-    /// OAuth2 client-credentials token, cached until shortly before it expires.
+    /// OAuth2 client-credentials token, cached until shortly before it expires. The client
+    /// authenticates as RFC 6749 §2.3.1 says (`client_secret_basic` unless `client_auth =
+    /// "post"`), and the request never follows a redirect: the secret goes to `token_url`
+    /// and nowhere else.
     async fn oauth_token(&self) -> Result<String, TargetError> {
         let Auth::OAuth2 {
             token_url,
             client_id,
             client_secret,
             scope,
-            ..
+            client_auth,
         } = &self.auth
         else {
             unreachable!("only called for OAuth2")
@@ -352,8 +575,10 @@ impl ScimClient {
         let form = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "client_credentials");
-            form.append_pair("client_id", client_id);
-            form.append_pair("client_secret", client_secret.expose());
+            if *client_auth == ClientAuth::Post {
+                form.append_pair("client_id", client_id);
+                form.append_pair("client_secret", client_secret.expose());
+            }
             if let Some(s) = scope {
                 form.append_pair("scope", s);
             }
@@ -362,31 +587,80 @@ impl ScimClient {
         let fail = |reason: String| TargetError::Unavailable {
             target: self.name.clone(),
             method: "POST".into(),
-            path: "(oauth2 token_url)".into(),
+            path: TOKEN_PATH.into(),
             attempts: 1,
-            reason,
+            reason: self.redact(&reason),
         };
-        let resp = self
-            .http
+        let mut req = self
+            .writes
             .post(token_url)
             .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(form)
-            .send()
-            .await
-            .map_err(|e| fail(transport_reason(&e)))?;
-        if !resp.status().is_success() {
+            .header("Accept", "application/json")
+            .body(form);
+        if *client_auth == ClientAuth::Basic {
+            let credentials = redact::client_basic_credentials(client_id, client_secret.expose());
+            let mut value = HeaderValue::from_str(&format!("Basic {credentials}"))
+                .map_err(|_| fail("the client credentials do not fit a header".into()))?;
+            value.set_sensitive(true);
+            req = req.header(AUTHORIZATION, value);
+        }
+        let mut resp = req.send().await.map_err(|e| fail(transport_reason(&e)))?;
+        let status = resp.status();
+        if status.is_redirection() {
+            let to = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| url::Url::parse(token_url).ok()?.join(l).ok())
+                .map_or_else(
+                    || "an unreadable Location".to_string(),
+                    |u| u.origin().ascii_serialization(),
+                );
             return Err(fail(format!(
-                "token endpoint answered HTTP {}",
-                resp.status().as_u16()
+                "the token endpoint answered HTTP {} (a redirect to {to}); a token request never follows a redirect, the client secret would go with it",
+                status.as_u16()
             )));
         }
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| fail(format!("token response is not JSON: {e}")))?;
+        let bytes = match self.read_body(&mut resp).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                return Err(fail(format!(
+                    "the token response is larger than max_response_size ({} bytes)",
+                    self.max_response_size
+                )))
+            }
+            Err(BodyError::Read(e)) => {
+                return Err(fail(format!(
+                    "reading the token response failed: {}",
+                    transport_reason(&e)
+                )))
+            }
+        };
+        let body: Option<Value> = serde_json::from_slice(&bytes).ok();
+        if !status.is_success() {
+            // RFC 6749 §5.2: `error`, and maybe `error_description`.
+            let said = body.as_ref().and_then(|b| {
+                let error = b.get("error")?.as_str()?;
+                Some(match b.get("error_description").and_then(Value::as_str) {
+                    Some(d) => format!(": {error}: {}", excerpt(d, 500)),
+                    None => format!(": {error}"),
+                })
+            });
+            return Err(fail(format!(
+                "the token endpoint answered HTTP {}{}",
+                status.as_u16(),
+                said.unwrap_or_default()
+            )));
+        }
+        let body = body.ok_or_else(|| fail("the token response is not JSON".into()))?;
         let token = body["access_token"]
             .as_str()
-            .ok_or_else(|| fail("token response has no access_token".into()))?;
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| fail("the token response has no access_token".into()))?;
+        self.redactor
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(token);
         let ttl = body["expires_in"]
             .as_u64()
             .unwrap_or(300)
@@ -403,23 +677,18 @@ impl ScimClient {
         resource_type: &str,
         body: &Value,
     ) -> Result<(ScimId, Option<String>), TargetError> {
-        let path = format!("/{resource_type}");
         let external_id = body.get("externalId").and_then(Value::as_str);
         let probe = external_id.map(|e| (resource_type, e));
         let resp = self
-            .send_probed(Method::POST, &path, &[], Some(body), probe, None)
+            .send_probed(Method::POST, &[resource_type], &[], Some(body), probe, None)
             .await?;
-        let id =
-            resp.body
-                .get("id")
-                .and_then(Value::as_str)
-                .ok_or_else(|| TargetError::Malformed {
-                    target: self.name.clone(),
-                    method: "POST".into(),
-                    path: path.clone(),
-                    reason: "the created resource has no id".into(),
-                })?;
-        Ok((ScimId(id.to_string()), etag_of(&resp)))
+        let id = resource_id(&resp.body).map_err(|reason| TargetError::Malformed {
+            target: self.name.clone(),
+            method: "POST".into(),
+            path: format!("/{resource_type}"),
+            reason: self.redact(&format!("the created resource: {reason}")),
+        })?;
+        Ok((id, etag_of(&resp)))
     }
 
     pub async fn patch(
@@ -442,20 +711,20 @@ impl ScimClient {
         etag: Option<&str>,
     ) -> Result<Option<String>, TargetError> {
         let body = json!({ "schemas": [PATCH_SCHEMA], "Operations": ops });
-        let path = format!("/{resource_type}/{}", id.0);
+        let segments = [resource_type, id.as_str()];
         match self
-            .send_probed(Method::PATCH, &path, &[], Some(&body), None, etag)
+            .send_probed(Method::PATCH, &segments, &[], Some(&body), None, etag)
             .await
         {
             Ok(resp) => Ok(etag_of(&resp)),
             Err(e) if e.status() == Some(412) && etag.is_some() => {
-                let current = self.send(Method::GET, &path, &[], None).await?;
+                let current = self.send(Method::GET, &segments, &[], None).await?;
                 let fresh = etag_of(&current);
-                warn!(target = %self.name, path, "412: the resource changed on the target; refetched its ETag and retrying once");
+                warn!(target = %self.name, resource_type, id = %id, "412: the resource changed on the target; refetched its ETag and retrying once");
                 let resp = self
                     .send_probed(
                         Method::PATCH,
-                        &path,
+                        &segments,
                         &[],
                         Some(&body),
                         None,
@@ -476,24 +745,14 @@ impl ScimClient {
         body: &Value,
     ) -> Result<Option<String>, TargetError> {
         let resp = self
-            .send(
-                Method::PUT,
-                &format!("/{resource_type}/{}", id.0),
-                &[],
-                Some(body),
-            )
+            .send(Method::PUT, &[resource_type, id.as_str()], &[], Some(body))
             .await?;
         Ok(etag_of(&resp))
     }
 
     pub async fn delete(&self, resource_type: &str, id: &ScimId) -> Result<(), TargetError> {
         match self
-            .send(
-                Method::DELETE,
-                &format!("/{resource_type}/{}", id.0),
-                &[],
-                None,
-            )
+            .send(Method::DELETE, &[resource_type, id.as_str()], &[], None)
             .await
         {
             Ok(_) => Ok(()),
@@ -505,12 +764,7 @@ impl ScimClient {
 
     pub async fn get(&self, resource_type: &str, id: &ScimId) -> Result<Value, TargetError> {
         Ok(self
-            .send(
-                Method::GET,
-                &format!("/{resource_type}/{}", id.0),
-                &[],
-                None,
-            )
+            .send(Method::GET, &[resource_type, id.as_str()], &[], None)
             .await?
             .body)
     }
@@ -530,12 +784,7 @@ impl ScimClient {
             let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
             let filter = format!("{attr} eq \"{escaped}\"");
             let resp = self
-                .send(
-                    Method::GET,
-                    &format!("/{resource_type}"),
-                    &[("filter", filter)],
-                    None,
-                )
+                .send(Method::GET, &[resource_type], &[("filter", filter)], None)
                 .await?;
             self.resources(resource_type, resp.body)?
         } else {
@@ -556,32 +805,44 @@ impl ScimClient {
             .collect())
     }
 
-    /// Every resource of a type, page by page.
+    /// Every resource of a type, page by page. Complete or an error: a target whose paging
+    /// does not add up (a repeated page, a `startIndex` that does not advance, more pages than
+    /// its first `totalResults` allows) fails the listing (see [`paging`]).
     pub async fn list_all(&self, resource_type: &str) -> Result<Vec<Value>, TargetError> {
         let mut all = Vec::new();
         let page = self.page_size.load(Ordering::Relaxed);
+        let mut pager = Pager::new(page);
         loop {
             let query = [
-                ("startIndex", (all.len() + 1).to_string()),
+                ("startIndex", pager.start().to_string()),
                 ("count", page.to_string()),
             ];
             let resp = self
-                .send(Method::GET, &format!("/{resource_type}"), &query, None)
+                .send(Method::GET, &[resource_type], &query, None)
                 .await?;
-            let total = resp
-                .body
-                .get("totalResults")
-                .and_then(Value::as_u64)
-                .map(|n| n as usize);
+            let number = |k: &str| resp.body.get(k).and_then(Value::as_u64);
+            let (start_index, total_results) = (number("startIndex"), number("totalResults"));
             let items = self.resources(resource_type, resp.body)?;
-            let got = items.len();
-            all.extend(items);
-            // Without totalResults, a full page means there may be more.
-            let done = match total {
-                Some(total) => all.len() >= total,
-                None => got < page,
-            };
-            if got == 0 || done {
+            let ids: Vec<&str> = items
+                .iter()
+                .map(|r| r.get("id").and_then(Value::as_str).unwrap_or_default())
+                .collect();
+            let (fresh, step) = pager
+                .take(&paging::Page {
+                    start_index,
+                    total_results,
+                    ids: &ids,
+                })
+                .map_err(|reason| TargetError::Malformed {
+                    target: self.name.clone(),
+                    method: "GET".into(),
+                    path: format!("/{resource_type}"),
+                    reason: format!("paging: {reason}; the listing is incomplete"),
+                })?;
+            drop(ids);
+            let mut items: Vec<Option<Value>> = items.into_iter().map(Some).collect();
+            all.extend(fresh.into_iter().filter_map(|i| items[i].take()));
+            if step == Step::Done {
                 return Ok(all);
             }
         }
@@ -589,20 +850,38 @@ impl ScimClient {
 
     pub async fn service_provider_config(&self) -> Result<Value, TargetError> {
         Ok(self
-            .send(Method::GET, "/ServiceProviderConfig", &[], None)
+            .send(Method::GET, &["ServiceProviderConfig"], &[], None)
             .await?
             .body)
     }
 
     /// Reads `/ServiceProviderConfig` and adapts to it (page size from `filter.maxResults`).
-    /// A target without one is used with defaults.
-    pub async fn discover(&self) -> Capabilities {
+    /// A target without one is used with defaults. Every cycle thus reads each target at least
+    /// once with its credentials (and, since some servers serve that document to anyone, lists
+    /// one user too): a revoked or wrong credential (401, 403, a refused OAuth2 token) is an
+    /// error even in a cycle with nothing to change.
+    pub async fn discover(&self) -> Result<Capabilities, TargetError> {
         let spc = match self.service_provider_config().await {
-            Ok(v) => v,
+            Ok(v) => Some(v),
+            Err(e) if is_auth_failure(&e) => return Err(e),
+            // Unreachable: the probe below would only wait as long again.
+            Err(e @ TargetError::Unavailable { .. }) => {
+                debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
+                return Ok(Capabilities::default());
+            }
             Err(e) => {
                 debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
-                return Capabilities::default();
+                None
             }
+        };
+        let probe = [("startIndex", "1".to_string()), ("count", "1".to_string())];
+        match self.send(Method::GET, &["Users"], &probe, None).await {
+            Err(e) if is_auth_failure(&e) => return Err(e),
+            Err(e) => debug!(target = %self.name, error = %e, "listing one user failed"),
+            Ok(_) => {}
+        }
+        let Some(spc) = spc else {
+            return Ok(Capabilities::default());
         };
         let flag = |k: &str| {
             spc.get(k)
@@ -625,21 +904,112 @@ impl ScimClient {
                 .store(max.min(DEFAULT_PAGE_SIZE * 10), Ordering::Relaxed);
         }
         debug!(target = %self.name, ?caps, "service provider capabilities");
-        caps
+        Ok(caps)
     }
 
+    /// The resources of a ListResponse, each with a valid id.
     fn resources(&self, resource_type: &str, body: Value) -> Result<Vec<Value>, TargetError> {
-        match body.get("Resources") {
-            Some(Value::Array(items)) => Ok(items.clone()),
-            None if body.get("totalResults").is_some() => Ok(Vec::new()),
-            _ => Err(TargetError::Malformed {
-                target: self.name.clone(),
-                method: "GET".into(),
-                path: format!("/{resource_type}"),
-                reason: "not a SCIM ListResponse (no Resources)".into(),
-            }),
+        let malformed = |reason: String| TargetError::Malformed {
+            target: self.name.clone(),
+            method: "GET".into(),
+            path: format!("/{resource_type}"),
+            reason: self.redact(&reason),
+        };
+        let items = match body {
+            Value::Object(mut obj) => match obj.remove("Resources") {
+                Some(Value::Array(items)) => items,
+                None if obj.contains_key("totalResults") => Vec::new(),
+                _ => return Err(malformed("not a SCIM ListResponse (no Resources)".into())),
+            },
+            _ => return Err(malformed("not a SCIM ListResponse (no Resources)".into())),
+        };
+        for r in &items {
+            resource_id(r).map_err(|reason| malformed(format!("a listed resource: {reason}")))?;
         }
+        Ok(items)
     }
+
+    /// An error message part taken from a response body, with every secret cut out.
+    fn error_detail(&self, bytes: &[u8]) -> (Option<String>, String) {
+        error_detail(bytes, |t| self.redact(t))
+    }
+}
+
+/// `base` with `segments` appended, each percent-encoded as exactly one path segment.
+fn below(base: &url::Url, segments: &[&str]) -> url::Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
+/// Whether an error says the credentials were refused: 401, 403, or no OAuth2 token.
+pub fn is_auth_failure(e: &TargetError) -> bool {
+    match e {
+        TargetError::Rejected { status, .. } => matches!(status, 401 | 403),
+        TargetError::Unavailable { path, .. } => path == TOKEN_PATH,
+        _ => false,
+    }
+}
+
+/// The id of a resource a target sent, validated ([`ScimId::parse`]); the reason when it is
+/// missing or malformed.
+pub fn resource_id(resource: &Value) -> Result<ScimId, String> {
+    match resource.get("id") {
+        Some(Value::String(id)) => ScimId::parse(id),
+        Some(_) => Err("the id is not a string".into()),
+        None => Err("it has no id".into()),
+    }
+}
+
+/// Every form in which this target's configured secrets could be echoed back.
+fn redactor_for(auth: &Auth) -> Redactor {
+    match auth {
+        Auth::Bearer(token) => Redactor::new([token.expose()]),
+        Auth::Basic { username, password } => Redactor::new([
+            password.expose().to_string(),
+            redact::basic_credentials(username, password.expose()),
+        ]),
+        Auth::OAuth2 {
+            client_id,
+            client_secret,
+            ..
+        } => Redactor::new([
+            client_secret.expose().to_string(),
+            redact::client_basic_credentials(client_id, client_secret.expose()),
+            redact::basic_credentials(client_id, client_secret.expose()),
+        ]),
+    }
+}
+
+/// The certificates of a PEM file, the only roots a target with `ca_file` is verified
+/// against.
+fn ca_roots(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "ca_file {}: no certificate found in the file",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+enum BodyError {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+/// At most `max` characters of `text`.
+fn excerpt(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
 }
 
 /// What a target's `/ServiceProviderConfig` says it supports.
@@ -681,8 +1051,9 @@ fn etag_of(resp: &Response) -> Option<String> {
     })
 }
 
-/// The SCIM error's `scimType` and `detail`, or a short excerpt of a non-SCIM body.
-fn error_detail(bytes: &[u8]) -> (Option<String>, String) {
+/// The SCIM error's `scimType` and `detail`, or a short excerpt of a non-SCIM body, each
+/// passed through `redact` before anything is cut (a cut must not leave half a secret).
+fn error_detail(bytes: &[u8], redact: impl Fn(&str) -> String) -> (Option<String>, String) {
     if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
         let is_scim = v["schemas"]
             .as_array()
@@ -690,19 +1061,19 @@ fn error_detail(bytes: &[u8]) -> (Option<String>, String) {
         let detail = v["detail"].as_str().or_else(|| v["message"].as_str());
         if is_scim || detail.is_some() {
             return (
-                v["scimType"].as_str().map(str::to_string),
-                detail.unwrap_or("(no detail)").to_string(),
+                v["scimType"].as_str().map(|t| excerpt(&redact(t), 100)),
+                excerpt(&redact(detail.unwrap_or("(no detail)")), 1000),
             );
         }
     }
-    let text = String::from_utf8_lossy(bytes);
-    let excerpt: String = text.chars().take(200).collect();
+    let text = redact(&String::from_utf8_lossy(bytes));
+    let text = text.trim();
     (
         None,
-        if excerpt.trim().is_empty() {
+        if text.is_empty() {
             "(empty body)".into()
         } else {
-            format!("non-SCIM body: {}", excerpt.trim())
+            format!("non-SCIM body: {}", excerpt(text, 200))
         },
     )
 }
@@ -724,5 +1095,94 @@ fn transport_reason(e: &reqwest::Error) -> String {
             reason = reason.replace(url.as_str(), "");
         }
         reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stay_one_path_segment() {
+        let base = url::Url::parse("https://t.example/scim/v2").unwrap();
+        assert_eq!(
+            below(&base, &["Users", "a b%/..?#"]).as_str(),
+            "https://t.example/scim/v2/Users/a%20b%25%2F..%3F%23"
+        );
+        let slash = url::Url::parse("https://t.example/scim/v2/").unwrap();
+        assert_eq!(
+            below(&slash, &["Users"]).as_str(),
+            "https://t.example/scim/v2/Users"
+        );
+    }
+
+    #[test]
+    fn resource_ids_are_validated_with_a_reason() {
+        assert_eq!(
+            resource_id(&json!({ "id": "abc" })).unwrap(),
+            ScimId("abc".into())
+        );
+        assert!(resource_id(&json!({})).unwrap_err().contains("no id"));
+        assert!(resource_id(&json!({ "id": 7 }))
+            .unwrap_err()
+            .contains("not a string"));
+        assert!(resource_id(&json!({ "id": "../../x?y=" })).is_err());
+    }
+
+    #[test]
+    fn error_details_are_redacted_before_they_are_cut() {
+        let secret = "0123456789abcdef";
+        let r = Redactor::new([secret]);
+        let redact = |t: &str| r.redact(t);
+        // A non-SCIM body whose excerpt would end inside the secret.
+        let body = format!("{}{secret}", "x".repeat(190));
+        let (_, detail) = error_detail(body.as_bytes(), redact);
+        assert!(!detail.contains("01234567"), "{detail}");
+        assert!(detail.ends_with("***"), "{detail}");
+        let scim = json!({
+            "schemas": [ERROR_SCHEMA],
+            "scimType": "invalidValue",
+            "detail": format!("Authorization: Bearer {secret}"),
+        });
+        let (kind, detail) = error_detail(scim.to_string().as_bytes(), redact);
+        assert_eq!(kind.as_deref(), Some("invalidValue"));
+        assert_eq!(detail, "Authorization: Bearer ***");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_id_from_anywhere_is_never_sent() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Nothing listens there, and nothing must be tried.
+        let client = ScimClient::new(&crate::plan::tests::target()).unwrap();
+        for id in ["..", ".", "../x", "a/b", "a?b", ""] {
+            let id = ScimId(id.into());
+            let e = client.delete("Users", &id).await.unwrap_err();
+            assert!(matches!(e, TargetError::Malformed { .. }), "{e}");
+            let e = client.get("Users", &id).await.unwrap_err();
+            assert!(e.to_string().contains("nothing sent"), "{e}");
+        }
+        assert_eq!(client.counters().requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn auth_failures_are_told_apart() {
+        let rejected = |status| TargetError::Rejected {
+            target: "t".into(),
+            method: "GET".into(),
+            path: "/Users".into(),
+            status,
+            scim_type: None,
+            detail: String::new(),
+        };
+        assert!(is_auth_failure(&rejected(401)));
+        assert!(is_auth_failure(&rejected(403)));
+        assert!(!is_auth_failure(&rejected(404)));
+        assert!(is_auth_failure(&TargetError::Unavailable {
+            target: "t".into(),
+            method: "POST".into(),
+            path: TOKEN_PATH.into(),
+            attempts: 1,
+            reason: String::new(),
+        }));
     }
 }

@@ -1,7 +1,8 @@
 //! The one retry policy: every HTTP outcome of every target is classified here, and nowhere
 //! else. 429 and 503 wait for `Retry-After` (or the non-standard `X-Retry-After`); other 5xx,
 //! 408, timeouts and connection errors back off exponentially with jitter (backon); any other
-//! 4xx is final.
+//! 4xx is final, and so is 501 (the target does not implement the operation: asking again
+//! cannot change that).
 
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub fn classify(outcome: &Outcome<'_>) -> Decision {
                 Decision::Success
             } else if code == 429 || code == 503 {
                 Decision::Retry(retry_after(headers))
+            } else if code == 501 {
+                Decision::GiveUp
             } else if code == 408 || status.is_server_error() {
                 Decision::Retry(None)
             } else {
@@ -127,8 +130,9 @@ mod tests {
         );
         assert_eq!(decide(503, &[]), Decision::Retry(None));
         assert_eq!(decide(500, &[]), Decision::Retry(None));
+        assert_eq!(decide(502, &[]), Decision::Retry(None));
         assert_eq!(decide(408, &[]), Decision::Retry(None));
-        for code in [400, 401, 403, 404, 409, 412, 413] {
+        for code in [400, 401, 403, 404, 409, 412, 413, 501] {
             assert_eq!(decide(code, &[]), Decision::GiveUp, "{code}");
         }
         assert!(matches!(

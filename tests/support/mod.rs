@@ -20,6 +20,7 @@
 
 mod config;
 mod fake_ldap;
+mod hostile;
 mod process;
 mod proxy;
 mod run;
@@ -42,6 +43,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub use config::{bulk_directory, group, group_dn, person, person_dn, TestConfig, BASE_DN};
 #[allow(unused_imports)]
 pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
+#[allow(unused_imports)]
+pub use hostile::{
+    list_response, Body, HostileServer, HttpRequest, HttpResponse, ThrowawayCa, SCIM_PREFIX,
+};
 #[allow(unused_imports)]
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]
