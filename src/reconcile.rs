@@ -496,6 +496,9 @@ async fn run_target_untimed(
         .collect();
     debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "target looked up");
     let step = std::time::Instant::now();
+    let not_kept: BTreeSet<String> = snapshot
+        .and_then(|s| s.get_meta(&not_kept_key(&name)).ok().flatten())
+        .unwrap_or_default();
     let mut plan = plan::plan(&PlanInput {
         target,
         desired: &desired,
@@ -503,6 +506,7 @@ async fn run_target_untimed(
         existing_users: &existing_users,
         existing_groups: &existing_groups,
         blocked: &blocked,
+        not_kept: &not_kept,
         now: pass.now,
     });
     plan.problems.append(&mut problems);
@@ -520,6 +524,7 @@ async fn run_target_untimed(
         state.groups.len(),
         hold,
         approved.as_ref(),
+        target.rebind,
     );
 
     if pass.dry_run {
@@ -564,6 +569,17 @@ async fn run_target_untimed(
         };
         if let Err(e) = stored {
             warn!(target = %name, error = %e, "cannot record held changes");
+        }
+        if !report.dropped.is_empty() || !report.kept.is_empty() {
+            let mut next = not_kept.clone();
+            next.extend(report.dropped.iter().cloned());
+            next.retain(|p| !report.kept.contains(p));
+            if next != not_kept {
+                info!(target = %name, not_kept = ?next, "the target does not keep some attributes we send; they are not planned again while it lacks them");
+                if let Err(e) = s.put_meta(&not_kept_key(&name), &next) {
+                    warn!(target = %name, error = %e, "cannot record the attributes the target does not keep");
+                }
+            }
         }
         // An approval releases one held set, in the sync right after it: never later
         // deprovisions that happen to have the same action and id.
@@ -647,6 +663,11 @@ pub fn held_key(target: &str) -> String {
     format!("held/{target}")
 }
 
+/// The attribute paths a target does not keep (a JSON list).
+pub fn not_kept_key(target: &str) -> String {
+    format!("not_kept/{target}")
+}
+
 pub fn approval_key(target: &str) -> String {
     format!("approved/{target}")
 }
@@ -678,13 +699,18 @@ async fn resolve_existing(
         .values()
         .filter(|u| {
             while rows.next_if(|k| *k < &u.id).is_some() {}
-            rows.next_if(|k| *k == &u.id).is_none() && (u.active || target.provision_disabled)
+            rows.next_if(|k| *k == &u.id).is_none()
+                && (u.active || target.provision_disabled)
+                // Never created nor adopted: the planner reports it.
+                && !plan::is_protected(target, &u.user_name)
         })
         .collect();
     let group_candidates: Vec<&map::DesiredGroup> = desired
         .groups
         .values()
-        .filter(|g| !state.groups.contains_key(&g.id))
+        .filter(|g| {
+            !state.groups.contains_key(&g.id) && !plan::is_protected(target, &g.display_name)
+        })
         .collect();
     if user_candidates.is_empty() && group_candidates.is_empty() {
         return Ok((users, groups, problems));
@@ -726,10 +752,16 @@ async fn resolve_existing(
                         problems.push(protected(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
                         continue;
                     }
-                    if let Some((holder, _)) = scim_id_of(r)
-                        .as_ref()
-                        .and_then(|sid| state.user_by_scim_id(sid))
-                    {
+                    // A match we cannot address is not a reason to make a second account.
+                    let Some(scim_id) = scim_id_of(r) else {
+                        problems.push(problem(
+                            &u.id,
+                            &u.user_name,
+                            format!("the account {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
+                        ));
+                        continue;
+                    };
+                    if let Some((holder, _)) = state.user_by_scim_id(&scim_id) {
                         if desired.users.contains_key(holder) {
                             problems.push(problem(
                                 &u.id,
@@ -739,17 +771,15 @@ async fn resolve_existing(
                             continue;
                         }
                     }
-                    if let Some(scim_id) = scim_id_of(r) {
-                        users.insert(
-                            u.id.clone(),
-                            Existing {
-                                scim_id,
-                                attrs: flatten_user(r),
-                                matched_by: how,
-                                members: BTreeSet::new(),
-                            },
-                        );
-                    }
+                    users.insert(
+                        u.id.clone(),
+                        Existing {
+                            scim_id,
+                            attrs: flatten_user(r),
+                            matched_by: how,
+                            members: BTreeSet::new(),
+                        },
+                    );
                 }
                 n => problems.push(problem(
                     &u.id,
@@ -817,6 +847,11 @@ async fn resolve_existing(
                         continue;
                     }
                     let Some(scim_id) = scim_id_of(summary) else {
+                        problems.push(problem(
+                            &g.id,
+                            &g.display_name,
+                            format!("the group {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
+                        ));
                         continue;
                     };
                     let mut attrs = FlatAttrs::new();
@@ -870,16 +905,31 @@ fn protected(id: &DirectoryId, name: &str, reason: String) -> plan::Problem {
 
 /// The flat attributes of a SCIM User as the target has it (for reporting what adoption
 /// changes).
-fn flatten_user(r: &Value) -> FlatAttrs {
+pub fn flatten_user(r: &Value) -> FlatAttrs {
     let mut out = FlatAttrs::new();
     let Some(obj) = r.as_object() else { return out };
     for (k, v) in obj {
         match (k.as_str(), v) {
             ("id" | "meta" | "schemas" | "groups", _) => {}
             ("emails" | "phoneNumbers", Value::Array(items)) => {
+                // An item without a type is kept under an empty type (matched to ours by
+                // `plan::adopt`), unless there are several: which one is which is unknown.
+                let untyped = items
+                    .iter()
+                    .filter(|i| i["type"].as_str().is_none())
+                    .count();
                 for item in items {
-                    if let (Some(t), Some(val)) = (item["type"].as_str(), item.get("value")) {
-                        out.insert(format!("{k}[type eq \"{t}\"].value"), val.clone());
+                    let Some(val) = item.get("value") else {
+                        continue;
+                    };
+                    match item["type"].as_str() {
+                        Some(t) => {
+                            out.insert(plan::adopt::typed_path(k, t), val.clone());
+                        }
+                        None if untyped == 1 => {
+                            out.insert(plan::adopt::typed_path(k, ""), val.clone());
+                        }
+                        None => {}
                     }
                 }
             }

@@ -49,6 +49,7 @@ impl Summary {
 
     fn of(t: &TargetOutcome) -> Summary {
         let mut counts: Vec<(&'static str, usize)> = Self::KEYS.iter().map(|k| (*k, 0)).collect();
+        let mut rebound = 0;
         let mut bump = |key: &str, n: usize| {
             if let Some(slot) = counts.iter_mut().find(|(k, _)| *k == key) {
                 slot.1 += n;
@@ -67,9 +68,14 @@ impl Summary {
                 Change::DeleteGroup { .. } => bump("groups_deleted", 1),
                 Change::AddMembers { members, .. } => bump("members_added", members.len()),
                 Change::RemoveMembers { members, .. } => bump("members_removed", members.len()),
+                Change::Rebind { .. } => rebound += 1,
             }
         }
         bump("held", t.plan.held.len());
+        // Shown only when there are some: a rebind is rare, and the other keys are SPEC's.
+        if rebound > 0 {
+            counts.insert(3, ("users_rebound", rebound));
+        }
         Summary { counts }
     }
 
@@ -107,7 +113,8 @@ fn change_json(t: &TargetOutcome, c: &Change) -> Value {
     match c {
         Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. }
-        | Change::AdoptUser { changes, .. } => {
+        | Change::AdoptUser { changes, .. }
+        | Change::Rebind { changes, .. } => {
             let attrs: Map<String, Value> = changes
                 .iter()
                 .map(|a| (a.path.clone(), json!({"from": a.from, "to": a.to})))
@@ -136,6 +143,16 @@ fn change_json(t: &TargetOutcome, c: &Change) -> Value {
         Change::AdoptUser { matched_by, .. } | Change::AdoptGroup { matched_by, .. } => {
             obj.insert("matched_by".into(), json!(matched_by));
         }
+        Change::Rebind {
+            from,
+            from_name,
+            matched_by,
+            ..
+        } => {
+            obj.insert("from_external_id".into(), json!(from.0));
+            obj.insert("from_name".into(), json!(from_name));
+            obj.insert("matched_by".into(), json!(matched_by));
+        }
         _ => {}
     }
     Value::Object(obj)
@@ -159,6 +176,9 @@ pub fn to_json(outcome: &Outcome) -> Value {
                 obj.insert("held_reason".into(), json!(r));
             }
             obj.insert("problems".into(), json!(t.plan.problems));
+            if !t.plan.not_kept.is_empty() {
+                obj.insert("not_kept".into(), json!(t.plan.not_kept));
+            }
             if let Some(applied) = &t.applied {
                 obj.insert(
                     "applied".into(),
@@ -196,11 +216,21 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
     let detail = match c {
         Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. }
-        | Change::AdoptUser { changes, .. } => changes
-            .iter()
-            .map(|a| format!("{}: {} -> {}", a.path, short(&a.from), short(&a.to)))
-            .collect::<Vec<_>>()
-            .join("; "),
+        | Change::AdoptUser { changes, .. } => attr_changes(changes),
+        Change::Rebind {
+            id,
+            from,
+            from_name,
+            changes,
+            ..
+        } => {
+            let moved = format!("directory id {} ({from_name}) -> {}", from.0, id.0);
+            if changes.is_empty() {
+                moved
+            } else {
+                format!("{moved}; {}", attr_changes(changes))
+            }
+        }
         Change::UpdateGroup {
             from_name,
             display_name,
@@ -227,7 +257,9 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
         Change::DeactivateUser { reason, .. } | Change::DeleteUser { reason, .. } => {
             format!(" ({})", reason_text(reason))
         }
-        Change::AdoptUser { matched_by, .. } | Change::AdoptGroup { matched_by, .. } => {
+        Change::AdoptUser { matched_by, .. }
+        | Change::AdoptGroup { matched_by, .. }
+        | Change::Rebind { matched_by, .. } => {
             format!(" (matched by {matched_by})")
         }
         _ => String::new(),
@@ -237,6 +269,14 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
     } else {
         format!("{head}{why}: {detail}")
     }
+}
+
+fn attr_changes(changes: &[crate::plan::AttrChange]) -> String {
+    changes
+        .iter()
+        .map(|a| format!("{}: {} -> {}", a.path, short(&a.from), short(&a.to)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn summary_line(t: &TargetOutcome) -> String {
@@ -290,6 +330,13 @@ fn text(outcome: &Outcome) -> String {
                 out,
                 "  problem: {} ({}): {}",
                 p.name, p.external_id, p.reason
+            );
+        }
+        if !t.plan.not_kept.is_empty() {
+            let _ = writeln!(
+                out,
+                "  not kept by the target (not planned while it lacks them): {}",
+                t.plan.not_kept.join(", ")
             );
         }
     }
@@ -351,6 +398,13 @@ fn markdown(outcome: &Outcome) -> String {
                 out,
                 "\n- problem: {} (`{}`): {}",
                 p.name, p.external_id, p.reason
+            );
+        }
+        if !t.plan.not_kept.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nNot kept by the target (not planned while it lacks them): {}",
+                t.plan.not_kept.join(", ")
             );
         }
     }
@@ -443,6 +497,7 @@ mod tests {
                 "1 deprovisions exceed max_deprovisions (0) of 3 managed users".into(),
             ),
             problems: vec![],
+            not_kept: vec![],
         };
         let names = BTreeMap::from([
             (id("u1"), "jdoe@example.org".to_string()),

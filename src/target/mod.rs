@@ -403,6 +403,17 @@ impl ScimClient {
         resource_type: &str,
         body: &Value,
     ) -> Result<(ScimId, Option<String>), TargetError> {
+        let (id, etag, _) = self.create_returning(resource_type, body).await?;
+        Ok((id, etag))
+    }
+
+    /// [`create`](Self::create), also returning the resource the target answered with (what
+    /// it kept of what we sent).
+    pub async fn create_returning(
+        &self,
+        resource_type: &str,
+        body: &Value,
+    ) -> Result<(ScimId, Option<String>, Value), TargetError> {
         let path = format!("/{resource_type}");
         let external_id = body.get("externalId").and_then(Value::as_str);
         let probe = external_id.map(|e| (resource_type, e));
@@ -419,7 +430,9 @@ impl ScimClient {
                     path: path.clone(),
                     reason: "the created resource has no id".into(),
                 })?;
-        Ok((ScimId(id.to_string()), etag_of(&resp)))
+        let id = ScimId(id.to_string());
+        let etag = etag_of(&resp);
+        Ok((id, etag, resp.body))
     }
 
     pub async fn patch(
@@ -441,13 +454,26 @@ impl ScimClient {
         ops: Vec<Value>,
         etag: Option<&str>,
     ) -> Result<Option<String>, TargetError> {
+        let (etag, _) = self.patch_returning(resource_type, id, ops, etag).await?;
+        Ok(etag)
+    }
+
+    /// [`patch_if_match`](Self::patch_if_match), also returning the answer's body (the
+    /// resource, or `Null` for a 204).
+    pub async fn patch_returning(
+        &self,
+        resource_type: &str,
+        id: &ScimId,
+        ops: Vec<Value>,
+        etag: Option<&str>,
+    ) -> Result<(Option<String>, Value), TargetError> {
         let body = json!({ "schemas": [PATCH_SCHEMA], "Operations": ops });
         let path = format!("/{resource_type}/{}", id.0);
         match self
             .send_probed(Method::PATCH, &path, &[], Some(&body), None, etag)
             .await
         {
-            Ok(resp) => Ok(etag_of(&resp)),
+            Ok(resp) => Ok((etag_of(&resp), resp.body)),
             Err(e) if e.status() == Some(412) && etag.is_some() => {
                 let current = self.send(Method::GET, &path, &[], None).await?;
                 let fresh = etag_of(&current);
@@ -462,7 +488,7 @@ impl ScimClient {
                         fresh.as_deref(),
                     )
                     .await?;
-                Ok(etag_of(&resp))
+                Ok((etag_of(&resp), resp.body))
             }
             Err(e) => Err(e),
         }
