@@ -20,6 +20,7 @@
 
 mod config;
 mod fake_ldap;
+mod fake_scim;
 mod process;
 mod proxy;
 mod run;
@@ -40,6 +41,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 // Re-exported for the test files; each uses only some of them.
 #[allow(unused_imports)]
 pub use config::{bulk_directory, group, group_dn, person, person_dn, TestConfig, BASE_DN};
+#[allow(unused_imports)]
+pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
 #[allow(unused_imports)]
 pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
 #[allow(unused_imports)]
