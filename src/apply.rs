@@ -311,7 +311,7 @@ impl Applier<'_> {
             } => {
                 let flat = attrs.unpack();
                 let (scim_id, etag, owned, answered) =
-                    self.create_user(id, user_name, &flat).await?;
+                    self.create_user(state, id, user_name, &flat).await?;
                 let row = self.user_row(scim_id, user_name, attrs, &flat, etag, owned, None);
                 self.snapshot.put_user(id, &row)?;
                 Ok(vec![Effect::PutUser(id.clone(), row), answered])
@@ -414,7 +414,7 @@ impl Applier<'_> {
                     Err(e) if e.status() == Some(404) => {
                         warn!(target = %self.target.name, user = %user_name, "user was deleted on the target by hand; creating it again");
                         let (sid, etag, owned, answered) =
-                            self.create_user(id, user_name, &flat).await?;
+                            self.create_user(state, id, user_name, &flat).await?;
                         let row = self.user_row(sid, user_name, attrs, &flat, etag, owned, None);
                         self.snapshot.put_user(id, &row)?;
                         let mut effects = vec![Effect::PutUser(id.clone(), row), answered];
@@ -720,6 +720,7 @@ impl Applier<'_> {
     /// if the match rules allow, and brings it in line; otherwise the 409 is the error.
     async fn create_user(
         &self,
+        state: &TargetState,
         id: &DirectoryId,
         user_name: &str,
         flat: &FlatAttrs,
@@ -734,6 +735,12 @@ impl Applier<'_> {
                 let Some((sid, owned)) = self.find_after_conflict(id, user_name).await? else {
                     return Err(e.into());
                 };
+                // An account another entry's row holds moves only through a planned rebind.
+                if let Some((holder, _)) = state.user_by_scim_id(&sid).filter(|(h, _)| *h != id) {
+                    return Err(ApplyError::Skipped(format!(
+                        "the create answered 409 and the account {user_name} on the target belongs to directory entry {holder}; not taking it over here (the next plan shows it as a rebind)"
+                    )));
+                }
                 // Brought in line like an adoption: only what differs is sent.
                 let found = self.client.get("Users", &sid).await?;
                 let changes = crate::plan::adopt::adoption_diff(
@@ -992,6 +999,26 @@ pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs, _profile: Profile) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_id_that_fits_a_url_path_is_usable() {
+        assert_eq!(
+            scim_id_of(&json!({"id": "a-1"})),
+            Some(ScimId("a-1".into()))
+        );
+        for bad in [
+            json!({}),
+            json!({"id": null}),
+            json!({"id": 7}),
+            json!({"id": ""}),
+            json!({"id": "a/b"}),
+            json!({"id": "a b"}),
+            json!({"id": "a?x"}),
+            json!({"id": "a\u{1}"}),
+        ] {
+            assert_eq!(scim_id_of(&bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn member_batches_follow_the_profile() {

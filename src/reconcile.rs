@@ -762,7 +762,10 @@ async fn resolve_existing(
                         continue;
                     };
                     if let Some((holder, _)) = state.user_by_scim_id(&scim_id) {
-                        if desired.users.contains_key(holder) {
+                        // Still in the directory (mapped or not): never re-bound away from it.
+                        if desired.users.contains_key(holder)
+                            || desired.problems.iter().any(|(id, _, _)| id == holder)
+                        {
                             problems.push(problem(
                                 &u.id,
                                 &u.user_name,
@@ -961,6 +964,25 @@ mod tests {
         assert!(plan::glob_match("break-glass-?", "break-glass-1"));
         assert!(!plan::glob_match("admin*", "sysadmin"));
         assert!(plan::glob_match("*", ""));
+    }
+
+    #[test]
+    fn flattened_items_keep_their_type_and_a_single_untyped_one() {
+        let r = serde_json::json!({
+            "id": "x",
+            "userName": "a",
+            "emails": [{"value": "a@x.org"}],
+            "phoneNumbers": [{"value": "1"}, {"value": "2"}],
+            "name": {"givenName": "A"},
+        });
+        let flat = flatten_user(&r);
+        assert_eq!(flat["emails[type eq \"\"].value"], "a@x.org");
+        assert!(
+            flat.keys().all(|k| !k.starts_with("phoneNumbers")),
+            "{flat:?}"
+        );
+        assert_eq!(flat["name.givenName"], "A");
+        assert!(!flat.contains_key("id"));
     }
 
     #[test]

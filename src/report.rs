@@ -550,6 +550,55 @@ mod tests {
     }
 
     #[test]
+    fn a_rebind_names_both_identities_in_every_format() {
+        let id = |s: &str| DirectoryId::new(s);
+        let mut o = outcome();
+        o.targets[0].plan = Plan {
+            changes: vec![Change::Rebind {
+                id: id("new-id"),
+                from: id("old-id"),
+                from_name: "alice".into(),
+                scim_id: ScimId("s1".into()),
+                user_name: "alice".into(),
+                matched_by: "userName",
+                changes: vec![AttrChange {
+                    path: "externalId".into(),
+                    from: Some(json!("old-id")),
+                    to: Some(json!("new-id")),
+                }],
+                attrs: Default::default(),
+            }],
+            not_kept: vec!["title".into()],
+            ..Plan::default()
+        };
+        let v = to_json(&o);
+        let t = &v["targets"][0];
+        assert_eq!(
+            t["changes"][0],
+            json!({"action": "rebind", "resource": "User", "external_id": "new-id", "name": "alice",
+                   "from_external_id": "old-id", "from_name": "alice", "matched_by": "userName",
+                   "attributes": {"externalId": {"from": "old-id", "to": "new-id"}}})
+        );
+        assert_eq!(t["summary"]["users_rebound"], 1);
+        assert_eq!(t["not_kept"], json!(["title"]));
+        let line = "rebind User alice (matched by userName): directory id old-id (alice) -> new-id; externalId: \"old-id\" -> \"new-id\"";
+        let text = render(&o, Format::Text);
+        assert!(text.contains(&format!("  {line}\n")), "{text}");
+        assert!(text.contains("users rebound 1"), "{text}");
+        assert!(
+            text.contains("not kept by the target (not planned while it lacks them): title"),
+            "{text}"
+        );
+        let md = render(&o, Format::Markdown);
+        assert!(
+            md.contains(
+                "| rebind | User | alice | directory id old-id (alice) -> new-id; externalId"
+            ),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn text_and_markdown_reports_read_as_a_whole() {
         assert_eq!(
             render(&outcome(), Format::Text),

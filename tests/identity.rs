@@ -412,6 +412,47 @@ fn a_listed_account_without_id_is_a_problem_never_a_second_account() {
 }
 
 #[test]
+fn after_a_409_a_found_account_without_id_is_an_error_not_a_create() {
+    let fake = FakeScim::start(FakeScimOptions {
+        unique_user_names: true,
+        ..FakeScimOptions::default()
+    });
+    let (slapd, config) = fake_world(&seed(1), &fake.url(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    let created = fake.users().remove(0);
+    // Deleted on the target by hand, and made again under the same name and externalId, on
+    // a target that now shows no ids.
+    fake.remove_user(created["id"].as_str().unwrap());
+    fake.seed_user(
+        json!({"userName": "p000", "externalId": created["externalId"], "active": true}),
+    );
+    fake.set_options(FakeScimOptions {
+        unique_user_names: true,
+        omit_ids: true,
+        ..FakeScimOptions::default()
+    });
+    slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Boss\n",
+        person_dn("p000")
+    ));
+    for _ in 0..2 {
+        fake.clear();
+        let out = ldap2scim(&config.path(), &["sync"]);
+        assert_eq!(out.code, 3, "{out}");
+        assert!(out.stdout.contains("no usable id"), "{out}");
+        // The update met a 404, the create a 409; nothing else was written.
+        let writes: Vec<String> = fake
+            .requests()
+            .iter()
+            .filter(|r| r.method != "GET")
+            .map(|r| r.method.clone())
+            .collect();
+        assert_eq!(writes, vec!["PATCH", "POST"], "{:?}", fake.requests());
+    }
+    assert_eq!(fake.users().len(), 1, "no duplicate");
+}
+
+#[test]
 fn a_target_that_keeps_values_in_its_own_shape_is_not_rewritten_on_every_adoption() {
     let fake = FakeScim::start(FakeScimOptions {
         drop: vec!["title".into()],

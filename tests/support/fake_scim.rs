@@ -108,6 +108,11 @@ impl FakeScim {
         id
     }
 
+    /// Removes a user as if deleted on the target by hand.
+    pub fn remove_user(&self, id: &str) {
+        self.lock().users.retain(|u| u["id"] != id);
+    }
+
     /// The stored users (with their ids).
     pub fn users(&self) -> Vec<Value> {
         self.lock().users.clone()
@@ -298,10 +303,11 @@ fn handle(st: &mut State, method: &str, path: &str, body: Value) -> (u16, Value)
             };
             let name = obj.get("userName").and_then(Value::as_str).unwrap_or("");
             if st.options.unique_user_names
-                && st
-                .users
-                .iter()
-                .any(|u| u["userName"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+                && st.users.iter().any(|u| {
+                    u["userName"]
+                        .as_str()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                })
             {
                 return error(409, "userName taken");
             }

@@ -42,9 +42,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[allow(unused_imports)]
 pub use config::{bulk_directory, group, group_dn, person, person_dn, TestConfig, BASE_DN};
 #[allow(unused_imports)]
-pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
-#[allow(unused_imports)]
 pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
+#[allow(unused_imports)]
+pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
 #[allow(unused_imports)]
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]
