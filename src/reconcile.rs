@@ -794,6 +794,15 @@ async fn resolve_existing(
             }
         }
     }
+    // One account found for two entries (names that differ only in case): neither takes it.
+    for (id, name, n) in plan::adopt::claimed_twice(&users, &desired.users) {
+        users.remove(&id);
+        problems.push(problem(
+            &id,
+            &name,
+            format!("the account matched on the target is matched by {n} directory entries; not adopting it for any (ambiguous)"),
+        ));
+    }
     // Users found above may be group members too: resolve group members against rows and
     // adoptions alike.
     let mut known = state.clone();

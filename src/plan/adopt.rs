@@ -6,12 +6,13 @@
 //! send the same write on every adoption, and a target that refuses the write would fail
 //! every adoption forever.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::{diff_attrs, AttrChange};
-use crate::map::FlatAttrs;
+use super::{diff_attrs, AttrChange, Existing};
+use crate::map::{DesiredUser, FlatAttrs};
+use crate::model::{DirectoryId, ScimId};
 
 /// The multi-valued attributes whose items carry a `type` (flattened as
 /// `emails[type eq "work"].value`).
@@ -109,6 +110,30 @@ pub fn not_kept_paths(
     (dropped, kept)
 }
 
+/// Entries whose found account another entry found too: (entry, its userName, how many
+/// entries found that account), in id order.
+pub fn claimed_twice(
+    found: &BTreeMap<DirectoryId, Existing>,
+    desired: &BTreeMap<DirectoryId, DesiredUser>,
+) -> Vec<(DirectoryId, String, usize)> {
+    let mut claims: BTreeMap<&ScimId, usize> = BTreeMap::new();
+    for e in found.values() {
+        *claims.entry(&e.scim_id).or_default() += 1;
+    }
+    found
+        .iter()
+        .filter_map(|(id, e)| {
+            let n = claims[&e.scim_id];
+            (n > 1).then(|| {
+                let name = desired
+                    .get(id)
+                    .map_or_else(|| id.0.clone(), |u| u.user_name.clone());
+                (id.clone(), name, n)
+            })
+        })
+        .collect()
+}
+
 /// Whether a JSON answer is a resource we can read back (a 204 or an empty body is not).
 pub fn is_resource(answer: &Value) -> bool {
     answer.as_object().is_some_and(|o| o.contains_key("id"))
@@ -170,6 +195,25 @@ mod tests {
         // Present with another value: a real difference.
         let found = flat(&[("displayName", json!("A")), ("title", json!("Clerk"))]);
         assert_eq!(adoption_diff(&found, &want, &not_kept).len(), 1);
+    }
+
+    #[test]
+    fn an_account_found_for_two_entries_goes_to_neither() {
+        let existing = |sid: &str| Existing {
+            scim_id: ScimId(sid.into()),
+            attrs: FlatAttrs::new(),
+            matched_by: "userName",
+            members: BTreeSet::new(),
+        };
+        let found = BTreeMap::from([
+            (DirectoryId::new("a"), existing("s1")),
+            (DirectoryId::new("b"), existing("s1")),
+            (DirectoryId::new("c"), existing("s2")),
+        ]);
+        let twice = claimed_twice(&found, &BTreeMap::new());
+        let ids: Vec<&str> = twice.iter().map(|(id, _, _)| id.0.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"]);
+        assert!(twice.iter().all(|(_, _, n)| *n == 2));
     }
 
     #[test]
