@@ -104,6 +104,12 @@ enum Effect {
     RemoveUser(DirectoryId),
     PutGroup(DirectoryId, GroupRow),
     RemoveGroup(DirectoryId),
+    /// A rebind: the old entry's memberships are the account's, now the new entry's (done
+    /// after the phase, one at a time: two rebinds may share a group).
+    MoveMemberships {
+        from: DirectoryId,
+        to: DirectoryId,
+    },
     /// What an answer showed the target keeps of what we sent (no snapshot row).
     Answered {
         dropped: BTreeSet<String>,
@@ -222,6 +228,16 @@ impl Applier<'_> {
                         }
                         Effect::RemoveGroup(id) => {
                             state.groups.remove(&id);
+                        }
+                        Effect::MoveMemberships { from, to } => {
+                            for (gid, group) in state.groups.iter_mut() {
+                                if group.members.remove(&from) {
+                                    group.members.insert(to.clone());
+                                    if let Err(e) = self.snapshot.put_group(gid, group) {
+                                        warn!(target = %self.target.name, group = %group.display_name, error = %e, "cannot record a re-bound membership; the next cycle repairs it");
+                                    }
+                                }
+                            }
                         }
                         Effect::Answered { dropped, kept } => {
                             report.dropped.extend(dropped);
@@ -352,15 +368,10 @@ impl Applier<'_> {
                 // entry's (the plan's member changes were computed that way).
                 self.snapshot.remove_user(from)?;
                 effects.push(Effect::RemoveUser(from.clone()));
-                for (gid, group) in &state.groups {
-                    if group.members.contains(from) {
-                        let mut group = group.clone();
-                        group.members.remove(from);
-                        group.members.insert(id.clone());
-                        self.snapshot.put_group(gid, &group)?;
-                        effects.push(Effect::PutGroup(gid.clone(), group));
-                    }
-                }
+                effects.push(Effect::MoveMemberships {
+                    from: from.clone(),
+                    to: id.clone(),
+                });
                 Ok(effects)
             }
             Change::UpdateUser {

@@ -99,7 +99,9 @@ fn audit_lines(world: &World) -> Vec<Value> {
 
 #[test]
 fn an_entry_replaced_under_the_same_uid_is_a_visible_counted_rebind() {
-    let seed = seed(4) + &group("team", &[&person_dn("p001"), &person_dn("p002")]);
+    let seed = seed(4)
+        + &group("team", &[&person_dn("p001"), &person_dn("p002")])
+        + &group("pair", &[&person_dn("p000"), &person_dn("p003")]);
     let mut world = World::start(&seed, "");
     world.sync_ok();
     let old = entry_uuid(&world.slapd, "p001");
@@ -239,6 +241,38 @@ fn an_entry_replaced_under_the_same_uid_is_a_visible_counted_rebind() {
         let u = t.user("p002");
         assert_eq!(u["externalId"], new2, "{}", t.name());
         assert_eq!(u["active"], true, "{}", t.name());
+    }
+    world.assert_converged();
+
+    // Two rebinds in one cycle whose accounts share a group: both memberships move.
+    for uid in ["p000", "p003"] {
+        replace_entry(&world, uid);
+    }
+    let pair = world
+        .slapd
+        .search(&group_dn("pair"), "(objectClass=*)", &["member"]);
+    for uid in ["p000", "p003"] {
+        if !pair.contains(&person_dn(uid)) {
+            world.slapd.modify(&format!(
+                "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+                group_dn("pair"),
+                person_dn(uid)
+            ));
+        }
+    }
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let tp = target_plan(&plan, t.name());
+        assert_eq!(rebinds(&tp["changes"]).len(), 2, "{tp}");
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        assert_eq!(
+            t.memberships()["pair"].iter().cloned().collect::<Vec<_>>(),
+            vec!["p000".to_string(), "p003".to_string()],
+            "{}",
+            t.name()
+        );
     }
     world.assert_converged();
 }
