@@ -487,6 +487,28 @@ fn after_a_409_a_found_account_without_id_is_an_error_not_a_create() {
 }
 
 #[test]
+fn an_adoption_without_differences_writes_nothing_a_target_would_refuse() {
+    let fake = FakeScim::start(FakeScimOptions {
+        refuse_patch_of: vec!["userName".into(), "emails".into()],
+        ..FakeScimOptions::default()
+    });
+    let (_slapd, config) = fake_world(&seed(3), &fake.url(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    for _ in 0..2 {
+        std::fs::remove_dir_all(config.state_dir()).unwrap();
+        fake.clear();
+        let out = ldap2scim(&config.path(), &["sync"]);
+        out.expect_code(0);
+        assert_eq!(
+            fake.requests().iter().filter(|r| r.method != "GET").count(),
+            0,
+            "{:?}",
+            fake.requests()
+        );
+    }
+}
+
+#[test]
 fn a_target_that_keeps_values_in_its_own_shape_is_not_rewritten_on_every_adoption() {
     let fake = FakeScim::start(FakeScimOptions {
         drop: vec!["title".into()],

@@ -28,6 +28,8 @@ pub struct FakeScimOptions {
     /// Answer 409 to a create whose userName is taken (without it, a second create makes a
     /// duplicate, as on a target that enforces no uniqueness).
     pub unique_user_names: bool,
+    /// Top-level attributes a PATCH may not replace: such a PATCH is answered 501.
+    pub refuse_patch_of: Vec<String>,
 }
 
 /// One request the fake handled.
@@ -203,6 +205,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         204 => "No Content",
         404 => "Not Found",
         409 => "Conflict",
+        501 => "Not Implemented",
         _ => "Other",
     };
     let mut out = stream;
@@ -323,6 +326,20 @@ fn handle(st: &mut State, method: &str, path: &str, body: Value) -> (u16, Value)
             let Some(user) = st.users.iter_mut().find(|u| u["id"] == *id) else {
                 return error(404, "no such user");
             };
+            let refused = body["Operations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|op| op["path"].as_str())
+                .any(|p| {
+                    options
+                        .refuse_patch_of
+                        .iter()
+                        .any(|r| p.starts_with(r.as_str()))
+                });
+            if refused {
+                return error(501, "this attribute cannot be changed");
+            }
             let obj = user.as_object_mut().unwrap();
             for op in body["Operations"].as_array().into_iter().flatten() {
                 let kind = op["op"].as_str().unwrap_or("").to_ascii_lowercase();
