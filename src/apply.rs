@@ -38,6 +38,8 @@ pub struct Applied {
     pub resource: &'static str,
     pub external_id: String,
     pub name: String,
+    /// For a rebind: the directory id that held the account before.
+    pub from_external_id: Option<String>,
     /// The SCIM id the change touched (after it was known).
     pub scim_id: Option<String>,
     /// Attribute paths changed, or member ids added/removed (shared between records with the
@@ -59,6 +61,10 @@ pub struct ApplyReport {
     pub throttled: usize,
     /// Changes not started because a stop was requested.
     pub not_started: usize,
+    /// Attribute paths the target's answers left out although we sent them (it does not
+    /// keep them), and paths they had.
+    pub dropped: BTreeSet<String>,
+    pub kept: BTreeSet<String>,
 }
 
 /// Something that wants to know how far an apply got (a progress bar).
@@ -98,6 +104,17 @@ enum Effect {
     RemoveUser(DirectoryId),
     PutGroup(DirectoryId, GroupRow),
     RemoveGroup(DirectoryId),
+    /// A rebind: the old entry's memberships are the account's, now the new entry's (done
+    /// after the phase, one at a time: two rebinds may share a group).
+    MoveMemberships {
+        from: DirectoryId,
+        to: DirectoryId,
+    },
+    /// What an answer showed the target keeps of what we sent (no snapshot row).
+    Answered {
+        dropped: BTreeSet<String>,
+        kept: BTreeSet<String>,
+    },
 }
 
 /// Trips after a run of changes that could not reach the target at all, so a dead target
@@ -212,6 +229,20 @@ impl Applier<'_> {
                         Effect::RemoveGroup(id) => {
                             state.groups.remove(&id);
                         }
+                        Effect::MoveMemberships { from, to } => {
+                            for (gid, group) in state.groups.iter_mut() {
+                                if group.members.remove(&from) {
+                                    group.members.insert(to.clone());
+                                    if let Err(e) = self.snapshot.put_group(gid, group) {
+                                        warn!(target = %self.target.name, group = %group.display_name, error = %e, "cannot record a re-bound membership; the next cycle repairs it");
+                                    }
+                                }
+                            }
+                        }
+                        Effect::Answered { dropped, kept } => {
+                            report.dropped.extend(dropped);
+                            report.kept.extend(kept);
+                        }
                     }
                 }
                 report.records.push(Applied {
@@ -219,6 +250,7 @@ impl Applier<'_> {
                     resource: change.resource(),
                     external_id: change.id().0.clone(),
                     name: change.name().to_string(),
+                    from_external_id: change.from_id().map(|f| f.0.clone()),
                     scim_id: scim_id.or_else(|| change_scim_id(change)),
                     attributes: paths.shared(changed_paths(change)),
                     outcome: err
@@ -294,38 +326,52 @@ impl Applier<'_> {
                 attrs,
             } => {
                 let flat = attrs.unpack();
-                let (scim_id, etag, owned) = self.create_user(id, user_name, &flat).await?;
+                let (scim_id, etag, owned, answered) =
+                    self.create_user(state, id, user_name, &flat).await?;
                 let row = self.user_row(scim_id, user_name, attrs, &flat, etag, owned, None);
                 self.snapshot.put_user(id, &row)?;
-                Ok(vec![Effect::PutUser(id.clone(), row)])
+                Ok(vec![Effect::PutUser(id.clone(), row), answered])
             }
             Change::AdoptUser {
                 id,
                 scim_id,
                 user_name,
                 attrs,
-                supersedes,
                 matched_by,
+                changes,
+            } => {
+                let owned = if *matched_by == "externalId" {
+                    Ownership::Created
+                } else {
+                    Ownership::Adopted
+                };
+                self.adopt_user(id, scim_id, user_name, attrs, changes, owned)
+                    .await
+            }
+            Change::Rebind {
+                id,
+                from,
+                scim_id,
+                user_name,
+                attrs,
+                changes,
                 ..
             } => {
-                let flat = attrs.unpack();
-                let etag = self
-                    .write_user(scim_id, replace_all(&flat), &flat, None)
+                let owned = state
+                    .users
+                    .get(from)
+                    .map_or(Ownership::Adopted, |prev| prev.owned);
+                let mut effects = self
+                    .adopt_user(id, scim_id, user_name, attrs, changes, owned)
                     .await?;
-                let previous = supersedes.as_ref().and_then(|old| state.users.get(old));
-                let owned = match (previous, *matched_by) {
-                    (Some(prev), _) => prev.owned,
-                    (None, "externalId") => Ownership::Created,
-                    _ => Ownership::Adopted,
-                };
-                let row =
-                    self.user_row(scim_id.clone(), user_name, attrs, &flat, etag, owned, None);
-                self.snapshot.put_user(id, &row)?;
-                let mut effects = vec![Effect::PutUser(id.clone(), row)];
-                if let Some(old) = supersedes {
-                    self.snapshot.remove_user(old)?;
-                    effects.push(Effect::RemoveUser(old.clone()));
-                }
+                // The old entry's row goes; its memberships are the account's, now the new
+                // entry's (the plan's member changes were computed that way).
+                self.snapshot.remove_user(from)?;
+                effects.push(Effect::RemoveUser(from.clone()));
+                effects.push(Effect::MoveMemberships {
+                    from: from.clone(),
+                    to: id.clone(),
+                });
                 Ok(effects)
             }
             Change::UpdateUser {
@@ -354,7 +400,7 @@ impl Applier<'_> {
                     )
                     .await
                 {
-                    Ok(etag) => {
+                    Ok((etag, _)) => {
                         let owned = prev.map(|r| r.owned).unwrap_or(Ownership::Created);
                         let row = self.user_row(
                             scim_id.clone(),
@@ -378,10 +424,11 @@ impl Applier<'_> {
                     }
                     Err(e) if e.status() == Some(404) => {
                         warn!(target = %self.target.name, user = %user_name, "user was deleted on the target by hand; creating it again");
-                        let (sid, etag, owned) = self.create_user(id, user_name, &flat).await?;
+                        let (sid, etag, owned, answered) =
+                            self.create_user(state, id, user_name, &flat).await?;
                         let row = self.user_row(sid, user_name, attrs, &flat, etag, owned, None);
                         self.snapshot.put_user(id, &row)?;
-                        let mut effects = vec![Effect::PutUser(id.clone(), row)];
+                        let mut effects = vec![Effect::PutUser(id.clone(), row), answered];
                         // Its memberships went with it: forget them, so the next plan adds
                         // them again.
                         for (gid, group) in &state.groups {
@@ -417,7 +464,9 @@ impl Applier<'_> {
                             let Some(g) = found.into_iter().next() else {
                                 return Err(e.into());
                             };
-                            let sid = scim_id_of(&g).ok_or(e)?;
+                            let sid = scim_id_of(&g).ok_or_else(|| {
+                                no_usable_id(self.target, "Groups", "the group", display_name)
+                            })?;
                             (sid, None, Ownership::Created, members_of(&g, state))
                         }
                         Err(e) => return Err(e.into()),
@@ -604,17 +653,55 @@ impl Applier<'_> {
         ops: Vec<Value>,
         attrs: &FlatAttrs,
         etag: Option<&str>,
-    ) -> Result<Option<String>, TargetError> {
+    ) -> Result<(Option<String>, Value), TargetError> {
         if self.caps.patch {
             let etag = etag.filter(|_| self.caps.etag);
             return self
                 .client
-                .patch_if_match("Users", scim_id, ops, etag)
+                .patch_returning("Users", scim_id, ops, etag)
                 .await;
         }
         let mut body = map::user_resource(attrs);
         body["id"] = json!(scim_id.0);
-        self.client.put("Users", scim_id, &body).await
+        Ok((self.client.put("Users", scim_id, &body).await?, Value::Null))
+    }
+
+    /// Takes over a resource found on the target: sends exactly the plan's attribute changes
+    /// (none: no write at all) and writes the row.
+    async fn adopt_user(
+        &self,
+        id: &DirectoryId,
+        scim_id: &ScimId,
+        user_name: &str,
+        attrs: &SharedAttrs,
+        changes: &[AttrChange],
+        owned: Ownership,
+    ) -> Result<Vec<Effect>, ApplyError> {
+        let flat = attrs.unpack();
+        let (etag, answered) = self.send_changes(scim_id, changes, &flat).await?;
+        let row = self.user_row(scim_id.clone(), user_name, attrs, &flat, etag, owned, None);
+        self.snapshot.put_user(id, &row)?;
+        Ok(vec![Effect::PutUser(id.clone(), row), answered])
+    }
+
+    /// Sends `changes` to a user (nothing when there are none) and reads what the answer
+    /// shows the target kept of them.
+    async fn send_changes(
+        &self,
+        scim_id: &ScimId,
+        changes: &[AttrChange],
+        flat: &FlatAttrs,
+    ) -> Result<(Option<String>, Effect), TargetError> {
+        if changes.is_empty() {
+            return Ok((None, answered(&FlatAttrs::new(), &Value::Null)));
+        }
+        let ops = patch_ops(changes, flat, self.target.profile);
+        let (etag, body) = self.write_user(scim_id, ops, flat, None).await?;
+        let sent: FlatAttrs = changes
+            .iter()
+            .filter_map(|c| c.to.clone().map(|v| (c.path.clone(), v)))
+            .collect();
+        Ok((etag, answered(&sent, &body)))
     }
 
     /// Changes a group's own attributes: PATCH, else PUT of the full group (members included).
@@ -644,17 +731,37 @@ impl Applier<'_> {
     /// if the match rules allow, and brings it in line; otherwise the 409 is the error.
     async fn create_user(
         &self,
+        state: &TargetState,
         id: &DirectoryId,
         user_name: &str,
         flat: &FlatAttrs,
-    ) -> Result<(ScimId, Option<String>, Ownership), ApplyError> {
-        match self.client.create("Users", &map::user_resource(flat)).await {
-            Ok((sid, etag)) => Ok((sid, etag, Ownership::Created)),
+    ) -> Result<(ScimId, Option<String>, Ownership, Effect), ApplyError> {
+        match self
+            .client
+            .create_returning("Users", &map::user_resource(flat))
+            .await
+        {
+            Ok((sid, etag, body)) => Ok((sid, etag, Ownership::Created, answered(flat, &body))),
             Err(e) if e.status() == Some(409) => {
-                let (sid, owned) = self.find_after_conflict(id, user_name).await?.ok_or(e)?;
-                let etag = self.write_user(&sid, replace_all(flat), flat, None).await?;
-                info!(target = %self.target.name, user = %user_name, "create answered 409; found and adopted the existing resource");
-                Ok((sid, etag, owned))
+                let Some((sid, owned)) = self.find_after_conflict(id, user_name).await? else {
+                    return Err(e.into());
+                };
+                // An account another entry's row holds moves only through a planned rebind.
+                if let Some((holder, _)) = state.user_by_scim_id(&sid).filter(|(h, _)| *h != id) {
+                    return Err(ApplyError::Skipped(format!(
+                        "the create answered 409 and the account {user_name} on the target belongs to directory entry {holder}; not taking it over here (the next plan shows it as a rebind)"
+                    )));
+                }
+                // Brought in line like an adoption: only what differs is sent.
+                let found = self.client.get("Users", &sid).await?;
+                let changes = crate::plan::adopt::adoption_diff(
+                    &crate::reconcile::flatten_user(&found),
+                    flat,
+                    &BTreeSet::new(),
+                );
+                let (etag, answered) = self.send_changes(&sid, &changes, flat).await?;
+                info!(target = %self.target.name, user = %user_name, changed = changes.len(), "create answered 409; found and adopted the existing resource");
+                Ok((sid, etag, owned, answered))
             }
             Err(e) => Err(e.into()),
         }
@@ -662,18 +769,20 @@ impl Applier<'_> {
 
     /// After a 409 on create: the resource with our externalId (ours, its create answer was
     /// lost), else one with the same userName if the target's match rules allow adoption.
+    /// A found resource without a usable id is an error: never a reason to create another.
     async fn find_after_conflict(
         &self,
         id: &DirectoryId,
         user_name: &str,
-    ) -> Result<Option<(ScimId, Ownership)>, TargetError> {
-        if let Some(sid) = self
+    ) -> Result<Option<(ScimId, Ownership)>, ApplyError> {
+        if let Some(r) = self
             .client
             .find_eq("Users", "externalId", &id.0)
             .await?
             .first()
-            .and_then(scim_id_of)
         {
+            let sid = scim_id_of(r)
+                .ok_or_else(|| no_usable_id(self.target, "Users", "the account", user_name))?;
             return Ok(Some((sid, Ownership::Created)));
         }
         if self.target.match_existing.contains(&MatchRule::UserName)
@@ -681,7 +790,9 @@ impl Applier<'_> {
         {
             let found = self.client.find_eq("Users", "userName", user_name).await?;
             if found.len() == 1 {
-                return Ok(scim_id_of(&found[0]).map(|s| (s, Ownership::Adopted)));
+                let sid = scim_id_of(&found[0])
+                    .ok_or_else(|| no_usable_id(self.target, "Users", "the account", user_name))?;
+                return Ok(Some((sid, Ownership::Adopted)));
             }
         }
         Ok(None)
@@ -717,9 +828,33 @@ impl Applier<'_> {
     }
 }
 
+/// What an answer to a write shows the target kept of `sent` (nothing learnt when the
+/// answer is not a resource).
+fn answered(sent: &FlatAttrs, body: &Value) -> Effect {
+    let (dropped, kept) = if crate::plan::adopt::is_resource(body) {
+        crate::plan::adopt::not_kept_paths(sent, &crate::reconcile::flatten_user(body))
+    } else {
+        Default::default()
+    };
+    Effect::Answered { dropped, kept }
+}
+
+/// A resource found after a 409 that cannot be addressed: the entry fails, nothing is created.
+fn no_usable_id(target: &TargetConfig, resource_type: &str, what: &str, name: &str) -> ApplyError {
+    ApplyError::Target(TargetError::Malformed {
+        target: target.name.0.clone(),
+        method: "GET".into(),
+        path: format!("/{resource_type}"),
+        reason: format!(
+            "{what} {name} that holds the place on the target has no usable id; not creating another one"
+        ),
+    })
+}
+
 fn change_scim_id(c: &Change) -> Option<String> {
     match c {
         Change::AdoptUser { scim_id, .. }
+        | Change::Rebind { scim_id, .. }
         | Change::UpdateUser { scim_id, .. }
         | Change::DeactivateUser { scim_id, .. }
         | Change::DeleteUser { scim_id, .. }
@@ -751,6 +886,7 @@ impl SharedPaths {
 fn changed_paths(c: &Change) -> Vec<String> {
     match c {
         Change::AdoptUser { changes, .. }
+        | Change::Rebind { changes, .. }
         | Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. } => {
             changes.iter().map(|a| a.path.clone()).collect()
@@ -860,22 +996,29 @@ pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs, _profile: Profile) -
     ops
 }
 
-/// Replace operations for every attribute we manage (adoption brings a resource fully in line).
-fn replace_all(attrs: &FlatAttrs) -> Vec<Value> {
-    let changes: Vec<AttrChange> = attrs
-        .keys()
-        .map(|p| AttrChange {
-            path: p.clone(),
-            from: None,
-            to: attrs.get(p).cloned(),
-        })
-        .collect();
-    patch_ops(&changes, attrs, Profile::Generic)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_id_that_fits_a_url_path_is_usable() {
+        assert_eq!(
+            scim_id_of(&json!({"id": "a-1"})),
+            Some(ScimId("a-1".into()))
+        );
+        for bad in [
+            json!({}),
+            json!({"id": null}),
+            json!({"id": 7}),
+            json!({"id": ""}),
+            json!({"id": "a/b"}),
+            json!({"id": "a b"}),
+            json!({"id": "a?x"}),
+            json!({"id": "a\u{1}"}),
+        ] {
+            assert_eq!(scim_id_of(&bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn member_batches_follow_the_profile() {

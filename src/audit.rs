@@ -72,7 +72,7 @@ impl AuditLog {
         let time = at.to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut lines = 0;
         for (t, r) in records() {
-            let line = json!({
+            let mut line = json!({
                 "time": time,
                 "run_id": outcome.run_id,
                 "target": t.name,
@@ -84,6 +84,10 @@ impl AuditLog {
                 "attributes": &*r.attributes,
                 "outcome": r.outcome,
             });
+            // A rebind names both identities: the account moved from one entry to the other.
+            if let Some(from) = &r.from_external_id {
+                line["from_external_id"] = json!(from);
+            }
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
             lines += 1;
@@ -137,6 +141,7 @@ mod tests {
                     resource: "User",
                     external_id: format!("id-{i}"),
                     name: format!("user{i}@example.org"),
+                    from_external_id: None,
                     scim_id: Some(format!("scim-{i}")),
                     attributes: vec!["title".to_string()].into(),
                     outcome: "ok".into(),
@@ -187,6 +192,27 @@ mod tests {
         }
         assert_eq!(lines[1]["external_id"], "id-1");
         assert_eq!(lines[0]["run_id"], "abcd1234");
+    }
+
+    #[test]
+    fn a_rebind_record_names_both_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path());
+        let mut o = outcome(1);
+        let records = &mut o.targets[0].applied.as_mut().unwrap().records;
+        records[0].action = "rebind";
+        records[0].from_external_id = Some("old-id".into());
+        log.append(&o, Utc::now()).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(log.path()).unwrap().trim()).unwrap();
+        assert_eq!(line["action"], "rebind");
+        assert_eq!(line["external_id"], "id-0");
+        assert_eq!(line["from_external_id"], "old-id");
+        // Other records carry no such key.
+        log.append(&outcome(1), Utc::now()).unwrap();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert!(last.get("from_external_id").is_none());
     }
 
     #[test]

@@ -510,6 +510,9 @@ async fn run_target_untimed(
         .collect();
     debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "target looked up");
     let step = std::time::Instant::now();
+    let not_kept: BTreeSet<String> = snapshot
+        .and_then(|s| s.get_meta(&not_kept_key(&name)).ok().flatten())
+        .unwrap_or_default();
     let mut plan = plan::plan(&PlanInput {
         target,
         desired: &desired,
@@ -517,6 +520,7 @@ async fn run_target_untimed(
         existing_users: &existing_users,
         existing_groups: &existing_groups,
         blocked: &blocked,
+        not_kept: &not_kept,
         now: pass.now,
     });
     plan.problems.append(&mut problems);
@@ -534,6 +538,7 @@ async fn run_target_untimed(
         state.groups.len(),
         hold,
         approved.as_ref(),
+        target.rebind,
     );
 
     if pass.dry_run {
@@ -578,6 +583,17 @@ async fn run_target_untimed(
         };
         if let Err(e) = stored {
             warn!(target = %name, error = %e, "cannot record held changes");
+        }
+        if !report.dropped.is_empty() || !report.kept.is_empty() {
+            let mut next = not_kept.clone();
+            next.extend(report.dropped.iter().cloned());
+            next.retain(|p| !report.kept.contains(p));
+            if next != not_kept {
+                info!(target = %name, not_kept = ?next, "the target does not keep some attributes we send; they are not planned again while it lacks them");
+                if let Err(e) = s.put_meta(&not_kept_key(&name), &next) {
+                    warn!(target = %name, error = %e, "cannot record the attributes the target does not keep");
+                }
+            }
         }
         // An approval releases one held set, in the sync right after it: never later
         // deprovisions that happen to have the same action and id.
@@ -661,6 +677,11 @@ pub fn held_key(target: &str) -> String {
     format!("held/{target}")
 }
 
+/// The attribute paths a target does not keep (a JSON list).
+pub fn not_kept_key(target: &str) -> String {
+    format!("not_kept/{target}")
+}
+
 pub fn approval_key(target: &str) -> String {
     format!("approved/{target}")
 }
@@ -692,13 +713,18 @@ async fn resolve_existing(
         .values()
         .filter(|u| {
             while rows.next_if(|k| *k < &u.id).is_some() {}
-            rows.next_if(|k| *k == &u.id).is_none() && (u.active || target.provision_disabled)
+            rows.next_if(|k| *k == &u.id).is_none()
+                && (u.active || target.provision_disabled)
+                // Never created nor adopted: the planner reports it.
+                && !plan::is_protected(target, &u.user_name)
         })
         .collect();
     let group_candidates: Vec<&map::DesiredGroup> = desired
         .groups
         .values()
-        .filter(|g| !state.groups.contains_key(&g.id))
+        .filter(|g| {
+            !state.groups.contains_key(&g.id) && !plan::is_protected(target, &g.display_name)
+        })
         .collect();
     if user_candidates.is_empty() && group_candidates.is_empty() {
         return Ok((users, groups, problems));
@@ -740,11 +766,20 @@ async fn resolve_existing(
                         problems.push(protected(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
                         continue;
                     }
-                    if let Some((holder, _)) = scim_id_of(r)
-                        .as_ref()
-                        .and_then(|sid| state.user_by_scim_id(sid))
-                    {
-                        if desired.users.contains_key(holder) {
+                    // A match we cannot address is not a reason to make a second account.
+                    let Some(scim_id) = scim_id_of(r) else {
+                        problems.push(problem(
+                            &u.id,
+                            &u.user_name,
+                            format!("the account {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
+                        ));
+                        continue;
+                    };
+                    if let Some((holder, _)) = state.user_by_scim_id(&scim_id) {
+                        // Still in the directory (mapped or not): never re-bound away from it.
+                        if desired.users.contains_key(holder)
+                            || desired.problems.iter().any(|(id, _, _)| id == holder)
+                        {
                             problems.push(problem(
                                 &u.id,
                                 &u.user_name,
@@ -753,17 +788,15 @@ async fn resolve_existing(
                             continue;
                         }
                     }
-                    if let Some(scim_id) = scim_id_of(r) {
-                        users.insert(
-                            u.id.clone(),
-                            Existing {
-                                scim_id,
-                                attrs: flatten_user(r),
-                                matched_by: how,
-                                members: BTreeSet::new(),
-                            },
-                        );
-                    }
+                    users.insert(
+                        u.id.clone(),
+                        Existing {
+                            scim_id,
+                            attrs: flatten_user(r),
+                            matched_by: how,
+                            members: BTreeSet::new(),
+                        },
+                    );
                 }
                 n => problems.push(problem(
                     &u.id,
@@ -774,6 +807,15 @@ async fn resolve_existing(
                 )),
             }
         }
+    }
+    // One account found for two entries (names that differ only in case): neither takes it.
+    for (id, name, n) in plan::adopt::claimed_twice(&users, &desired.users) {
+        users.remove(&id);
+        problems.push(problem(
+            &id,
+            &name,
+            format!("the account matched on the target is matched by {n} directory entries; not adopting it for any (ambiguous)"),
+        ));
     }
     // Users found above may be group members too: resolve group members against rows and
     // adoptions alike.
@@ -831,6 +873,11 @@ async fn resolve_existing(
                         continue;
                     }
                     let Some(scim_id) = scim_id_of(summary) else {
+                        problems.push(problem(
+                            &g.id,
+                            &g.display_name,
+                            format!("the group {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
+                        ));
                         continue;
                     };
                     let mut attrs = FlatAttrs::new();
@@ -884,16 +931,31 @@ fn protected(id: &DirectoryId, name: &str, reason: String) -> plan::Problem {
 
 /// The flat attributes of a SCIM User as the target has it (for reporting what adoption
 /// changes).
-fn flatten_user(r: &Value) -> FlatAttrs {
+pub fn flatten_user(r: &Value) -> FlatAttrs {
     let mut out = FlatAttrs::new();
     let Some(obj) = r.as_object() else { return out };
     for (k, v) in obj {
         match (k.as_str(), v) {
             ("id" | "meta" | "schemas" | "groups", _) => {}
             ("emails" | "phoneNumbers", Value::Array(items)) => {
+                // An item without a type is kept under an empty type (matched to ours by
+                // `plan::adopt`), unless there are several: which one is which is unknown.
+                let untyped = items
+                    .iter()
+                    .filter(|i| i["type"].as_str().is_none())
+                    .count();
                 for item in items {
-                    if let (Some(t), Some(val)) = (item["type"].as_str(), item.get("value")) {
-                        out.insert(format!("{k}[type eq \"{t}\"].value"), val.clone());
+                    let Some(val) = item.get("value") else {
+                        continue;
+                    };
+                    match item["type"].as_str() {
+                        Some(t) => {
+                            out.insert(plan::adopt::typed_path(k, t), val.clone());
+                        }
+                        None if untyped == 1 => {
+                            out.insert(plan::adopt::typed_path(k, ""), val.clone());
+                        }
+                        None => {}
                     }
                 }
             }
@@ -925,6 +987,25 @@ mod tests {
         assert!(plan::glob_match("break-glass-?", "break-glass-1"));
         assert!(!plan::glob_match("admin*", "sysadmin"));
         assert!(plan::glob_match("*", ""));
+    }
+
+    #[test]
+    fn flattened_items_keep_their_type_and_a_single_untyped_one() {
+        let r = serde_json::json!({
+            "id": "x",
+            "userName": "a",
+            "emails": [{"value": "a@x.org"}],
+            "phoneNumbers": [{"value": "1"}, {"value": "2"}],
+            "name": {"givenName": "A"},
+        });
+        let flat = flatten_user(&r);
+        assert_eq!(flat["emails[type eq \"\"].value"], "a@x.org");
+        assert!(
+            flat.keys().all(|k| !k.starts_with("phoneNumbers")),
+            "{flat:?}"
+        );
+        assert_eq!(flat["name.givenName"], "A");
+        assert!(!flat.contains_key("id"));
     }
 
     #[test]

@@ -50,6 +50,7 @@ impl Summary {
 
     fn of(t: &TargetOutcome) -> Summary {
         let mut counts: Vec<(&'static str, usize)> = Self::KEYS.iter().map(|k| (*k, 0)).collect();
+        let mut rebound = 0;
         let mut bump = |key: &str, n: usize| {
             if let Some(slot) = counts.iter_mut().find(|(k, _)| *k == key) {
                 slot.1 += n;
@@ -68,9 +69,14 @@ impl Summary {
                 Change::DeleteGroup { .. } => bump("groups_deleted", 1),
                 Change::AddMembers { members, .. } => bump("members_added", members.len()),
                 Change::RemoveMembers { members, .. } => bump("members_removed", members.len()),
+                Change::Rebind { .. } => rebound += 1,
             }
         }
         bump("held", t.plan.held.len());
+        // Shown only when there are some: a rebind is rare, and the other keys are SPEC's.
+        if rebound > 0 {
+            counts.insert(3, ("users_rebound", rebound));
+        }
         Summary { counts }
     }
 
@@ -108,7 +114,8 @@ fn change_json(t: &TargetOutcome, c: &Change) -> Value {
     match c {
         Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. }
-        | Change::AdoptUser { changes, .. } => {
+        | Change::AdoptUser { changes, .. }
+        | Change::Rebind { changes, .. } => {
             let attrs: Map<String, Value> = changes
                 .iter()
                 .map(|a| (a.path.clone(), json!({"from": a.from, "to": a.to})))
@@ -137,6 +144,16 @@ fn change_json(t: &TargetOutcome, c: &Change) -> Value {
         Change::AdoptUser { matched_by, .. } | Change::AdoptGroup { matched_by, .. } => {
             obj.insert("matched_by".into(), json!(matched_by));
         }
+        Change::Rebind {
+            from,
+            from_name,
+            matched_by,
+            ..
+        } => {
+            obj.insert("from_external_id".into(), json!(from.0));
+            obj.insert("from_name".into(), json!(from_name));
+            obj.insert("matched_by".into(), json!(matched_by));
+        }
         _ => {}
     }
     Value::Object(obj)
@@ -160,6 +177,9 @@ pub fn to_json(outcome: &Outcome) -> Value {
                 obj.insert("held_reason".into(), json!(r));
             }
             obj.insert("problems".into(), json!(t.plan.problems));
+            if !t.plan.not_kept.is_empty() {
+                obj.insert("not_kept".into(), json!(t.plan.not_kept));
+            }
             if let Some(applied) = &t.applied {
                 obj.insert(
                     "applied".into(),
@@ -197,11 +217,21 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
     let detail = match c {
         Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. }
-        | Change::AdoptUser { changes, .. } => changes
-            .iter()
-            .map(|a| format!("{}: {} -> {}", a.path, short(&a.from), short(&a.to)))
-            .collect::<Vec<_>>()
-            .join("; "),
+        | Change::AdoptUser { changes, .. } => attr_changes(changes),
+        Change::Rebind {
+            id,
+            from,
+            from_name,
+            changes,
+            ..
+        } => {
+            let moved = format!("directory id {} ({from_name}) -> {}", from.0, id.0);
+            if changes.is_empty() {
+                moved
+            } else {
+                format!("{moved}; {}", attr_changes(changes))
+            }
+        }
         Change::UpdateGroup {
             from_name,
             display_name,
@@ -228,7 +258,9 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
         Change::DeactivateUser { reason, .. } | Change::DeleteUser { reason, .. } => {
             format!(" ({})", reason_text(reason))
         }
-        Change::AdoptUser { matched_by, .. } | Change::AdoptGroup { matched_by, .. } => {
+        Change::AdoptUser { matched_by, .. }
+        | Change::AdoptGroup { matched_by, .. }
+        | Change::Rebind { matched_by, .. } => {
             format!(" (matched by {matched_by})")
         }
         _ => String::new(),
@@ -274,6 +306,14 @@ fn one_line(s: &str) -> Cow<'_, str> {
 /// [`one_line`], with `|` escaped too: one cell of a Markdown table row.
 fn md_cell(s: &str) -> String {
     one_line(s).replace('|', "\\|")
+}
+
+fn attr_changes(changes: &[crate::plan::AttrChange]) -> String {
+    changes
+        .iter()
+        .map(|a| format!("{}: {} -> {}", a.path, short(&a.from), short(&a.to)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn summary_line(t: &TargetOutcome) -> String {
@@ -329,6 +369,13 @@ fn text(outcome: &Outcome) -> String {
                 one_line(&p.name),
                 one_line(&p.external_id),
                 one_line(&p.reason)
+            );
+        }
+        if !t.plan.not_kept.is_empty() {
+            let _ = writeln!(
+                out,
+                "  not kept by the target (not planned while it lacks them): {}",
+                t.plan.not_kept.join(", ")
             );
         }
     }
@@ -392,6 +439,13 @@ fn markdown(outcome: &Outcome) -> String {
                 one_line(&p.name),
                 one_line(&p.external_id),
                 one_line(&p.reason)
+            );
+        }
+        if !t.plan.not_kept.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nNot kept by the target (not planned while it lacks them): {}",
+                t.plan.not_kept.join(", ")
             );
         }
     }
@@ -489,6 +543,7 @@ mod tests {
                 "1 deprovisions exceed max_deprovisions (0) of 3 managed users".into(),
             ),
             problems: vec![],
+            not_kept: vec![],
         };
         let names = BTreeMap::from([
             (id("u1"), "jdoe@example.org".to_string()),
@@ -537,6 +592,55 @@ mod tests {
                     "problems": []
                 }]
             })
+        );
+    }
+
+    #[test]
+    fn a_rebind_names_both_identities_in_every_format() {
+        let id = |s: &str| DirectoryId::new(s);
+        let mut o = outcome();
+        o.targets[0].plan = Plan {
+            changes: vec![Change::Rebind {
+                id: id("new-id"),
+                from: id("old-id"),
+                from_name: "alice".into(),
+                scim_id: ScimId("s1".into()),
+                user_name: "alice".into(),
+                matched_by: "userName",
+                changes: vec![AttrChange {
+                    path: "externalId".into(),
+                    from: Some(json!("old-id")),
+                    to: Some(json!("new-id")),
+                }],
+                attrs: Default::default(),
+            }],
+            not_kept: vec!["title".into()],
+            ..Plan::default()
+        };
+        let v = to_json(&o);
+        let t = &v["targets"][0];
+        assert_eq!(
+            t["changes"][0],
+            json!({"action": "rebind", "resource": "User", "external_id": "new-id", "name": "alice",
+                   "from_external_id": "old-id", "from_name": "alice", "matched_by": "userName",
+                   "attributes": {"externalId": {"from": "old-id", "to": "new-id"}}})
+        );
+        assert_eq!(t["summary"]["users_rebound"], 1);
+        assert_eq!(t["not_kept"], json!(["title"]));
+        let line = "rebind User alice (matched by userName): directory id old-id (alice) -> new-id; externalId: \"old-id\" -> \"new-id\"";
+        let text = render(&o, Format::Text);
+        assert!(text.contains(&format!("  {line}\n")), "{text}");
+        assert!(text.contains("users rebound 1"), "{text}");
+        assert!(
+            text.contains("not kept by the target (not planned while it lacks them): title"),
+            "{text}"
+        );
+        let md = render(&o, Format::Markdown);
+        assert!(
+            md.contains(
+                "| rebind | User | alice | directory id old-id (alice) -> new-id; externalId"
+            ),
+            "{md}"
         );
     }
 

@@ -300,11 +300,13 @@ fn a_person_who_comes_back_gets_the_old_account_reactivated() {
         "dave@example.org",
         "Returner",
     ));
+    // The old account moves to the new entry: a visible rebind (issue 11), not a silent
+    // adoption.
     let (_, plan) = world.plan_json();
     for t in &world.targets {
         assert_eq!(
             changes_of(&plan, t.name()),
-            vec![change("adopt", "User", "dave")],
+            vec![change("rebind", "User", "dave")],
             "{}",
             t.name()
         );

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use super::{Change, Plan};
-use crate::config::Limit;
+use crate::config::{Limit, Rebind};
 use crate::model::DirectoryId;
 
 /// Why every destructive change of this cycle is held, whatever the per-target limit says
@@ -17,7 +17,10 @@ pub struct SourceHold(pub String);
 
 /// Applies the limits to `plan` in place.
 /// `managed_users` is the number of users the snapshot holds for the target;
-/// `approved` is the set of destructive changes an operator released with `approve`.
+/// `approved` is the set of destructive changes an operator released with `approve`;
+/// `rebind` is the target's policy for re-bound accounts (`Hold`: every one waits for
+/// `approve`, whatever the limits say).
+#[allow(clippy::too_many_arguments)]
 pub fn apply_limits(
     plan: &mut Plan,
     max_deprovisions: Limit,
@@ -25,6 +28,7 @@ pub fn apply_limits(
     managed_groups: usize,
     source_hold: Option<&SourceHold>,
     approved: Option<&BTreeSet<(String, DirectoryId)>>,
+    rebind: Rebind,
 ) {
     let key = |c: &Change| (c.action().to_string(), c.id().clone());
     // Approved changes go ahead; only they: anything destructive planned since the approval
@@ -44,30 +48,43 @@ pub fn apply_limits(
         max_deprovisions.allowed(managed_users),
         max_deprovisions.allowed(managed_groups),
     );
-    let reason = if let Some(SourceHold(why)) = source_hold {
-        why.clone()
+    let rebinds = pending
+        .iter()
+        .filter(|c| matches!(c, Change::Rebind { .. }))
+        .count();
+    // Over a limit everything destructive waits; with `rebind = "hold"` the rebinds do anyway.
+    let (reason, hold_all) = if let Some(SourceHold(why)) = source_hold {
+        (why.clone(), true)
     } else if user_deprovisions > allowed_users {
-        format!(
+        (format!(
             "{user_deprovisions} deprovisions exceed max_deprovisions ({}) of {managed_users} managed users; review them with `ldap2scim plan`, then run `ldap2scim approve --target NAME` to release them",
             describe_limit(max_deprovisions, allowed_users)
-        )
+        ), true)
     } else if group_deletes > allowed_groups {
-        format!(
+        (format!(
             "{group_deletes} group deletions exceed max_deprovisions ({}) of {managed_groups} managed groups; review them with `ldap2scim plan`, then run `ldap2scim approve --target NAME` to release them",
             describe_limit(max_deprovisions, allowed_groups)
-        )
+        ), true)
+    } else if rebind == Rebind::Hold && rebinds > 0 {
+        (format!(
+            "{rebinds} rebind(s) of an account to another directory entry wait for approval (rebind = \"hold\"); review them with `ldap2scim plan`, then run `ldap2scim approve --target NAME` to release them"
+        ), false)
     } else {
         return;
     };
     let (mut held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut plan.changes)
         .into_iter()
-        .partition(|c| c.is_destructive() && !is_approved(c));
+        .partition(|c| {
+            c.is_destructive()
+                && !is_approved(c)
+                && (hold_all || matches!(c, Change::Rebind { .. }))
+        });
     // A held leaver keeps its group memberships too: removing them would take the access the
-    // hold is there to keep.
+    // hold is there to keep. A held rebind keeps both entries' memberships as they are.
     let held_users: BTreeSet<DirectoryId> = held
         .iter()
         .filter(|c| c.resource() == "User")
-        .map(|c| c.id().clone())
+        .flat_map(|c| std::iter::once(c.id().clone()).chain(c.from_id().cloned()))
         .collect();
     let mut changes = Vec::with_capacity(kept.len());
     for c in kept {
@@ -93,6 +110,27 @@ pub fn apply_limits(
                         members: keep_back,
                     });
                 }
+            }
+            // The new entry of a held rebind has no account of its own yet.
+            Change::AddMembers {
+                group,
+                group_name,
+                members,
+            } if members.iter().any(|m| held_users.contains(m)) => {
+                let (keep_back, go): (Vec<_>, Vec<_>) =
+                    members.into_iter().partition(|m| held_users.contains(m));
+                if !go.is_empty() {
+                    changes.push(Change::AddMembers {
+                        group: group.clone(),
+                        group_name: group_name.clone(),
+                        members: go,
+                    });
+                }
+                held.push(Change::AddMembers {
+                    group,
+                    group_name,
+                    members: keep_back,
+                });
             }
             other => changes.push(other),
         }

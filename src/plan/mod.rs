@@ -4,6 +4,7 @@
 //! Order matters and is part of the plan: users are created and updated first, then groups,
 //! then member removals before additions, and deprovisions last.
 
+pub mod adopt;
 pub mod guard;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -64,8 +65,20 @@ pub enum Change {
         matched_by: &'static str,
         changes: Vec<AttrChange>,
         attrs: SharedAttrs,
-        /// A snapshot row (an earlier directory entry) that pointed at the same resource.
-        supersedes: Option<DirectoryId>,
+    },
+    /// An account we manage for one directory entry (`from`) is claimed by another (`id`),
+    /// matched by userName: the old entry's account becomes the new one's. For the old
+    /// identity it is a deprovision (counted, and held like one).
+    Rebind {
+        id: DirectoryId,
+        /// The directory entry whose snapshot row holds the account now.
+        from: DirectoryId,
+        from_name: String,
+        scim_id: ScimId,
+        user_name: String,
+        matched_by: &'static str,
+        changes: Vec<AttrChange>,
+        attrs: SharedAttrs,
     },
     UpdateUser {
         id: DirectoryId,
@@ -129,7 +142,10 @@ impl Change {
     pub fn is_destructive(&self) -> bool {
         matches!(
             self,
-            Change::DeactivateUser { .. } | Change::DeleteUser { .. } | Change::DeleteGroup { .. }
+            Change::DeactivateUser { .. }
+                | Change::DeleteUser { .. }
+                | Change::DeleteGroup { .. }
+                | Change::Rebind { .. }
         )
     }
 
@@ -139,6 +155,7 @@ impl Change {
             Change::AdoptUser { .. } | Change::AdoptGroup { .. } => "adopt",
             Change::UpdateUser { .. } | Change::UpdateGroup { .. } => "update",
             Change::DeactivateUser { .. } => "deactivate",
+            Change::Rebind { .. } => "rebind",
             Change::DeleteUser { .. } | Change::DeleteGroup { .. } => "delete",
             Change::RemoveMembers { .. } => "remove-members",
             Change::AddMembers { .. } => "add-members",
@@ -151,7 +168,8 @@ impl Change {
             | Change::AdoptUser { .. }
             | Change::UpdateUser { .. }
             | Change::DeactivateUser { .. }
-            | Change::DeleteUser { .. } => "User",
+            | Change::DeleteUser { .. }
+            | Change::Rebind { .. } => "User",
             _ => "Group",
         }
     }
@@ -164,11 +182,20 @@ impl Change {
             | Change::UpdateUser { id, .. }
             | Change::DeactivateUser { id, .. }
             | Change::DeleteUser { id, .. }
+            | Change::Rebind { id, .. }
             | Change::CreateGroup { id, .. }
             | Change::AdoptGroup { id, .. }
             | Change::UpdateGroup { id, .. }
             | Change::DeleteGroup { id, .. } => id,
             Change::RemoveMembers { group, .. } | Change::AddMembers { group, .. } => group,
+        }
+    }
+
+    /// For a rebind: the directory id that held the account before.
+    pub fn from_id(&self) -> Option<&DirectoryId> {
+        match self {
+            Change::Rebind { from, .. } => Some(from),
+            _ => None,
         }
     }
 
@@ -179,7 +206,8 @@ impl Change {
             | Change::AdoptUser { user_name, .. }
             | Change::UpdateUser { user_name, .. }
             | Change::DeactivateUser { user_name, .. }
-            | Change::DeleteUser { user_name, .. } => user_name,
+            | Change::DeleteUser { user_name, .. }
+            | Change::Rebind { user_name, .. } => user_name,
             Change::CreateGroup { display_name, .. }
             | Change::AdoptGroup { display_name, .. }
             | Change::UpdateGroup { display_name, .. }
@@ -210,6 +238,9 @@ pub struct Plan {
     /// Why changes were held.
     pub held_reason: Option<String>,
     pub problems: Vec<Problem>,
+    /// Attribute paths this target does not keep (absent from its answers after we sent
+    /// them): not planned again while the target does not have them.
+    pub not_kept: Vec<String>,
 }
 
 impl Plan {
@@ -229,6 +260,8 @@ pub struct PlanInput<'a> {
     /// Entries not to create: a resource on the target matches them ambiguously or is
     /// protected (reported as problems, never guessed).
     pub blocked: &'a BTreeSet<DirectoryId>,
+    /// Attribute paths the target does not keep ([`adopt::not_kept_paths`]).
+    pub not_kept: &'a BTreeSet<String>,
     pub now: DateTime<Utc>,
 }
 
@@ -241,8 +274,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         existing_users,
         existing_groups,
         blocked,
+        not_kept,
         now,
     } = *input;
+    let mut policy_problems = Vec::new();
+    // Accounts re-bound to another entry: their old id's memberships are the new one's.
+    let mut rebound: BTreeMap<DirectoryId, DirectoryId> = BTreeMap::new();
     let mut p = Plan::default();
     let mut user_changes = Vec::new();
     let mut deprovisions = Vec::new();
@@ -307,32 +344,45 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
             None if !want.active && !target.provision_disabled => {}
             None if blocked.contains(id) => {}
+            // `protect` covers creates too: a protected name is never made by us (and would
+            // never be deprovisioned either).
+            None if is_protected(target, &want.user_name) => {
+                policy_problems.push(Problem {
+                    external_id: id.0.clone(),
+                    name: want.user_name.clone(),
+                    reason: format!("{} matches a protect pattern; not created", want.user_name),
+                    fails: false,
+                });
+            }
             None => {
                 provisioned.insert(id);
                 match existing_users.get(id) {
                     Some(found) => {
                         let want_attrs = want.attrs.unpack();
-                        let supersedes = state
-                            .user_by_scim_id(&found.scim_id)
-                            .map(|(old, _)| old.clone());
-                        user_changes.push(Change::AdoptUser {
-                            id: id.clone(),
-                            scim_id: found.scim_id.clone(),
-                            user_name: want.user_name.clone(),
-                            matched_by: found.matched_by,
-                            // Only what we manage: the target's other attributes stay as they are.
-                            changes: diff_attrs(
-                                &found
-                                    .attrs
-                                    .iter()
-                                    .filter(|(k, _)| want_attrs.contains_key(*k))
-                                    .map(|(k, v)| (k.clone(), v.clone()))
-                                    .collect(),
-                                &want_attrs,
-                            ),
-                            attrs: want.attrs.clone(),
-                            supersedes,
-                        })
+                        let changes = adopt::adoption_diff(&found.attrs, &want_attrs, not_kept);
+                        match state.user_by_scim_id(&found.scim_id) {
+                            Some((old, old_row)) => {
+                                rebound.insert(old.clone(), id.clone());
+                                user_changes.push(Change::Rebind {
+                                    id: id.clone(),
+                                    from: old.clone(),
+                                    from_name: old_row.user_name.clone(),
+                                    scim_id: found.scim_id.clone(),
+                                    user_name: want.user_name.clone(),
+                                    matched_by: found.matched_by,
+                                    changes,
+                                    attrs: want.attrs.clone(),
+                                })
+                            }
+                            None => user_changes.push(Change::AdoptUser {
+                                id: id.clone(),
+                                scim_id: found.scim_id.clone(),
+                                user_name: want.user_name.clone(),
+                                matched_by: found.matched_by,
+                                changes,
+                                attrs: want.attrs.clone(),
+                            }),
+                        }
                     }
                     None => user_changes.push(Change::CreateUser {
                         id: id.clone(),
@@ -414,7 +464,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut group_deletes = Vec::new();
     let no_members = BTreeSet::new();
     for (id, want) in &desired.groups {
-        let current: &BTreeSet<DirectoryId> = match state.groups.get(id) {
+        let current: std::borrow::Cow<'_, BTreeSet<DirectoryId>> = match state.groups.get(id) {
             Some(row) if is_protected(target, &row.display_name) => continue,
             Some(row) => {
                 if row.display_name != want.display_name {
@@ -425,9 +475,30 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                         from_name: row.display_name.clone(),
                     });
                 }
-                &row.members
+                if rebound.is_empty() || !row.members.iter().any(|m| rebound.contains_key(m)) {
+                    std::borrow::Cow::Borrowed(&row.members)
+                } else {
+                    std::borrow::Cow::Owned(
+                        row.members
+                            .iter()
+                            .map(|m| rebound.get(m).unwrap_or(m).clone())
+                            .collect(),
+                    )
+                }
             }
             None if blocked.contains(id) => continue,
+            None if is_protected(target, &want.display_name) => {
+                policy_problems.push(Problem {
+                    external_id: id.0.clone(),
+                    name: want.display_name.clone(),
+                    reason: format!(
+                        "{} matches a protect pattern; not created",
+                        want.display_name
+                    ),
+                    fails: false,
+                });
+                continue;
+            }
             None => match existing_groups.get(id) {
                 Some(found) => {
                     group_changes.push(Change::AdoptGroup {
@@ -443,14 +514,14 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                             .to_string(),
                         members: found.members.clone(),
                     });
-                    &found.members
+                    std::borrow::Cow::Borrowed(&found.members)
                 }
                 None => {
                     group_changes.push(Change::CreateGroup {
                         id: id.clone(),
                         display_name: want.display_name.clone(),
                     });
-                    &no_members
+                    std::borrow::Cow::Borrowed(&no_members)
                 }
             },
         };
@@ -497,6 +568,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             fails: true,
         })
         .collect();
+    p.problems.append(&mut policy_problems);
+    p.not_kept = not_kept.iter().cloned().collect();
     p
 }
 

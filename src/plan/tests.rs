@@ -4,7 +4,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::*;
-use crate::config::{Auth, GroupScope, Limit, Profile, Secret, TargetName};
+use crate::config::{Auth, GroupScope, Limit, Profile, Rebind, Secret, TargetName};
 use crate::map::{DesiredGroup, DesiredUser};
 use crate::snapshot::{GroupRow, Ownership, UserRow};
 
@@ -78,6 +78,7 @@ fn run(t: &TargetConfig, desired: &Desired, state: &TargetState) -> Plan {
         existing_users: &none,
         existing_groups: &none,
         blocked: &blocked,
+        not_kept: &BTreeSet::new(),
         now: Utc::now(),
     })
 }
@@ -227,7 +228,15 @@ fn guard_holds_destructive_changes_over_the_limit() {
         d.users.insert(u.id.clone(), u);
     }
     let mut p = run(&target(), &d, &s);
-    guard::apply_limits(&mut p, Limit::Percent(0.1), s.users.len(), 0, None, None);
+    guard::apply_limits(
+        &mut p,
+        Limit::Percent(0.1),
+        s.users.len(),
+        0,
+        None,
+        None,
+        Rebind::Allow,
+    );
     assert_eq!(p.changes.len(), 5, "the safe updates still go ahead");
     assert_eq!(p.held.len(), 5);
     assert!(p
@@ -244,6 +253,7 @@ fn guard_holds_destructive_changes_over_the_limit() {
         0,
         None,
         Some(&approved),
+        Rebind::Allow,
     );
     assert!(again.held.is_empty());
     assert_eq!(again.changes.len(), 10);
@@ -259,6 +269,7 @@ fn guard_holds_destructive_changes_over_the_limit() {
         0,
         None,
         Some(&approved),
+        Rebind::Allow,
     );
     assert_eq!(
         later.held.len(),
@@ -351,6 +362,7 @@ fn group_deletions_have_a_limit_and_held_leavers_keep_their_memberships() {
         s.groups.len(),
         None,
         None,
+        Rebind::Allow,
     );
     assert!(
         p.changes.iter().all(|c| !c.is_destructive()),
@@ -394,6 +406,7 @@ fn group_deletions_have_a_limit_and_held_leavers_keep_their_memberships() {
         s.groups.len(),
         None,
         None,
+        Rebind::Allow,
     );
     assert_eq!(p.held.len(), 3, "{:?}", p.held);
     assert!(p.held_reason.unwrap().contains("group deletions"));
@@ -420,4 +433,191 @@ fn protected_rows_are_never_touched() {
     // Gone from the directory: still never deactivated.
     d.users.remove(&DirectoryId::new("admin-root"));
     assert_eq!(run(&t, &d, &s).changes.len(), 1);
+}
+
+fn rebind_world() -> (Desired, TargetState, BTreeMap<DirectoryId, Existing>) {
+    // "old" left the directory; "new" has the same userName and matched its account.
+    let mut d = Desired::default();
+    let mut s = TargetState::default();
+    let old = want("old", "Engineer", true);
+    let mut old_row = row(&old);
+    old_row.user_name = "alice".into();
+    s.users.insert(old.id.clone(), old_row);
+    let keep = want("keep", "Engineer", true);
+    s.users.insert(keep.id.clone(), row(&keep));
+    d.users.insert(keep.id.clone(), keep);
+    let mut new = want("new", "Engineer", true);
+    new.user_name = "alice".into();
+    d.users.insert(new.id.clone(), new);
+    let members = BTreeSet::from([DirectoryId::new("old"), DirectoryId::new("keep")]);
+    s.groups.insert(
+        DirectoryId::new("g"),
+        GroupRow {
+            scim_id: ScimId("sg".into()),
+            display_name: "g".into(),
+            members,
+            etag: None,
+            owned: Ownership::Created,
+        },
+    );
+    d.groups.insert(
+        DirectoryId::new("g"),
+        DesiredGroup {
+            id: DirectoryId::new("g"),
+            dn: "cn=g".into(),
+            display_name: "g".into(),
+            members: BTreeSet::from([DirectoryId::new("new"), DirectoryId::new("keep")]),
+        },
+    );
+    let mut found_attrs = FlatAttrs::new();
+    found_attrs.insert("externalId".into(), json!("old"));
+    let existing = BTreeMap::from([(
+        DirectoryId::new("new"),
+        Existing {
+            scim_id: ScimId("s-old".into()),
+            attrs: found_attrs,
+            matched_by: "userName",
+            members: BTreeSet::new(),
+        },
+    )]);
+    (d, s, existing)
+}
+
+fn run_with(
+    t: &TargetConfig,
+    d: &Desired,
+    s: &TargetState,
+    existing: &BTreeMap<DirectoryId, Existing>,
+) -> Plan {
+    let none = BTreeMap::new();
+    plan(&PlanInput {
+        target: t,
+        desired: d,
+        state: s,
+        existing_users: existing,
+        existing_groups: &none,
+        blocked: &BTreeSet::new(),
+        not_kept: &BTreeSet::new(),
+        now: Utc::now(),
+    })
+}
+
+#[test]
+fn an_owned_account_claimed_by_another_entry_is_a_rebind_not_an_adoption() {
+    let (d, s, existing) = rebind_world();
+    let p = run_with(&target(), &d, &s, &existing);
+    assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
+    match &p.changes[0] {
+        Change::Rebind {
+            id,
+            from,
+            from_name,
+            scim_id,
+            changes,
+            ..
+        } => {
+            assert_eq!((id.0.as_str(), from.0.as_str()), ("new", "old"));
+            assert_eq!(from_name, "alice");
+            assert_eq!(scim_id.0, "s-old");
+            assert!(changes.iter().any(|c| c.path == "externalId"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.changes[0].action(), "rebind");
+    assert!(p.changes[0].is_destructive());
+    // The old identity is not deactivated besides, and the group keeps the account: it was
+    // the old entry's membership and is the new one's.
+    assert!(p.changes.iter().all(|c| !matches!(
+        c,
+        Change::DeactivateUser { .. } | Change::RemoveMembers { .. }
+    )));
+}
+
+#[test]
+fn a_rebind_counts_against_max_deprovisions_and_can_always_be_held() {
+    let (d, s, existing) = rebind_world();
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(0), 2, 1, None, None, Rebind::Allow);
+    assert_eq!(p.held.len(), 1);
+    assert!(p.changes.is_empty());
+    assert!(p.held_reason.unwrap().contains("max_deprovisions"));
+
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Allow);
+    assert_eq!(p.changes.len(), 1, "within the limit, allow applies it");
+
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Hold);
+    assert_eq!(guard::held_keys(&p).len(), 1);
+    assert!(p.held_reason.as_deref().unwrap().contains("rebind"));
+    let approved = guard::held_keys(&p);
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(
+        &mut p,
+        Limit::Count(5),
+        2,
+        1,
+        None,
+        Some(&approved),
+        Rebind::Hold,
+    );
+    assert!(p.held.is_empty());
+    assert_eq!(p.changes[0].action(), "rebind");
+}
+
+#[test]
+fn a_held_rebind_holds_the_new_entrys_member_additions() {
+    let (mut d, s, existing) = rebind_world();
+    // The new entry is in a second group the old one was not in.
+    d.groups.insert(
+        DirectoryId::new("h"),
+        DesiredGroup {
+            id: DirectoryId::new("h"),
+            dn: "cn=h".into(),
+            display_name: "h".into(),
+            members: BTreeSet::from([DirectoryId::new("new"), DirectoryId::new("keep")]),
+        },
+    );
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Hold);
+    let adds: Vec<&Change> = p
+        .changes
+        .iter()
+        .filter(|c| matches!(c, Change::AddMembers { .. }))
+        .collect();
+    for c in adds {
+        if let Change::AddMembers { members, .. } = c {
+            assert!(!members.contains(&DirectoryId::new("new")), "{members:?}");
+        }
+    }
+    assert!(p.held.iter().any(|c| matches!(c, Change::AddMembers { members, .. } if members == &vec![DirectoryId::new("new")])));
+}
+
+#[test]
+fn protect_keeps_a_directory_entry_from_being_created() {
+    let mut d = Desired::default();
+    let mut evil = want("admin-evil", "Boss", true);
+    evil.user_name = "admin-evil".into();
+    d.users.insert(evil.id.clone(), evil);
+    d.users
+        .insert(DirectoryId::new("ok"), want("ok", "Engineer", true));
+    d.groups.insert(
+        DirectoryId::new("g"),
+        DesiredGroup {
+            id: DirectoryId::new("g"),
+            dn: "cn=admins".into(),
+            display_name: "admins".into(),
+            members: BTreeSet::from([DirectoryId::new("admin-evil"), DirectoryId::new("ok")]),
+        },
+    );
+    let mut t = target();
+    t.protect = vec!["admin*".into()];
+    let p = run(&t, &d, &TargetState::default());
+    let names: Vec<(&str, &str)> = p.changes.iter().map(|c| (c.action(), c.name())).collect();
+    assert_eq!(names, vec![("create", "ok")], "{names:?}");
+    assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
+    assert!(p
+        .problems
+        .iter()
+        .all(|pr| !pr.fails && pr.reason.contains("matches a protect pattern; not created")));
 }

@@ -677,6 +677,17 @@ impl ScimClient {
         resource_type: &str,
         body: &Value,
     ) -> Result<(ScimId, Option<String>), TargetError> {
+        let (id, etag, _) = self.create_returning(resource_type, body).await?;
+        Ok((id, etag))
+    }
+
+    /// [`create`](Self::create), also returning the resource the target answered with (what
+    /// it kept of what we sent).
+    pub async fn create_returning(
+        &self,
+        resource_type: &str,
+        body: &Value,
+    ) -> Result<(ScimId, Option<String>, Value), TargetError> {
         let external_id = body.get("externalId").and_then(Value::as_str);
         let probe = external_id.map(|e| (resource_type, e));
         let resp = self
@@ -688,7 +699,8 @@ impl ScimClient {
             path: format!("/{resource_type}"),
             reason: self.redact(&format!("the created resource: {reason}")),
         })?;
-        Ok((id, etag_of(&resp)))
+        let etag = etag_of(&resp);
+        Ok((id, etag, resp.body))
     }
 
     pub async fn patch(
@@ -710,13 +722,26 @@ impl ScimClient {
         ops: Vec<Value>,
         etag: Option<&str>,
     ) -> Result<Option<String>, TargetError> {
+        let (etag, _) = self.patch_returning(resource_type, id, ops, etag).await?;
+        Ok(etag)
+    }
+
+    /// [`patch_if_match`](Self::patch_if_match), also returning the answer's body (the
+    /// resource, or `Null` for a 204).
+    pub async fn patch_returning(
+        &self,
+        resource_type: &str,
+        id: &ScimId,
+        ops: Vec<Value>,
+        etag: Option<&str>,
+    ) -> Result<(Option<String>, Value), TargetError> {
         let body = json!({ "schemas": [PATCH_SCHEMA], "Operations": ops });
         let segments = [resource_type, id.as_str()];
         match self
             .send_probed(Method::PATCH, &segments, &[], Some(&body), None, etag)
             .await
         {
-            Ok(resp) => Ok(etag_of(&resp)),
+            Ok(resp) => Ok((etag_of(&resp), resp.body)),
             Err(e) if e.status() == Some(412) && etag.is_some() => {
                 let current = self.send(Method::GET, &segments, &[], None).await?;
                 let fresh = etag_of(&current);
@@ -731,7 +756,7 @@ impl ScimClient {
                         fresh.as_deref(),
                     )
                     .await?;
-                Ok(etag_of(&resp))
+                Ok((etag_of(&resp), resp.body))
             }
             Err(e) => Err(e),
         }

@@ -21,6 +21,7 @@
 mod config;
 mod fake_ldap;
 mod hostile;
+mod fake_scim;
 mod process;
 mod proxy;
 mod run;
@@ -47,6 +48,8 @@ pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
 pub use hostile::{
     list_response, Body, HostileServer, HttpRequest, HttpResponse, ThrowawayCa, SCIM_PREFIX,
 };
+#[allow(unused_imports)]
+pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
 #[allow(unused_imports)]
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]
