@@ -178,7 +178,13 @@ async fn plan(
         .any(|t| t.status == TargetStatus::Error)
     {
         EXIT_ERROR
-    } else if outcome.targets.iter().any(|t| !t.plan.is_empty()) {
+    } else if outcome
+        .targets
+        .iter()
+        .any(|t| !t.plan.is_empty() || t.plan.problems.iter().any(|p| p.fails))
+    {
+        // An entry that cannot be provisioned is pending work too: `sync` would report it
+        // (exit 3), so the plan must not say "nothing to do".
         EXIT_CHANGES_PENDING
     } else {
         EXIT_OK
