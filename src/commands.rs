@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::audit::AuditLog;
 use crate::cli::{Cli, Command, ReportFormat};
 use crate::config::{self, Config};
-use crate::lock::StateLock;
+use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
 use crate::progress::ProgressBars;
 use crate::reconcile::{self, Outcome, Pass, TargetStatus};
@@ -306,6 +306,20 @@ fn print_target_status(snapshot: &Snapshot, target: &str) {
 }
 
 async fn explain(config: &Config, needle: &str) -> u8 {
+    // explain reads the snapshot, which one process at a time may open: while a `run` or a
+    // `sync` holds the state directory, its rows cannot be shown (and opening them would get
+    // in that process's way). Holding the lock for the read keeps a cycle from starting
+    // meanwhile.
+    let _lock = match StateLock::acquire(&config.daemon.state_dir, "explain") {
+        Ok(lock) => lock,
+        Err(LockError::Busy { dir, holder }) => {
+            return fail(format!(
+                "state directory {} (daemon.state_dir) is in use by ldap2scim ({holder}): explain cannot read the snapshot while it runs. Try again when it has finished, or stop it",
+                dir.display()
+            ))
+        }
+        Err(e) => return fail(e),
+    };
     let directory = match crate::source::read(&config.ldap).await {
         Ok(d) => d,
         Err(e) => return fail(e),
@@ -319,10 +333,15 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
     };
     let pass = Pass::new(config, &[], true);
-    let outcome = reconcile::run(&pass).await;
-    let snapshot = Snapshot::open_existing(&config.daemon.state_dir)
-        .ok()
-        .flatten();
+    let outcome = match reconcile::run(&pass).await {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    // An unreadable snapshot is an error, never an empty row.
+    let snapshot = match Snapshot::open_existing(&config.daemon.state_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let mut targets = Vec::new();
     for t in &config.targets {
         let mapped = match entry {
@@ -347,17 +366,14 @@ async fn explain(config: &Config, needle: &str) -> u8 {
                 })
                 .or_else(|| st.groups.get(&id).map(|r| json!({"scim_id": r.scim_id, "display_name": r.display_name, "members": r.members.len(), "owned": r.owned})))
         });
-        let pending: Vec<serde_json::Value> = match &outcome {
-            Ok(o) => o
-                .targets
-                .iter()
-                .filter(|x| x.name == t.name.0)
-                .flat_map(|x| {
-                    x.plan.changes.iter().chain(&x.plan.held).filter(|c| c.id() == &id).map(|c| json!({"action": c.action(), "resource": c.resource(), "name": c.name()}))
-                })
-                .collect(),
-            Err(_) => vec![],
-        };
+        let pending: Vec<serde_json::Value> = outcome
+            .targets
+            .iter()
+            .filter(|x| x.name == t.name.0)
+            .flat_map(|x| {
+                x.plan.changes.iter().chain(&x.plan.held).filter(|c| c.id() == &id).map(|c| json!({"action": c.action(), "resource": c.resource(), "name": c.name()}))
+            })
+            .collect();
         targets.push(json!({"target": t.name.0, "mapped": mapped, "snapshot": row.flatten(), "pending": pending}));
     }
     let doc = json!({"kind": kind, "dn": dn, "external_id": id.0, "targets": targets});

@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 fn people(n: usize) -> String {
@@ -43,4 +45,40 @@ fn plan_exits_2_when_an_entry_cannot_be_provisioned() {
     assert_eq!(out.code, 2, "{out}");
     world.run(&["plan"]).expect_code(2);
     world.sync_expect(3);
+}
+
+/// `explain` while a daemon holds the state directory says so and fails, instead of showing
+/// no snapshot row; once the daemon is gone it shows the row.
+#[test]
+fn explain_while_the_daemon_holds_the_state_says_so() {
+    let mut world = World::start(&people(2), "");
+    world
+        .config
+        .set("daemon", "schedule", &toml_str("0 2 * * 1"));
+    let daemon = Ldap2scim::new(&world.config.path())
+        .args(["run", "--now"])
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || daemon
+            .stderr()
+            .contains("cycle summary")),
+        "{}",
+        daemon.stderr()
+    );
+    let pid = daemon.pid();
+    let out = world.run(&["explain", "p000"]);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("in use by ldap2scim (pid {pid}, `run`)")),
+        "{out}"
+    );
+    assert!(out.stdout.is_empty(), "no half answer: {out}");
+    daemon.stop().expect_code(0);
+
+    let out = world.run(&["explain", "p000"]);
+    out.expect_code(0);
+    for t in out.json()["targets"].as_array().unwrap() {
+        assert_eq!(t["snapshot"]["user_name"], "p000", "{t}");
+    }
 }
