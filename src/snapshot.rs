@@ -105,7 +105,7 @@ impl Snapshot {
             path: state_dir.to_path_buf(),
             reason,
         };
-        std::fs::create_dir_all(state_dir).map_err(|e| open_err(e.to_string()))?;
+        crate::lock::private_dir(state_dir).map_err(|e| open_err(e.to_string()))?;
         // sled's default 1 GiB page cache dwarfs what a cycle needs; rows are read once. 8 MiB
         // is as fast as 16 for a 100k no-op and initial sync, and 15 MB smaller (BENCHMARKS.md).
         let db = sled::Config::new()
@@ -113,7 +113,18 @@ impl Snapshot {
             .path(&path)
             .open()
             .map_err(|e| open_err(e.to_string()))?;
-        Ok(Snapshot { db, path })
+        let snapshot = Snapshot { db, path };
+        snapshot.make_private();
+        Ok(snapshot)
+    }
+
+    /// sled creates its files with the process umask; the snapshot holds who works where, so
+    /// its directory and files are made private (0700 / 0600) whatever the umask was. Inside a
+    /// 0700 state directory nothing is exposed between two of these passes.
+    fn make_private(&self) {
+        if let Err(e) = crate::lock::private_tree(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot make the snapshot files private (0600)");
+        }
     }
 
     /// Opens the snapshot if it exists, for read-only commands; `None` if there is none yet.
@@ -174,18 +185,23 @@ impl Snapshot {
     /// Writes everything to disk. sled flushes lazily; a cycle calls this before it reports
     /// success.
     pub async fn flush(&self) -> Result<(), SnapshotError> {
-        let db = self.db.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| SnapshotError::Storage {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
-            .map_err(|e| SnapshotError::Storage {
-                path,
-                reason: e.to_string(),
-            })?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let flushed = this.db.flush();
+            // A flush may have started new files.
+            this.make_private();
+            flushed
+        })
+        .await
+        .map_err(|e| SnapshotError::Storage {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?
+        .map_err(|e| SnapshotError::Storage {
+            path,
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 

@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use support::*;
@@ -24,6 +26,21 @@ fn people(n: usize) -> String {
         })
         .collect::<String>()
         + &group("everyone", &[&person_dn("p000"), &person_dn("p001")])
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Every path under `root` (itself included) with its mode.
+fn modes_under(root: &Path) -> Vec<(String, bool, u32)> {
+    let mut out = vec![(root.display().to_string(), root.is_dir(), mode(root))];
+    if root.is_dir() {
+        for entry in std::fs::read_dir(root).unwrap() {
+            out.extend(modes_under(&entry.unwrap().path()));
+        }
+    }
+    out
 }
 
 /// `plan` exits 2, not 0, when `sync` would report an entry it cannot provision (exit 3).
@@ -80,5 +97,45 @@ fn explain_while_the_daemon_holds_the_state_says_so() {
     out.expect_code(0);
     for t in out.json()["targets"].as_array().unwrap() {
         assert_eq!(t["snapshot"]["user_name"], "p000", "{t}");
+    }
+}
+
+/// `sync` under `umask 000` still leaves the state directory 0700 and its files 0600.
+#[test]
+fn state_files_are_private_whatever_the_umask() {
+    let world = World::start(&people(2), "");
+    let state = world.config.state_dir();
+    // The test harness created it with the default mode; make it wide open.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let script = format!(
+        "umask 000; exec {} --config {} sync",
+        ldap2scim_binary().display(),
+        world.config.path().display()
+    );
+    for round in 0..2 {
+        if round == 1 {
+            world.slapd.modify(&format!(
+                "dn: {}\nchangetype: modify\nreplace: title\ntitle: Boss\n",
+                person_dn("p001")
+            ));
+        }
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(mode(&state), 0o700, "state directory");
+    assert_eq!(mode(&state.join("audit.jsonl")), 0o600, "audit log");
+    assert_eq!(mode(&state.join("ldap2scim.lock")), 0o600, "lock file");
+    let snapshot = modes_under(&state.join("snapshot"));
+    assert!(snapshot.len() > 1, "{snapshot:?}");
+    for (path, is_dir, m) in snapshot {
+        assert_eq!(m, if is_dir { 0o700 } else { 0o600 }, "{path}");
     }
 }
