@@ -139,3 +139,41 @@ fn state_files_are_private_whatever_the_umask() {
         assert_eq!(m, if is_dir { 0o700 } else { 0o600 }, "{path}");
     }
 }
+
+/// A snapshot sled cannot read stops the cycle with an error naming daemon.state_dir; it is
+/// never taken for an empty one.
+#[test]
+fn an_unreadable_snapshot_stops_the_cycle_and_names_the_state_dir() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    // Replace the snapshot's files by garbage: sled cannot read them.
+    let snapshot = world.config.state_dir().join("snapshot");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&snapshot).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    for f in &files {
+        std::fs::write(f, vec![0xA5u8; 4096]).unwrap();
+    }
+    for t in &world.targets {
+        t.proxy.clear();
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 1, "an unreadable snapshot is an error:\n{out}");
+    assert!(
+        out.stderr.contains("daemon.state_dir")
+            && out
+                .stderr
+                .contains(&world.config.state_dir().display().to_string()),
+        "{out}"
+    );
+    for t in &world.targets {
+        assert_eq!(t.proxy.writes(), 0, "{}", t.name());
+    }
+    let status = world.run(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains("cannot be read"), "{status}");
+}
