@@ -166,6 +166,7 @@ mod tests {
                 plan: Default::default(),
                 applied: Some(report),
                 names: Default::default(),
+                rebuild: None,
             }],
         }
     }

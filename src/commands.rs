@@ -258,6 +258,12 @@ fn status(config: &Config) -> u8 {
         }
     };
     if let Some(snapshot) = &snapshot {
+        if let Some(why) = snapshot.lost() {
+            println!(
+                "WARNING: the snapshot in {} (daemon.state_dir) is not the one written there: {why}. The next sync rebuilds it from the targets and lists orphans for `ldap2scim approve`",
+                state_dir.display()
+            );
+        }
         for t in &config.targets {
             print_target_status(snapshot, &t.name.0);
         }
@@ -302,6 +308,36 @@ fn print_target_status(snapshot: &Snapshot, target: &str) {
     }
     for (action, id) in held.iter().flatten() {
         println!("  held: {action} {id} (release with `ldap2scim approve --target {target}`)");
+    }
+    print_snapshot_health(snapshot, target, users, groups);
+}
+
+/// What `status` says of a target's snapshot itself: rows lost since they were recorded, the
+/// last rebuild, and the orphans waiting for `approve`.
+fn print_snapshot_health(snapshot: &Snapshot, target: &str, users: usize, groups: usize) {
+    match snapshot.row_counts(target) {
+        Ok(Some(c)) if users < c.users || groups < c.groups => println!(
+            "  WARNING: the snapshot lost rows of this target: it recorded {} users and {} groups, {users} and {groups} are left; the next sync rebuilds them from the target and lists orphans",
+            c.users, c.groups
+        ),
+        Ok(_) => {}
+        Err(e) => println!("  WARNING: {e}"),
+    }
+    if let Ok(Some(r)) = snapshot.last_rebuild(target) {
+        println!("  snapshot rebuilt at {}: {}", r.at.to_rfc3339(), r.reason);
+    }
+    match snapshot.orphans(target) {
+        Ok(orphans) => {
+            for (id, o) in &orphans {
+                println!(
+                    "  orphan: {} (externalId {id}, SCIM id {}, found {}): matches no directory entry this target provisions; deprovisioned only after `ldap2scim approve --target {target}` and a sync",
+                    o.user_name,
+                    o.scim_id.0,
+                    o.found.to_rfc3339()
+                );
+            }
+        }
+        Err(e) => println!("  WARNING: the orphans of this target are unreadable: {e}"),
     }
 }
 

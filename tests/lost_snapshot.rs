@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use support::*;
 
 fn people(n: usize) -> String {
@@ -26,6 +27,30 @@ fn people(n: usize) -> String {
         })
         .collect::<String>()
         + &group("everyone", &[&person_dn("p000"), &person_dn("p001")])
+}
+
+fn target_json<'a>(plan: &'a Value, target: &str) -> &'a Value {
+    plan["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .expect("target in plan")
+}
+
+/// (action, name) of a target's held changes.
+fn held_of(plan: &Value, target: &str) -> Vec<(String, String)> {
+    target_json(plan, target)["held"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap().to_string(),
+                c["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
 fn mode(path: &Path) -> u32 {
@@ -137,6 +162,216 @@ fn state_files_are_private_whatever_the_umask() {
     assert!(snapshot.len() > 1, "{snapshot:?}");
     for (path, is_dir, m) in snapshot {
         assert_eq!(m, if is_dir { 0o700 } else { 0o600 }, "{path}");
+    }
+}
+
+/// The leaver goes while the snapshot is lost: the rebuild lists it as an orphan, keeps its
+/// account active and exits 4; `approve` + `sync` deactivates it; then all is quiet.
+#[test]
+fn a_leaver_during_a_lost_snapshot_is_an_orphan_deprovisioned_only_through_approve() {
+    let world = World::start(&people(3), "");
+    // An account made by hand, without an externalId: never an orphan (ownership rule).
+    for t in &world.targets {
+        let (code, made) = scim_post(
+            &t.server.base_url(),
+            t.server.token(),
+            "/Users",
+            &json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "zed@example.org", "active": true}),
+        );
+        assert_eq!(code, 201, "{made}");
+    }
+    world.sync_ok();
+    let leaver: Vec<String> = world
+        .targets
+        .iter()
+        .map(|t| {
+            let u = t.user("p002");
+            assert!(u["active"].as_bool().unwrap_or(true));
+            u["externalId"].as_str().unwrap().to_string()
+        })
+        .collect();
+
+    world.slapd.delete(&person_dn("p002"));
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+
+    // A dry run already shows it.
+    let (out, plan) = world.plan_json();
+    assert_eq!(out.code, 2, "{out}");
+    for (t, ext) in world.targets.iter().zip(&leaver) {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}: {}",
+            t.name(),
+            target_json(&plan, t.name())
+        );
+        let orphan = &target_json(&plan, t.name())["held"][0];
+        assert_eq!(orphan["resource"], "User");
+        assert_eq!(orphan["external_id"], ext.as_str());
+        assert_eq!(orphan["scim_id"], t.user("p002")["id"]);
+        assert!(
+            changes_of(&plan, t.name()).iter().all(|c| c.0 == "adopt"),
+            "{}: {:?}",
+            t.name(),
+            changes_of(&plan, t.name())
+        );
+    }
+
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "orphans wait for approve:\n{out}");
+    assert!(
+        out.stderr.contains("snapshot") && out.stderr.contains("rebuilding"),
+        "the lost snapshot is said:\n{out}"
+    );
+    assert!(
+        out.stderr
+            .contains(&world.config.state_dir().display().to_string()),
+        "the warning names the state directory:\n{out}"
+    );
+    assert!(out.stdout.contains("orphan"), "{out}");
+    for t in &world.targets {
+        assert!(
+            t.user_states()["p002"],
+            "{}: an orphan stays active until approve",
+            t.name()
+        );
+        assert!(t.user_states()["zed@example.org"], "{}", t.name());
+        t.proxy.clear();
+    }
+
+    // Later cycles still show it (persisted), and still hold it.
+    let (out, plan) = world.plan_json();
+    assert_eq!(out.code, 2, "{out}");
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(changes_of(&plan, t.name()).is_empty(), "{}", t.name());
+    }
+    let status = world.run(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains("orphan"), "{status}");
+    assert!(status.stdout.contains("rebuilt"), "{status}");
+    world.sync_expect(4);
+    for t in &world.targets {
+        assert_eq!(t.proxy.writes(), 0, "{}: nothing written", t.name());
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+
+    for t in &world.targets {
+        let out = world.run(&["approve", "--target", t.name()]);
+        out.expect_code(0);
+        assert!(out.stdout.contains("approved 1"), "{out}");
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        let states = t.user_states();
+        assert!(!states["p002"], "{}: deactivated after approve", t.name());
+        assert!(states["p000"] && states["p001"], "{}", t.name());
+        assert!(
+            states["zed@example.org"],
+            "{}: hand-made untouched",
+            t.name()
+        );
+    }
+    let status = world.run(&["status"]);
+    assert!(!status.stdout.contains("orphan:"), "{status}");
+    world.assert_converged();
+}
+
+/// A first sync against an empty target, or one with hand-made accounts only, is quiet: no
+/// rebuild warning, no orphan, exit 0.
+#[test]
+fn a_first_sync_is_not_a_lost_snapshot() {
+    let world = World::start(&people(2), "");
+    for t in &world.targets {
+        let (code, made) = scim_post(
+            &t.server.base_url(),
+            t.server.token(),
+            "/Users",
+            &json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "zed@example.org", "externalId": "HR-4711", "active": true}),
+        );
+        assert_eq!(code, 201, "{made}");
+    }
+    for _ in 0..2 {
+        let out = world.sync_ok();
+        assert!(!out.stderr.contains("rebuilding"), "{out}");
+        assert!(!out.stdout.contains("orphan"), "{out}");
+    }
+    let metrics_free = world.run(&["status"]);
+    assert!(!metrics_free.stdout.contains("orphan"), "{metrics_free}");
+}
+
+/// Rows lost from a snapshot that is still there (its meta survives) are detected from the
+/// recorded row counts and said; the rebuild finds the leaver as an orphan.
+#[test]
+fn a_snapshot_that_lost_rows_is_detected_and_its_leaver_is_an_orphan() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    {
+        let snap = ldap2scim::snapshot::Snapshot::open(&world.config.state_dir()).unwrap();
+        for t in &world.targets {
+            let ts = snap.target(t.name()).unwrap();
+            for id in ts.load().unwrap().users.keys() {
+                ts.remove_user(id).unwrap();
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(snap.flush()).unwrap();
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    assert!(
+        out.stderr.contains("lost") && out.stderr.contains("rebuilding"),
+        "{out}"
+    );
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+}
+
+/// A damaged sled data file opens as an empty database; the marker beside it tells, and the
+/// rebuild finds the leaver.
+#[test]
+fn a_damaged_snapshot_that_opens_empty_is_said_and_its_leaver_is_an_orphan() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    std::fs::write(
+        world.config.state_dir().join("snapshot/db"),
+        vec![0xA5u8; 8192],
+    )
+    .unwrap();
+    let status = world.run(&["status"]);
+    assert!(status.stdout.contains("WARNING"), "{status}");
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    assert!(
+        out.stderr.contains("replaced or damaged") && out.stderr.contains("rebuilding"),
+        "{out}"
+    );
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
     }
 }
 

@@ -122,6 +122,16 @@ pub enum Change {
         group_name: String,
         members: Vec<DirectoryId>,
     },
+    /// An account with a directory-style `externalId` (`id`) that matches no directory entry,
+    /// found when the target's snapshot rows were rebuilt: probably someone who left while the
+    /// snapshot was lost. Unverifiable, so it is deprovisioned (deactivated, or deleted when
+    /// `delete` says the target's policy is `deprovision = "delete"`) only through `approve`.
+    Orphan {
+        id: DirectoryId,
+        scim_id: ScimId,
+        user_name: String,
+        delete: bool,
+    },
 }
 
 impl Change {
@@ -129,7 +139,10 @@ impl Change {
     pub fn is_destructive(&self) -> bool {
         matches!(
             self,
-            Change::DeactivateUser { .. } | Change::DeleteUser { .. } | Change::DeleteGroup { .. }
+            Change::DeactivateUser { .. }
+                | Change::DeleteUser { .. }
+                | Change::DeleteGroup { .. }
+                | Change::Orphan { .. }
         )
     }
 
@@ -142,6 +155,7 @@ impl Change {
             Change::DeleteUser { .. } | Change::DeleteGroup { .. } => "delete",
             Change::RemoveMembers { .. } => "remove-members",
             Change::AddMembers { .. } => "add-members",
+            Change::Orphan { .. } => "orphan",
         }
     }
 
@@ -151,7 +165,8 @@ impl Change {
             | Change::AdoptUser { .. }
             | Change::UpdateUser { .. }
             | Change::DeactivateUser { .. }
-            | Change::DeleteUser { .. } => "User",
+            | Change::DeleteUser { .. }
+            | Change::Orphan { .. } => "User",
             _ => "Group",
         }
     }
@@ -167,7 +182,8 @@ impl Change {
             | Change::CreateGroup { id, .. }
             | Change::AdoptGroup { id, .. }
             | Change::UpdateGroup { id, .. }
-            | Change::DeleteGroup { id, .. } => id,
+            | Change::DeleteGroup { id, .. }
+            | Change::Orphan { id, .. } => id,
             Change::RemoveMembers { group, .. } | Change::AddMembers { group, .. } => group,
         }
     }
@@ -179,7 +195,8 @@ impl Change {
             | Change::AdoptUser { user_name, .. }
             | Change::UpdateUser { user_name, .. }
             | Change::DeactivateUser { user_name, .. }
-            | Change::DeleteUser { user_name, .. } => user_name,
+            | Change::DeleteUser { user_name, .. }
+            | Change::Orphan { user_name, .. } => user_name,
             Change::CreateGroup { display_name, .. }
             | Change::AdoptGroup { display_name, .. }
             | Change::UpdateGroup { display_name, .. }
