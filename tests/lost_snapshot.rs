@@ -412,3 +412,29 @@ fn an_unreadable_snapshot_stops_the_cycle_and_names_the_state_dir() {
     status.expect_code(0);
     assert!(status.stdout.contains("cannot be read"), "{status}");
 }
+
+/// With `deprovision = "delete"`, an approved orphan is deleted (and nothing else is).
+#[test]
+fn an_approved_orphan_follows_the_delete_policy() {
+    let world = World::start(&people(3), "deprovision = \"delete\"");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p001"));
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let held = &target_json(&plan, t.name())["held"];
+        assert_eq!(held[0]["action"], "orphan", "{held}");
+        assert_eq!(held[0]["deprovision"], "delete", "{held}");
+        assert!(t.user_states().contains_key("p001"), "{}", t.name());
+        world.run(&["approve", "--target", t.name()]).expect_code(0);
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        let states = t.user_states();
+        assert!(!states.contains_key("p001"), "{}: deleted", t.name());
+        assert!(states["p000"] && states["p002"], "{}", t.name());
+    }
+    world.assert_converged();
+}
