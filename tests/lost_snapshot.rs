@@ -158,9 +158,9 @@ fn state_files_are_private_whatever_the_umask() {
     assert_eq!(mode(&state), 0o700, "state directory");
     assert_eq!(mode(&state.join("audit.jsonl")), 0o600, "audit log");
     assert_eq!(mode(&state.join("ldap2scim.lock")), 0o600, "lock file");
-    let snapshot = modes_under(&state.join("snapshot"));
-    assert!(snapshot.len() > 1, "{snapshot:?}");
-    for (path, is_dir, m) in snapshot {
+    assert!(modes_under(&state.join("snapshot")).len() > 1);
+    // Everything in the state directory: the snapshot, its marker, the audit log, the lock.
+    for (path, is_dir, m) in modes_under(&state) {
         assert_eq!(m, if is_dir { 0o700 } else { 0o600 }, "{path}");
     }
 }
