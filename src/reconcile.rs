@@ -753,7 +753,8 @@ fn forget_deprovisioned_orphans(snapshot: &Snapshot, target: &str, report: &Appl
 ///
 /// A target without rows, or whose rows were lost, is listed once: every account with a
 /// directory-style `externalId` that no directory entry of this target provisions, that no
-/// row holds and that no entry adopts now, is an orphan. Orphans are kept in the snapshot's
+/// row holds and that no entry adopts now, is an orphan (an inactive one only under
+/// `deprovision = "delete"`: otherwise it is offboarded already). Orphans are kept in the snapshot's
 /// meta (a sync only) so later cycles, which have rows again, still show them until they are
 /// deprovisioned through `approve`, come back into the directory, or vanish from the target.
 async fn orphans_of(
@@ -773,6 +774,7 @@ async fn orphans_of(
         None => Orphans::new(),
     };
     let stored = orphans.clone();
+    let delete = target.deprovision == crate::config::Deprovision::Delete;
     let mut rebuild = None;
     if state.users.is_empty() || lost.is_some() {
         let listed = client.list_all("Users").await.map_err(|e| e.to_string())?;
@@ -787,6 +789,11 @@ async fn orphans_of(
                 continue;
             }
             ours += 1;
+            // An inactive account is already offboarded: an orphan only where the policy
+            // wants leavers deleted.
+            if !r["active"].as_bool().unwrap_or(true) && !delete {
+                continue;
+            }
             let id = DirectoryId::new(ext);
             let (Some(scim_id), Some(user_name)) = (scim_id_of(r), r["userName"].as_str()) else {
                 continue;
@@ -851,7 +858,6 @@ async fn orphans_of(
             }
         }
     }
-    let delete = target.deprovision == crate::config::Deprovision::Delete;
     let changes = orphans
         .into_iter()
         .map(|(id, o)| plan::Change::Orphan {

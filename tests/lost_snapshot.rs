@@ -438,3 +438,21 @@ fn an_approved_orphan_follows_the_delete_policy() {
     }
     world.assert_converged();
 }
+
+/// A leaver deactivated before the snapshot was lost is offboarded already: not an orphan,
+/// and the rebuild exits 0.
+#[test]
+fn a_leaver_deactivated_before_the_loss_is_not_an_orphan() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    world.sync_ok();
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    let out = world.sync_ok();
+    assert!(out.stderr.contains("rebuilding"), "{out}");
+    assert!(!out.stdout.contains("orphan"), "{out}");
+    for t in &world.targets {
+        assert!(!t.user_states()["p002"], "{}", t.name());
+    }
+    world.assert_converged();
+}
