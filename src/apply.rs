@@ -544,7 +544,81 @@ impl Applier<'_> {
             Change::RemoveMembers { .. } | Change::AddMembers { .. } => {
                 unreachable!("handled by members()")
             }
+            Change::Orphan {
+                id,
+                scim_id,
+                user_name,
+                delete,
+            } => {
+                self.deprovision_orphan(id, scim_id, user_name, *delete)
+                    .await
+            }
         }
+    }
+
+    /// An approved orphan: deleted, or deactivated and from then on managed like any leaver
+    /// (its row, in the deactivated state, lets `deactivate-then-delete` run its course and a
+    /// returner with the same directory id be reactivated).
+    async fn deprovision_orphan(
+        &self,
+        id: &DirectoryId,
+        scim_id: &ScimId,
+        user_name: &str,
+        delete: bool,
+    ) -> Result<Vec<Effect>, ApplyError> {
+        if delete {
+            self.client.delete("Users", scim_id).await?;
+            return Ok(Vec::new());
+        }
+        let mut inactive = FlatAttrs::new();
+        inactive.insert("active".into(), Value::Bool(false));
+        let written = if self.caps.patch {
+            let change = AttrChange {
+                path: "active".into(),
+                from: Some(Value::Bool(true)),
+                to: Some(Value::Bool(false)),
+            };
+            self.client
+                .patch(
+                    "Users",
+                    scim_id,
+                    patch_ops(&[change], &inactive, self.target.profile),
+                )
+                .await
+        } else {
+            // Without PATCH the whole resource goes back as the target has it, inactive: we
+            // know nothing else of it.
+            match self.client.get("Users", scim_id).await {
+                Ok(mut current) => {
+                    current["active"] = Value::Bool(false);
+                    if let Some(obj) = current.as_object_mut() {
+                        obj.remove("meta");
+                    }
+                    self.client.put("Users", scim_id, &current).await
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let etag = match written {
+            Ok(etag) => etag,
+            Err(e) if e.status() == Some(404) => {
+                warn!(target = %self.target.name, user = %user_name, "orphan to deactivate is already gone from the target");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let attrs = SharedAttrs::pack(&inactive);
+        let row = self.user_row(
+            scim_id.clone(),
+            user_name,
+            &attrs,
+            &inactive,
+            etag,
+            Ownership::Adopted,
+            None,
+        );
+        self.snapshot.put_user(id, &row)?;
+        Ok(vec![Effect::PutUser(id.clone(), row)])
     }
 
     /// Member deltas, in batches the target accepts; the row advances after each batch.
@@ -860,7 +934,8 @@ fn change_scim_id(c: &Change) -> Option<String> {
         | Change::DeleteUser { scim_id, .. }
         | Change::AdoptGroup { scim_id, .. }
         | Change::UpdateGroup { scim_id, .. }
-        | Change::DeleteGroup { scim_id, .. } => Some(scim_id.0.clone()),
+        | Change::DeleteGroup { scim_id, .. }
+        | Change::Orphan { scim_id, .. } => Some(scim_id.0.clone()),
         _ => None,
     }
 }

@@ -8,6 +8,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -64,10 +65,18 @@ impl AuditLog {
             return Ok(0);
         }
         self.rotate_if_needed()?;
+        // Names and ids of people: readable by this service only (0600), whatever the umask.
+        // Rotated files keep the mode through the rename.
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)?;
+        crate::lock::restrict(&self.path, 0o600)?;
+        for n in 1..=self.keep {
+            // Files rotated by an older version kept whatever mode it gave them.
+            let _ = crate::lock::restrict(&self.rotated(n), 0o600);
+        }
         let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
         let time = at.to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut lines = 0;
@@ -162,6 +171,7 @@ mod tests {
                 plan: Default::default(),
                 applied: Some(report),
                 names: Default::default(),
+                rebuild: None,
             }],
         }
     }
@@ -213,6 +223,23 @@ mod tests {
         let text = std::fs::read_to_string(log.path()).unwrap();
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
         assert!(last.get("from_external_id").is_none());
+    }
+
+    #[test]
+    fn the_log_and_its_rotations_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::with_limits(dir.path(), 300, 2);
+        // A file an older version left readable to everyone.
+        std::fs::write(log.rotated(2), "{}\n").unwrap();
+        std::fs::set_permissions(log.rotated(2), std::fs::Permissions::from_mode(0o644)).unwrap();
+        for _ in 0..3 {
+            log.append(&outcome(2), Utc::now()).unwrap();
+        }
+        for path in [log.path().to_path_buf(), log.rotated(1), log.rotated(2)] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
     }
 
     #[test]

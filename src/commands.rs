@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::audit::AuditLog;
 use crate::cli::{Cli, Command, ReportFormat};
 use crate::config::{self, Config};
-use crate::lock::StateLock;
+use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
 use crate::progress::ProgressBars;
 use crate::reconcile::{self, Outcome, Pass, TargetStatus};
@@ -178,7 +178,13 @@ async fn plan(
         .any(|t| t.status == TargetStatus::Error)
     {
         EXIT_ERROR
-    } else if outcome.targets.iter().any(|t| !t.plan.is_empty()) {
+    } else if outcome
+        .targets
+        .iter()
+        .any(|t| !t.plan.is_empty() || t.plan.problems.iter().any(|p| p.fails))
+    {
+        // An entry that cannot be provisioned is pending work too: `sync` would report it
+        // (exit 3), so the plan must not say "nothing to do".
         EXIT_CHANGES_PENDING
     } else {
         EXIT_OK
@@ -252,6 +258,12 @@ fn status(config: &Config) -> u8 {
         }
     };
     if let Some(snapshot) = &snapshot {
+        if let Some(why) = snapshot.lost() {
+            println!(
+                "WARNING: the snapshot in {} (daemon.state_dir) is not the one written there: {why}. The next sync rebuilds it from the targets and lists orphans for `ldap2scim approve`",
+                state_dir.display()
+            );
+        }
         for t in &config.targets {
             print_target_status(snapshot, &t.name.0);
         }
@@ -297,9 +309,53 @@ fn print_target_status(snapshot: &Snapshot, target: &str) {
     for (action, id) in held.iter().flatten() {
         println!("  held: {action} {id} (release with `ldap2scim approve --target {target}`)");
     }
+    print_snapshot_health(snapshot, target, users, groups);
+}
+
+/// What `status` says of a target's snapshot itself: rows lost since they were recorded, the
+/// last rebuild, and the orphans waiting for `approve`.
+fn print_snapshot_health(snapshot: &Snapshot, target: &str, users: usize, groups: usize) {
+    match snapshot.row_counts(target) {
+        Ok(Some(c)) if users < c.users || groups < c.groups => println!(
+            "  WARNING: the snapshot lost rows of this target: it recorded {} users and {} groups, {users} and {groups} are left; the next sync rebuilds them from the target and lists orphans",
+            c.users, c.groups
+        ),
+        Ok(_) => {}
+        Err(e) => println!("  WARNING: {e}"),
+    }
+    if let Ok(Some(r)) = snapshot.last_rebuild(target) {
+        println!("  snapshot rebuilt at {}: {}", r.at.to_rfc3339(), r.reason);
+    }
+    match snapshot.orphans(target) {
+        Ok(orphans) => {
+            for (id, o) in &orphans {
+                println!(
+                    "  orphan: {} (externalId {id}, SCIM id {}, found {}): matches no directory entry this target provisions; deprovisioned only after `ldap2scim approve --target {target}` and a sync",
+                    o.user_name,
+                    o.scim_id.0,
+                    o.found.to_rfc3339()
+                );
+            }
+        }
+        Err(e) => println!("  WARNING: the orphans of this target are unreadable: {e}"),
+    }
 }
 
 async fn explain(config: &Config, needle: &str) -> u8 {
+    // explain reads the snapshot, which one process at a time may open: while a `run` or a
+    // `sync` holds the state directory, its rows cannot be shown (and opening them would get
+    // in that process's way). Holding the lock for the read keeps a cycle from starting
+    // meanwhile.
+    let _lock = match StateLock::acquire(&config.daemon.state_dir, "explain") {
+        Ok(lock) => lock,
+        Err(LockError::Busy { dir, holder }) => {
+            return fail(format!(
+                "state directory {} (daemon.state_dir) is in use by ldap2scim ({holder}): explain cannot read the snapshot while it runs. Try again when it has finished, or stop it",
+                dir.display()
+            ))
+        }
+        Err(e) => return fail(e),
+    };
     let directory = match crate::source::read(&config.ldap).await {
         Ok(d) => d,
         Err(e) => return fail(e),
@@ -313,10 +369,15 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
     };
     let pass = Pass::new(config, &[], true);
-    let outcome = reconcile::run(&pass).await;
-    let snapshot = Snapshot::open_existing(&config.daemon.state_dir)
-        .ok()
-        .flatten();
+    let outcome = match reconcile::run(&pass).await {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    // An unreadable snapshot is an error, never an empty row.
+    let snapshot = match Snapshot::open_existing(&config.daemon.state_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let mut targets = Vec::new();
     for t in &config.targets {
         let mapped = match entry {
@@ -341,17 +402,14 @@ async fn explain(config: &Config, needle: &str) -> u8 {
                 })
                 .or_else(|| st.groups.get(&id).map(|r| json!({"scim_id": r.scim_id, "display_name": r.display_name, "members": r.members.len(), "owned": r.owned})))
         });
-        let pending: Vec<serde_json::Value> = match &outcome {
-            Ok(o) => o
-                .targets
-                .iter()
-                .filter(|x| x.name == t.name.0)
-                .flat_map(|x| {
-                    x.plan.changes.iter().chain(&x.plan.held).filter(|c| c.id() == &id).map(|c| json!({"action": c.action(), "resource": c.resource(), "name": c.name()}))
-                })
-                .collect(),
-            Err(_) => vec![],
-        };
+        let pending: Vec<serde_json::Value> = outcome
+            .targets
+            .iter()
+            .filter(|x| x.name == t.name.0)
+            .flat_map(|x| {
+                x.plan.changes.iter().chain(&x.plan.held).filter(|c| c.id() == &id).map(|c| json!({"action": c.action(), "resource": c.resource(), "name": c.name()}))
+            })
+            .collect();
         targets.push(json!({"target": t.name.0, "mapped": mapped, "snapshot": row.flatten(), "pending": pending}));
     }
     let doc = json!({"kind": kind, "dn": dn, "external_id": id.0, "targets": targets});

@@ -252,8 +252,21 @@ fn summary_status(outcome: &Outcome) -> String {
         .iter()
         .map(|t| {
             let applied = t.applied.as_ref().map_or(0, |a| a.applied);
+            let orphans = t
+                .plan
+                .held
+                .iter()
+                .filter(|c| matches!(c, crate::plan::Change::Orphan { .. }))
+                .count();
+            let mut notes = String::new();
+            if t.rebuild.is_some() {
+                notes.push_str(", snapshot lost: rebuilding");
+            }
+            if orphans > 0 {
+                notes.push_str(&format!(", {orphans} orphan(s) waiting for approve"));
+            }
             format!(
-                "{} {} ({applied} applied, {} held)",
+                "{} {} ({applied} applied, {} held{notes})",
                 t.name,
                 status_word(t.status),
                 t.plan.held.len()
@@ -448,6 +461,42 @@ impl Drop for AbortOnDrop {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_systemd_status_says_a_lost_snapshot_and_waiting_orphans() {
+        use crate::model::{DirectoryId, ScimId};
+        use crate::plan::{Change, Plan};
+        use crate::reconcile::TargetOutcome;
+        let outcome = Outcome {
+            run_id: "r1".into(),
+            read_duration: Duration::ZERO,
+            source_users: 2,
+            source_groups: 0,
+            targets: vec![TargetOutcome {
+                name: "app".into(),
+                status: TargetStatus::Held,
+                error: None,
+                plan: Plan {
+                    held: vec![Change::Orphan {
+                        id: DirectoryId::new("107f0144-823a-1041-89a3-21734381405b"),
+                        scim_id: ScimId("s1".into()),
+                        user_name: "left".into(),
+                        delete: false,
+                    }],
+                    ..Plan::default()
+                },
+                applied: None,
+                names: Default::default(),
+                elapsed: Duration::ZERO,
+                rebuild: Some("lost".into()),
+            }],
+        };
+        let line = summary_status(&outcome);
+        assert!(
+            line.contains("app held (0 applied, 1 held, snapshot lost: rebuilding, 1 orphan(s) waiting for approve)"),
+            "{line}"
+        );
+    }
     use super::*;
     use chrono::{Datelike, TimeZone, Timelike, Weekday};
 

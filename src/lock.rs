@@ -4,9 +4,14 @@
 //! the lock when the holder exits, however it exits, so a stale file never blocks anyone.
 //!
 //! This module never waits for a lock and never removes another process's lock file.
+//!
+//! It also owns how private the state directory is: the directory 0700, what lives in it
+//! 0600, whatever the umask (systemd's `UMask=0077` and `StateDirectoryMode=0700` say the
+//! same; outside systemd nothing else would).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = "ldap2scim.lock";
@@ -33,15 +38,17 @@ impl StateLock {
             dir: state_dir.to_path_buf(),
             reason: e.to_string(),
         };
-        std::fs::create_dir_all(state_dir).map_err(io)?;
+        private_dir(state_dir).map_err(io)?;
         let path = state_dir.join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
+        restrict(&path, 0o600).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -67,6 +74,45 @@ impl StateLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Creates `dir` (and missing parents) as 0700, or makes an existing one 0700. A directory
+/// this user may write but not chmod (an operator's choice) is used as it is, with a warning.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if let Err(e) = restrict(dir, 0o700) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot make the state directory private (0700)");
+    }
+    Ok(())
+}
+
+/// Makes `root` and everything under it private: directories 0700, files 0600.
+pub fn private_tree(root: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(root)?;
+    if meta.is_dir() {
+        restrict(root, 0o700)?;
+        for entry in std::fs::read_dir(root)? {
+            private_tree(&entry?.path())?;
+        }
+        Ok(())
+    } else if meta.is_file() {
+        restrict(root, 0o600)
+    } else {
+        Ok(())
+    }
+}
+
+/// Sets `path`'s permission bits to `mode` unless they already are (a chmod only when needed,
+/// so a state directory someone else created but we may use is left alone when it is private).
+pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
+    let current = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if current == mode {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Who holds the lock of `state_dir` right now, if anyone (for `status`).
@@ -124,5 +170,31 @@ mod tests {
         assert_eq!(holder(dir.path()), None);
         let again = StateLock::acquire(dir.path(), "run").unwrap();
         assert!(again.path().ends_with(LOCK_FILE));
+    }
+
+    #[test]
+    fn the_state_directory_and_the_lock_file_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let state = dir.path().join("a/state");
+        let lock = StateLock::acquire(&state, "sync").unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(lock.path()), 0o600);
+        drop(lock);
+        // An existing, open one is closed down.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(
+            state.join(LOCK_FILE),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let lock = StateLock::acquire(&state, "sync").unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(lock.path()), 0o600);
+        std::fs::write(state.join("f"), "x").unwrap();
+        std::fs::create_dir(state.join("d")).unwrap();
+        private_tree(&state).unwrap();
+        assert_eq!(mode(&state.join("f")), 0o600);
+        assert_eq!(mode(&state.join("d")), 0o700);
     }
 }

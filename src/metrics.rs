@@ -50,6 +50,10 @@ struct TargetMetrics {
     retries: u64,
     writes: u64,
     held: u64,
+    /// Orphans waiting for `approve` after the last cycle.
+    orphans: u64,
+    /// Cycles that found this target's snapshot rows lost and rebuilt them.
+    rebuilds: u64,
     last_success: Option<f64>,
     duration: Histogram,
 }
@@ -130,6 +134,15 @@ impl Metrics {
                 *m.cycles.entry(status).or_default() += 1;
                 m.duration.observe(t.elapsed.as_secs_f64());
                 m.held = t.plan.held.len() as u64;
+                m.orphans = t
+                    .plan
+                    .held
+                    .iter()
+                    .filter(|c| matches!(c, crate::plan::Change::Orphan { .. }))
+                    .count() as u64;
+                if t.rebuild.is_some() {
+                    m.rebuilds += 1;
+                }
                 if t.error.is_some() {
                     *m.errors.entry("plan").or_default() += 1;
                 }
@@ -284,6 +297,34 @@ fn render(s: &State) -> String {
             "ldap2scim_held_changes{{target=\"{}\"}} {}",
             label(name),
             m.held
+        );
+    }
+    header(
+        &mut out,
+        "ldap2scim_orphans",
+        "gauge",
+        "Accounts with a directory-style externalId matching no directory entry, waiting for approve.",
+    );
+    for (name, m) in t {
+        let _ = writeln!(
+            out,
+            "ldap2scim_orphans{{target=\"{}\"}} {}",
+            label(name),
+            m.orphans
+        );
+    }
+    header(
+        &mut out,
+        "ldap2scim_snapshot_rebuilds_total",
+        "counter",
+        "Cycles that found the target's snapshot rows lost (or missing while it holds accounts with directory-style externalIds) and rebuilt them.",
+    );
+    for (name, m) in t {
+        let _ = writeln!(
+            out,
+            "ldap2scim_snapshot_rebuilds_total{{target=\"{}\"}} {}",
+            label(name),
+            m.rebuilds
         );
     }
     header(
@@ -502,6 +543,49 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 2\n"), "{out}");
         assert!(out.contains("x_count 2\n"), "{out}");
+    }
+
+    #[test]
+    fn orphans_and_snapshot_rebuilds_are_exported() {
+        use crate::model::{DirectoryId, ScimId};
+        use crate::plan::{Change, Plan};
+        use crate::reconcile::TargetOutcome;
+        let plan = Plan {
+            held: vec![Change::Orphan {
+                id: DirectoryId::new("107f0144-823a-1041-89a3-21734381405b"),
+                scim_id: ScimId("s1".into()),
+                user_name: "left".into(),
+                delete: false,
+            }],
+            ..Plan::default()
+        };
+        let outcome = Outcome {
+            run_id: "r".into(),
+            read_duration: Duration::ZERO,
+            source_users: 2,
+            source_groups: 0,
+            targets: vec![TargetOutcome {
+                name: "app".into(),
+                status: TargetStatus::Held,
+                error: None,
+                plan,
+                applied: None,
+                names: Default::default(),
+                elapsed: Duration::ZERO,
+                rebuild: Some("the snapshot lost rows".into()),
+            }],
+        };
+        let m = Metrics::default();
+        m.cycle_finished(&outcome, Duration::from_secs(1), 0.0);
+        let text = m.render();
+        assert!(
+            text.contains("ldap2scim_orphans{target=\"app\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ldap2scim_snapshot_rebuilds_total{target=\"app\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

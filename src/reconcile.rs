@@ -10,11 +10,14 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::apply::{members_of, scim_id_of, Applier, ApplyReport};
-use crate::config::{Config, MatchRule, Profile, TargetConfig};
+use crate::config::{Config, Dialect, MatchRule, Profile, TargetConfig};
 use crate::map::{self, Desired, FlatAttrs};
 use crate::model::{Directory, DirectoryId};
 use crate::plan::{self, guard, Existing, Plan, PlanInput};
-use crate::snapshot::{ReadStats, Snapshot, SnapshotError, TargetSnapshot, TargetState};
+use crate::snapshot::{
+    Orphan, Orphans, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError, TargetSnapshot,
+    TargetState,
+};
 use crate::source::{self, SourceError};
 use crate::target::{Capabilities, ScimClient, TargetError};
 
@@ -50,6 +53,9 @@ pub struct TargetOutcome {
     pub names: BTreeMap<DirectoryId, String>,
     /// How long this target took (plan and apply).
     pub elapsed: std::time::Duration,
+    /// The target's snapshot rows were found lost (or missing while the target holds
+    /// accounts with directory-style externalIds) and are being rebuilt: the warning.
+    pub rebuild: Option<String>,
 }
 
 #[derive(Debug)]
@@ -489,6 +495,7 @@ async fn run_target_untimed(
         applied: None,
         names: BTreeMap::new(),
         elapsed: Default::default(),
+        rebuild: None,
     };
     let (desired, tsnap, mut state) = match prepared {
         Ok(p) => p,
@@ -504,6 +511,20 @@ async fn run_target_untimed(
             Ok(x) => x,
             Err(e) => return fail(e.to_string()),
         };
+    let (rebuild, orphans) = match orphans_of(
+        pass,
+        target,
+        &client,
+        snapshot,
+        &desired,
+        &state,
+        &existing_users,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
     let blocked: BTreeSet<DirectoryId> = problems
         .iter()
         .map(|p| DirectoryId(p.external_id.clone()))
@@ -540,6 +561,7 @@ async fn run_target_untimed(
         approved.as_ref(),
         target.rebind,
     );
+    guard::add_orphans(&mut plan, orphans, hold, approved.as_ref());
 
     if pass.dry_run {
         let status = if plan.held.is_empty() {
@@ -556,6 +578,7 @@ async fn run_target_untimed(
             applied: None,
             names,
             elapsed: Default::default(),
+            rebuild,
         };
     }
     let Some(tsnap) = tsnap else {
@@ -572,7 +595,21 @@ async fn run_target_untimed(
         caps,
     };
     debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "planned");
+    if let Some(s) = snapshot {
+        record_row_counts(s, &name, row_floor(&state, &plan));
+    }
     let report = applier.apply(&mut state, &plan.changes).await;
+    if let Some(s) = snapshot {
+        record_row_counts(
+            s,
+            &name,
+            RowCounts {
+                users: state.users.len(),
+                groups: state.groups.len(),
+            },
+        );
+        forget_deprovisioned_orphans(s, &name, &report);
+    }
     drop_in_background(state);
     if let Some(s) = snapshot {
         let held = guard::held_keys(&plan);
@@ -642,7 +679,223 @@ async fn run_target_untimed(
         applied: Some(report),
         names,
         elapsed: Default::default(),
+        rebuild,
     }
+}
+
+/// Whether `external_id` has the form of the dialect's directory ids, as ldap2scim sends them
+/// as `externalId`: an RFC 4122 UUID in text (OpenLDAP's `entryUUID`, any case on input) or
+/// AD's `objectGUID` as the canonical lowercase GUID string. Only such accounts can be
+/// orphans: an account without one was made by hand (or by another tool) and is never ours.
+pub fn is_directory_style(dialect: Dialect, external_id: &str) -> bool {
+    let b = external_id.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => match dialect {
+                Dialect::OpenLdap => c.is_ascii_hexdigit(),
+                Dialect::ActiveDirectory => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+            },
+        })
+}
+
+/// A target's rows were lost if the snapshot holds fewer than it recorded (the counts are a
+/// lower bound while a cycle runs, so a crash mid-cycle never looks like a loss).
+fn lost_rows(snapshot: Option<&Snapshot>, target: &str, state: &TargetState) -> Option<String> {
+    let snapshot = snapshot?;
+    if let Some(why) = snapshot.lost() {
+        return Some(why.to_string());
+    }
+    let recorded = match snapshot.row_counts(target) {
+        Ok(r) => r?,
+        Err(e) => return Some(format!("its row counts are unreadable ({e})")),
+    };
+    (state.users.len() < recorded.users || state.groups.len() < recorded.groups).then(|| {
+        format!(
+            "it recorded {} user and {} group rows for this target, {} and {} are left",
+            recorded.users,
+            recorded.groups,
+            state.users.len(),
+            state.groups.len()
+        )
+    })
+}
+
+/// The fewest rows a target can have once `plan` is applied (what it removes taken off), to
+/// be recorded before the apply starts.
+fn row_floor(state: &TargetState, plan: &Plan) -> RowCounts {
+    let removing_users = plan
+        .changes
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                plan::Change::DeleteUser { .. }
+                    | plan::Change::DeactivateUser { .. }
+                    | plan::Change::Rebind { .. }
+            )
+        })
+        .count();
+    let removing_groups = plan
+        .changes
+        .iter()
+        .filter(|c| matches!(c, plan::Change::DeleteGroup { .. }))
+        .count();
+    RowCounts {
+        users: state.users.len().saturating_sub(removing_users),
+        groups: state.groups.len().saturating_sub(removing_groups),
+    }
+}
+
+fn record_row_counts(snapshot: &Snapshot, target: &str, counts: RowCounts) {
+    if let Err(e) = snapshot.set_row_counts(target, counts) {
+        warn!(target = %target, error = %e, "cannot record the snapshot's row counts");
+    }
+}
+
+/// Orphans the target acknowledged deprovisioning are orphans no more.
+fn forget_deprovisioned_orphans(snapshot: &Snapshot, target: &str, report: &ApplyReport) {
+    let done: Vec<DirectoryId> = report
+        .records
+        .iter()
+        .filter(|r| r.action == "orphan" && r.outcome == "ok")
+        .map(|r| DirectoryId(r.external_id.clone()))
+        .collect();
+    if done.is_empty() {
+        return;
+    }
+    let stored = snapshot.orphans(target).and_then(|mut o| {
+        for id in &done {
+            o.remove(id);
+        }
+        snapshot.set_orphans(target, &o)
+    });
+    if let Err(e) = stored {
+        warn!(target = %target, error = %e, "cannot record the deprovisioned orphans");
+    }
+}
+
+/// The rebuild warning for a target (if its rows are lost, or missing while it holds accounts
+/// with directory-style externalIds) and its orphans as changes for the guard to hold.
+///
+/// A target without rows, or whose rows were lost, is listed once: every account with a
+/// directory-style `externalId` that no directory entry of this target provisions, that no
+/// row holds and that no entry adopts now, is an orphan (an inactive one only under
+/// `deprovision = "delete"`: otherwise it is offboarded already). Orphans are kept in the snapshot's
+/// meta (a sync only) so later cycles, which have rows again, still show them until they are
+/// deprovisioned through `approve`, come back into the directory, or vanish from the target.
+async fn orphans_of(
+    pass: &Pass<'_>,
+    target: &TargetConfig,
+    client: &ScimClient,
+    snapshot: Option<&Snapshot>,
+    desired: &Desired,
+    state: &TargetState,
+    adopting: &BTreeMap<DirectoryId, Existing>,
+) -> Result<(Option<String>, Vec<plan::Change>), String> {
+    let name = &target.name.0;
+    let state_dir = pass.config.daemon.state_dir.display();
+    let lost = lost_rows(snapshot, name, state);
+    let mut orphans: Orphans = match snapshot {
+        Some(s) => s.orphans(name).map_err(|e| e.to_string())?,
+        None => Orphans::new(),
+    };
+    let stored = orphans.clone();
+    let delete = target.deprovision == crate::config::Deprovision::Delete;
+    let mut rebuild = None;
+    if state.users.is_empty() || lost.is_some() {
+        let listed = client.list_all("Users").await.map_err(|e| e.to_string())?;
+        let adopted: BTreeSet<&crate::model::ScimId> =
+            adopting.values().map(|e| &e.scim_id).collect();
+        let mut ours = 0usize;
+        for r in &listed {
+            let Some(ext) = r["externalId"].as_str() else {
+                continue;
+            };
+            if !is_directory_style(pass.config.ldap.dialect, ext) {
+                continue;
+            }
+            ours += 1;
+            // An inactive account is already offboarded: an orphan only where the policy
+            // wants leavers deleted.
+            if !r["active"].as_bool().unwrap_or(true) && !delete {
+                continue;
+            }
+            let id = DirectoryId::new(ext);
+            let (Some(scim_id), Some(user_name)) = (scim_id_of(r), r["userName"].as_str()) else {
+                continue;
+            };
+            let provisioned = desired
+                .users
+                .get(&id)
+                .is_some_and(|u| u.active || target.provision_disabled);
+            let unmapped = desired.problems.iter().any(|(p, _, _)| p == &id);
+            if provisioned
+                || unmapped
+                || state.users.contains_key(&id)
+                || state.user_by_scim_id(&scim_id).is_some()
+                || adopted.contains(&scim_id)
+                || plan::is_protected(target, user_name)
+            {
+                continue;
+            }
+            orphans.entry(id).or_insert(Orphan {
+                scim_id,
+                user_name: user_name.to_string(),
+                found: pass.now,
+            });
+        }
+        rebuild = match (&lost, ours) {
+            (Some(why), _) => Some(format!(
+                "the snapshot in {state_dir} (daemon.state_dir) lost rows of target {name}: {why}; rebuilding from the target"
+            )),
+            (None, 0) => None,
+            (None, n) => Some(format!(
+                "the snapshot in {state_dir} (daemon.state_dir) has no rows for target {name}, but the target holds {n} account(s) with directory-style externalIds: the snapshot was lost (or never written for this target); rebuilding from the target"
+            )),
+        };
+    }
+    // A returner is adopted by its externalId; an account a row or an adoption holds is
+    // managed again.
+    let adopted: BTreeSet<&crate::model::ScimId> = adopting.values().map(|e| &e.scim_id).collect();
+    orphans.retain(|id, o| {
+        let provisioned = desired
+            .users
+            .get(id)
+            .is_some_and(|u| u.active || target.provision_disabled);
+        !provisioned
+            && !state.users.contains_key(id)
+            && state.user_by_scim_id(&o.scim_id).is_none()
+            && !adopted.contains(&o.scim_id)
+    });
+    if let Some(msg) = &rebuild {
+        warn!(target = %name, "{msg}");
+    }
+    if let (Some(s), false) = (snapshot, pass.dry_run) {
+        if orphans != stored {
+            s.set_orphans(name, &orphans).map_err(|e| e.to_string())?;
+        }
+        if let Some(msg) = &rebuild {
+            let record = Rebuild {
+                at: pass.now,
+                reason: msg.clone(),
+            };
+            if let Err(e) = s.set_last_rebuild(name, &record) {
+                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
+            }
+        }
+    }
+    let changes = orphans
+        .into_iter()
+        .map(|(id, o)| plan::Change::Orphan {
+            // A disabled entry's account is deactivated, never deleted.
+            delete: delete && !desired.users.contains_key(&id),
+            id,
+            scim_id: o.scim_id,
+            user_name: o.user_name,
+        })
+        .collect();
+    Ok((rebuild, changes))
 }
 
 fn member_names(
@@ -1006,6 +1259,28 @@ mod tests {
         );
         assert_eq!(flat["name.givenName"], "A");
         assert!(!flat.contains_key("id"));
+    }
+
+    #[test]
+    fn only_the_dialects_id_form_is_directory_style() {
+        let uuid = "107f0144-823a-1041-89a3-21734381405b";
+        assert!(is_directory_style(Dialect::OpenLdap, uuid));
+        assert!(is_directory_style(Dialect::ActiveDirectory, uuid));
+        let upper = uuid.to_ascii_uppercase();
+        assert!(is_directory_style(Dialect::OpenLdap, &upper));
+        assert!(
+            !is_directory_style(Dialect::ActiveDirectory, &upper),
+            "objectGUID is written lowercase"
+        );
+        for other in [
+            "",
+            "HR-4711",
+            "{107f0144-823a-1041-89a3-21734381405b}",
+            "107f0144823a104189a321734381405b",
+            "107f0144-823a-1041-89a3-21734381405g",
+        ] {
+            assert!(!is_directory_style(Dialect::OpenLdap, other), "{other}");
+        }
     }
 
     #[test]

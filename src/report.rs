@@ -70,6 +70,9 @@ impl Summary {
                 Change::AddMembers { members, .. } => bump("members_added", members.len()),
                 Change::RemoveMembers { members, .. } => bump("members_removed", members.len()),
                 Change::Rebind { .. } => rebound += 1,
+                // Only an approved orphan is in `changes`: it goes as the policy says.
+                Change::Orphan { delete: true, .. } => bump("users_deleted", 1),
+                Change::Orphan { .. } => bump("users_deactivated", 1),
             }
         }
         bump("held", t.plan.held.len());
@@ -154,6 +157,16 @@ fn change_json(t: &TargetOutcome, c: &Change) -> Value {
             obj.insert("from_name".into(), json!(from_name));
             obj.insert("matched_by".into(), json!(matched_by));
         }
+        Change::Orphan {
+            scim_id, delete, ..
+        } => {
+            obj.insert("scim_id".into(), json!(scim_id.0));
+            obj.insert(
+                "deprovision".into(),
+                json!(if *delete { "delete" } else { "deactivate" }),
+            );
+            obj.insert("reason".into(), json!("no-directory-entry"));
+        }
         _ => {}
     }
     Value::Object(obj)
@@ -169,6 +182,9 @@ pub fn to_json(outcome: &Outcome) -> Value {
             obj.insert("status".into(), json!(status_str(t.status)));
             if let Some(e) = &t.error {
                 obj.insert("error".into(), json!(e));
+            }
+            if let Some(w) = &t.rebuild {
+                obj.insert("snapshot_warning".into(), json!(w));
             }
             obj.insert("summary".into(), Summary::of(t).to_json());
             obj.insert("changes".into(), Value::Array(t.plan.changes.iter().map(|c| change_json(t, c)).collect()));
@@ -263,6 +279,16 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
         | Change::Rebind { matched_by, .. } => {
             format!(" (matched by {matched_by})")
         }
+        Change::Orphan {
+            id,
+            scim_id,
+            delete,
+            ..
+        } => format!(
+            " (externalId {id}, SCIM id {}: matches no directory entry this target provisions; {} only through approve)",
+            scim_id.0,
+            if *delete { "deleted" } else { "deactivated" }
+        ),
         _ => String::new(),
     };
     if detail.is_empty() {
@@ -348,6 +374,9 @@ fn text(outcome: &Outcome) -> String {
         );
         if let Some(e) = &t.error {
             let _ = writeln!(out, "  error: {}", one_line(e));
+        }
+        if let Some(w) = &t.rebuild {
+            let _ = writeln!(out, "  warning: {w}");
         }
         for c in &t.plan.changes {
             let _ = writeln!(out, "  {}", one_line(&describe(t, c)));
@@ -481,8 +510,19 @@ pub fn sync_lines(outcome: &Outcome) -> String {
                 one_line(&f.error)
             );
         }
+        if let Some(r) = &t.rebuild {
+            let _ = writeln!(out, "  warning: {r}");
+        }
         if let Some(r) = &t.plan.held_reason {
             let _ = writeln!(out, "  held: {}", one_line(r));
+        }
+        for c in t
+            .plan
+            .held
+            .iter()
+            .filter(|c| matches!(c, Change::Orphan { .. }))
+        {
+            let _ = writeln!(out, "  {}", describe(t, c));
         }
         for p in &t.plan.problems {
             let _ = writeln!(
@@ -562,6 +602,7 @@ mod tests {
                 plan,
                 applied: None,
                 names,
+                rebuild: None,
             }],
         }
     }

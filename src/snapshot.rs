@@ -6,6 +6,7 @@
 //! change, and [`Snapshot::flush`] runs before a cycle reports success.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -18,9 +19,13 @@ use crate::model::{DirectoryId, ScimId};
 pub enum SnapshotError {
     #[error("cannot open the snapshot in {path} (daemon.state_dir): {reason}. If another ldap2scim is running on this state directory, wait for it or stop it")]
     Open { path: PathBuf, reason: String },
+    /// The files are there but sled cannot read them: never treated as an empty snapshot
+    /// (that would forget every leaver's account).
+    #[error("the snapshot in {path} (daemon.state_dir) cannot be read: {reason}. Nothing was changed on any target. Move it aside (`mv {path}/snapshot {path}/snapshot.broken`) and run `ldap2scim sync`: the snapshot is rebuilt from the targets, and accounts of people who left meanwhile are listed as orphans to deprovision with `ldap2scim approve`")]
+    Unreadable { path: PathBuf, reason: String },
     #[error("snapshot storage error in {path}: {reason}")]
     Storage { path: PathBuf, reason: String },
-    #[error("snapshot row {key} in {path} is unreadable ({reason}); delete daemon.state_dir to rebuild it from the targets")]
+    #[error("snapshot row {key} in {path} is unreadable ({reason}); move the snapshot aside (daemon.state_dir) to rebuild it from the targets: accounts of people who left meanwhile are then listed as orphans for `ldap2scim approve`")]
     Corrupt {
         path: PathBuf,
         key: String,
@@ -91,35 +96,174 @@ pub struct ReadStats {
     pub at: Option<DateTime<Utc>>,
 }
 
+/// How many rows a target had when a cycle last wrote them (a lower bound while a cycle
+/// runs: it is written before rows are removed). Fewer rows at the next load means rows were
+/// lost, which is said, never taken for "nothing is managed".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowCounts {
+    pub users: usize,
+    pub groups: usize,
+}
+
+/// An account on a target with a directory-style `externalId` that matches no directory
+/// entry, found when the target's rows were rebuilt. Kept until it is deprovisioned through
+/// `approve`, comes back into the directory, or disappears from the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    pub scim_id: ScimId,
+    pub user_name: String,
+    pub found: DateTime<Utc>,
+}
+
+/// A target's orphans, by their `externalId` (as a directory id).
+pub type Orphans = BTreeMap<DirectoryId, Orphan>;
+
+/// The last time a target's rows were found lost and rebuilt from the target, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebuild {
+    pub at: DateTime<Utc>,
+    pub reason: String,
+}
+
 #[derive(Clone)]
 pub struct Snapshot {
     db: sled::Db,
     path: PathBuf,
+    /// Why this snapshot is not the one that was written here before, if it is not.
+    lost: Option<String>,
 }
 
+/// Beside the sled directory, a file naming the snapshot that lives there. sled opens a
+/// damaged data file as an empty database without a word; the marker outliving it is how that
+/// is noticed (a deleted state directory takes the marker along: that case is noticed on the
+/// targets, by their accounts with directory-style externalIds).
+const MARKER_FILE: &str = "snapshot.id";
+const MARKER_KEY: &str = "snapshot_id";
+
 impl Snapshot {
-    /// Opens (creating if needed) the snapshot in `state_dir`.
+    /// Opens (creating if needed) the snapshot in `state_dir`, for a command that writes it.
     pub fn open(state_dir: &Path) -> Result<Self, SnapshotError> {
+        let mut snapshot = Self::open_sled(state_dir)?;
+        snapshot.check_marker(state_dir, true)?;
+        Ok(snapshot)
+    }
+
+    fn open_sled(state_dir: &Path) -> Result<Self, SnapshotError> {
         let path = state_dir.join("snapshot");
         let open_err = |reason: String| SnapshotError::Open {
             path: state_dir.to_path_buf(),
             reason,
         };
-        std::fs::create_dir_all(state_dir).map_err(|e| open_err(e.to_string()))?;
+        crate::lock::private_dir(state_dir).map_err(|e| open_err(e.to_string()))?;
         // sled's default 1 GiB page cache dwarfs what a cycle needs; rows are read once. 8 MiB
         // is as fast as 16 for a 100k no-op and initial sync, and 15 MB smaller (BENCHMARKS.md).
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .cache_capacity(8 * 1024 * 1024)
-            .path(&path)
-            .open()
-            .map_err(|e| open_err(e.to_string()))?;
-        Ok(Snapshot { db, path })
+            .path(&path);
+        // sled panics on some damaged files instead of returning an error: either way the
+        // snapshot is unreadable, and that must stop the cycle, not end the process unexplained.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let unreadable = |reason: String| SnapshotError::Unreadable {
+            path: state_dir.to_path_buf(),
+            reason,
+        };
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e @ sled::Error::Io(_))) => return Err(open_err(e.to_string())),
+            Ok(Err(e)) => return Err(unreadable(e.to_string())),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled gave up reading it".into());
+                return Err(unreadable(what));
+            }
+        };
+        let snapshot = Snapshot {
+            db,
+            path,
+            lost: None,
+        };
+        snapshot.make_private();
+        Ok(snapshot)
+    }
+
+    /// Compares the snapshot's id with the marker beside it; `write` (a command that writes
+    /// the snapshot) gives a new or reset snapshot an id and the marker its value.
+    fn check_marker(&mut self, state_dir: &Path, write: bool) -> Result<(), SnapshotError> {
+        let marker = state_dir.join(MARKER_FILE);
+        let stored: Option<String> = self.get_meta(MARKER_KEY)?;
+        let on_disk = std::fs::read_to_string(&marker)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        if let Some(expected) = &on_disk {
+            if stored.as_deref() != Some(expected.as_str()) {
+                self.lost = Some(format!(
+                    "{} names snapshot {expected}, but the snapshot there is {}: its files were removed, replaced or damaged, and what they held is gone",
+                    marker.display(),
+                    stored.as_deref().unwrap_or("a new, empty one")
+                ));
+            }
+        }
+        if !write || (stored.is_some() && stored == on_disk) {
+            return Ok(());
+        }
+        let id = match &stored {
+            Some(id) => id.clone(),
+            None => {
+                let id = format!(
+                    "{:x}-{:x}",
+                    Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+                    std::process::id()
+                );
+                self.put_meta(MARKER_KEY, &id)?;
+                id
+            }
+        };
+        // The id reaches sled's disk before the marker names it: a crash in between leaves
+        // no marker, never a marker without its snapshot.
+        self.db.flush().map_err(|e| self.storage(e))?;
+        let write_marker = || -> std::io::Result<()> {
+            let tmp = state_dir.join(format!("{MARKER_FILE}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &marker)
+        };
+        write_marker().map_err(|e| SnapshotError::Storage {
+            path: marker.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Why this snapshot is not the one written here before (its files were replaced or
+    /// damaged), if that is so: every target's rows are then to be treated as lost.
+    pub fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
+    }
+
+    /// sled creates its files with the process umask; the snapshot holds who works where, so
+    /// its directory and files are made private (0700 / 0600) whatever the umask was. Inside a
+    /// 0700 state directory nothing is exposed between two of these passes.
+    fn make_private(&self) {
+        if let Err(e) = crate::lock::private_tree(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot make the snapshot files private (0600)");
+        }
     }
 
     /// Opens the snapshot if it exists, for read-only commands; `None` if there is none yet.
     pub fn open_existing(state_dir: &Path) -> Result<Option<Self>, SnapshotError> {
         if state_dir.join("snapshot").exists() {
-            Self::open(state_dir).map(Some)
+            let mut snapshot = Self::open_sled(state_dir)?;
+            snapshot.check_marker(state_dir, false)?;
+            Ok(Some(snapshot))
         } else {
             Ok(None)
         }
@@ -167,6 +311,39 @@ impl Snapshot {
         Ok(())
     }
 
+    /// The row counts recorded for `target` (none before the first cycle that wrote them).
+    pub fn row_counts(&self, target: &str) -> Result<Option<RowCounts>, SnapshotError> {
+        self.get_meta(&format!("rows/{target}"))
+    }
+
+    pub fn set_row_counts(&self, target: &str, counts: RowCounts) -> Result<(), SnapshotError> {
+        self.put_meta(&format!("rows/{target}"), &counts)
+    }
+
+    /// The orphans waiting on `target` for `approve`.
+    pub fn orphans(&self, target: &str) -> Result<Orphans, SnapshotError> {
+        Ok(self
+            .get_meta(&format!("orphans/{target}"))?
+            .unwrap_or_default())
+    }
+
+    pub fn set_orphans(&self, target: &str, orphans: &Orphans) -> Result<(), SnapshotError> {
+        let key = format!("orphans/{target}");
+        if orphans.is_empty() {
+            self.remove_meta(&key)
+        } else {
+            self.put_meta(&key, orphans)
+        }
+    }
+
+    pub fn last_rebuild(&self, target: &str) -> Result<Option<Rebuild>, SnapshotError> {
+        self.get_meta(&format!("rebuilt/{target}"))
+    }
+
+    pub fn set_last_rebuild(&self, target: &str, rebuild: &Rebuild) -> Result<(), SnapshotError> {
+        self.put_meta(&format!("rebuilt/{target}"), rebuild)
+    }
+
     fn meta(&self) -> Result<sled::Tree, SnapshotError> {
         self.db.open_tree("meta").map_err(|e| self.storage(e))
     }
@@ -174,18 +351,23 @@ impl Snapshot {
     /// Writes everything to disk. sled flushes lazily; a cycle calls this before it reports
     /// success.
     pub async fn flush(&self) -> Result<(), SnapshotError> {
-        let db = self.db.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| SnapshotError::Storage {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
-            .map_err(|e| SnapshotError::Storage {
-                path,
-                reason: e.to_string(),
-            })?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let flushed = this.db.flush();
+            // A flush may have started new files.
+            this.make_private();
+            flushed
+        })
+        .await
+        .map_err(|e| SnapshotError::Storage {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?
+        .map_err(|e| SnapshotError::Storage {
+            path,
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 
@@ -386,5 +568,61 @@ mod tests {
             .users
             .is_empty());
         assert_eq!(snap.last_read().unwrap().unwrap().users, 3);
+        assert_eq!(snap.lost(), None, "the same snapshot, reopened");
+    }
+
+    /// sled opens a damaged data file as an empty database; the marker beside it says so.
+    #[tokio::test]
+    async fn a_damaged_data_file_is_a_lost_snapshot_not_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let snap = Snapshot::open(dir.path()).unwrap();
+            assert_eq!(snap.lost(), None, "a new snapshot");
+            snap.set_row_counts(
+                "app",
+                RowCounts {
+                    users: 2,
+                    groups: 0,
+                },
+            )
+            .unwrap();
+            snap.flush().await.unwrap();
+        }
+        std::fs::write(dir.path().join("snapshot/db"), vec![0xA5u8; 4096]).unwrap();
+        let readonly = Snapshot::open_existing(dir.path()).unwrap().unwrap();
+        assert!(readonly.lost().unwrap().contains("snapshot.id"));
+        drop(readonly);
+        let snap = Snapshot::open(dir.path()).unwrap();
+        assert!(
+            snap.lost()
+                .unwrap()
+                .contains("removed, replaced or damaged"),
+            "{:?}",
+            snap.lost()
+        );
+        assert_eq!(snap.row_counts("app").unwrap(), None);
+        drop(snap);
+        // Said once: the rebuilt snapshot is the one the marker names from then on.
+        assert_eq!(Snapshot::open(dir.path()).unwrap().lost(), None);
+    }
+
+    #[tokio::test]
+    async fn orphans_are_kept_typed_in_the_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot::open(dir.path()).unwrap();
+        assert!(snap.orphans("app").unwrap().is_empty());
+        let orphans = Orphans::from([(
+            DirectoryId::new("8f1c2f6e-0000-4000-8000-000000000001"),
+            Orphan {
+                scim_id: ScimId("s1".into()),
+                user_name: "left@example.org".into(),
+                found: Utc::now(),
+            },
+        )]);
+        snap.set_orphans("app", &orphans).unwrap();
+        assert_eq!(snap.orphans("app").unwrap(), orphans);
+        assert!(snap.orphans("other").unwrap().is_empty());
+        snap.set_orphans("app", &Orphans::new()).unwrap();
+        assert!(snap.orphans("app").unwrap().is_empty());
     }
 }

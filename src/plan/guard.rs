@@ -161,3 +161,86 @@ pub fn held_keys(plan: &Plan) -> BTreeSet<(String, DirectoryId)> {
         .map(|c| (c.action().to_string(), c.id().clone()))
         .collect()
 }
+
+/// Adds a target's orphans (`Change::Orphan`) to a plan that [`apply_limits`] already judged:
+/// each one is held until an operator approved it, and every one is held while the
+/// directory read itself is in doubt (an orphan is an account the directory does not know,
+/// so a suspicious read makes every orphan suspicious). Approved ones go ahead, after the
+/// other changes; they do not count against `max_deprovisions` (the approval is explicit).
+pub fn add_orphans(
+    plan: &mut Plan,
+    orphans: Vec<Change>,
+    source_hold: Option<&SourceHold>,
+    approved: Option<&BTreeSet<(String, DirectoryId)>>,
+) {
+    let approved_orphan = |c: &Change| {
+        source_hold.is_none()
+            && approved.is_some_and(|a| a.contains(&(c.action().to_string(), c.id().clone())))
+    };
+    let (go, held): (Vec<Change>, Vec<Change>) = orphans.into_iter().partition(approved_orphan);
+    plan.changes.extend(go);
+    if held.is_empty() {
+        return;
+    }
+    let why = match source_hold {
+        Some(SourceHold(doubt)) => format!(
+            "{} orphan account(s) are held with every deprovision: {doubt}",
+            held.len()
+        ),
+        None => format!(
+            "{} orphan account(s) carry a directory-style externalId that matches no directory entry this target provisions (found when the snapshot was rebuilt); they are unverifiable, so they are deprovisioned only after review: `ldap2scim plan`, then `ldap2scim approve --target NAME`",
+            held.len()
+        ),
+    };
+    plan.held_reason = Some(match plan.held_reason.take() {
+        Some(other) if source_hold.is_none() => format!("{other}; {why}"),
+        Some(other) => other,
+        None => why,
+    });
+    plan.held.extend(held);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ScimId;
+
+    fn orphan(id: &str) -> Change {
+        Change::Orphan {
+            id: DirectoryId::new(id),
+            scim_id: ScimId(format!("s-{id}")),
+            user_name: format!("{id}@example.org"),
+            delete: false,
+        }
+    }
+
+    #[test]
+    fn orphans_wait_for_approve_and_a_doubtful_read_holds_even_approved_ones() {
+        let mut plan = Plan::default();
+        add_orphans(&mut plan, vec![orphan("a"), orphan("b")], None, None);
+        assert!(plan.changes.is_empty());
+        assert_eq!(plan.held.len(), 2);
+        assert!(plan.held_reason.as_deref().unwrap().contains("approve"));
+
+        let approved = BTreeSet::from([("orphan".to_string(), DirectoryId::new("a"))]);
+        let mut plan = Plan::default();
+        add_orphans(
+            &mut plan,
+            vec![orphan("a"), orphan("b")],
+            None,
+            Some(&approved),
+        );
+        assert_eq!(plan.changes, vec![orphan("a")]);
+        assert_eq!(plan.held, vec![orphan("b")]);
+
+        let doubt = SourceHold("the directory shrank".into());
+        let mut plan = Plan::default();
+        add_orphans(&mut plan, vec![orphan("a")], Some(&doubt), Some(&approved));
+        assert!(plan.changes.is_empty());
+        assert!(plan
+            .held_reason
+            .as_deref()
+            .unwrap()
+            .contains("the directory shrank"));
+    }
+}

@@ -135,6 +135,16 @@ pub enum Change {
         group_name: String,
         members: Vec<DirectoryId>,
     },
+    /// An account with a directory-style `externalId` (`id`) that matches no directory entry,
+    /// found when the target's snapshot rows were rebuilt: probably someone who left while the
+    /// snapshot was lost. Unverifiable, so it is deprovisioned (deactivated, or deleted when
+    /// `delete` says the target's policy is `deprovision = "delete"`) only through `approve`.
+    Orphan {
+        id: DirectoryId,
+        scim_id: ScimId,
+        user_name: String,
+        delete: bool,
+    },
 }
 
 impl Change {
@@ -146,6 +156,7 @@ impl Change {
                 | Change::DeleteUser { .. }
                 | Change::DeleteGroup { .. }
                 | Change::Rebind { .. }
+                | Change::Orphan { .. }
         )
     }
 
@@ -159,6 +170,7 @@ impl Change {
             Change::DeleteUser { .. } | Change::DeleteGroup { .. } => "delete",
             Change::RemoveMembers { .. } => "remove-members",
             Change::AddMembers { .. } => "add-members",
+            Change::Orphan { .. } => "orphan",
         }
     }
 
@@ -169,7 +181,8 @@ impl Change {
             | Change::UpdateUser { .. }
             | Change::DeactivateUser { .. }
             | Change::DeleteUser { .. }
-            | Change::Rebind { .. } => "User",
+            | Change::Rebind { .. }
+            | Change::Orphan { .. } => "User",
             _ => "Group",
         }
     }
@@ -186,7 +199,8 @@ impl Change {
             | Change::CreateGroup { id, .. }
             | Change::AdoptGroup { id, .. }
             | Change::UpdateGroup { id, .. }
-            | Change::DeleteGroup { id, .. } => id,
+            | Change::DeleteGroup { id, .. }
+            | Change::Orphan { id, .. } => id,
             Change::RemoveMembers { group, .. } | Change::AddMembers { group, .. } => group,
         }
     }
@@ -207,7 +221,8 @@ impl Change {
             | Change::UpdateUser { user_name, .. }
             | Change::DeactivateUser { user_name, .. }
             | Change::DeleteUser { user_name, .. }
-            | Change::Rebind { user_name, .. } => user_name,
+            | Change::Rebind { user_name, .. }
+            | Change::Orphan { user_name, .. } => user_name,
             Change::CreateGroup { display_name, .. }
             | Change::AdoptGroup { display_name, .. }
             | Change::UpdateGroup { display_name, .. }

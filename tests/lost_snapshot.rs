@@ -1,0 +1,458 @@
+//! Issue 11: losing or corrupting the snapshot costs time, never an offboarding (promise 12),
+//! and the state directory stays private; plus two command-line mends (`explain` while the
+//! state is held, `plan` with entries that cannot be provisioned). Against slapd, scim2-server
+//! and Better Auth.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+fn people(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let uid = format!("p{i:03}");
+            person(
+                &uid,
+                &format!("Person {i}"),
+                "Person",
+                "P",
+                &format!("{uid}@example.org"),
+                "Staff",
+            )
+        })
+        .collect::<String>()
+        + &group("everyone", &[&person_dn("p000"), &person_dn("p001")])
+}
+
+fn target_json<'a>(plan: &'a Value, target: &str) -> &'a Value {
+    plan["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .expect("target in plan")
+}
+
+/// (action, name) of a target's held changes.
+fn held_of(plan: &Value, target: &str) -> Vec<(String, String)> {
+    target_json(plan, target)["held"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap().to_string(),
+                c["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Every path under `root` (itself included) with its mode.
+fn modes_under(root: &Path) -> Vec<(String, bool, u32)> {
+    let mut out = vec![(root.display().to_string(), root.is_dir(), mode(root))];
+    if root.is_dir() {
+        for entry in std::fs::read_dir(root).unwrap() {
+            out.extend(modes_under(&entry.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// `plan` exits 2, not 0, when `sync` would report an entry it cannot provision (exit 3).
+#[test]
+fn plan_exits_2_when_an_entry_cannot_be_provisioned() {
+    let world = World::start(
+        &people(3),
+        "max_deprovisions = \"100%\"\n[mapping]\nuserName = \"{mail}\"",
+    );
+    world.sync_ok();
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\ndelete: mail\n",
+        person_dn("p001")
+    ));
+    let (out, plan) = world.plan_json();
+    for t in &world.targets {
+        assert!(changes_of(&plan, t.name()).is_empty(), "{}", t.name());
+    }
+    assert_eq!(out.code, 2, "{out}");
+    world.run(&["plan"]).expect_code(2);
+    world.sync_expect(3);
+}
+
+/// `explain` while a daemon holds the state directory says so and fails, instead of showing
+/// no snapshot row; once the daemon is gone it shows the row.
+#[test]
+fn explain_while_the_daemon_holds_the_state_says_so() {
+    let mut world = World::start(&people(2), "");
+    world
+        .config
+        .set("daemon", "schedule", &toml_str("0 2 * * 1"));
+    let daemon = Ldap2scim::new(&world.config.path())
+        .args(["run", "--now"])
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || daemon
+            .stderr()
+            .contains("cycle summary")),
+        "{}",
+        daemon.stderr()
+    );
+    let pid = daemon.pid();
+    let out = world.run(&["explain", "p000"]);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("in use by ldap2scim (pid {pid}, `run`)")),
+        "{out}"
+    );
+    assert!(out.stdout.is_empty(), "no half answer: {out}");
+    daemon.stop().expect_code(0);
+
+    let out = world.run(&["explain", "p000"]);
+    out.expect_code(0);
+    for t in out.json()["targets"].as_array().unwrap() {
+        assert_eq!(t["snapshot"]["user_name"], "p000", "{t}");
+    }
+}
+
+/// `sync` under `umask 000` still leaves the state directory 0700 and its files 0600.
+#[test]
+fn state_files_are_private_whatever_the_umask() {
+    let world = World::start(&people(2), "");
+    let state = world.config.state_dir();
+    // The test harness created it with the default mode; make it wide open.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let script = format!(
+        "umask 000; exec {} --config {} sync",
+        ldap2scim_binary().display(),
+        world.config.path().display()
+    );
+    for round in 0..2 {
+        if round == 1 {
+            world.slapd.modify(&format!(
+                "dn: {}\nchangetype: modify\nreplace: title\ntitle: Boss\n",
+                person_dn("p001")
+            ));
+        }
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(mode(&state), 0o700, "state directory");
+    assert_eq!(mode(&state.join("audit.jsonl")), 0o600, "audit log");
+    assert_eq!(mode(&state.join("ldap2scim.lock")), 0o600, "lock file");
+    assert!(modes_under(&state.join("snapshot")).len() > 1);
+    // Everything in the state directory: the snapshot, its marker, the audit log, the lock.
+    for (path, is_dir, m) in modes_under(&state) {
+        assert_eq!(m, if is_dir { 0o700 } else { 0o600 }, "{path}");
+    }
+}
+
+/// The leaver goes while the snapshot is lost: the rebuild lists it as an orphan, keeps its
+/// account active and exits 4; `approve` + `sync` deactivates it; then all is quiet.
+#[test]
+fn a_leaver_during_a_lost_snapshot_is_an_orphan_deprovisioned_only_through_approve() {
+    let world = World::start(&people(3), "");
+    // An account made by hand, without an externalId: never an orphan (ownership rule).
+    for t in &world.targets {
+        let (code, made) = scim_post(
+            &t.server.base_url(),
+            t.server.token(),
+            "/Users",
+            &json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "zed@example.org", "active": true}),
+        );
+        assert_eq!(code, 201, "{made}");
+    }
+    world.sync_ok();
+    let leaver: Vec<String> = world
+        .targets
+        .iter()
+        .map(|t| {
+            let u = t.user("p002");
+            assert!(u["active"].as_bool().unwrap_or(true));
+            u["externalId"].as_str().unwrap().to_string()
+        })
+        .collect();
+
+    world.slapd.delete(&person_dn("p002"));
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+
+    // A dry run already shows it.
+    let (out, plan) = world.plan_json();
+    assert_eq!(out.code, 2, "{out}");
+    for (t, ext) in world.targets.iter().zip(&leaver) {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}: {}",
+            t.name(),
+            target_json(&plan, t.name())
+        );
+        let orphan = &target_json(&plan, t.name())["held"][0];
+        assert_eq!(orphan["resource"], "User");
+        assert_eq!(orphan["external_id"], ext.as_str());
+        assert_eq!(orphan["scim_id"], t.user("p002")["id"]);
+        assert!(
+            changes_of(&plan, t.name()).iter().all(|c| c.0 == "adopt"),
+            "{}: {:?}",
+            t.name(),
+            changes_of(&plan, t.name())
+        );
+    }
+
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "orphans wait for approve:\n{out}");
+    assert!(
+        out.stderr.contains("snapshot") && out.stderr.contains("rebuilding"),
+        "the lost snapshot is said:\n{out}"
+    );
+    assert!(
+        out.stderr
+            .contains(&world.config.state_dir().display().to_string()),
+        "the warning names the state directory:\n{out}"
+    );
+    assert!(out.stdout.contains("orphan"), "{out}");
+    for t in &world.targets {
+        assert!(
+            t.user_states()["p002"],
+            "{}: an orphan stays active until approve",
+            t.name()
+        );
+        assert!(t.user_states()["zed@example.org"], "{}", t.name());
+        t.proxy.clear();
+    }
+
+    // Later cycles still show it (persisted), and still hold it.
+    let (out, plan) = world.plan_json();
+    assert_eq!(out.code, 2, "{out}");
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(changes_of(&plan, t.name()).is_empty(), "{}", t.name());
+    }
+    let status = world.run(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains("orphan"), "{status}");
+    assert!(status.stdout.contains("rebuilt"), "{status}");
+    world.sync_expect(4);
+    for t in &world.targets {
+        assert_eq!(t.proxy.writes(), 0, "{}: nothing written", t.name());
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+
+    for t in &world.targets {
+        let out = world.run(&["approve", "--target", t.name()]);
+        out.expect_code(0);
+        assert!(out.stdout.contains("approved 1"), "{out}");
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        let states = t.user_states();
+        assert!(!states["p002"], "{}: deactivated after approve", t.name());
+        assert!(states["p000"] && states["p001"], "{}", t.name());
+        assert!(
+            states["zed@example.org"],
+            "{}: hand-made untouched",
+            t.name()
+        );
+    }
+    let status = world.run(&["status"]);
+    assert!(!status.stdout.contains("orphan:"), "{status}");
+    world.assert_converged();
+}
+
+/// A first sync against an empty target, or one with hand-made accounts only, is quiet: no
+/// rebuild warning, no orphan, exit 0.
+#[test]
+fn a_first_sync_is_not_a_lost_snapshot() {
+    let world = World::start(&people(2), "");
+    for t in &world.targets {
+        let (code, made) = scim_post(
+            &t.server.base_url(),
+            t.server.token(),
+            "/Users",
+            &json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "zed@example.org", "externalId": "HR-4711", "active": true}),
+        );
+        assert_eq!(code, 201, "{made}");
+    }
+    for _ in 0..2 {
+        let out = world.sync_ok();
+        assert!(!out.stderr.contains("rebuilding"), "{out}");
+        assert!(!out.stdout.contains("orphan"), "{out}");
+    }
+    let metrics_free = world.run(&["status"]);
+    assert!(!metrics_free.stdout.contains("orphan"), "{metrics_free}");
+}
+
+/// Rows lost from a snapshot that is still there (its meta survives) are detected from the
+/// recorded row counts and said; the rebuild finds the leaver as an orphan.
+#[test]
+fn a_snapshot_that_lost_rows_is_detected_and_its_leaver_is_an_orphan() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    {
+        let snap = ldap2scim::snapshot::Snapshot::open(&world.config.state_dir()).unwrap();
+        for t in &world.targets {
+            let ts = snap.target(t.name()).unwrap();
+            for id in ts.load().unwrap().users.keys() {
+                ts.remove_user(id).unwrap();
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(snap.flush()).unwrap();
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    assert!(
+        out.stderr.contains("lost") && out.stderr.contains("rebuilding"),
+        "{out}"
+    );
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+}
+
+/// A damaged sled data file opens as an empty database; the marker beside it tells, and the
+/// rebuild finds the leaver.
+#[test]
+fn a_damaged_snapshot_that_opens_empty_is_said_and_its_leaver_is_an_orphan() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    std::fs::write(
+        world.config.state_dir().join("snapshot/db"),
+        vec![0xA5u8; 8192],
+    )
+    .unwrap();
+    let status = world.run(&["status"]);
+    assert!(status.stdout.contains("WARNING"), "{status}");
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    assert!(
+        out.stderr.contains("replaced or damaged") && out.stderr.contains("rebuilding"),
+        "{out}"
+    );
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+}
+
+/// A snapshot sled cannot read stops the cycle with an error naming daemon.state_dir; it is
+/// never taken for an empty one.
+#[test]
+fn an_unreadable_snapshot_stops_the_cycle_and_names_the_state_dir() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    // Replace the snapshot's files by garbage: sled cannot read them.
+    let snapshot = world.config.state_dir().join("snapshot");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&snapshot).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    for f in &files {
+        std::fs::write(f, vec![0xA5u8; 4096]).unwrap();
+    }
+    for t in &world.targets {
+        t.proxy.clear();
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 1, "an unreadable snapshot is an error:\n{out}");
+    assert!(
+        out.stderr.contains("daemon.state_dir")
+            && out
+                .stderr
+                .contains(&world.config.state_dir().display().to_string()),
+        "{out}"
+    );
+    for t in &world.targets {
+        assert_eq!(t.proxy.writes(), 0, "{}", t.name());
+    }
+    let status = world.run(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains("cannot be read"), "{status}");
+}
+
+/// With `deprovision = "delete"`, an approved orphan is deleted (and nothing else is).
+#[test]
+fn an_approved_orphan_follows_the_delete_policy() {
+    let world = World::start(&people(3), "deprovision = \"delete\"");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p001"));
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let held = &target_json(&plan, t.name())["held"];
+        assert_eq!(held[0]["action"], "orphan", "{held}");
+        assert_eq!(held[0]["deprovision"], "delete", "{held}");
+        assert!(t.user_states().contains_key("p001"), "{}", t.name());
+        world.run(&["approve", "--target", t.name()]).expect_code(0);
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        let states = t.user_states();
+        assert!(!states.contains_key("p001"), "{}: deleted", t.name());
+        assert!(states["p000"] && states["p002"], "{}", t.name());
+    }
+    world.assert_converged();
+}
+
+/// A leaver deactivated before the snapshot was lost is offboarded already: not an orphan,
+/// and the rebuild exits 0.
+#[test]
+fn a_leaver_deactivated_before_the_loss_is_not_an_orphan() {
+    let world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    world.sync_ok();
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    let out = world.sync_ok();
+    assert!(out.stderr.contains("rebuilding"), "{out}");
+    assert!(!out.stdout.contains("orphan"), "{out}");
+    for t in &world.targets {
+        assert!(!t.user_states()["p002"], "{}", t.name());
+    }
+    world.assert_converged();
+}
