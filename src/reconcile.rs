@@ -807,6 +807,9 @@ async fn orphans_of(
         let listed = client.list_all("Users").await.map_err(|e| e.to_string())?;
         let adopted: BTreeSet<&crate::model::ScimId> =
             adopting.values().map(|e| &e.scim_id).collect();
+        // Indexed once: a partly lost snapshot of 100,000 rows must not be scanned per account.
+        let held: std::collections::HashSet<&crate::model::ScimId> =
+            state.users.values().map(|r| &r.scim_id).collect();
         let mut ours = 0usize;
         for r in &listed {
             let Some(ext) = r["externalId"].as_str() else {
@@ -833,7 +836,7 @@ async fn orphans_of(
             if provisioned
                 || unmapped
                 || state.users.contains_key(&id)
-                || state.user_by_scim_id(&scim_id).is_some()
+                || held.contains(&scim_id)
                 || adopted.contains(&scim_id)
                 || plan::is_protected(target, user_name)
             {
@@ -858,6 +861,11 @@ async fn orphans_of(
     // A returner is adopted by its externalId; an account a row or an adoption holds is
     // managed again.
     let adopted: BTreeSet<&crate::model::ScimId> = adopting.values().map(|e| &e.scim_id).collect();
+    let held: std::collections::HashSet<&crate::model::ScimId> = if orphans.is_empty() {
+        Default::default()
+    } else {
+        state.users.values().map(|r| &r.scim_id).collect()
+    };
     orphans.retain(|id, o| {
         let provisioned = desired
             .users
@@ -865,7 +873,7 @@ async fn orphans_of(
             .is_some_and(|u| u.active || target.provision_disabled);
         !provisioned
             && !state.users.contains_key(id)
-            && state.user_by_scim_id(&o.scim_id).is_none()
+            && !held.contains(&o.scim_id)
             && !adopted.contains(&o.scim_id)
     });
     if let Some(msg) = &rebuild {

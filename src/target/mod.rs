@@ -848,9 +848,13 @@ impl ScimClient {
             let number = |k: &str| resp.body.get(k).and_then(Value::as_u64);
             let (start_index, total_results) = (number("startIndex"), number("totalResults"));
             let items = self.resources(resource_type, resp.body)?;
-            let ids: Vec<&str> = items
+            let ids: Vec<Option<&str>> = items
                 .iter()
-                .map(|r| r.get("id").and_then(Value::as_str).unwrap_or_default())
+                .map(|r| {
+                    resource_id(r)
+                        .ok()
+                        .map(|_| r["id"].as_str().unwrap_or_default())
+                })
                 .collect();
             let (fresh, step) = pager
                 .take(&paging::Page {
@@ -948,9 +952,8 @@ impl ScimClient {
             },
             _ => return Err(malformed("not a SCIM ListResponse (no Resources)".into())),
         };
-        for r in &items {
-            resource_id(r).map_err(|reason| malformed(format!("a listed resource: {reason}")))?;
-        }
+        // A resource without a usable id is passed on: it is a problem for the directory entry
+        // it matches (never a reason to create a second account), not for the whole listing.
         Ok(items)
     }
 

@@ -23,8 +23,10 @@ pub enum Step {
 pub struct Page<'a> {
     pub start_index: Option<u64>,
     pub total_results: Option<u64>,
-    /// The ids of the page's resources, in order.
-    pub ids: &'a [&'a str],
+    /// The ids of the page's resources, in order; `None` for a resource without a usable id,
+    /// which is passed on (its caller reports it for its entry) and always counts as new (the
+    /// page limit still bounds a listing of nothing else).
+    pub ids: &'a [Option<&'a str>],
 }
 
 #[derive(Debug)]
@@ -35,6 +37,8 @@ pub struct Pager {
     limit: usize,
     last_start_index: Option<u64>,
     seen: HashSet<String>,
+    /// Resources taken so far (those without an id included).
+    listed: usize,
 }
 
 impl Pager {
@@ -47,6 +51,7 @@ impl Pager {
             limit: MAX_PAGES,
             last_start_index: None,
             seen: HashSet::new(),
+            listed: 0,
         }
     }
 
@@ -73,10 +78,9 @@ impl Pager {
             // came (resources removed meanwhile lower the count; a target that stops early
             // does not).
             return match page.total_results {
-                Some(total) if (self.seen.len() as u64) < total => Err(format!(
+                Some(total) if (self.listed as u64) < total => Err(format!(
                     "an empty page at startIndex {} after {} of the {total} resources it counts",
-                    self.start,
-                    self.seen.len()
+                    self.start, self.listed
                 )),
                 _ => Ok((Vec::new(), Step::Done)),
             };
@@ -93,9 +97,10 @@ impl Pager {
             .ids
             .iter()
             .enumerate()
-            .filter(|(_, id)| self.seen.insert((*id).to_string()))
+            .filter(|(_, id)| id.is_none_or(|id| self.seen.insert(id.to_string())))
             .map(|(i, _)| i)
             .collect();
+        self.listed += fresh.len();
         if fresh.is_empty() {
             return Err(format!(
                 "page {} (startIndex {}) brings no resource not listed before",
@@ -103,7 +108,7 @@ impl Pager {
             ));
         }
         let done = match page.total_results {
-            Some(total) => self.seen.len() as u64 >= total,
+            Some(total) => self.listed as u64 >= total,
             // Without totalResults, a short page is the last one.
             None => got < self.requested,
         };
@@ -114,7 +119,7 @@ impl Pager {
             return Err(format!(
                 "the listing did not end after {} pages ({} resources of the {} totalResults announced)",
                 self.pages,
-                self.seen.len(),
+                self.listed,
                 page.total_results
                     .map_or_else(|| "unknown".to_string(), |t| t.to_string())
             ));
@@ -128,7 +133,7 @@ impl Pager {
 mod tests {
     use super::*;
 
-    fn page<'a>(start: Option<u64>, total: Option<u64>, ids: &'a [&'a str]) -> Page<'a> {
+    fn page<'a>(start: Option<u64>, total: Option<u64>, ids: &'a [Option<&'a str>]) -> Page<'a> {
         Page {
             start_index: start,
             total_results: total,
@@ -140,11 +145,12 @@ mod tests {
     fn an_honest_listing_ends_at_total() {
         let mut p = Pager::new(2);
         assert_eq!(
-            p.take(&page(Some(1), Some(3), &["a", "b"])).unwrap(),
+            p.take(&page(Some(1), Some(3), &[Some("a"), Some("b")]))
+                .unwrap(),
             (vec![0, 1], Step::Next(3))
         );
         assert_eq!(
-            p.take(&page(Some(3), Some(3), &["c"])).unwrap(),
+            p.take(&page(Some(3), Some(3), &[Some("c")])).unwrap(),
             (vec![0], Step::Done)
         );
     }
@@ -154,15 +160,19 @@ mod tests {
         // Asked for 100, the target sends 2 per page.
         let mut p = Pager::new(100);
         assert_eq!(
-            p.take(&page(Some(1), Some(5), &["a", "b"])).unwrap().1,
+            p.take(&page(Some(1), Some(5), &[Some("a"), Some("b")]))
+                .unwrap()
+                .1,
             Step::Next(3)
         );
         assert_eq!(
-            p.take(&page(Some(3), Some(5), &["c", "d"])).unwrap().1,
+            p.take(&page(Some(3), Some(5), &[Some("c"), Some("d")]))
+                .unwrap()
+                .1,
             Step::Next(5)
         );
         assert_eq!(
-            p.take(&page(Some(5), Some(5), &["e"])).unwrap().1,
+            p.take(&page(Some(5), Some(5), &[Some("e")])).unwrap().1,
             Step::Done
         );
     }
@@ -171,10 +181,15 @@ mod tests {
     fn without_total_a_short_page_ends_it() {
         let mut p = Pager::new(2);
         assert_eq!(
-            p.take(&page(None, None, &["a", "b"])).unwrap().1,
+            p.take(&page(None, None, &[Some("a"), Some("b")]))
+                .unwrap()
+                .1,
             Step::Next(3)
         );
-        assert_eq!(p.take(&page(None, None, &["c"])).unwrap().1, Step::Done);
+        assert_eq!(
+            p.take(&page(None, None, &[Some("c")])).unwrap().1,
+            Step::Done
+        );
         let mut p = Pager::new(2);
         assert_eq!(p.take(&page(None, None, &[])).unwrap().1, Step::Done);
     }
@@ -182,12 +197,14 @@ mod tests {
     #[test]
     fn an_empty_page_before_the_count_is_an_error() {
         let mut p = Pager::new(2);
-        p.take(&page(Some(1), Some(5), &["a", "b"])).unwrap();
+        p.take(&page(Some(1), Some(5), &[Some("a"), Some("b")]))
+            .unwrap();
         let e = p.take(&page(Some(3), Some(5), &[])).unwrap_err();
         assert!(e.contains("after 2 of the 5"), "{e}");
         // Removed meanwhile: the count went down with it.
         let mut p = Pager::new(2);
-        p.take(&page(Some(1), Some(3), &["a", "b"])).unwrap();
+        p.take(&page(Some(1), Some(3), &[Some("a"), Some("b")]))
+            .unwrap();
         assert_eq!(p.take(&page(Some(3), Some(2), &[])).unwrap().1, Step::Done);
         // An empty target.
         let mut p = Pager::new(2);
@@ -197,9 +214,10 @@ mod tests {
     #[test]
     fn a_repeated_page_is_an_error() {
         let mut p = Pager::new(1);
-        p.take(&page(Some(1), Some(1_000_000_000), &["a"])).unwrap();
+        p.take(&page(Some(1), Some(1_000_000_000), &[Some("a")]))
+            .unwrap();
         let e = p
-            .take(&page(Some(2), Some(1_000_000_000), &["a"]))
+            .take(&page(Some(2), Some(1_000_000_000), &[Some("a")]))
             .unwrap_err();
         assert!(e.contains("no resource not listed before"), "{e}");
     }
@@ -207,9 +225,32 @@ mod tests {
     #[test]
     fn a_start_index_that_does_not_advance_is_an_error() {
         let mut p = Pager::new(1);
-        p.take(&page(Some(1), Some(10), &["a"])).unwrap();
-        let e = p.take(&page(Some(1), Some(10), &["b"])).unwrap_err();
+        p.take(&page(Some(1), Some(10), &[Some("a")])).unwrap();
+        let e = p.take(&page(Some(1), Some(10), &[Some("b")])).unwrap_err();
         assert!(e.contains("does not advance"), "{e}");
+    }
+
+    #[test]
+    fn resources_without_an_id_are_passed_on_and_counted() {
+        let mut p = Pager::new(2);
+        assert_eq!(
+            p.take(&page(Some(1), Some(3), &[None, None])).unwrap(),
+            (vec![0, 1], Step::Next(3))
+        );
+        assert_eq!(
+            p.take(&page(Some(3), Some(3), &[Some("a")])).unwrap(),
+            (vec![0], Step::Done)
+        );
+        // Nothing but id-less resources forever: the page limit ends it.
+        let mut p = Pager::new(1);
+        let mut result = Ok((Vec::new(), Step::Done));
+        for i in 0..10 {
+            result = p.take(&page(Some(i + 1), Some(2), &[None]));
+            if result.is_err() || result.as_ref().is_ok_and(|r| r.1 == Step::Done) {
+                break;
+            }
+        }
+        assert_eq!(result.unwrap().1, Step::Done, "the count was reached");
     }
 
     #[test]
@@ -220,7 +261,7 @@ mod tests {
         let mut result = Ok((Vec::new(), Step::Done));
         for (i, id) in ids.iter().enumerate() {
             let total = if i == 0 { 2 } else { 1_000 };
-            result = p.take(&page(Some(i as u64 + 1), Some(total), &[id.as_str()]));
+            result = p.take(&page(Some(i as u64 + 1), Some(total), &[Some(id.as_str())]));
             if result.is_err() {
                 break;
             }

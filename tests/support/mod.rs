@@ -20,8 +20,8 @@
 
 mod config;
 mod fake_ldap;
-mod hostile;
 mod fake_scim;
+mod hostile;
 mod process;
 mod proxy;
 mod run;
@@ -45,11 +45,11 @@ pub use config::{bulk_directory, group, group_dn, person, person_dn, TestConfig,
 #[allow(unused_imports)]
 pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
 #[allow(unused_imports)]
+pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
+#[allow(unused_imports)]
 pub use hostile::{
     list_response, Body, HostileServer, HttpRequest, HttpResponse, ThrowawayCa, SCIM_PREFIX,
 };
-#[allow(unused_imports)]
-pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
 #[allow(unused_imports)]
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]
