@@ -173,7 +173,7 @@ pub async fn read_streaming(
     let disabled_read = async {
         let mut disabled = HashSet::new();
         if let Some(df) = &cfg.users.disabled_filter {
-            let mut ldap = connect(cfg).await?;
+            let mut ldap = connect_during_read(cfg, &cfg.users.base).await?;
             let filter = format!("(&{}{})", cfg.users.filter, df);
             paged_search_each(
                 &mut ldap,
@@ -195,7 +195,7 @@ pub async fn read_streaming(
     let groups_read = async {
         let mut raw_groups = Vec::new();
         if let Some(g) = &cfg.groups {
-            let mut ldap = connect(cfg).await?;
+            let mut ldap = connect_during_read(cfg, &g.base).await?;
             let mut ranged = Vec::new();
             let mut keep = |entry: SearchEntry| -> Result<(), SourceError> {
                 if range::has_ranges(&entry) {
@@ -423,6 +423,16 @@ pub fn guid_to_string(b: &[u8]) -> Option<String> {
         "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
         b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
     ))
+}
+
+/// A further connection of a read that has begun (the first one bound with the same
+/// credentials): if it fails, the server went away or stopped answering in the middle of the
+/// read, which makes the read incomplete, whatever the failing step says.
+async fn connect_during_read(cfg: &LdapConfig, base: &str) -> Result<Ldap, SourceError> {
+    connect(cfg).await.map_err(|e| SourceError::Incomplete {
+        base: base.to_string(),
+        reason: format!("a second connection to the directory failed during the read ({e})"),
+    })
 }
 
 /// Connects and binds (for `check --connect`); returns the URL that answered.
