@@ -15,7 +15,7 @@ use crate::map::{self, FlatAttrs, SharedAttrs};
 use crate::model::{DirectoryId, ScimId};
 use crate::plan::{AttrChange, Change};
 use crate::snapshot::{
-    GroupRow, Ownership, SnapshotError, TargetSnapshot, TargetState, UserRow, UserState,
+    GroupRow, Ownership, ScimIndex, SnapshotError, TargetSnapshot, TargetState, UserRow, UserState,
 };
 use crate::target::{Capabilities, ScimClient, TargetError};
 
@@ -190,11 +190,13 @@ impl Applier<'_> {
             let results: Vec<Option<ChangeResult<'_>>> = {
                 let st: &TargetState = state;
                 let done = &done;
+                // The rows by SCIM id, built at most once per phase (when a 409 needs them).
+                let ix = &std::sync::OnceLock::new();
                 stream::iter(phase.iter().map(|c| async move {
                     if stopping() {
                         return None;
                     }
-                    let (effects, err) = self.run(st, c, breaker).await;
+                    let (effects, err) = self.run(Rows { state: st, ix }, c, breaker).await;
                     let n = done.fetch_add(1, Ordering::Relaxed) + 1;
                     if let Some(p) = self.progress {
                         p(&self.target.name.0, n, total);
@@ -284,7 +286,7 @@ impl Applier<'_> {
 
     async fn run(
         &self,
-        state: &TargetState,
+        rows: Rows<'_>,
         change: &Change,
         breaker: &Breaker,
     ) -> (Vec<Effect>, Option<ApplyError>) {
@@ -299,12 +301,12 @@ impl Applier<'_> {
         }
         let (effects, err) = match change {
             Change::RemoveMembers { group, members, .. } => {
-                self.members(state, group, members, false).await
+                self.members(rows.state, group, members, false).await
             }
             Change::AddMembers { group, members, .. } => {
-                self.members(state, group, members, true).await
+                self.members(rows.state, group, members, true).await
             }
-            other => match self.run_single(state, other).await {
+            other => match self.run_single(rows, other).await {
                 Ok(effects) => (effects, None),
                 Err(e) => (Vec::new(), Some(e)),
             },
@@ -313,12 +315,9 @@ impl Applier<'_> {
         (effects, err)
     }
 
-    async fn run_single(
-        &self,
-        state: &TargetState,
-        change: &Change,
-    ) -> Result<Vec<Effect>, ApplyError> {
+    async fn run_single(&self, rows: Rows<'_>, change: &Change) -> Result<Vec<Effect>, ApplyError> {
         let c = self.client;
+        let state = rows.state;
         match change {
             Change::CreateUser {
                 id,
@@ -327,7 +326,7 @@ impl Applier<'_> {
             } => {
                 let flat = attrs.unpack();
                 let (scim_id, etag, owned, answered) =
-                    self.create_user(state, id, user_name, &flat).await?;
+                    self.create_user(rows, id, user_name, &flat).await?;
                 let row = self.user_row(scim_id, user_name, attrs, &flat, etag, owned, None);
                 self.snapshot.put_user(id, &row)?;
                 Ok(vec![Effect::PutUser(id.clone(), row), answered])
@@ -425,7 +424,7 @@ impl Applier<'_> {
                     Err(e) if e.status() == Some(404) => {
                         warn!(target = %self.target.name, user = %user_name, "user was deleted on the target by hand; creating it again");
                         let (sid, etag, owned, answered) =
-                            self.create_user(state, id, user_name, &flat).await?;
+                            self.create_user(rows, id, user_name, &flat).await?;
                         let row = self.user_row(sid, user_name, attrs, &flat, etag, owned, None);
                         self.snapshot.put_user(id, &row)?;
                         let mut effects = vec![Effect::PutUser(id.clone(), row), answered];
@@ -467,7 +466,7 @@ impl Applier<'_> {
                             let sid = scim_id_of(&g).ok_or_else(|| {
                                 no_usable_id(self.target, "Groups", "the group", display_name)
                             })?;
-                            (sid, None, Ownership::Created, members_of(&g, state))
+                            (sid, None, Ownership::Created, members_of(&g, rows.index()))
                         }
                         Err(e) => return Err(e.into()),
                     };
@@ -487,17 +486,25 @@ impl Applier<'_> {
                 display_name,
                 matched_by,
                 members,
+                changes,
                 ..
             } => {
-                let ops = vec![
-                    json!({"op": "replace", "path": "displayName", "value": display_name}),
-                    json!({"op": "replace", "path": "externalId", "value": id.0}),
-                ];
-                let etag = self
-                    .write_group(scim_id, ops, || {
+                // Exactly what the plan shows differs; nothing differs: no write.
+                let ops: Vec<Value> = changes
+                    .iter()
+                    .filter_map(|c| {
+                        let v = c.to.as_ref()?;
+                        Some(json!({"op": "replace", "path": c.path, "value": v}))
+                    })
+                    .collect();
+                let etag = if ops.is_empty() {
+                    None
+                } else {
+                    self.write_group(scim_id, ops, || {
                         group_put_body(id, display_name, members, &state.users)
                     })
-                    .await?;
+                    .await?
+                };
                 let owned = if *matched_by == "externalId" {
                     Ownership::Created
                 } else {
@@ -805,7 +812,7 @@ impl Applier<'_> {
     /// if the match rules allow, and brings it in line; otherwise the 409 is the error.
     async fn create_user(
         &self,
-        state: &TargetState,
+        rows: Rows<'_>,
         id: &DirectoryId,
         user_name: &str,
         flat: &FlatAttrs,
@@ -821,7 +828,7 @@ impl Applier<'_> {
                     return Err(e.into());
                 };
                 // An account another entry's row holds moves only through a planned rebind.
-                if let Some((holder, _)) = state.user_by_scim_id(&sid).filter(|(h, _)| *h != id) {
+                if let Some(holder) = rows.index().get(sid.0.as_str()).filter(|h| **h != id) {
                     return Err(ApplyError::Skipped(format!(
                         "the create answered 409 and the account {user_name} on the target belongs to directory entry {holder}; not taking it over here (the next plan shows it as a rebind)"
                     )));
@@ -864,6 +871,22 @@ impl Applier<'_> {
         {
             let found = self.client.find_eq("Users", "userName", user_name).await?;
             if found.len() == 1 {
+                // Another directory entry's account (by its externalId, whether or not a row
+                // says so): it moves only through a planned, counted rebind. Any dialect's id
+                // form counts here (the OpenLDAP form includes AD's).
+                if let Some(other) = found[0]["externalId"]
+                    .as_str()
+                    .filter(|e| {
+                        crate::reconcile::is_directory_style(crate::config::Dialect::OpenLdap, e)
+                    })
+                    .map(DirectoryId::new)
+                    .filter(|e| e != id)
+                {
+                    return Err(ApplyError::Skipped(format!(
+                        "the create answered 409 and the account {} on the target is held by directory id {other}; not taking it over here (the next plan shows it as a rebind)",
+                        self.client.redact(user_name)
+                    )));
+                }
                 let sid = scim_id_of(&found[0])
                     .ok_or_else(|| no_usable_id(self.target, "Users", "the account", user_name))?;
                 return Ok(Some((sid, Ownership::Adopted)));
@@ -899,6 +922,19 @@ impl Applier<'_> {
             state,
             owned,
         }
+    }
+}
+
+/// The rows a phase of changes sees, and their index by SCIM id (built on first use).
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    state: &'a TargetState,
+    ix: &'a std::sync::OnceLock<ScimIndex<'a>>,
+}
+
+impl<'a> Rows<'a> {
+    fn index(&self) -> &'a ScimIndex<'a> {
+        self.ix.get_or_init(|| self.state.user_index())
     }
 }
 
@@ -967,7 +1003,8 @@ fn changed_paths(c: &Change) -> Vec<String> {
             changes.iter().map(|a| a.path.clone()).collect()
         }
         Change::CreateUser { attrs, .. } => attrs.paths(),
-        Change::UpdateGroup { .. } | Change::AdoptGroup { .. } => vec!["displayName".into()],
+        Change::UpdateGroup { .. } => vec!["displayName".into()],
+        Change::AdoptGroup { changes, .. } => changes.iter().map(|a| a.path.clone()).collect(),
         Change::AddMembers { members, .. } | Change::RemoveMembers { members, .. } => {
             members.iter().map(|m| format!("member:{m}")).collect()
         }
@@ -1004,13 +1041,9 @@ pub fn scim_id_of(resource: &Value) -> Option<ScimId> {
     crate::target::resource_id(resource).ok()
 }
 
-/// A target group's current members, as directory ids of users the snapshot knows.
-pub fn members_of(group: &Value, state: &TargetState) -> BTreeSet<DirectoryId> {
-    let by_scim: BTreeMap<&str, &DirectoryId> = state
-        .users
-        .iter()
-        .map(|(id, r)| (r.scim_id.0.as_str(), id))
-        .collect();
+/// A target group's current members, as directory ids of users the snapshot knows
+/// (`by_scim`: [`TargetState::user_index`], built once by the caller).
+pub fn members_of(group: &Value, by_scim: &ScimIndex<'_>) -> BTreeSet<DirectoryId> {
     group["members"]
         .as_array()
         .into_iter()

@@ -506,11 +506,19 @@ async fn run_target_untimed(
         Err(e) => return fail(e),
     };
     let step = std::time::Instant::now();
-    let (existing_users, existing_groups, mut problems) =
-        match resolve_existing(&client, caps, target, &desired, &state).await {
-            Ok(x) => x,
-            Err(e) => return fail(e.to_string()),
-        };
+    let (existing_users, existing_groups, mut problems) = match resolve_existing(
+        &client,
+        caps,
+        target,
+        pass.config.ldap.dialect,
+        &desired,
+        &state,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => return fail(e.to_string()),
+    };
     let (rebuild, orphans) = match orphans_of(
         pass,
         target,
@@ -810,6 +818,8 @@ async fn orphans_of(
         // Indexed once: a partly lost snapshot of 100,000 rows must not be scanned per account.
         let held: std::collections::HashSet<&crate::model::ScimId> =
             state.users.values().map(|r| &r.scim_id).collect();
+        let unmapped: std::collections::HashSet<&DirectoryId> =
+            desired.problems.iter().map(|(id, _, _)| id).collect();
         let mut ours = 0usize;
         for r in &listed {
             let Some(ext) = r["externalId"].as_str() else {
@@ -832,9 +842,8 @@ async fn orphans_of(
                 .users
                 .get(&id)
                 .is_some_and(|u| u.active || target.provision_disabled);
-            let unmapped = desired.problems.iter().any(|(p, _, _)| p == &id);
             if provisioned
-                || unmapped
+                || unmapped.contains(&id)
                 || state.users.contains_key(&id)
                 || held.contains(&scim_id)
                 || adopted.contains(&scim_id)
@@ -844,7 +853,8 @@ async fn orphans_of(
             }
             orphans.entry(id).or_insert(Orphan {
                 scim_id,
-                user_name: user_name.to_string(),
+                // Read from the target: it reaches reports and the audit log.
+                user_name: client.redact(user_name),
                 found: pass.now,
             });
         }
@@ -957,10 +967,19 @@ type Found = (
 /// row should take over: by `externalId` always (it can only be ours), then by `userName` /
 /// `displayName` where `match_existing` allows. Many candidates (a first run, a lost
 /// snapshot) list the target once; a few are looked up one by one.
+///
+/// A found account is never taken from another directory entry silently: one a row of an
+/// entry still in the directory holds, or whose directory-style `externalId` names such an
+/// entry, is a problem; one whose directory-style `externalId` names an entry that is gone
+/// (no row: a lost snapshot) is marked [`Existing::claimed_by`], and planned as a rebind.
+/// Likewise a group another group's row holds, or that carries another directory-style
+/// `externalId`, is a problem, never adopted (groups have no rebind).
+/// Values read from the target are redacted before they reach a plan or a report.
 async fn resolve_existing(
     client: &ScimClient,
     caps: Capabilities,
     target: &TargetConfig,
+    dialect: Dialect,
     desired: &Desired,
     state: &TargetState,
 ) -> Result<Found, TargetError> {
@@ -990,6 +1009,19 @@ async fn resolve_existing(
     if user_candidates.is_empty() && group_candidates.is_empty() {
         return Ok((users, groups, problems));
     }
+    // Indexed once: rows by SCIM id, and the entries present but unmapped.
+    let rows_by_scim = state.user_index();
+    let unmapped: std::collections::HashSet<&DirectoryId> =
+        desired.problems.iter().map(|(id, _, _)| id).collect();
+    let in_directory = |id: &DirectoryId| desired.users.contains_key(id) || unmapped.contains(id);
+    // The other directory id a resource's directory-style externalId names, if any.
+    let other_directory_id = |r: &Value, own: &DirectoryId| {
+        r["externalId"]
+            .as_str()
+            .filter(|e| is_directory_style(dialect, e))
+            .map(DirectoryId::new)
+            .filter(|e| e != own)
+    };
     let by_user_name = target.match_existing.contains(&MatchRule::UserName);
     let by_display_name = target.match_existing.contains(&MatchRule::DisplayName);
     const LIST_THRESHOLD: usize = 50;
@@ -1022,8 +1054,9 @@ async fn resolve_existing(
                 0 => {}
                 1 => {
                     let r = &found[0];
-                    let name = r["userName"].as_str().unwrap_or_default();
-                    if plan::is_protected(target, name) {
+                    let raw_name = r["userName"].as_str().unwrap_or_default();
+                    let name = &client.redact(raw_name);
+                    if plan::is_protected(target, raw_name) {
                         problems.push(protected(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
                         continue;
                     }
@@ -1036,26 +1069,33 @@ async fn resolve_existing(
                         ));
                         continue;
                     };
-                    if let Some((holder, _)) = state.user_by_scim_id(&scim_id) {
-                        // Still in the directory (mapped or not): never re-bound away from it.
-                        if desired.users.contains_key(holder)
-                            || desired.problems.iter().any(|(id, _, _)| id == holder)
-                        {
-                            problems.push(problem(
-                                &u.id,
-                                &u.user_name,
-                                format!("the account {name} on the target already belongs to directory entry {holder}; not adopting it for a second one"),
-                            ));
-                            continue;
-                        }
+                    let row_holder = rows_by_scim.get(scim_id.0.as_str()).copied();
+                    // Without a row, the account's own directory-style externalId names
+                    // its holder (a lost snapshot).
+                    let claimed_by = match row_holder {
+                        Some(_) => None,
+                        None => other_directory_id(r, &u.id),
+                    };
+                    // Still in the directory (mapped or not): never re-bound away from it.
+                    if let Some(holder) = row_holder
+                        .filter(|h| in_directory(h))
+                        .or(claimed_by.as_ref().filter(|h| in_directory(h)))
+                    {
+                        problems.push(problem(
+                            &u.id,
+                            &u.user_name,
+                            format!("the account {name} on the target already belongs to directory entry {holder}; not adopting it for a second one"),
+                        ));
+                        continue;
                     }
                     users.insert(
                         u.id.clone(),
                         Existing {
                             scim_id,
-                            attrs: flatten_user(r),
+                            attrs: redacted(client, flatten_user(r)),
                             matched_by: how,
                             members: BTreeSet::new(),
+                            claimed_by,
                         },
                     );
                 }
@@ -1078,24 +1118,12 @@ async fn resolve_existing(
             format!("the account matched on the target is matched by {n} directory entries; not adopting it for any (ambiguous)"),
         ));
     }
-    // Users found above may be group members too: resolve group members against rows and
-    // adoptions alike.
-    let mut known = state.clone();
-    for (id, e) in &users {
-        known.users.insert(
-            id.clone(),
-            crate::snapshot::UserRow {
-                scim_id: e.scim_id.clone(),
-                user_name: String::new(),
-                hash: String::new(),
-                attrs: Default::default(),
-                etag: None,
-                state: crate::snapshot::UserState::Active,
-                owned: crate::snapshot::Ownership::Adopted,
-            },
-        );
-    }
     if !group_candidates.is_empty() {
+        // Users found above may be group members too: resolve group members against rows
+        // and adoptions alike (indexed once, not per group).
+        let mut known = rows_by_scim.clone();
+        known.extend(users.iter().map(|(id, e)| (e.scim_id.0.as_str(), id)));
+        let groups_by_scim = state.group_index();
         let listed = if group_candidates.len() > LIST_THRESHOLD || !caps.filter {
             Some(client.list_all("Groups").await?)
         } else {
@@ -1128,8 +1156,9 @@ async fn resolve_existing(
                 0 => {}
                 1 => {
                     let summary = &found[0];
-                    let name = summary["displayName"].as_str().unwrap_or_default();
-                    if plan::is_protected(target, name) {
+                    let raw_name = summary["displayName"].as_str().unwrap_or_default();
+                    let name = &client.redact(raw_name);
+                    if plan::is_protected(target, raw_name) {
                         problems.push(protected(&g.id, &g.display_name, format!("an existing group {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
                         continue;
                     }
@@ -1141,8 +1170,30 @@ async fn resolve_existing(
                         ));
                         continue;
                     };
+                    // Another group's account: a group replaced in the directory by another
+                    // with the same name would take the old one's account, and the old one's
+                    // delete would then remove it. Never adopted: the old group's row goes
+                    // its own way (deleted, under the limits, once it left), and this group
+                    // is created afresh after that.
+                    let holder = groups_by_scim
+                        .get(scim_id.0.as_str())
+                        .copied()
+                        .filter(|h| *h != &g.id)
+                        .cloned()
+                        .or_else(|| other_directory_id(summary, &g.id));
+                    if let Some(holder) = holder {
+                        problems.push(problem(
+                            &g.id,
+                            &g.display_name,
+                            format!("the group {name} on the target matches by {how} but belongs to directory group {holder}; not adopting it for a second one (once that group's account is gone, this one is created)"),
+                        ));
+                        continue;
+                    }
                     let mut attrs = FlatAttrs::new();
-                    attrs.insert("displayName".into(), summary["displayName"].clone());
+                    for k in ["displayName", "externalId"] {
+                        attrs.insert(k.into(), summary[k].clone());
+                    }
+                    let attrs = redacted(client, attrs);
                     // Lists may leave members out; the resource itself has them. AWS Identity
                     // Center never returns members: its groups start from "unknown" (additions
                     // are idempotent, and nothing unseen is removed).
@@ -1158,6 +1209,7 @@ async fn resolve_existing(
                             attrs,
                             matched_by: how,
                             members,
+                            claimed_by: None,
                         },
                     );
                 }
@@ -1188,6 +1240,17 @@ fn protected(id: &DirectoryId, name: &str, reason: String) -> plan::Problem {
         fails: false,
         ..problem(id, name, reason)
     }
+}
+
+/// `attrs` with the target's secrets cut out of every string value: what a target lists
+/// reaches plans, reports and the audit log.
+fn redacted(client: &ScimClient, mut attrs: FlatAttrs) -> FlatAttrs {
+    for v in attrs.values_mut() {
+        if let Value::String(s) = v {
+            *s = client.redact(s);
+        }
+    }
+    attrs
 }
 
 /// The flat attributes of a SCIM User as the target has it (for reporting what adoption

@@ -125,6 +125,13 @@ fn change_json(t: &TargetOutcome, c: &Change) -> Value {
                 .collect();
             obj.insert("attributes".into(), Value::Object(attrs));
         }
+        Change::AdoptGroup { changes, .. } => {
+            let attrs: Map<String, Value> = changes
+                .iter()
+                .map(|a| (a.path.clone(), json!({"from": a.from, "to": a.to})))
+                .collect();
+            obj.insert("attributes".into(), Value::Object(attrs));
+        }
         Change::UpdateGroup {
             display_name,
             from_name,
@@ -233,7 +240,8 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
     let detail = match c {
         Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. }
-        | Change::AdoptUser { changes, .. } => attr_changes(changes),
+        | Change::AdoptUser { changes, .. }
+        | Change::AdoptGroup { changes, .. } => attr_changes(changes),
         Change::Rebind {
             id,
             from,

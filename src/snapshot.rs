@@ -82,9 +82,25 @@ pub struct TargetState {
     pub groups: BTreeMap<DirectoryId, GroupRow>,
 }
 
+/// The directory id of each user row, by the row's SCIM id (as text): built once per pass
+/// and looked up per item, never a scan per item.
+pub type ScimIndex<'a> = std::collections::HashMap<&'a str, &'a DirectoryId>;
+
 impl TargetState {
-    pub fn user_by_scim_id(&self, id: &ScimId) -> Option<(&DirectoryId, &UserRow)> {
-        self.users.iter().find(|(_, r)| &r.scim_id == id)
+    /// Which user row holds each SCIM id ([`ScimIndex`]).
+    pub fn user_index(&self) -> ScimIndex<'_> {
+        self.users
+            .iter()
+            .map(|(id, r)| (r.scim_id.0.as_str(), id))
+            .collect()
+    }
+
+    /// Which group row holds each SCIM id.
+    pub fn group_index(&self) -> ScimIndex<'_> {
+        self.groups
+            .iter()
+            .map(|(id, r)| (r.scim_id.0.as_str(), id))
+            .collect()
     }
 }
 

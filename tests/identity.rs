@@ -587,3 +587,321 @@ fn a_target_that_keeps_values_in_its_own_shape_is_not_rewritten_on_every_adoptio
         );
     }
 }
+
+fn group_writes(t: &Target) -> Vec<RecordedRequest> {
+    t.proxy
+        .requests()
+        .into_iter()
+        .filter(|r| matches!(r.method.as_str(), "PATCH" | "PUT") && r.path.starts_with("/Groups"))
+        .collect()
+}
+
+/// After a lost snapshot, an account found by userName whose directory-style externalId names
+/// an entry gone from the directory changes owner only through a visible, counted rebind.
+#[test]
+fn after_a_lost_snapshot_an_account_of_another_directory_id_moves_only_by_rebind() {
+    let fake = FakeScim::start(FakeScimOptions::default());
+    let (slapd, mut config) = fake_world(&seed(2), &fake.url(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    let old = entry_uuid(&slapd, "p000");
+    slapd.delete(&person_dn("p000"));
+    slapd.add(&person(
+        "p000",
+        "Someone Else",
+        "Else",
+        "Someone",
+        "p000@example.org",
+        "Newcomer",
+    ));
+    let new = entry_uuid(&slapd, "p000");
+    std::fs::remove_dir_all(config.state_dir()).unwrap();
+    config.target(
+        "fake",
+        &fake.url(),
+        "fake-token",
+        "groups = \"none\"\nrebind = \"hold\"\nmax_deprovisions = \"5\"",
+    );
+
+    let plan = ldap2scim(&config.path(), &["plan", "--format", "json"]);
+    let tp = target_plan(&plan.json(), "fake").clone();
+    assert_eq!(tp["status"], "held", "{tp}");
+    assert_eq!(
+        rebinds(&tp["held"]),
+        vec![("p000".to_string(), new.clone(), old.clone())],
+        "{tp}"
+    );
+    let held_rebind = tp["held"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["action"] == "rebind")
+        .unwrap();
+    assert_eq!(held_rebind["from_name"], "p000", "{tp}");
+    for list in ["changes", "held"] {
+        assert!(
+            tp[list]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["name"] != "p000" || c["action"] == "rebind"),
+            "neither a silent adoption nor an orphan: {tp}"
+        );
+    }
+    let text = ldap2scim(&config.path(), &["plan"]);
+    assert!(
+        text.stdout.contains(&old) && text.stdout.contains(&new),
+        "{text}"
+    );
+
+    ldap2scim(&config.path(), &["sync"]).expect_code(4);
+    let account = |fake: &FakeScim| {
+        fake.users()
+            .into_iter()
+            .find(|u| u["userName"] == "p000")
+            .unwrap()
+    };
+    assert_eq!(
+        account(&fake)["externalId"],
+        old,
+        "held: still the old one's"
+    );
+
+    ldap2scim(&config.path(), &["approve", "--target", "fake"]).expect_code(0);
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    assert_eq!(account(&fake)["externalId"], new);
+    assert_eq!(fake.users().len(), 2, "no second account");
+    let audit = std::fs::read_to_string(config.state_dir().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().any(|l| {
+            let l: Value = serde_json::from_str(l).unwrap();
+            l["action"] == "rebind"
+                && l["external_id"] == new
+                && l["from_external_id"] == old
+                && l["outcome"] == "ok"
+        }),
+        "{audit}"
+    );
+}
+
+/// A create answered 409 never takes an account whose directory-style externalId names
+/// another directory entry: the next plan shows it as a rebind.
+#[test]
+fn after_a_409_an_account_of_another_directory_id_is_not_taken() {
+    let fake = FakeScim::start(FakeScimOptions {
+        unique_user_names: true,
+        ..FakeScimOptions::default()
+    });
+    let (slapd, config) = fake_world(&seed(1), &fake.url(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    let created = fake.users().remove(0);
+    // Deleted by hand, and the name taken by an account of another directory entry.
+    fake.remove_user(created["id"].as_str().unwrap());
+    let other = "0c0ffee0-1111-4222-8333-444455556666";
+    fake.seed_user(json!({"userName": "p000", "externalId": other, "active": true}));
+    slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Boss\n",
+        person_dn("p000")
+    ));
+    fake.clear();
+    let out = ldap2scim(&config.path(), &["sync"]);
+    assert_eq!(out.code, 3, "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("held by directory id {other}")),
+        "{out}"
+    );
+    let users = fake.users();
+    assert_eq!(users.len(), 1, "no duplicate");
+    assert_eq!(users[0]["externalId"], other, "not taken over");
+    let writes: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| r.method.clone())
+        .collect();
+    assert_eq!(writes, vec!["PATCH", "POST"], "{:?}", fake.requests());
+}
+
+/// Values read from a target (attribute values, names of orphans) never carry its
+/// credentials into a plan.
+#[test]
+fn a_plan_never_shows_the_targets_secret_read_back_from_it() {
+    let fake = FakeScim::start(FakeScimOptions::default());
+    let (slapd, config) = fake_world(&seed(1), &fake.url(), "");
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    slapd.add(&person(
+        "carol",
+        "Carol",
+        "Carol",
+        "C",
+        "carol@example.org",
+        "Chief",
+    ));
+    fake.seed_user(json!({
+        "userName": "carol",
+        "displayName": "fake-token",
+        "title": "the token is fake-token",
+        "active": true,
+    }));
+    fake.seed_user(json!({
+        "userName": "leaver-fake-token",
+        "externalId": "0c0ffee0-1111-4222-8333-444455556666",
+        "active": true,
+    }));
+    std::fs::remove_dir_all(config.state_dir()).unwrap();
+    let json = ldap2scim(&config.path(), &["plan", "--format", "json"]);
+    let tp = target_plan(&json.json(), "fake").clone();
+    assert!(
+        tp["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "carol" && c["attributes"]["title"]["from"].is_string()),
+        "the value is reported, redacted: {tp}"
+    );
+    assert!(
+        tp["held"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["action"] == "orphan"),
+        "{tp}"
+    );
+    for format in ["json", "text", "markdown"] {
+        let out = ldap2scim(&config.path(), &["plan", "--format", format]);
+        assert!(!out.stdout.contains("fake-token"), "{format}:\n{out}");
+        assert!(!out.stderr.contains("fake-token"), "{format}:\n{out}");
+    }
+}
+
+/// A lost snapshot costs no group writes where nothing differs (an adoption sends only what
+/// its plan shows), on both real servers.
+#[test]
+fn a_group_adoption_after_a_lost_snapshot_writes_nothing_unchanged() {
+    let seed = seed(3)
+        + &group("team", &[&person_dn("p000"), &person_dn("p001")])
+        + &group("solo", &[&person_dn("p002")]);
+    let world = World::start(&seed, "");
+    world.sync_ok();
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let tp = target_plan(&plan, t.name());
+        let adopted: Vec<&Value> = tp["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["resource"] == "Group")
+            .collect();
+        assert_eq!(adopted.len(), 2, "{}: {tp}", t.name());
+        for c in adopted {
+            assert_eq!(c["action"], "adopt", "{}: {c}", t.name());
+            assert!(
+                c["attributes"].as_object().is_none_or(|a| a.is_empty()),
+                "{}: nothing differs: {c}",
+                t.name()
+            );
+        }
+        t.proxy.clear();
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        assert_eq!(group_writes(t), vec![], "{}", t.name());
+    }
+    world.assert_converged();
+}
+
+/// A group replaced in the directory by another with the same name never takes the old
+/// one's account (which the old one's delete would then remove): the new group is a
+/// problem until the old one's account is gone, then it is created.
+#[test]
+fn a_group_never_adopts_another_groups_account() {
+    let seed = seed(2) + &group("team", &[&person_dn("p000"), &person_dn("p001")]);
+    let world = World::start(
+        &seed,
+        "match_existing = [\"externalId\", \"userName\", \"displayName\"]",
+    );
+    world.sync_ok();
+    let old_ids: Vec<String> = world
+        .targets
+        .iter()
+        .map(|t| t.groups()[0]["id"].as_str().unwrap().to_string())
+        .collect();
+    world.slapd.delete(&group_dn("team"));
+    world
+        .slapd
+        .add(&group("team", &[&person_dn("p000"), &person_dn("p001")]));
+    let (out, plan) = world.plan_json();
+    assert_eq!(out.code, 2, "{out}");
+    for (t, old) in world.targets.iter().zip(&old_ids) {
+        let tp = target_plan(&plan, t.name());
+        let groups: Vec<(String, String)> = tp["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["resource"] == "Group")
+            .map(|c| {
+                (
+                    c["action"].as_str().unwrap().to_string(),
+                    c["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            vec![("delete".to_string(), "team".to_string())],
+            "{}: the old group goes, the new one does not take its account: {tp}",
+            t.name()
+        );
+        assert!(
+            tp["problems"]
+                .to_string()
+                .contains("belongs to directory group"),
+            "{}: {tp}",
+            t.name()
+        );
+        let _ = old;
+    }
+    world.sync_expect(3);
+    world.sync_ok();
+    for (t, old) in world.targets.iter().zip(&old_ids) {
+        let groups = t.groups();
+        assert_eq!(groups.len(), 1, "{}: {groups:?}", t.name());
+        assert_ne!(groups[0]["id"], *old, "{}: a new account", t.name());
+        assert_eq!(
+            t.memberships()["team"].iter().cloned().collect::<Vec<_>>(),
+            vec!["p000".to_string(), "p001".to_string()],
+            "{}",
+            t.name()
+        );
+    }
+    world.assert_converged();
+
+    // Without rows (a lost snapshot), a group whose directory-style externalId names another
+    // group is not adopted either.
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    world.slapd.delete(&group_dn("team"));
+    world
+        .slapd
+        .add(&group("team", &[&person_dn("p000"), &person_dn("p001")]));
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let tp = target_plan(&plan, t.name());
+        assert!(
+            tp["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["resource"] != "Group"),
+            "{}: {tp}",
+            t.name()
+        );
+        assert!(
+            tp["problems"]
+                .to_string()
+                .contains("belongs to directory group"),
+            "{}: {tp}",
+            t.name()
+        );
+    }
+}

@@ -204,6 +204,7 @@ mod tests {
             attrs: FlatAttrs::new(),
             matched_by: "userName",
             members: BTreeSet::new(),
+            claimed_by: None,
         };
         let found = BTreeMap::from([
             (DirectoryId::new("a"), existing("s1")),

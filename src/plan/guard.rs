@@ -30,10 +30,9 @@ pub fn apply_limits(
     approved: Option<&BTreeSet<(String, DirectoryId)>>,
     rebind: Rebind,
 ) {
-    let key = |c: &Change| (c.action().to_string(), c.id().clone());
     // Approved changes go ahead; only they: anything destructive planned since the approval
     // is judged on its own.
-    let is_approved = |c: &Change| approved.is_some_and(|a| a.contains(&key(c)));
+    let is_approved = |c: &Change| approved.is_some_and(|a| a.contains(&approval_key(c)));
     let pending: Vec<&Change> = plan
         .changes
         .iter()
@@ -154,12 +153,20 @@ fn describe_limit(limit: Limit, allowed: usize) -> String {
     }
 }
 
+/// The identity of a held change, as stored for `approve`: (action, directory id). A rebind
+/// names the account's old directory id too (`rebind:<from>`), so approving one rebind
+/// never releases a later one of the same entry that takes another entry's account.
+pub fn approval_key(c: &Change) -> (String, DirectoryId) {
+    let action = match c.from_id() {
+        Some(from) => format!("{}:{from}", c.action()),
+        None => c.action().to_string(),
+    };
+    (action, c.id().clone())
+}
+
 /// The identity of a held set, as stored for `approve`.
 pub fn held_keys(plan: &Plan) -> BTreeSet<(String, DirectoryId)> {
-    plan.held
-        .iter()
-        .map(|c| (c.action().to_string(), c.id().clone()))
-        .collect()
+    plan.held.iter().map(approval_key).collect()
 }
 
 /// Adds a target's orphans (`Change::Orphan`) to a plan that [`apply_limits`] already judged:

@@ -48,6 +48,10 @@ pub struct Existing {
     pub matched_by: &'static str,
     /// For a group: its current members, as directory ids.
     pub members: BTreeSet<DirectoryId>,
+    /// For a user matched by userName: the other directory id its directory-style
+    /// `externalId` names (no snapshot row holds the account, e.g. after a lost snapshot).
+    /// Taking it is a [`Change::Rebind`] from that id, never a silent adoption.
+    pub claimed_by: Option<DirectoryId>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +117,8 @@ pub enum Change {
         from_name: String,
         /// Its members on the target when it was found.
         members: BTreeSet<DirectoryId>,
+        /// What differs on the found group (`displayName`, `externalId`): all that is sent.
+        changes: Vec<AttrChange>,
     },
     UpdateGroup {
         id: DirectoryId,
@@ -298,9 +304,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut p = Plan::default();
     let mut user_changes = Vec::new();
     let mut deprovisions = Vec::new();
+    // Which row holds a SCIM id: indexed once, looked up per adoption.
+    let by_scim = if existing_users.is_empty() {
+        Default::default()
+    } else {
+        state.user_index()
+    };
+    let holder = |sid: &ScimId| by_scim.get(sid.0.as_str()).copied();
     let superseded: BTreeSet<DirectoryId> = existing_users
         .values()
-        .filter_map(|e| state.user_by_scim_id(&e.scim_id).map(|(id, _)| id.clone()))
+        .filter_map(|e| holder(&e.scim_id).cloned())
         .collect();
     // Users that will be on the target (as group member candidates) after this plan.
     let mut provisioned: HashSet<&DirectoryId> =
@@ -375,13 +388,25 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     Some(found) => {
                         let want_attrs = want.attrs.unpack();
                         let changes = adopt::adoption_diff(&found.attrs, &want_attrs, not_kept);
-                        match state.user_by_scim_id(&found.scim_id) {
-                            Some((old, old_row)) => {
+                        // Held by a row, or (no row) named by the account's directory-style
+                        // externalId: either way the account moves from another directory id.
+                        let from = match holder(&found.scim_id) {
+                            Some(old) => state
+                                .users
+                                .get(old)
+                                .map(|r| (old.clone(), r.user_name.clone())),
+                            None => found.claimed_by.clone().map(|old| {
+                                let name = found.attrs.get("userName").and_then(Value::as_str);
+                                (old, name.unwrap_or_default().to_string())
+                            }),
+                        };
+                        match from {
+                            Some((old, from_name)) => {
                                 rebound.insert(old.clone(), id.clone());
                                 user_changes.push(Change::Rebind {
                                     id: id.clone(),
-                                    from: old.clone(),
-                                    from_name: old_row.user_name.clone(),
+                                    from: old,
+                                    from_name,
                                     scim_id: found.scim_id.clone(),
                                     user_name: want.user_name.clone(),
                                     matched_by: found.matched_by,
@@ -516,7 +541,23 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
             None => match existing_groups.get(id) {
                 Some(found) => {
+                    // Only what differs is sent (nothing: no write at all).
+                    let have: FlatAttrs = ["displayName", "externalId"]
+                        .into_iter()
+                        .filter_map(|k| {
+                            let v = found.attrs.get(k).filter(|v| !v.is_null())?;
+                            Some((k.to_string(), v.clone()))
+                        })
+                        .collect();
+                    let want_attrs = FlatAttrs::from([
+                        (
+                            "displayName".to_string(),
+                            Value::from(want.display_name.clone()),
+                        ),
+                        ("externalId".to_string(), Value::from(id.0.clone())),
+                    ]);
                     group_changes.push(Change::AdoptGroup {
+                        changes: diff_attrs(&have, &want_attrs),
                         id: id.clone(),
                         scim_id: found.scim_id.clone(),
                         display_name: want.display_name.clone(),

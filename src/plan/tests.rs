@@ -478,6 +478,7 @@ fn rebind_world() -> (Desired, TargetState, BTreeMap<DirectoryId, Existing>) {
             attrs: found_attrs,
             matched_by: "userName",
             members: BTreeSet::new(),
+            claimed_by: None,
         },
     )]);
     (d, s, existing)
@@ -620,4 +621,127 @@ fn protect_keeps_a_directory_entry_from_being_created() {
         .problems
         .iter()
         .all(|pr| !pr.fails && pr.reason.contains("matches a protect pattern; not created")));
+}
+
+/// The rebind world after a lost snapshot: no row holds the account, but its directory-style
+/// externalId names the old entry.
+fn claimed_world() -> (Desired, TargetState, BTreeMap<DirectoryId, Existing>) {
+    let (d, mut s, mut existing) = rebind_world();
+    s.users.remove(&DirectoryId::new("old"));
+    s.groups.clear();
+    let found = existing.get_mut(&DirectoryId::new("new")).unwrap();
+    found.attrs.insert("userName".into(), json!("alice"));
+    found.claimed_by = Some(DirectoryId::new("old"));
+    (d, s, existing)
+}
+
+#[test]
+fn an_account_claimed_by_another_directory_id_without_a_row_is_a_rebind() {
+    let (d, s, existing) = claimed_world();
+    let p = run_with(&target(), &d, &s, &existing);
+    let rebinds: Vec<&Change> = p
+        .changes
+        .iter()
+        .filter(|c| c.resource() == "User")
+        .collect();
+    assert_eq!(rebinds.len(), 1, "{:?}", p.changes);
+    match rebinds[0] {
+        Change::Rebind {
+            id,
+            from,
+            from_name,
+            scim_id,
+            ..
+        } => {
+            assert_eq!((id.0.as_str(), from.0.as_str()), ("new", "old"));
+            assert_eq!(from_name, "alice");
+            assert_eq!(scim_id.0, "s-old");
+        }
+        other => panic!("not a silent adoption: {other:?}"),
+    }
+    // Counted against max_deprovisions, and held by rebind = "hold".
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(0), 1, 0, None, None, Rebind::Allow);
+    assert!(p.held.iter().any(|c| c.action() == "rebind"), "{p:?}");
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(5), 1, 0, None, None, Rebind::Hold);
+    assert!(p.held.iter().any(|c| c.action() == "rebind"), "{p:?}");
+}
+
+#[test]
+fn approving_a_rebind_does_not_approve_one_from_another_account() {
+    let (d, s, existing) = rebind_world();
+    let mut p = run_with(&target(), &d, &s, &existing);
+    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Hold);
+    let keys = guard::held_keys(&p);
+    assert!(
+        keys.contains(&("rebind:old".to_string(), DirectoryId::new("new"))),
+        "{keys:?}"
+    );
+    for stale in ["rebind", "rebind:other"] {
+        let approved = BTreeSet::from([(stale.to_string(), DirectoryId::new("new"))]);
+        let mut p = run_with(&target(), &d, &s, &existing);
+        guard::apply_limits(
+            &mut p,
+            Limit::Count(5),
+            2,
+            1,
+            None,
+            Some(&approved),
+            Rebind::Hold,
+        );
+        assert!(
+            p.held.iter().any(|c| c.action() == "rebind"),
+            "{stale}: {p:?}"
+        );
+    }
+}
+
+#[test]
+fn a_group_adoption_sends_only_what_differs() {
+    let mut d = Desired::default();
+    d.groups.insert(
+        DirectoryId::new("g"),
+        DesiredGroup {
+            id: DirectoryId::new("g"),
+            dn: "cn=g".into(),
+            display_name: "team".into(),
+            members: BTreeSet::new(),
+        },
+    );
+    let found = |name: &str, ext: Option<&str>| {
+        let mut attrs = FlatAttrs::from([("displayName".to_string(), json!(name))]);
+        attrs.insert("externalId".into(), ext.map_or(Value::Null, |e| json!(e)));
+        BTreeMap::from([(
+            DirectoryId::new("g"),
+            Existing {
+                scim_id: ScimId("sg".into()),
+                attrs,
+                matched_by: "externalId",
+                members: BTreeSet::new(),
+                claimed_by: None,
+            },
+        )])
+    };
+    let paths = |groups: &BTreeMap<DirectoryId, Existing>| {
+        let p = plan(&PlanInput {
+            target: &target(),
+            desired: &d,
+            state: &TargetState::default(),
+            existing_users: &BTreeMap::new(),
+            existing_groups: groups,
+            blocked: &BTreeSet::new(),
+            not_kept: &BTreeSet::new(),
+            now: Utc::now(),
+        });
+        match &p.changes[..] {
+            [Change::AdoptGroup { changes, .. }] => {
+                changes.iter().map(|c| c.path.clone()).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(paths(&found("team", Some("g"))).is_empty());
+    assert_eq!(paths(&found("Team", Some("g"))), vec!["displayName"]);
+    assert_eq!(paths(&found("team", None)), vec!["externalId"]);
 }
