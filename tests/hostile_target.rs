@@ -640,3 +640,32 @@ fn a_revoked_token_fails_the_target_even_with_nothing_to_do() {
         );
     }
 }
+
+#[test]
+fn a_token_lifetime_beyond_the_clock_is_capped_not_a_crash() {
+    let (_slapd, mut config) = directory();
+    let token = random_token();
+    let issued = token.clone();
+    let target = HostileServer::start(move |req| {
+        if req.scim_path() == "/token" {
+            return Some(HttpResponse::json(
+                200,
+                &json!({ "access_token": issued, "token_type": "Bearer", "expires_in": u64::MAX }),
+            ));
+        }
+        (req.header("authorization") != Some(format!("Bearer {issued}").as_str()))
+            .then(|| HttpResponse::scim_error(401, "bad token"))
+    });
+    let secret = random_token();
+    let auth = oauth2(
+        &format!("{}/token", target.origin()),
+        &secret_file(&config, "app.secret", &secret),
+        "",
+    );
+    config.target("app", &target.url(), "unused", &auth);
+    let out = run(&config, &["sync"]);
+    out.expect_code(0);
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    assert_eq!(target.resources("Users").len(), 1, "{out}");
+    assert!(!format!("{}{}", out.stdout, out.stderr).contains(&token));
+}

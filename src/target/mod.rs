@@ -661,12 +661,11 @@ impl ScimClient {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .add(token);
-        let ttl = body["expires_in"]
-            .as_u64()
-            .unwrap_or(300)
-            .saturating_sub(30)
-            .max(10);
-        *cached = Some((token.to_string(), Instant::now() + Duration::from_secs(ttl)));
+        let now = Instant::now();
+        // A target cannot make us keep a token for ever, nor overflow the clock.
+        *cached = now
+            .checked_add(token_lifetime(body.get("expires_in")))
+            .map(|until| (token.to_string(), until));
         Ok(token.to_string())
     }
 
@@ -1040,6 +1039,20 @@ fn excerpt(text: &str, max: usize) -> String {
     out
 }
 
+/// The longest an OAuth2 access token is cached, whatever `expires_in` says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long an access token is used: its `expires_in` (300 s when absent or not a number)
+/// less a 30 s margin, at least 10 s and at most [`MAX_TOKEN_LIFETIME`].
+fn token_lifetime(expires_in: Option<&Value>) -> Duration {
+    let secs = expires_in
+        .and_then(Value::as_u64)
+        .unwrap_or(300)
+        .saturating_sub(30)
+        .clamp(10, MAX_TOKEN_LIFETIME.as_secs());
+    Duration::from_secs(secs)
+}
+
 /// What a target's `/ServiceProviderConfig` says it supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -1190,6 +1203,19 @@ mod tests {
             assert!(e.to_string().contains("nothing sent"), "{e}");
         }
         assert_eq!(client.counters().requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_token_lifetime_is_bounded_whatever_expires_in_says() {
+        let life = |v: Value| token_lifetime(Some(&v));
+        assert_eq!(life(json!(3600)), Duration::from_secs(3570));
+        assert_eq!(life(json!(u64::MAX)), MAX_TOKEN_LIFETIME);
+        assert_eq!(life(json!(0)), Duration::from_secs(10));
+        assert_eq!(life(json!(-5)), Duration::from_secs(270));
+        assert_eq!(life(json!("3600")), Duration::from_secs(270));
+        assert_eq!(token_lifetime(None), Duration::from_secs(270));
+        // What was computed fits the clock.
+        assert!(Instant::now().checked_add(life(json!(u64::MAX))).is_some());
     }
 
     #[test]
