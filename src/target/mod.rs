@@ -638,14 +638,9 @@ impl ScimClient {
         };
         let body: Option<Value> = serde_json::from_slice(&bytes).ok();
         if !status.is_success() {
-            // RFC 6749 §5.2: `error`, and maybe `error_description`.
-            let said = body.as_ref().and_then(|b| {
-                let error = b.get("error")?.as_str()?;
-                Some(match b.get("error_description").and_then(Value::as_str) {
-                    Some(d) => format!(": {error}: {}", excerpt(d, 500)),
-                    None => format!(": {error}"),
-                })
-            });
+            let said = body
+                .as_ref()
+                .and_then(|b| token_error(b, |t| self.redact(t)));
             return Err(fail(format!(
                 "the token endpoint answered HTTP {}{}",
                 status.as_u16(),
@@ -1039,6 +1034,22 @@ fn excerpt(text: &str, max: usize) -> String {
     out
 }
 
+/// The most characters of a token endpoint's `error` or `error_description` reported.
+const MAX_TOKEN_ERROR_CHARS: usize = 200;
+
+/// What a token endpoint's error answer says (RFC 6749 §5.2: `error`, and maybe
+/// `error_description`) as `": error: description"`, each redacted, then shortened.
+fn token_error(body: &Value, redact: impl Fn(&str) -> String) -> Option<String> {
+    let short = |t: &str| excerpt(&redact(t), MAX_TOKEN_ERROR_CHARS);
+    let error = short(body.get("error")?.as_str()?);
+    Some(
+        match body.get("error_description").and_then(Value::as_str) {
+            Some(d) => format!(": {error}: {}", short(d)),
+            None => format!(": {error}"),
+        },
+    )
+}
+
 /// The longest an OAuth2 access token is cached, whatever `expires_in` says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -1203,6 +1214,31 @@ mod tests {
             assert!(e.to_string().contains("nothing sent"), "{e}");
         }
         assert_eq!(client.counters().requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn token_endpoint_errors_are_redacted_then_shortened() {
+        let secret = "0123456789abcdef";
+        let r = Redactor::new([secret]);
+        let redact = |t: &str| r.redact(t);
+        // The secret straddles the cut: redacting after cutting would leave half of it.
+        let description = format!("{}{secret}{}", "d".repeat(190), "e".repeat(5000));
+        let said = token_error(
+            &json!({ "error": "x".repeat(5000), "error_description": description }),
+            redact,
+        )
+        .unwrap();
+        assert!(!said.contains("01234567"), "{said}");
+        assert!(said.contains("***"), "{said}");
+        assert!(
+            said.chars().count() <= 2 * (MAX_TOKEN_ERROR_CHARS + 1) + 4,
+            "{said}"
+        );
+        assert_eq!(
+            token_error(&json!({ "error": "invalid_client" }), redact).as_deref(),
+            Some(": invalid_client")
+        );
+        assert_eq!(token_error(&json!({ "error": 7 }), redact), None);
     }
 
     #[test]
