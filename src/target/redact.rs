@@ -27,18 +27,50 @@ impl Redactor {
         r
     }
 
-    /// Adds a secret, with the forms it may be echoed in: as sent, form/percent-encoded, and
-    /// with `/` JSON-escaped (base64 and tokens contain slashes).
+    /// Adds a secret, with the forms it may be echoed in (built once, here): as sent;
+    /// form-urlencoded (space as `+`) and percent-encoded (space as `%20`), each with upper-
+    /// and lowercase hex digits; and JSON-escaped (`\"`, `\\`, control characters), also with
+    /// `/` as `\/`, and with every other non-alphanumeric ASCII character as `\u00xx` (lower-
+    /// and uppercase hex).
     pub fn add(&mut self, secret: &str) {
         if secret.is_empty() {
             return;
         }
-        let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+        let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+        let percent = form.replace('+', "%20");
+        let json = serde_json::to_string(secret).unwrap_or_default();
+        let json = json
+            .strip_prefix('"')
+            .and_then(|j| j.strip_suffix('"'))
+            .unwrap_or(secret)
+            .to_string();
+        let unicode = |upper: bool| -> String {
+            secret
+                .chars()
+                .map(|c| {
+                    if c.is_ascii() && !c.is_ascii_alphanumeric() {
+                        let hex = format!("\\u{:04x}", c as u32);
+                        if upper {
+                            hex.to_uppercase().replacen("\\U", "\\u", 1)
+                        } else {
+                            hex
+                        }
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        };
         for form in [
             secret.to_string(),
-            encoded.clone(),
-            encoded.replace('+', "%20"),
-            secret.replace('/', "\\/"),
+            lower_hex(&form),
+            form,
+            lower_hex(&percent),
+            percent,
+            json.replace('/', "\\/"),
+            json,
+            unicode(false),
+            unicode(true),
         ] {
             if !self.forms.contains(&form) {
                 self.forms.push(form);
@@ -58,6 +90,24 @@ impl Redactor {
         }
         out
     }
+}
+
+/// `text` with the hex digits of every `%XX` escape in lowercase.
+fn lower_hex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut hex_left = 0;
+    for c in text.chars() {
+        if hex_left > 0 {
+            out.push(c.to_ascii_lowercase());
+            hex_left -= 1;
+        } else {
+            if c == '%' {
+                hex_left = 2;
+            }
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The credentials of an HTTP Basic `Authorization` header: base64 of `user:password`.
@@ -84,6 +134,45 @@ mod tests {
         assert_eq!(r.redact(r#"{"h":"s3cr\/et+x"}"#), r#"{"h":"***"}"#);
         assert_eq!(r.redact("Bearer tok."), "Bearer ***.");
         assert_eq!(r.redact("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn echoed_encodings_of_a_secret_are_cut() {
+        // Characters every encoding changes: `/`, `+`, `=`, `"`, a space, a backslash.
+        let secret = r#"a/b+c=d"e f\g"#;
+        let r = Redactor::new([secret]);
+        for echoed in [
+            secret,
+            // form-urlencoded (space as '+'), upper- and lowercase hex
+            "a%2Fb%2Bc%3Dd%22e+f%5Cg",
+            "a%2fb%2bc%3dd%22e+f%5cg",
+            // percent-encoded (space as %20)
+            "a%2Fb%2Bc%3Dd%22e%20f%5Cg",
+            "a%2fb%2bc%3dd%22e%20f%5cg",
+            // JSON string escapes, with and without `\/`
+            r#"a/b+c=d\"e f\\g"#,
+            r#"a\/b+c=d\"e f\\g"#,
+            // JSON \u escapes of every non-alphanumeric character
+            r#"a\u002fb\u002bc\u003dd\u0022e\u0020f\u005cg"#,
+            r#"a\u002Fb\u002Bc\u003Dd\u0022e\u0020f\u005Cg"#,
+        ] {
+            assert_eq!(r.redact(&format!("<{echoed}>")), "<***>", "{echoed}");
+        }
+        // What a JSON serializer makes of a message quoting the secret.
+        let quoted = serde_json::to_string(&format!("you sent {secret}")).unwrap();
+        assert!(!r.redact(&quoted).contains("e f"), "{}", r.redact(&quoted));
+        // Base64 forms (`+`, `/`, `=`) of the Basic credentials.
+        let basic = basic_credentials("svc", "???>>>");
+        let r = Redactor::new([basic.as_str()]);
+        let form: String = url::form_urlencoded::byte_serialize(basic.as_bytes()).collect();
+        assert_eq!(r.redact(&lower_hex(&form)), "***");
+        assert_eq!(r.redact(&basic.replace('/', "\\/")), "***");
+    }
+
+    #[test]
+    fn lower_hex_changes_only_escapes() {
+        assert_eq!(lower_hex("AB%2FCD%3d+E"), "AB%2fCD%3d+E");
+        assert_eq!(lower_hex("%"), "%");
     }
 
     #[test]
