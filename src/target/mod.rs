@@ -84,6 +84,8 @@ pub struct Response {
     pub status: StatusCode,
     pub etag: Option<String>,
     pub body: Value,
+    /// The size of the body as read, in bytes.
+    pub size: u64,
 }
 
 pub struct ScimClient {
@@ -339,7 +341,12 @@ impl ScimClient {
                             Ok(body) => {
                                 self.speed_up();
                                 debug!(target = %self.name, %method, path, status = status.as_u16(), "SCIM request done");
-                                return Ok(Response { status, etag, body });
+                                return Ok(Response {
+                                    status,
+                                    etag,
+                                    body,
+                                    size: bytes.len() as u64,
+                                });
                             }
                             Err(reason) => (
                                 None,
@@ -411,6 +418,7 @@ impl ScimClient {
                             status: StatusCode::OK,
                             etag: None,
                             body: existing,
+                            size: 0,
                         });
                     }
                 }
@@ -841,6 +849,7 @@ impl ScimClient {
                 .await?;
             let number = |k: &str| resp.body.get(k).and_then(Value::as_u64);
             let (start_index, total_results) = (number("startIndex"), number("totalResults"));
+            let bytes = resp.size;
             let items = self.resources(resource_type, resp.body)?;
             let ids: Vec<Option<&str>> = items
                 .iter()
@@ -855,6 +864,7 @@ impl ScimClient {
                     start_index,
                     total_results,
                     ids: &ids,
+                    bytes,
                 })
                 .map_err(|reason| TargetError::Malformed {
                     target: self.name.clone(),
@@ -864,7 +874,11 @@ impl ScimClient {
                 })?;
             drop(ids);
             let mut items: Vec<Option<Value>> = items.into_iter().map(Some).collect();
-            all.extend(fresh.into_iter().filter_map(|i| items[i].take()));
+            all.extend(
+                fresh
+                    .into_iter()
+                    .filter_map(|i| items.get_mut(i).and_then(Option::take)),
+            );
             if step == Step::Done {
                 return Ok(all);
             }
