@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -668,4 +668,77 @@ fn a_token_lifetime_beyond_the_clock_is_capped_not_a_crash() {
     assert!(!out.stderr.contains("panicked"), "{out}");
     assert_eq!(target.resources("Users").len(), 1, "{out}");
     assert!(!format!("{}{}", out.stdout, out.stderr).contains(&token));
+}
+
+/// A token endpoint and SCIM service that accept only the token issued last: the first one
+/// for `first` SCIM requests, each later one for `later` (0: refused at once).
+fn rotating_oauth_target(first: usize, later: usize) -> HostileServer {
+    let current: Mutex<Option<(String, usize)>> = Mutex::new(None);
+    let issued = std::sync::atomic::AtomicUsize::new(0);
+    HostileServer::start(move |req| {
+        let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
+        if req.scim_path() == "/token" {
+            let token = random_token();
+            let uses = if issued.fetch_add(1, Ordering::SeqCst) == 0 {
+                first
+            } else {
+                later
+            };
+            *current = Some((token.clone(), uses));
+            return Some(HttpResponse::json(
+                200,
+                &json!({ "access_token": token, "token_type": "Bearer", "expires_in": 3600 }),
+            ));
+        }
+        let presented = req.header("authorization").unwrap_or_default().to_string();
+        match current.as_mut() {
+            Some((token, left)) if presented == format!("Bearer {token}") && *left > 0 => {
+                *left -= 1;
+                None
+            }
+            _ => Some(HttpResponse::scim_error(
+                401,
+                "the access token is not valid",
+            )),
+        }
+    })
+}
+
+fn token_requests(server: &HostileServer) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.scim_path() == "/token")
+        .count()
+}
+
+#[test]
+fn a_revoked_oauth2_token_is_dropped_and_replaced_once() {
+    let (_slapd, mut config) = directory();
+    // Revoked after two requests: the third one is refused, a fresh token gets it through.
+    let rotating = rotating_oauth_target(2, usize::MAX);
+    // Every token is refused: one fresh token is tried, then the 401 is final.
+    let refusing = rotating_oauth_target(0, 0);
+    for (name, server) in [("rotating", &rotating), ("refusing", &refusing)] {
+        let auth = oauth2(
+            &format!("{}/token", server.origin()),
+            &secret_file(&config, &format!("{name}.secret"), &random_token()),
+            "",
+        );
+        config.target(name, &server.url(), "unused", &auth);
+    }
+    let out = run(&config, &["sync"]);
+    out.expect_code(3);
+    assert_eq!(rotating.resources("Users").len(), 1, "{out}");
+    assert_eq!(token_requests(&rotating), 2, "{out}");
+    let refused = |s: &HostileServer| {
+        s.requests()
+            .iter()
+            .filter(|r| r.scim_path() != "/token")
+            .count()
+    };
+    assert_eq!(token_requests(&refusing), 2, "{out}");
+    assert_eq!(refused(&refusing), 2, "a second 401 is final: {out}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("refusing") && text.contains("401"), "{out}");
 }

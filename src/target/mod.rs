@@ -271,6 +271,9 @@ impl ScimClient {
         };
         let mut delays = self.policy.delays();
         let mut attempt = 0;
+        // An OAuth2 access token refused with a 401 is dropped and the request sent once more
+        // with a fresh one (a rotated or revoked token); a second 401 is final.
+        let mut reauthorized = false;
         loop {
             attempt += 1;
             self.pace().await;
@@ -288,7 +291,8 @@ impl ScimClient {
                     .header("Content-Type", "application/scim+json")
                     .body(serde_json::to_vec(b).expect("JSON values serialize"));
             }
-            req = self.authorize(req).await?;
+            let (authorized, oauth_token) = self.authorize(req).await?;
+            req = authorized;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if method != Method::GET {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);
@@ -358,6 +362,17 @@ impl ScimClient {
                                 true,
                             ),
                         },
+                        (Decision::GiveUp, Ok(_))
+                            if status == StatusCode::UNAUTHORIZED
+                                && !reauthorized
+                                && oauth_token.is_some() =>
+                        {
+                            reauthorized = true;
+                            self.drop_oauth_token(oauth_token.as_deref().unwrap_or_default())
+                                .await;
+                            warn!(target = %self.name, %method, path, "HTTP 401: the OAuth2 access token was refused; asking for a new one and sending the request once more");
+                            continue;
+                        }
                         (Decision::GiveUp, Ok(bytes)) => {
                             let (scim_type, mut detail) = self.error_detail(&bytes);
                             if status == StatusCode::NOT_IMPLEMENTED {
@@ -547,15 +562,30 @@ impl ScimClient {
         tokio::time::sleep_until(slot.into()).await;
     }
 
+    /// `req` with this target's credentials, and the OAuth2 access token it carries, if any.
     async fn authorize(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::RequestBuilder, TargetError> {
+    ) -> Result<(reqwest::RequestBuilder, Option<String>), TargetError> {
         Ok(match &self.auth {
-            Auth::Bearer(token) => req.bearer_auth(token.expose()),
-            Auth::Basic { username, password } => req.basic_auth(username, Some(password.expose())),
-            Auth::OAuth2 { .. } => req.bearer_auth(self.oauth_token().await?),
+            Auth::Bearer(token) => (req.bearer_auth(token.expose()), None),
+            Auth::Basic { username, password } => {
+                (req.basic_auth(username, Some(password.expose())), None)
+            }
+            Auth::OAuth2 { .. } => {
+                let token = self.oauth_token().await?;
+                (req.bearer_auth(&token), Some(token))
+            }
         })
+    }
+
+    /// Forgets the cached OAuth2 access token if it is still `refused` (a concurrent request
+    /// may have fetched a fresh one meanwhile), so the next request asks for a new one.
+    async fn drop_oauth_token(&self, refused: &str) {
+        let mut cached = self.oauth_token.lock().await;
+        if cached.as_ref().is_some_and(|(tok, _)| tok == refused) {
+            *cached = None;
+        }
     }
 
     /// OAuth2 client-credentials token, cached until shortly before it expires. The client
