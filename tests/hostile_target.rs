@@ -742,3 +742,57 @@ fn a_revoked_oauth2_token_is_dropped_and_replaced_once() {
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(text.contains("refusing") && text.contains("401"), "{out}");
 }
+
+#[test]
+fn check_connect_fails_a_wrong_credential_and_names_the_target() {
+    let (_slapd, mut config) = directory();
+    let scim2 = Scim2Server::start();
+    // Serves /ServiceProviderConfig to anyone, as many providers do; anything else needs
+    // the right token.
+    let right = random_token();
+    let expected = format!("Bearer {right}");
+    let open = HostileServer::start(move |req| match req.scim_path() {
+        "/ServiceProviderConfig" => Some(HttpResponse::json(
+            200,
+            &json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                "patch": { "supported": true },
+                "filter": { "supported": true, "maxResults": 100 },
+            }),
+        )),
+        _ => (req.header("authorization") != Some(expected.as_str()))
+            .then(|| HttpResponse::scim_error(401, "invalid token")),
+    });
+    config.target("good", &scim2.base_url(), scim2.token(), "");
+    let ok = run(&config, &["check", "--connect"]);
+    ok.expect_code(0);
+    assert!(
+        ok.stdout
+            .contains("target good: /ServiceProviderConfig answered"),
+        "{ok}"
+    );
+    assert!(ok.stdout.contains("credentials were accepted"), "{ok}");
+
+    let wrong = random_token();
+    config.target("revoked", &scim2.base_url(), &wrong, "");
+    config.target("open", &open.url(), &wrong, "");
+    let out = run(&config, &["check", "--connect"]);
+    out.expect_code(1);
+    for name in ["revoked", "open"] {
+        assert!(
+            out.stderr
+                .contains(&format!("target {name}: its credentials were refused")),
+            "{name}: {out}"
+        );
+        assert!(!out.stdout.contains(&format!("target {name}:")), "{out}");
+    }
+    assert!(
+        out.stderr.contains("401") || out.stderr.contains("403"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("target good:"), "{out}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    for secret in [wrong.as_str(), right.as_str(), scim2.token()] {
+        assert!(!text.contains(secret), "{out}");
+    }
+}

@@ -928,13 +928,25 @@ impl ScimClient {
     /// one user too): a revoked or wrong credential (401, 403, a refused OAuth2 token) is an
     /// error even in a cycle with nothing to change.
     pub async fn discover(&self) -> Result<Capabilities, TargetError> {
+        Ok(self.discover_with(false).await?.0)
+    }
+
+    /// For `check --connect`: [`discover`](Self::discover), but any failure to reach the
+    /// target or to list one user with its credentials is an error, not a reason to use
+    /// defaults. Also says whether `/ServiceProviderConfig` answered.
+    pub async fn check_connection(&self) -> Result<(Capabilities, bool), TargetError> {
+        self.discover_with(true).await
+    }
+
+    async fn discover_with(&self, strict: bool) -> Result<(Capabilities, bool), TargetError> {
         let spc = match self.service_provider_config().await {
             Ok(v) => Some(v),
             Err(e) if is_auth_failure(&e) => return Err(e),
+            Err(e @ TargetError::Unavailable { .. }) if strict => return Err(e),
             // Unreachable: the probe below would only wait as long again.
             Err(e @ TargetError::Unavailable { .. }) => {
                 debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
-                return Ok(Capabilities::default());
+                return Ok((Capabilities::default(), false));
             }
             Err(e) => {
                 debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
@@ -943,12 +955,12 @@ impl ScimClient {
         };
         let probe = [("startIndex", "1".to_string()), ("count", "1".to_string())];
         match self.send(Method::GET, &["Users"], &probe, None).await {
-            Err(e) if is_auth_failure(&e) => return Err(e),
+            Err(e) if strict || is_auth_failure(&e) => return Err(e),
             Err(e) => debug!(target = %self.name, error = %e, "listing one user failed"),
             Ok(_) => {}
         }
         let Some(spc) = spc else {
-            return Ok(Capabilities::default());
+            return Ok((Capabilities::default(), false));
         };
         let flag = |k: &str| {
             spc.get(k)
@@ -971,7 +983,7 @@ impl ScimClient {
                 .store(max.min(DEFAULT_PAGE_SIZE * 10), Ordering::Relaxed);
         }
         debug!(target = %self.name, ?caps, "service provider capabilities");
-        Ok(caps)
+        Ok((caps, true))
     }
 
     /// The resources of a ListResponse, each with a valid id.
