@@ -210,7 +210,11 @@ impl ScimClient {
         &self.counters
     }
 
-    /// `text` without any secret of this target.
+    /// `text` without any secret of this target (configured ones and the latest OAuth2
+    /// access tokens), in any form it may be echoed in. For anything taken from a response
+    /// that may reach a report or a log: values read from listings too (a hostile target can
+    /// put what we sent it into a `userName`). Cheap when nothing matches: the forms are built
+    /// once per client, and a text without any of them is copied as it is.
     pub fn redact(&self, text: &str) -> String {
         self.redactor
             .read()
@@ -693,7 +697,7 @@ impl ScimClient {
         self.redactor
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .add(token);
+            .add_transient(token);
         let now = Instant::now();
         // A target cannot make us keep a token for ever, nor overflow the clock.
         *cached = now
@@ -1308,6 +1312,27 @@ mod tests {
         assert_eq!(token_lifetime(None), Duration::from_secs(270));
         // What was computed fits the clock.
         assert!(Instant::now().checked_add(life(json!(u64::MAX))).is_some());
+    }
+
+    #[test]
+    fn a_client_redacts_values_taken_from_a_target() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut cfg = crate::plan::tests::target();
+        let token = r#"tok/en+with="quote" and space"#;
+        cfg.auth = Auth::Bearer(crate::config::Secret::new(token.to_string()));
+        let client = ScimClient::new(&cfg).unwrap();
+        let encoded: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
+        for value in [
+            token.to_string(),
+            encoded.to_lowercase(),
+            serde_json::to_string(token).unwrap(),
+        ] {
+            let from = format!("userName from {value}");
+            let cut = client.redact(&from);
+            assert!(cut.contains("***"), "{cut}");
+            assert!(!cut.contains("quote"), "{cut}");
+        }
+        assert_eq!(client.redact("alice@example.org"), "alice@example.org");
     }
 
     #[test]

@@ -6,12 +6,20 @@
 use base64::Engine as _;
 
 const MASK: &str = "***";
+/// How many access tokens (secrets added with [`Redactor::add_transient`]) are remembered:
+/// the latest ones, so a target that makes us fetch token after token cannot grow this
+/// without bound.
+pub const MAX_TRANSIENT: usize = 64;
 
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
     /// Every form a secret may come back in, longest first (a secret containing another is
-    /// cut whole).
+    /// cut whole): those of `permanent` and of `transient`.
     forms: Vec<String>,
+    /// The forms of the configured secrets.
+    permanent: Vec<String>,
+    /// The latest access tokens and their forms, oldest first.
+    transient: std::collections::VecDeque<(String, Vec<String>)>,
 }
 
 impl Redactor {
@@ -33,63 +41,102 @@ impl Redactor {
     /// `/` as `\/`, and with every other non-alphanumeric ASCII character as `\u00xx` (lower-
     /// and uppercase hex).
     pub fn add(&mut self, secret: &str) {
-        if secret.is_empty() {
-            return;
-        }
-        let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-        let percent = form.replace('+', "%20");
-        let json = serde_json::to_string(secret).unwrap_or_default();
-        let json = json
-            .strip_prefix('"')
-            .and_then(|j| j.strip_suffix('"'))
-            .unwrap_or(secret)
-            .to_string();
-        let unicode = |upper: bool| -> String {
-            secret
-                .chars()
-                .map(|c| {
-                    if c.is_ascii() && !c.is_ascii_alphanumeric() {
-                        let hex = format!("\\u{:04x}", c as u32);
-                        if upper {
-                            hex.to_uppercase().replacen("\\U", "\\u", 1)
-                        } else {
-                            hex
-                        }
-                    } else {
-                        c.to_string()
-                    }
-                })
-                .collect()
-        };
-        for form in [
-            secret.to_string(),
-            lower_hex(&form),
-            form,
-            lower_hex(&percent),
-            percent,
-            json.replace('/', "\\/"),
-            json,
-            unicode(false),
-            unicode(true),
-        ] {
-            if !self.forms.contains(&form) {
-                self.forms.push(form);
+        for form in forms_of(secret) {
+            if !self.permanent.contains(&form) {
+                self.permanent.push(form);
             }
         }
-        self.forms
-            .sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        self.rebuild();
     }
 
-    /// `text` with every secret replaced by `***`.
+    /// Adds a secret that is replaced now and then (an OAuth2 access token): only the
+    /// [`MAX_TRANSIENT`] latest ones are kept.
+    pub fn add_transient(&mut self, secret: &str) {
+        if secret.is_empty() || self.transient.iter().any(|(s, _)| s == secret) {
+            return;
+        }
+        self.transient
+            .push_back((secret.to_string(), forms_of(secret)));
+        while self.transient.len() > MAX_TRANSIENT {
+            self.transient.pop_front();
+        }
+        self.rebuild();
+    }
+
+    fn rebuild(&mut self) {
+        let mut forms = self.permanent.clone();
+        for form in self.transient.iter().flat_map(|(_, f)| f) {
+            if !forms.contains(form) {
+                forms.push(form.clone());
+            }
+        }
+        forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        self.forms = forms;
+    }
+
+    /// `text` with every secret replaced by `***`; when none is there (the usual case), a
+    /// copy of `text` after one search per form, nothing else.
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for form in &self.forms {
+        let Some(first) = self.forms.iter().position(|f| text.contains(f.as_str())) else {
+            return text.to_string();
+        };
+        let mut out = text.replace(self.forms[first].as_str(), MASK);
+        for form in &self.forms[first + 1..] {
             if out.contains(form.as_str()) {
                 out = out.replace(form.as_str(), MASK);
             }
         }
         out
     }
+}
+
+/// Every form `secret` may be echoed in (see [`Redactor::add`]); none for an empty one.
+fn forms_of(secret: &str) -> Vec<String> {
+    let mut forms: Vec<String> = Vec::new();
+    if secret.is_empty() {
+        return forms;
+    }
+    let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let percent = form.replace('+', "%20");
+    let json = serde_json::to_string(secret).unwrap_or_default();
+    let json = json
+        .strip_prefix('"')
+        .and_then(|j| j.strip_suffix('"'))
+        .unwrap_or(secret)
+        .to_string();
+    let unicode = |upper: bool| -> String {
+        secret
+            .chars()
+            .map(|c| {
+                if c.is_ascii() && !c.is_ascii_alphanumeric() {
+                    let hex = format!("\\u{:04x}", c as u32);
+                    if upper {
+                        hex.to_uppercase().replacen("\\U", "\\u", 1)
+                    } else {
+                        hex
+                    }
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    for form in [
+        secret.to_string(),
+        lower_hex(&form),
+        form,
+        lower_hex(&percent),
+        percent,
+        json.replace('/', "\\/"),
+        json,
+        unicode(false),
+        unicode(true),
+    ] {
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
 }
 
 /// `text` with the hex digits of every `%XX` escape in lowercase.
@@ -167,6 +214,23 @@ mod tests {
         let form: String = url::form_urlencoded::byte_serialize(basic.as_bytes()).collect();
         assert_eq!(r.redact(&lower_hex(&form)), "***");
         assert_eq!(r.redact(&basic.replace('/', "\\/")), "***");
+    }
+
+    #[test]
+    fn only_the_latest_transient_secrets_are_kept() {
+        let mut r = Redactor::new(["configured-secret"]);
+        let tokens: Vec<String> = (0..MAX_TRANSIENT + 5)
+            .map(|i| format!("access-token-{i:04}"))
+            .collect();
+        for t in &tokens {
+            r.add_transient(t);
+            r.add_transient(t);
+        }
+        assert_eq!(r.transient.len(), MAX_TRANSIENT);
+        assert_eq!(r.redact(&tokens[0]), tokens[0], "the oldest is forgotten");
+        assert_eq!(r.redact(tokens.last().unwrap()), "***");
+        assert_eq!(r.redact(&tokens[5]), "***");
+        assert_eq!(r.redact("configured-secret"), "***", "configured ones stay");
     }
 
     #[test]
