@@ -694,6 +694,12 @@ impl ScimClient {
             .as_str()
             .filter(|t| !t.is_empty())
             .ok_or_else(|| fail("the token response has no access_token".into()))?;
+        if !usable_token(token) {
+            return Err(fail(
+                "the token response's access_token cannot be sent in an Authorization header"
+                    .into(),
+            ));
+        }
         self.redactor
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -979,7 +985,7 @@ impl ScimClient {
             max_results: spc
                 .pointer("/filter/maxResults")
                 .and_then(Value::as_u64)
-                .map(|n| n as usize),
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         };
         self.filter_supported.store(caps.filter, Ordering::Relaxed);
         if let Some(max) = caps.max_results.filter(|m| *m > 0) {
@@ -1108,6 +1114,13 @@ fn token_error(body: &Value, redact: impl Fn(&str) -> String) -> Option<String> 
             None => format!(": {error}"),
         },
     )
+}
+
+/// Whether an access token can be sent as `Authorization: Bearer …` (no control characters,
+/// nothing a header cannot carry).
+fn usable_token(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_graphic())
+        && HeaderValue::from_str(&format!("Bearer {token}")).is_ok()
 }
 
 /// The longest an OAuth2 access token is cached, whatever `expires_in` says.
@@ -1333,6 +1346,14 @@ mod tests {
             assert!(!cut.contains("quote"), "{cut}");
         }
         assert_eq!(client.redact("alice@example.org"), "alice@example.org");
+    }
+
+    #[test]
+    fn an_access_token_must_fit_a_header() {
+        assert!(usable_token("eyJhbGciOi.J9-_~+/="));
+        for bad in ["a\r\nX-Injected: 1", "a b", "t\u{0}", "tök"] {
+            assert!(!usable_token(bad), "{bad:?}");
+        }
     }
 
     #[test]
