@@ -796,3 +796,50 @@ fn check_connect_fails_a_wrong_credential_and_names_the_target() {
         assert!(!text.contains(secret), "{out}");
     }
 }
+
+#[test]
+fn a_listing_of_id_less_resources_without_a_count_ends_with_an_error() {
+    let (_slapd, mut config) = directory();
+    // No filter support, so lookups list everything; every page is full, none of its
+    // resources has an id, and no totalResults says when it ends.
+    let liar = HostileServer::start(|req| match (req.method.as_str(), req.scim_path()) {
+        ("GET", "/ServiceProviderConfig") => Some(HttpResponse::json(
+            200,
+            &json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                "filter": { "supported": false, "maxResults": 10 },
+                "patch": { "supported": true },
+            }),
+        )),
+        ("GET", "/Users") => {
+            let count: usize = req
+                .query("count")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10)
+                .min(10);
+            let nameless = json!({ "userName": "someone-else", "externalId": "nobody" });
+            Some(HttpResponse::json(
+                200,
+                &json!({
+                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+                    "Resources": vec![nameless; count],
+                }),
+            ))
+        }
+        _ => None,
+    });
+    config.target("liar", &liar.url(), &random_token(), "");
+    let started = Instant::now();
+    let out = run(&config, &["sync"]);
+    out.expect_code(3);
+    assert!(started.elapsed() < Duration::from_secs(60), "{out}");
+    assert!(liar.resources("Users").is_empty(), "{out}");
+    let listings = liar
+        .requests()
+        .iter()
+        .filter(|r| r.scim_path() == "/Users")
+        .count();
+    assert!(listings <= 5, "{listings} listing requests");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("no resource with a usable id"), "{out}");
+}
