@@ -208,13 +208,30 @@ async fn check(config: &Config, connect: bool) -> u8 {
             eprintln!("ldap2scim: ldap: {e}");
         }
     }
+    // Each target is read as a cycle reads it: /ServiceProviderConfig (which many serve to
+    // anyone) and one user listed with its credentials, so a wrong or revoked one fails here.
     for t in &config.targets {
         let result = match crate::target::ScimClient::new(t) {
-            Ok(c) => c.service_provider_config().await.map(|_| ()),
+            Ok(c) => c.check_connection().await,
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => println!("target {}: /ServiceProviderConfig answered", t.name),
+            Ok((_, spc)) => println!(
+                "target {}: {}; its credentials were accepted (one user listed)",
+                t.name,
+                if spc {
+                    "/ServiceProviderConfig answered"
+                } else {
+                    "no usable /ServiceProviderConfig (defaults apply)"
+                }
+            ),
+            Err(e) if crate::target::is_auth_failure(&e) => {
+                failed = true;
+                eprintln!(
+                    "ldap2scim: {e}\nldap2scim: target {}: its credentials were refused: check `auth` in its target file",
+                    t.name
+                );
+            }
             Err(e) => {
                 failed = true;
                 eprintln!("ldap2scim: {e}");

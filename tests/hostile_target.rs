@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -639,4 +639,207 @@ fn a_revoked_token_fails_the_target_even_with_nothing_to_do() {
             s.name()
         );
     }
+}
+
+#[test]
+fn a_token_lifetime_beyond_the_clock_is_capped_not_a_crash() {
+    let (_slapd, mut config) = directory();
+    let token = random_token();
+    let issued = token.clone();
+    let target = HostileServer::start(move |req| {
+        if req.scim_path() == "/token" {
+            return Some(HttpResponse::json(
+                200,
+                &json!({ "access_token": issued, "token_type": "Bearer", "expires_in": u64::MAX }),
+            ));
+        }
+        (req.header("authorization") != Some(format!("Bearer {issued}").as_str()))
+            .then(|| HttpResponse::scim_error(401, "bad token"))
+    });
+    let secret = random_token();
+    let auth = oauth2(
+        &format!("{}/token", target.origin()),
+        &secret_file(&config, "app.secret", &secret),
+        "",
+    );
+    config.target("app", &target.url(), "unused", &auth);
+    let out = run(&config, &["sync"]);
+    out.expect_code(0);
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    assert_eq!(target.resources("Users").len(), 1, "{out}");
+    assert!(!format!("{}{}", out.stdout, out.stderr).contains(&token));
+}
+
+/// A token endpoint and SCIM service that accept only the token issued last: the first one
+/// for `first` SCIM requests, each later one for `later` (0: refused at once).
+fn rotating_oauth_target(first: usize, later: usize) -> HostileServer {
+    let current: Mutex<Option<(String, usize)>> = Mutex::new(None);
+    let issued = std::sync::atomic::AtomicUsize::new(0);
+    HostileServer::start(move |req| {
+        let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
+        if req.scim_path() == "/token" {
+            let token = random_token();
+            let uses = if issued.fetch_add(1, Ordering::SeqCst) == 0 {
+                first
+            } else {
+                later
+            };
+            *current = Some((token.clone(), uses));
+            return Some(HttpResponse::json(
+                200,
+                &json!({ "access_token": token, "token_type": "Bearer", "expires_in": 3600 }),
+            ));
+        }
+        let presented = req.header("authorization").unwrap_or_default().to_string();
+        match current.as_mut() {
+            Some((token, left)) if presented == format!("Bearer {token}") && *left > 0 => {
+                *left -= 1;
+                None
+            }
+            _ => Some(HttpResponse::scim_error(
+                401,
+                "the access token is not valid",
+            )),
+        }
+    })
+}
+
+fn token_requests(server: &HostileServer) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.scim_path() == "/token")
+        .count()
+}
+
+#[test]
+fn a_revoked_oauth2_token_is_dropped_and_replaced_once() {
+    let (_slapd, mut config) = directory();
+    // Revoked after two requests: the third one is refused, a fresh token gets it through.
+    let rotating = rotating_oauth_target(2, usize::MAX);
+    // Every token is refused: one fresh token is tried, then the 401 is final.
+    let refusing = rotating_oauth_target(0, 0);
+    for (name, server) in [("rotating", &rotating), ("refusing", &refusing)] {
+        let auth = oauth2(
+            &format!("{}/token", server.origin()),
+            &secret_file(&config, &format!("{name}.secret"), &random_token()),
+            "",
+        );
+        config.target(name, &server.url(), "unused", &auth);
+    }
+    let out = run(&config, &["sync"]);
+    out.expect_code(3);
+    assert_eq!(rotating.resources("Users").len(), 1, "{out}");
+    assert_eq!(token_requests(&rotating), 2, "{out}");
+    let refused = |s: &HostileServer| {
+        s.requests()
+            .iter()
+            .filter(|r| r.scim_path() != "/token")
+            .count()
+    };
+    assert_eq!(token_requests(&refusing), 2, "{out}");
+    assert_eq!(refused(&refusing), 2, "a second 401 is final: {out}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("refusing") && text.contains("401"), "{out}");
+}
+
+#[test]
+fn check_connect_fails_a_wrong_credential_and_names_the_target() {
+    let (_slapd, mut config) = directory();
+    let scim2 = Scim2Server::start();
+    // Serves /ServiceProviderConfig to anyone, as many providers do; anything else needs
+    // the right token.
+    let right = random_token();
+    let expected = format!("Bearer {right}");
+    let open = HostileServer::start(move |req| match req.scim_path() {
+        "/ServiceProviderConfig" => Some(HttpResponse::json(
+            200,
+            &json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                "patch": { "supported": true },
+                "filter": { "supported": true, "maxResults": 100 },
+            }),
+        )),
+        _ => (req.header("authorization") != Some(expected.as_str()))
+            .then(|| HttpResponse::scim_error(401, "invalid token")),
+    });
+    config.target("good", &scim2.base_url(), scim2.token(), "");
+    let ok = run(&config, &["check", "--connect"]);
+    ok.expect_code(0);
+    assert!(
+        ok.stdout
+            .contains("target good: /ServiceProviderConfig answered"),
+        "{ok}"
+    );
+    assert!(ok.stdout.contains("credentials were accepted"), "{ok}");
+
+    let wrong = random_token();
+    config.target("revoked", &scim2.base_url(), &wrong, "");
+    config.target("open", &open.url(), &wrong, "");
+    let out = run(&config, &["check", "--connect"]);
+    out.expect_code(1);
+    for name in ["revoked", "open"] {
+        assert!(
+            out.stderr
+                .contains(&format!("target {name}: its credentials were refused")),
+            "{name}: {out}"
+        );
+        assert!(!out.stdout.contains(&format!("target {name}:")), "{out}");
+    }
+    assert!(
+        out.stderr.contains("401") || out.stderr.contains("403"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("target good:"), "{out}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    for secret in [wrong.as_str(), right.as_str(), scim2.token()] {
+        assert!(!text.contains(secret), "{out}");
+    }
+}
+
+#[test]
+fn a_listing_of_id_less_resources_without_a_count_ends_with_an_error() {
+    let (_slapd, mut config) = directory();
+    // No filter support, so lookups list everything; every page is full, none of its
+    // resources has an id, and no totalResults says when it ends.
+    let liar = HostileServer::start(|req| match (req.method.as_str(), req.scim_path()) {
+        ("GET", "/ServiceProviderConfig") => Some(HttpResponse::json(
+            200,
+            &json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                "filter": { "supported": false, "maxResults": 10 },
+                "patch": { "supported": true },
+            }),
+        )),
+        ("GET", "/Users") => {
+            let count: usize = req
+                .query("count")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10)
+                .min(10);
+            let nameless = json!({ "userName": "someone-else", "externalId": "nobody" });
+            Some(HttpResponse::json(
+                200,
+                &json!({
+                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+                    "Resources": vec![nameless; count],
+                }),
+            ))
+        }
+        _ => None,
+    });
+    config.target("liar", &liar.url(), &random_token(), "");
+    let started = Instant::now();
+    let out = run(&config, &["sync"]);
+    out.expect_code(3);
+    assert!(started.elapsed() < Duration::from_secs(60), "{out}");
+    assert!(liar.resources("Users").is_empty(), "{out}");
+    let listings = liar
+        .requests()
+        .iter()
+        .filter(|r| r.scim_path() == "/Users")
+        .count();
+    assert!(listings <= 5, "{listings} listing requests");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("no resource with a usable id"), "{out}");
 }

@@ -84,6 +84,8 @@ pub struct Response {
     pub status: StatusCode,
     pub etag: Option<String>,
     pub body: Value,
+    /// The size of the body as read, in bytes.
+    pub size: u64,
 }
 
 pub struct ScimClient {
@@ -208,7 +210,11 @@ impl ScimClient {
         &self.counters
     }
 
-    /// `text` without any secret of this target.
+    /// `text` without any secret of this target (configured ones and the latest OAuth2
+    /// access tokens), in any form it may be echoed in. For anything taken from a response
+    /// that may reach a report or a log: values read from listings too (a hostile target can
+    /// put what we sent it into a `userName`). Cheap when nothing matches: the forms are built
+    /// once per client, and a text without any of them is copied as it is.
     pub fn redact(&self, text: &str) -> String {
         self.redactor
             .read()
@@ -269,6 +275,9 @@ impl ScimClient {
         };
         let mut delays = self.policy.delays();
         let mut attempt = 0;
+        // An OAuth2 access token refused with a 401 is dropped and the request sent once more
+        // with a fresh one (a rotated or revoked token); a second 401 is final.
+        let mut reauthorized = false;
         loop {
             attempt += 1;
             self.pace().await;
@@ -286,7 +295,8 @@ impl ScimClient {
                     .header("Content-Type", "application/scim+json")
                     .body(serde_json::to_vec(b).expect("JSON values serialize"));
             }
-            req = self.authorize(req).await?;
+            let (authorized, oauth_token) = self.authorize(req).await?;
+            req = authorized;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if method != Method::GET {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);
@@ -339,7 +349,12 @@ impl ScimClient {
                             Ok(body) => {
                                 self.speed_up();
                                 debug!(target = %self.name, %method, path, status = status.as_u16(), "SCIM request done");
-                                return Ok(Response { status, etag, body });
+                                return Ok(Response {
+                                    status,
+                                    etag,
+                                    body,
+                                    size: bytes.len() as u64,
+                                });
                             }
                             Err(reason) => (
                                 None,
@@ -351,6 +366,17 @@ impl ScimClient {
                                 true,
                             ),
                         },
+                        (Decision::GiveUp, Ok(_))
+                            if status == StatusCode::UNAUTHORIZED
+                                && !reauthorized
+                                && oauth_token.is_some() =>
+                        {
+                            reauthorized = true;
+                            self.drop_oauth_token(oauth_token.as_deref().unwrap_or_default())
+                                .await;
+                            warn!(target = %self.name, %method, path, "HTTP 401: the OAuth2 access token was refused; asking for a new one and sending the request once more");
+                            continue;
+                        }
                         (Decision::GiveUp, Ok(bytes)) => {
                             let (scim_type, mut detail) = self.error_detail(&bytes);
                             if status == StatusCode::NOT_IMPLEMENTED {
@@ -411,6 +437,7 @@ impl ScimClient {
                             status: StatusCode::OK,
                             etag: None,
                             body: existing,
+                            size: 0,
                         });
                     }
                 }
@@ -539,15 +566,30 @@ impl ScimClient {
         tokio::time::sleep_until(slot.into()).await;
     }
 
+    /// `req` with this target's credentials, and the OAuth2 access token it carries, if any.
     async fn authorize(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::RequestBuilder, TargetError> {
+    ) -> Result<(reqwest::RequestBuilder, Option<String>), TargetError> {
         Ok(match &self.auth {
-            Auth::Bearer(token) => req.bearer_auth(token.expose()),
-            Auth::Basic { username, password } => req.basic_auth(username, Some(password.expose())),
-            Auth::OAuth2 { .. } => req.bearer_auth(self.oauth_token().await?),
+            Auth::Bearer(token) => (req.bearer_auth(token.expose()), None),
+            Auth::Basic { username, password } => {
+                (req.basic_auth(username, Some(password.expose())), None)
+            }
+            Auth::OAuth2 { .. } => {
+                let token = self.oauth_token().await?;
+                (req.bearer_auth(&token), Some(token))
+            }
         })
+    }
+
+    /// Forgets the cached OAuth2 access token if it is still `refused` (a concurrent request
+    /// may have fetched a fresh one meanwhile), so the next request asks for a new one.
+    async fn drop_oauth_token(&self, refused: &str) {
+        let mut cached = self.oauth_token.lock().await;
+        if cached.as_ref().is_some_and(|(tok, _)| tok == refused) {
+            *cached = None;
+        }
     }
 
     /// OAuth2 client-credentials token, cached until shortly before it expires. The client
@@ -638,14 +680,9 @@ impl ScimClient {
         };
         let body: Option<Value> = serde_json::from_slice(&bytes).ok();
         if !status.is_success() {
-            // RFC 6749 §5.2: `error`, and maybe `error_description`.
-            let said = body.as_ref().and_then(|b| {
-                let error = b.get("error")?.as_str()?;
-                Some(match b.get("error_description").and_then(Value::as_str) {
-                    Some(d) => format!(": {error}: {}", excerpt(d, 500)),
-                    None => format!(": {error}"),
-                })
-            });
+            let said = body
+                .as_ref()
+                .and_then(|b| token_error(b, |t| self.redact(t)));
             return Err(fail(format!(
                 "the token endpoint answered HTTP {}{}",
                 status.as_u16(),
@@ -657,16 +694,21 @@ impl ScimClient {
             .as_str()
             .filter(|t| !t.is_empty())
             .ok_or_else(|| fail("the token response has no access_token".into()))?;
+        if !usable_token(token) {
+            return Err(fail(
+                "the token response's access_token cannot be sent in an Authorization header"
+                    .into(),
+            ));
+        }
         self.redactor
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .add(token);
-        let ttl = body["expires_in"]
-            .as_u64()
-            .unwrap_or(300)
-            .saturating_sub(30)
-            .max(10);
-        *cached = Some((token.to_string(), Instant::now() + Duration::from_secs(ttl)));
+            .add_transient(token);
+        let now = Instant::now();
+        // A target cannot make us keep a token for ever, nor overflow the clock.
+        *cached = now
+            .checked_add(token_lifetime(body.get("expires_in")))
+            .map(|until| (token.to_string(), until));
         Ok(token.to_string())
     }
 
@@ -847,6 +889,7 @@ impl ScimClient {
                 .await?;
             let number = |k: &str| resp.body.get(k).and_then(Value::as_u64);
             let (start_index, total_results) = (number("startIndex"), number("totalResults"));
+            let bytes = resp.size;
             let items = self.resources(resource_type, resp.body)?;
             let ids: Vec<Option<&str>> = items
                 .iter()
@@ -861,6 +904,7 @@ impl ScimClient {
                     start_index,
                     total_results,
                     ids: &ids,
+                    bytes,
                 })
                 .map_err(|reason| TargetError::Malformed {
                     target: self.name.clone(),
@@ -870,7 +914,11 @@ impl ScimClient {
                 })?;
             drop(ids);
             let mut items: Vec<Option<Value>> = items.into_iter().map(Some).collect();
-            all.extend(fresh.into_iter().filter_map(|i| items[i].take()));
+            all.extend(
+                fresh
+                    .into_iter()
+                    .filter_map(|i| items.get_mut(i).and_then(Option::take)),
+            );
             if step == Step::Done {
                 return Ok(all);
             }
@@ -890,13 +938,25 @@ impl ScimClient {
     /// one user too): a revoked or wrong credential (401, 403, a refused OAuth2 token) is an
     /// error even in a cycle with nothing to change.
     pub async fn discover(&self) -> Result<Capabilities, TargetError> {
+        Ok(self.discover_with(false).await?.0)
+    }
+
+    /// For `check --connect`: [`discover`](Self::discover), but any failure to reach the
+    /// target or to list one user with its credentials is an error, not a reason to use
+    /// defaults. Also says whether `/ServiceProviderConfig` answered.
+    pub async fn check_connection(&self) -> Result<(Capabilities, bool), TargetError> {
+        self.discover_with(true).await
+    }
+
+    async fn discover_with(&self, strict: bool) -> Result<(Capabilities, bool), TargetError> {
         let spc = match self.service_provider_config().await {
             Ok(v) => Some(v),
             Err(e) if is_auth_failure(&e) => return Err(e),
+            Err(e @ TargetError::Unavailable { .. }) if strict => return Err(e),
             // Unreachable: the probe below would only wait as long again.
             Err(e @ TargetError::Unavailable { .. }) => {
                 debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
-                return Ok(Capabilities::default());
+                return Ok((Capabilities::default(), false));
             }
             Err(e) => {
                 debug!(target = %self.name, error = %e, "no usable /ServiceProviderConfig; using defaults");
@@ -905,12 +965,12 @@ impl ScimClient {
         };
         let probe = [("startIndex", "1".to_string()), ("count", "1".to_string())];
         match self.send(Method::GET, &["Users"], &probe, None).await {
-            Err(e) if is_auth_failure(&e) => return Err(e),
+            Err(e) if strict || is_auth_failure(&e) => return Err(e),
             Err(e) => debug!(target = %self.name, error = %e, "listing one user failed"),
             Ok(_) => {}
         }
         let Some(spc) = spc else {
-            return Ok(Capabilities::default());
+            return Ok((Capabilities::default(), false));
         };
         let flag = |k: &str| {
             spc.get(k)
@@ -925,7 +985,7 @@ impl ScimClient {
             max_results: spc
                 .pointer("/filter/maxResults")
                 .and_then(Value::as_u64)
-                .map(|n| n as usize),
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         };
         self.filter_supported.store(caps.filter, Ordering::Relaxed);
         if let Some(max) = caps.max_results.filter(|m| *m > 0) {
@@ -933,7 +993,7 @@ impl ScimClient {
                 .store(max.min(DEFAULT_PAGE_SIZE * 10), Ordering::Relaxed);
         }
         debug!(target = %self.name, ?caps, "service provider capabilities");
-        Ok(caps)
+        Ok((caps, true))
     }
 
     /// The resources of a ListResponse, each with a valid id.
@@ -1038,6 +1098,43 @@ fn excerpt(text: &str, max: usize) -> String {
         out.push('…');
     }
     out
+}
+
+/// The most characters of a token endpoint's `error` or `error_description` reported.
+const MAX_TOKEN_ERROR_CHARS: usize = 200;
+
+/// What a token endpoint's error answer says (RFC 6749 §5.2: `error`, and maybe
+/// `error_description`) as `": error: description"`, each redacted, then shortened.
+fn token_error(body: &Value, redact: impl Fn(&str) -> String) -> Option<String> {
+    let short = |t: &str| excerpt(&redact(t), MAX_TOKEN_ERROR_CHARS);
+    let error = short(body.get("error")?.as_str()?);
+    Some(
+        match body.get("error_description").and_then(Value::as_str) {
+            Some(d) => format!(": {error}: {}", short(d)),
+            None => format!(": {error}"),
+        },
+    )
+}
+
+/// Whether an access token can be sent as `Authorization: Bearer …` (no control characters,
+/// nothing a header cannot carry).
+fn usable_token(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_graphic())
+        && HeaderValue::from_str(&format!("Bearer {token}")).is_ok()
+}
+
+/// The longest an OAuth2 access token is cached, whatever `expires_in` says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long an access token is used: its `expires_in` (300 s when absent or not a number)
+/// less a 30 s margin, at least 10 s and at most [`MAX_TOKEN_LIFETIME`].
+fn token_lifetime(expires_in: Option<&Value>) -> Duration {
+    let secs = expires_in
+        .and_then(Value::as_u64)
+        .unwrap_or(300)
+        .saturating_sub(30)
+        .clamp(10, MAX_TOKEN_LIFETIME.as_secs());
+    Duration::from_secs(secs)
 }
 
 /// What a target's `/ServiceProviderConfig` says it supports.
@@ -1190,6 +1287,73 @@ mod tests {
             assert!(e.to_string().contains("nothing sent"), "{e}");
         }
         assert_eq!(client.counters().requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn token_endpoint_errors_are_redacted_then_shortened() {
+        let secret = "0123456789abcdef";
+        let r = Redactor::new([secret]);
+        let redact = |t: &str| r.redact(t);
+        // The secret straddles the cut: redacting after cutting would leave half of it.
+        let description = format!("{}{secret}{}", "d".repeat(190), "e".repeat(5000));
+        let said = token_error(
+            &json!({ "error": "x".repeat(5000), "error_description": description }),
+            redact,
+        )
+        .unwrap();
+        assert!(!said.contains("01234567"), "{said}");
+        assert!(said.contains("***"), "{said}");
+        assert!(
+            said.chars().count() <= 2 * (MAX_TOKEN_ERROR_CHARS + 1) + 4,
+            "{said}"
+        );
+        assert_eq!(
+            token_error(&json!({ "error": "invalid_client" }), redact).as_deref(),
+            Some(": invalid_client")
+        );
+        assert_eq!(token_error(&json!({ "error": 7 }), redact), None);
+    }
+
+    #[test]
+    fn a_token_lifetime_is_bounded_whatever_expires_in_says() {
+        let life = |v: Value| token_lifetime(Some(&v));
+        assert_eq!(life(json!(3600)), Duration::from_secs(3570));
+        assert_eq!(life(json!(u64::MAX)), MAX_TOKEN_LIFETIME);
+        assert_eq!(life(json!(0)), Duration::from_secs(10));
+        assert_eq!(life(json!(-5)), Duration::from_secs(270));
+        assert_eq!(life(json!("3600")), Duration::from_secs(270));
+        assert_eq!(token_lifetime(None), Duration::from_secs(270));
+        // What was computed fits the clock.
+        assert!(Instant::now().checked_add(life(json!(u64::MAX))).is_some());
+    }
+
+    #[test]
+    fn a_client_redacts_values_taken_from_a_target() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut cfg = crate::plan::tests::target();
+        let token = r#"tok/en+with="quote" and space"#;
+        cfg.auth = Auth::Bearer(crate::config::Secret::new(token.to_string()));
+        let client = ScimClient::new(&cfg).unwrap();
+        let encoded: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
+        for value in [
+            token.to_string(),
+            encoded.to_lowercase(),
+            serde_json::to_string(token).unwrap(),
+        ] {
+            let from = format!("userName from {value}");
+            let cut = client.redact(&from);
+            assert!(cut.contains("***"), "{cut}");
+            assert!(!cut.contains("quote"), "{cut}");
+        }
+        assert_eq!(client.redact("alice@example.org"), "alice@example.org");
+    }
+
+    #[test]
+    fn an_access_token_must_fit_a_header() {
+        assert!(usable_token("eyJhbGciOi.J9-_~+/="));
+        for bad in ["a\r\nX-Injected: 1", "a b", "t\u{0}", "tök"] {
+            assert!(!usable_token(bad), "{bad:?}");
+        }
     }
 
     #[test]

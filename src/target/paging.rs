@@ -11,6 +11,11 @@ use std::collections::HashSet;
 const SLACK_PAGES: usize = 2;
 /// The most pages of any listing, whatever a target says.
 pub const MAX_PAGES: usize = 100_000;
+/// The most response bytes one listing reads in all (each page is also bounded by
+/// `max_response_size`): what a listing may cost in memory, whatever a target says.
+pub const MAX_LISTING_BYTES: u64 = 1 << 30;
+/// The most resources one listing keeps.
+pub const MAX_LISTED: usize = 10_000_000;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -27,6 +32,8 @@ pub struct Page<'a> {
     /// which is passed on (its caller reports it for its entry) and always counts as new (the
     /// page limit still bounds a listing of nothing else).
     pub ids: &'a [Option<&'a str>],
+    /// The size of the page's response body.
+    pub bytes: u64,
 }
 
 #[derive(Debug)]
@@ -39,11 +46,20 @@ pub struct Pager {
     seen: HashSet<String>,
     /// Resources taken so far (those without an id included).
     listed: usize,
+    /// Response bytes read so far.
+    bytes: u64,
+    max_bytes: u64,
+    max_listed: usize,
 }
 
 impl Pager {
     /// A listing asking for `page_size` resources per page.
     pub fn new(page_size: usize) -> Pager {
+        Pager::with_limits(page_size, MAX_LISTING_BYTES, MAX_LISTED)
+    }
+
+    /// [`new`](Self::new) with other bounds on the bytes read and resources kept.
+    pub fn with_limits(page_size: usize, max_bytes: u64, max_listed: usize) -> Pager {
         Pager {
             requested: page_size.max(1),
             start: 1,
@@ -52,6 +68,9 @@ impl Pager {
             last_start_index: None,
             seen: HashSet::new(),
             listed: 0,
+            bytes: 0,
+            max_bytes,
+            max_listed,
         }
     }
 
@@ -64,6 +83,13 @@ impl Pager {
     /// comes next; an error says why the listing cannot be trusted.
     pub fn take(&mut self, page: &Page<'_>) -> Result<(Vec<usize>, Step), String> {
         self.pages += 1;
+        self.bytes = self.bytes.saturating_add(page.bytes);
+        if self.bytes > self.max_bytes {
+            return Err(format!(
+                "the listing is larger than {} bytes in all after {} pages ({} resources)",
+                self.max_bytes, self.pages, self.listed
+            ));
+        }
         let got = page.ids.len();
         if self.pages == 1 {
             if let Some(total) = page.total_results {
@@ -100,11 +126,17 @@ impl Pager {
             .filter(|(_, id)| id.is_none_or(|id| self.seen.insert(id.to_string())))
             .map(|(i, _)| i)
             .collect();
-        self.listed += fresh.len();
+        self.listed = self.listed.saturating_add(fresh.len());
         if fresh.is_empty() {
             return Err(format!(
                 "page {} (startIndex {}) brings no resource not listed before",
                 self.pages, self.start
+            ));
+        }
+        if self.listed > self.max_listed {
+            return Err(format!(
+                "the listing has more than {} resources after {} pages",
+                self.max_listed, self.pages
             ));
         }
         let done = match page.total_results {
@@ -115,6 +147,17 @@ impl Pager {
         if done {
             return Ok((fresh, Step::Done));
         }
+        // Without totalResults nothing but new ids bounds the listing: a full page of
+        // resources without a usable id would ask for the next one up to the page limit.
+        let new_id = fresh
+            .iter()
+            .any(|&i| page.ids.get(i).is_some_and(Option::is_some));
+        if page.total_results.is_none() && !new_id {
+            return Err(format!(
+                "page {} (startIndex {}) brings no resource with a usable id, and no totalResults says when the listing ends",
+                self.pages, self.start
+            ));
+        }
         if self.pages >= self.limit {
             return Err(format!(
                 "the listing did not end after {} pages ({} resources of the {} totalResults announced)",
@@ -124,7 +167,7 @@ impl Pager {
                     .map_or_else(|| "unknown".to_string(), |t| t.to_string())
             ));
         }
-        self.start += got;
+        self.start = self.start.saturating_add(got);
         Ok((fresh, Step::Next(self.start)))
     }
 }
@@ -138,7 +181,60 @@ mod tests {
             start_index: start,
             total_results: total,
             ids,
+            bytes: 100,
         }
+    }
+
+    #[test]
+    fn a_listing_is_bounded_in_bytes_and_resources() {
+        // Honest paging, but more bytes in all than a listing may read.
+        let mut p = Pager::with_limits(1, 250, MAX_LISTED);
+        let ids: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+        let mut result = Ok((Vec::new(), Step::Done));
+        for (i, id) in ids.iter().enumerate() {
+            result = p.take(&page(Some(i as u64 + 1), Some(10), &[Some(id.as_str())]));
+            if result.is_err() {
+                break;
+            }
+        }
+        let e = result.unwrap_err();
+        assert!(e.contains("larger than 250 bytes"), "{e}");
+        assert!(e.contains("after 3 pages"), "{e}");
+        // More resources than a listing may keep.
+        let mut p = Pager::with_limits(2, MAX_LISTING_BYTES, 3);
+        p.take(&page(Some(1), Some(10), &[Some("a"), Some("b")]))
+            .unwrap();
+        let e = p
+            .take(&page(Some(3), Some(10), &[Some("c"), Some("d")]))
+            .unwrap_err();
+        assert!(e.contains("more than 3 resources"), "{e}");
+        // The defaults are what the contract says.
+        let p = Pager::new(1);
+        assert_eq!((p.max_bytes, p.max_listed), (1 << 30, 10_000_000));
+    }
+
+    #[test]
+    fn without_total_a_full_page_of_id_less_resources_ends_it_with_an_error() {
+        let mut p = Pager::new(2);
+        assert_eq!(
+            p.take(&page(None, None, &[Some("a"), None])).unwrap(),
+            (vec![0, 1], Step::Next(3))
+        );
+        let e = p.take(&page(None, None, &[None, None])).unwrap_err();
+        assert!(e.contains("no resource with a usable id"), "{e}");
+        // A short last page of them is passed on: the listing ends there anyway.
+        let mut p = Pager::new(2);
+        p.take(&page(None, None, &[Some("a"), Some("b")])).unwrap();
+        assert_eq!(
+            p.take(&page(None, None, &[None])).unwrap(),
+            (vec![0], Step::Done)
+        );
+        // A page of id-less resources alongside a fresh id goes on.
+        let mut p = Pager::new(3);
+        assert_eq!(
+            p.take(&page(None, None, &[None, Some("a"), None])).unwrap(),
+            (vec![0, 1, 2], Step::Next(4))
+        );
     }
 
     #[test]
