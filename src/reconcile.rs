@@ -15,8 +15,8 @@ use crate::map::{self, Desired, FlatAttrs};
 use crate::model::{Directory, DirectoryId};
 use crate::plan::{self, guard, Existing, Plan, PlanInput};
 use crate::snapshot::{
-    Orphan, Orphans, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError, TargetSnapshot,
-    TargetState,
+    HeldChange, Orphan, Orphans, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError,
+    TargetSnapshot, TargetState,
 };
 use crate::source::{self, SourceError};
 use crate::target::{Capabilities, ScimClient, TargetError};
@@ -620,6 +620,20 @@ async fn run_target_untimed(
         };
         if let Err(e) = stored {
             warn!(target = %name, error = %e, "cannot record held changes");
+        }
+        let shown: Vec<HeldChange> = plan
+            .held
+            .iter()
+            .map(|c| HeldChange {
+                action: c.action().to_string(),
+                resource: c.resource().to_string(),
+                name: c.name().to_string(),
+                external_id: c.id().0.clone(),
+                from_external_id: c.from_id().map(|f| f.0.clone()),
+            })
+            .collect();
+        if let Err(e) = s.set_held_changes(&name, &shown) {
+            warn!(target = %name, error = %e, "cannot record what the held changes are");
         }
         if !report.dropped.is_empty() || !report.kept.is_empty() {
             let mut next = not_kept.clone();

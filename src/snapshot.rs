@@ -118,6 +118,19 @@ pub struct Orphan {
 /// A target's orphans, by their `externalId` (as a directory id).
 pub type Orphans = BTreeMap<DirectoryId, Orphan>;
 
+/// One change a safety limit held, as `approve` shows it before releasing it (the held set
+/// itself is stored as (action, directory id) pairs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldChange {
+    pub action: String,
+    pub resource: String,
+    pub name: String,
+    pub external_id: String,
+    /// A rebind: the directory id that held the account before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_external_id: Option<String>,
+}
+
 /// The last time a target's rows were found lost and rebuilt from the target, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rebuild {
@@ -333,6 +346,22 @@ impl Snapshot {
             self.remove_meta(&key)
         } else {
             self.put_meta(&key, orphans)
+        }
+    }
+
+    /// What the held changes of `target`'s last cycle were, for `approve` to show.
+    pub fn held_changes(&self, target: &str) -> Result<Vec<HeldChange>, SnapshotError> {
+        Ok(self
+            .get_meta(&format!("held_changes/{target}"))?
+            .unwrap_or_default())
+    }
+
+    pub fn set_held_changes(&self, target: &str, held: &[HeldChange]) -> Result<(), SnapshotError> {
+        let key = format!("held_changes/{target}");
+        if held.is_empty() {
+            self.remove_meta(&key)
+        } else {
+            self.put_meta(&key, &held)
         }
     }
 

@@ -265,6 +265,12 @@ fn a_leaver_during_a_lost_snapshot_is_an_orphan_deprovisioned_only_through_appro
         let out = world.run(&["approve", "--target", t.name()]);
         out.expect_code(0);
         assert!(out.stdout.contains("approved 1"), "{out}");
+        // Each released change is named, before the count: approving deprovisions orphans.
+        let listed = out
+            .stdout
+            .find("orphan User p002")
+            .expect("the orphan is listed");
+        assert!(listed < out.stdout.find("approved 1").unwrap(), "{out}");
     }
     world.sync_ok();
     for t in &world.targets {
