@@ -774,6 +774,8 @@ fn forget_deprovisioned_orphans(snapshot: &Snapshot, target: &str, report: &Appl
         .iter()
         .filter(|r| r.action == "orphan" && r.outcome == "ok")
         .map(|r| DirectoryId(r.external_id.clone()))
+        // Read again before the deprovision and found to be orphans no more.
+        .chain(report.stale_orphans.iter().cloned())
         .collect();
     if done.is_empty() {
         return;
@@ -885,6 +887,11 @@ async fn orphans_of(
             .users
             .get(id)
             .is_some_and(|u| u.active || target.provision_disabled);
+        // A `protect` pattern added since the orphan was found covers it from then on.
+        if plan::is_protected(target, &o.user_name) {
+            info!(target = %name, user = %o.user_name, external_id = %id, "an orphan's userName matches a protect pattern now; it is dropped from the orphans and never deprovisioned");
+            return false;
+        }
         !provisioned
             && !state.users.contains_key(id)
             && !held.contains(&o.scim_id)

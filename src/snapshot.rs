@@ -452,7 +452,10 @@ impl TargetSnapshot {
     /// keep the account active). BENCHMARKS.md has the numbers.
     pub fn put_user(&self, id: &DirectoryId, row: &UserRow) -> Result<(), SnapshotError> {
         let mut batch = sled::Batch::default();
-        batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), encode(row));
+        batch.insert(
+            format!("{USER_PREFIX}{id}").as_bytes(),
+            encode(row, &self.path)?,
+        );
         batch.insert(
             format!("{ATTRS_PREFIX}{id}").as_bytes(),
             row.attrs.json().as_bytes(),
@@ -533,8 +536,11 @@ fn get_json<T: DeserializeOwned>(
         })
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("snapshot rows always serialize")
+fn encode<T: Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, SnapshotError> {
+    serde_json::to_vec(value).map_err(|e| SnapshotError::Storage {
+        path: path.to_path_buf(),
+        reason: format!("cannot encode a record: {e}"),
+    })
 }
 
 fn put_json<T: Serialize>(
@@ -543,7 +549,7 @@ fn put_json<T: Serialize>(
     value: &T,
     path: &Path,
 ) -> Result<(), SnapshotError> {
-    let bytes = serde_json::to_vec(value).expect("snapshot rows always serialize");
+    let bytes = encode(value, path)?;
     tree.insert(key, bytes)
         .map_err(|e| SnapshotError::Storage {
             path: path.to_path_buf(),
