@@ -323,6 +323,13 @@ fn print_snapshot_health(snapshot: &Snapshot, target: &str, users: usize, groups
         Ok(_) => {}
         Err(e) => println!("  WARNING: {e}"),
     }
+    match snapshot.rebuild_pending(target) {
+        Ok(Some(why)) => println!(
+            "  WARNING: the snapshot was lost and this target is not rebuilt yet: {why}; the next sync rebuilds it from the target and lists orphans"
+        ),
+        Ok(None) => {}
+        Err(e) => println!("  WARNING: {e}"),
+    }
     if let Ok(Some(r)) = snapshot.last_rebuild(target) {
         println!("  snapshot rebuilt at {}: {}", r.at.to_rfc3339(), r.reason);
     }

@@ -720,6 +720,16 @@ fn lost_rows(snapshot: Option<&Snapshot>, target: &str, state: &TargetState) -> 
     if let Some(why) = snapshot.lost() {
         return Some(why.to_string());
     }
+    // A loss noticed by an earlier command whose cycle did not get to rebuild this target.
+    match snapshot.rebuild_pending(target) {
+        Ok(Some(why)) => return Some(why),
+        Ok(None) => {}
+        Err(e) => {
+            return Some(format!(
+                "its record of a pending rebuild is unreadable ({e})"
+            ))
+        }
+    }
     let recorded = match snapshot.row_counts(target) {
         Ok(r) => r?,
         Err(e) => return Some(format!("its row counts are unreadable ({e})")),
@@ -819,7 +829,8 @@ async fn orphans_of(
     let stored = orphans.clone();
     let delete = target.deprovision == crate::config::Deprovision::Delete;
     let mut rebuild = None;
-    if state.users.is_empty() || lost.is_some() {
+    let listing = state.users.is_empty() || lost.is_some();
+    if listing {
         let listed = client.list_all("Users").await.map_err(|e| e.to_string())?;
         let adopted: BTreeSet<&crate::model::ScimId> =
             adopting.values().map(|e| &e.scim_id).collect();
@@ -903,6 +914,13 @@ async fn orphans_of(
     if let (Some(s), false) = (snapshot, pass.dry_run) {
         if orphans != stored {
             s.set_orphans(name, &orphans).map_err(|e| e.to_string())?;
+        }
+        // Listed and its orphans stored: a loss noticed earlier is this target's no more.
+        if listing {
+            let all = pass.config.targets.iter().map(|t| t.name.0.as_str());
+            if let Err(e) = s.set_rebuilt(name, all) {
+                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
+            }
         }
         if let Some(msg) = &rebuild {
             let record = Rebuild {

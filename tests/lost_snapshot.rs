@@ -563,3 +563,73 @@ fn an_approved_orphan_that_became_protected_is_dropped_not_deprovisioned() {
     let status = world.run(&["status"]);
     assert!(!status.stdout.contains("orphan:"), "{status}");
 }
+
+/// A snapshot replaced by another one (here: with the leaver's row missing) is noticed by the
+/// marker. The loss stays pending when the next sync fails at the directory read (the
+/// marker names the new snapshot from then on): status still says so, and the sync after
+/// it still rebuilds and finds the leaver as an orphan.
+#[test]
+fn a_lost_snapshot_is_still_rebuilt_after_a_sync_that_failed_at_the_directory_read() {
+    let mut world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    {
+        // Another snapshot in its place, one that never had p002's row, with consistent row
+        // counts: only the marker tells.
+        let snap = ldap2scim::snapshot::Snapshot::open(&world.config.state_dir()).unwrap();
+        snap.put_meta("snapshot_id", &"an-older-copy").unwrap();
+        for t in &world.targets {
+            let ts = snap.target(t.name()).unwrap();
+            let rows = ts.load().unwrap();
+            let (leaver, _) = rows
+                .users
+                .iter()
+                .find(|(_, r)| r.user_name == "p002")
+                .unwrap();
+            ts.remove_user(leaver).unwrap();
+            let mut counts = snap.row_counts(t.name()).unwrap().unwrap();
+            counts.users -= 1;
+            snap.set_row_counts(t.name(), counts).unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(snap.flush()).unwrap();
+    }
+    let status = world.run(&["status"]);
+    assert!(status.stdout.contains("WARNING"), "{status}");
+
+    world.slapd.stop();
+    let out = world.run(&["sync"]);
+    assert_ne!(out.code, 0, "{out}");
+    assert_ne!(out.code, 4, "{out}");
+    let status = world.run(&["status"]);
+    assert!(
+        status.stdout.contains("WARNING") && status.stdout.contains("not rebuilt yet"),
+        "the loss is still said:\n{status}"
+    );
+
+    world.slapd.start_again();
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "the orphan is found and held:\n{out}");
+    assert!(
+        out.stderr.contains("replaced or damaged") && out.stderr.contains("rebuilding"),
+        "{out}"
+    );
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+    // Rebuilt: said no more.
+    let status = world.run(&["status"]);
+    assert!(!status.stdout.contains("not rebuilt yet"), "{status}");
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    assert!(!out.stderr.contains("rebuilding"), "{out}");
+}
