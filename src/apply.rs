@@ -65,6 +65,9 @@ pub struct ApplyReport {
     /// keep them), and paths they had.
     pub dropped: BTreeSet<String>,
     pub kept: BTreeSet<String>,
+    /// Approved orphans found to be orphans no more when they were read again before the
+    /// deprovision (never deprovisioned; each one is also a `skipped` failure).
+    pub stale_orphans: Vec<DirectoryId>,
 }
 
 /// Something that wants to know how far an apply got (a progress bar).
@@ -78,6 +81,11 @@ pub enum ApplyError {
     Snapshot(#[from] SnapshotError),
     #[error("{0}")]
     Skipped(String),
+    /// An approved orphan that is no longer one when looked at again (its externalId changed,
+    /// it became protected, it is inactive already): not deprovisioned, dropped from the
+    /// orphans.
+    #[error("{0}")]
+    Stale(String),
 }
 
 impl ApplyError {
@@ -90,7 +98,7 @@ impl ApplyError {
             ApplyError::Target(TargetError::Malformed { .. }) => "malformed",
             ApplyError::Target(TargetError::Client { .. }) => "client",
             ApplyError::Snapshot(_) => "snapshot",
-            ApplyError::Skipped(_) => "skipped",
+            ApplyError::Skipped(_) | ApplyError::Stale(_) => "skipped",
         }
     }
 }
@@ -264,6 +272,9 @@ impl Applier<'_> {
                 match err {
                     None => report.applied += 1,
                     Some((c, e)) => {
+                        if let (ApplyError::Stale(_), Change::Orphan { id, .. }) = (&e, c) {
+                            report.stale_orphans.push(id.clone());
+                        }
                         warn!(target = %self.target.name, action = c.action(), resource = c.resource(), name = c.name(), error = %e, "change failed");
                         report.failures.push(Failure {
                             class: e.class(),
@@ -566,6 +577,10 @@ impl Applier<'_> {
     /// An approved orphan: deleted, or deactivated and from then on managed like any leaver
     /// (its row, in the deactivated state, lets `deactivate-then-delete` run its course and a
     /// returner with the same directory id be reactivated).
+    ///
+    /// The SCIM id was found when the snapshot was rebuilt, maybe days ago: the account is
+    /// read again first, and deprovisioned only if it is still that orphan ([`recheck_orphan`]).
+    /// One that is not is never touched ([`ApplyError::Stale`]: dropped from the orphans).
     async fn deprovision_orphan(
         &self,
         id: &DirectoryId,
@@ -573,6 +588,25 @@ impl Applier<'_> {
         user_name: &str,
         delete: bool,
     ) -> Result<Vec<Effect>, ApplyError> {
+        let mut current = match self.client.get("Users", scim_id).await {
+            Ok(current) => current,
+            Err(e) if e.status() == Some(404) => {
+                warn!(target = %self.target.name, user = %user_name, "orphan to deprovision is already gone from the target");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(e) = recheck_orphan(
+            self.target,
+            self.client,
+            id,
+            scim_id,
+            user_name,
+            delete,
+            &current,
+        ) {
+            return Err(e);
+        }
         if delete {
             self.client.delete("Users", scim_id).await?;
             return Ok(Vec::new());
@@ -594,17 +628,13 @@ impl Applier<'_> {
                 .await
         } else {
             // Without PATCH the whole resource goes back as the target has it, inactive: we
-            // know nothing else of it.
-            match self.client.get("Users", scim_id).await {
-                Ok(mut current) => {
-                    current["active"] = Value::Bool(false);
-                    if let Some(obj) = current.as_object_mut() {
-                        obj.remove("meta");
-                    }
-                    self.client.put("Users", scim_id, &current).await
-                }
-                Err(e) => Err(e),
-            }
+            // know nothing else of it. (`recheck_orphan` made sure it is an object.)
+            let Some(obj) = current.as_object_mut() else {
+                return Err(not_a_resource(self.target, scim_id));
+            };
+            obj.insert("active".into(), Value::Bool(false));
+            obj.remove("meta");
+            self.client.put("Users", scim_id, &current).await
         };
         let etag = match written {
             Ok(etag) => etag,
@@ -743,7 +773,9 @@ impl Applier<'_> {
                 .await;
         }
         let mut body = map::user_resource(attrs);
-        body["id"] = json!(scim_id.0);
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("id".into(), json!(scim_id.0));
+        }
         Ok((self.client.put("Users", scim_id, &body).await?, Value::Null))
     }
 
@@ -961,6 +993,61 @@ fn no_usable_id(target: &TargetConfig, resource_type: &str, what: &str, name: &s
     })
 }
 
+/// Whether the account an approved orphan names, as the target has it now (`current`), is
+/// still that orphan: its `externalId` is still the orphan's directory id, its `userName` is
+/// not protected, and (to be deactivated) it is still active. `None` if it is; `Stale` if it
+/// is not (it is dropped from the orphans), `Malformed` if the answer is not a resource.
+#[allow(clippy::too_many_arguments)]
+fn recheck_orphan(
+    target: &TargetConfig,
+    client: &ScimClient,
+    id: &DirectoryId,
+    scim_id: &ScimId,
+    user_name: &str,
+    delete: bool,
+    current: &Value,
+) -> Option<ApplyError> {
+    let Some(obj) = current.as_object() else {
+        return Some(not_a_resource(target, scim_id));
+    };
+    let stale = |why: String| {
+        let why = client.redact(&format!(
+            "orphan {user_name} ({id}) not deprovisioned: {why}; it is no longer an orphan of this directory and is dropped from the orphans"
+        ));
+        warn!(target = %target.name, user = %user_name, "{why}");
+        Some(ApplyError::Stale(why))
+    };
+    match obj.get("externalId") {
+        Some(Value::String(ext)) if DirectoryId::new(ext) == *id => {}
+        Some(Value::String(ext)) => {
+            return stale(format!("its externalId on the target is now {ext:?}"));
+        }
+        _ => return stale("its externalId on the target was cleared".into()),
+    }
+    let now_named = obj.get("userName").and_then(Value::as_str);
+    if let Some(name) = [Some(user_name), now_named]
+        .into_iter()
+        .flatten()
+        .find(|n| crate::plan::is_protected(target, n))
+    {
+        return stale(format!("its userName {name} matches a protect pattern"));
+    }
+    if !delete && obj.get("active").and_then(Value::as_bool) == Some(false) {
+        return stale("it is inactive on the target already".into());
+    }
+    None
+}
+
+/// A target answered a GET of one account with something other than a resource.
+fn not_a_resource(target: &TargetConfig, scim_id: &ScimId) -> ApplyError {
+    ApplyError::Target(TargetError::Malformed {
+        target: target.name.0.clone(),
+        method: "GET".into(),
+        path: format!("/Users/{scim_id}", scim_id = scim_id.0),
+        reason: "the answer is not a SCIM resource (a JSON object); nothing was changed".into(),
+    })
+}
+
 fn change_scim_id(c: &Change) -> Option<String> {
     match c {
         Change::AdoptUser { scim_id, .. }
@@ -1125,6 +1212,60 @@ mod tests {
             json!({"id": "a\u{1}"}),
         ] {
             assert_eq!(scim_id_of(&bad), None, "{bad}");
+        }
+    }
+
+    /// An approved orphan is deprovisioned only while the account is still that orphan; a
+    /// hostile answer (not an object) is an error, never a panic.
+    #[tokio::test]
+    async fn an_approved_orphan_is_rechecked_against_the_account_as_it_is_now() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut target = crate::plan::tests::target();
+        target.protect = vec!["admin*".into()];
+        let client = ScimClient::new(&target).unwrap();
+        let id = DirectoryId::new("8f1c2f6e-0000-4000-8000-000000000001");
+        let sid = ScimId("s1".into());
+        let check = |current: Value, delete: bool| {
+            recheck_orphan(
+                &target,
+                &client,
+                &id,
+                &sid,
+                "left@example.org",
+                delete,
+                &current,
+            )
+        };
+        let ok = json!({"id": "s1", "userName": "left@example.org", "active": true,
+                        "externalId": "8F1C2F6E-0000-4000-8000-000000000001"});
+        assert!(check(ok.clone(), false).is_none(), "still the orphan");
+        let mut no_active = ok.clone();
+        no_active.as_object_mut().unwrap().remove("active");
+        assert!(check(no_active, false).is_none(), "active by default");
+        let stale = |current: Value, delete: bool| match check(current, delete) {
+            Some(ApplyError::Stale(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        let mut moved = ok.clone();
+        moved["externalId"] = json!("HR-4711");
+        assert!(stale(moved, true).contains("HR-4711"));
+        let mut cleared = ok.clone();
+        cleared["externalId"] = Value::Null;
+        assert!(stale(cleared, false).contains("cleared"));
+        let mut protected = ok.clone();
+        protected["userName"] = json!("admin-left@example.org");
+        assert!(stale(protected, true).contains("protect"));
+        let mut inactive = ok.clone();
+        inactive["active"] = json!(false);
+        assert!(stale(inactive.clone(), false).contains("inactive"));
+        assert!(check(inactive, true).is_none(), "deleted under delete");
+        for hostile in [json!([ok.clone()]), json!("s1"), json!(7), Value::Null] {
+            match check(hostile.clone(), false) {
+                Some(e @ ApplyError::Target(TargetError::Malformed { .. })) => {
+                    assert_eq!(e.class(), "malformed", "{hostile}")
+                }
+                other => panic!("{hostile}: {other:?}"),
+            }
         }
     }
 

@@ -340,6 +340,13 @@ fn print_snapshot_health(snapshot: &Snapshot, target: &str, users: usize, groups
         Ok(_) => {}
         Err(e) => println!("  WARNING: {e}"),
     }
+    match snapshot.rebuild_pending(target) {
+        Ok(Some(why)) => println!(
+            "  WARNING: the snapshot was lost and this target is not rebuilt yet: {why}; the next sync rebuilds it from the target and lists orphans"
+        ),
+        Ok(None) => {}
+        Err(e) => println!("  WARNING: {e}"),
+    }
     if let Ok(Some(r)) = snapshot.last_rebuild(target) {
         println!("  snapshot rebuilt at {}: {}", r.at.to_rfc3339(), r.reason);
     }
@@ -451,15 +458,65 @@ async fn approve(config: &Config, target: &str) -> u8 {
         println!("target {target}: nothing is held");
         return EXIT_OK;
     };
+    // What is released is said one by one: approving also deprovisions the orphans.
+    let shown = match snapshot.held_changes(target) {
+        Ok(shown) => shown,
+        Err(e) => return fail(e),
+    };
+    let orphans = match snapshot.orphans(target) {
+        Ok(orphans) => orphans,
+        Err(e) => return fail(e),
+    };
+    let lines: Vec<String> = held
+        .iter()
+        .map(|(action, id)| released_line(action, id, &shown, &orphans))
+        .collect();
     if let Err(e) = snapshot.put_meta(&reconcile::approval_key(target), &held) {
         return fail(e);
     }
     if let Err(e) = snapshot.flush().await {
         return fail(e);
     }
+    println!("target {target}: releasing:");
+    for line in &lines {
+        println!("  {line}");
+    }
     println!(
         "target {target}: approved {} held change(s); the next sync applies them",
         held.len()
     );
     EXIT_OK
+}
+
+/// One released change for `approve`: action, resource, name and directory id (the name and
+/// resource as the last plan had them, or the orphan record's).
+fn released_line(
+    action: &str,
+    id: &DirectoryId,
+    shown: &[crate::snapshot::HeldChange],
+    orphans: &crate::snapshot::Orphans,
+) -> String {
+    let known = shown
+        .iter()
+        .find(|h| h.action == action && h.external_id == id.0);
+    let (resource, name) = match (known, orphans.get(id)) {
+        (Some(h), _) => (h.resource.as_str(), h.name.as_str()),
+        (None, Some(o)) if action == "orphan" => ("User", o.user_name.as_str()),
+        (None, _) => ("?", "(name not recorded)"),
+    };
+    let mut line = format!(
+        "{action} {resource} {} (externalId {})",
+        report::one_line(name),
+        report::one_line(&id.0)
+    );
+    if action == "orphan" {
+        line.push_str(": an account that matches no directory entry; it is deprovisioned");
+    }
+    if let Some(from) = known.and_then(|h| h.from_external_id.as_deref()) {
+        line.push_str(&format!(
+            ", moving from externalId {}",
+            report::one_line(from)
+        ));
+    }
+    line
 }

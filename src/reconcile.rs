@@ -15,8 +15,8 @@ use crate::map::{self, Desired, FlatAttrs};
 use crate::model::{Directory, DirectoryId};
 use crate::plan::{self, guard, Existing, Plan, PlanInput};
 use crate::snapshot::{
-    Orphan, Orphans, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError, TargetSnapshot,
-    TargetState,
+    HeldChange, Orphan, Orphans, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError,
+    TargetSnapshot, TargetState,
 };
 use crate::source::{self, SourceError};
 use crate::target::{Capabilities, ScimClient, TargetError};
@@ -629,6 +629,20 @@ async fn run_target_untimed(
         if let Err(e) = stored {
             warn!(target = %name, error = %e, "cannot record held changes");
         }
+        let shown: Vec<HeldChange> = plan
+            .held
+            .iter()
+            .map(|c| HeldChange {
+                action: c.action().to_string(),
+                resource: c.resource().to_string(),
+                name: c.name().to_string(),
+                external_id: c.id().0.clone(),
+                from_external_id: c.from_id().map(|f| f.0.clone()),
+            })
+            .collect();
+        if let Err(e) = s.set_held_changes(&name, &shown) {
+            warn!(target = %name, error = %e, "cannot record what the held changes are");
+        }
         if !report.dropped.is_empty() || !report.kept.is_empty() {
             let mut next = not_kept.clone();
             next.extend(report.dropped.iter().cloned());
@@ -714,6 +728,16 @@ fn lost_rows(snapshot: Option<&Snapshot>, target: &str, state: &TargetState) -> 
     if let Some(why) = snapshot.lost() {
         return Some(why.to_string());
     }
+    // A loss noticed by an earlier command whose cycle did not get to rebuild this target.
+    match snapshot.rebuild_pending(target) {
+        Ok(Some(why)) => return Some(why),
+        Ok(None) => {}
+        Err(e) => {
+            return Some(format!(
+                "its record of a pending rebuild is unreadable ({e})"
+            ))
+        }
+    }
     let recorded = match snapshot.row_counts(target) {
         Ok(r) => r?,
         Err(e) => return Some(format!("its row counts are unreadable ({e})")),
@@ -768,6 +792,8 @@ fn forget_deprovisioned_orphans(snapshot: &Snapshot, target: &str, report: &Appl
         .iter()
         .filter(|r| r.action == "orphan" && r.outcome == "ok")
         .map(|r| DirectoryId(r.external_id.clone()))
+        // Read again before the deprovision and found to be orphans no more.
+        .chain(report.stale_orphans.iter().cloned())
         .collect();
     if done.is_empty() {
         return;
@@ -811,7 +837,8 @@ async fn orphans_of(
     let stored = orphans.clone();
     let delete = target.deprovision == crate::config::Deprovision::Delete;
     let mut rebuild = None;
-    if state.users.is_empty() || lost.is_some() {
+    let listing = state.users.is_empty() || lost.is_some();
+    if listing {
         let listed = client.list_all("Users").await.map_err(|e| e.to_string())?;
         let adopted: BTreeSet<&crate::model::ScimId> =
             adopting.values().map(|e| &e.scim_id).collect();
@@ -881,6 +908,11 @@ async fn orphans_of(
             .users
             .get(id)
             .is_some_and(|u| u.active || target.provision_disabled);
+        // A `protect` pattern added since the orphan was found covers it from then on.
+        if plan::is_protected(target, &o.user_name) {
+            info!(target = %name, user = %o.user_name, external_id = %id, "an orphan's userName matches a protect pattern now; it is dropped from the orphans and never deprovisioned");
+            return false;
+        }
         !provisioned
             && !state.users.contains_key(id)
             && !held.contains(&o.scim_id)
@@ -892,6 +924,13 @@ async fn orphans_of(
     if let (Some(s), false) = (snapshot, pass.dry_run) {
         if orphans != stored {
             s.set_orphans(name, &orphans).map_err(|e| e.to_string())?;
+        }
+        // Listed and its orphans stored: a loss noticed earlier is this target's no more.
+        if listing {
+            let all = pass.config.targets.iter().map(|t| t.name.0.as_str());
+            if let Err(e) = s.set_rebuilt(name, all) {
+                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
+            }
         }
         if let Some(msg) = &rebuild {
             let record = Rebuild {

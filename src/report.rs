@@ -311,7 +311,7 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
 /// Unicode line and paragraph separators, bidirectional controls) are written as escapes
 /// (`\n`, `\u{1b}`), so a directory value cannot break a line or a table row, or fake one.
 /// Text without them is returned as it is.
-fn one_line(s: &str) -> Cow<'_, str> {
+pub(crate) fn one_line(s: &str) -> Cow<'_, str> {
     let breaks = |c: char| {
         c.is_control()
             || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')

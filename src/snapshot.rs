@@ -134,12 +134,41 @@ pub struct Orphan {
 /// A target's orphans, by their `externalId` (as a directory id).
 pub type Orphans = BTreeMap<DirectoryId, Orphan>;
 
+/// One change a safety limit held, as `approve` shows it before releasing it (the held set
+/// itself is stored as (action, directory id) pairs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldChange {
+    pub action: String,
+    pub resource: String,
+    pub name: String,
+    pub external_id: String,
+    /// A rebind: the directory id that held the account before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_external_id: Option<String>,
+}
+
 /// The last time a target's rows were found lost and rebuilt from the target, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rebuild {
     pub at: DateTime<Utc>,
     pub reason: String,
 }
+
+/// A loss of the snapshot (its files replaced or damaged) that not every target has been
+/// rebuilt from yet. Written when the loss is noticed, before the marker names the new
+/// snapshot: the marker then matches again, and without this record a cycle that stops early
+/// (a failed directory read) or an `approve` would make a partial loss look like a healthy
+/// snapshot. A target is taken off once a cycle listed its accounts and stored its orphans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRebuild {
+    pub since: DateTime<Utc>,
+    pub reason: String,
+    /// Targets rebuilt since.
+    #[serde(default)]
+    pub done: BTreeSet<String>,
+}
+
+const PENDING_KEY: &str = "rebuild_pending";
 
 #[derive(Clone)]
 pub struct Snapshot {
@@ -225,6 +254,15 @@ impl Snapshot {
         }
         if !write || (stored.is_some() && stored == on_disk) {
             return Ok(());
+        }
+        if let Some(why) = &self.lost {
+            // Kept until every target is rebuilt: the marker below stops saying it.
+            let pending = PendingRebuild {
+                since: Utc::now(),
+                reason: why.clone(),
+                done: BTreeSet::new(),
+            };
+            self.put_meta(PENDING_KEY, &pending)?;
         }
         let id = match &stored {
             Some(id) => id.clone(),
@@ -352,12 +390,67 @@ impl Snapshot {
         }
     }
 
+    /// What the held changes of `target`'s last cycle were, for `approve` to show.
+    pub fn held_changes(&self, target: &str) -> Result<Vec<HeldChange>, SnapshotError> {
+        Ok(self
+            .get_meta(&format!("held_changes/{target}"))?
+            .unwrap_or_default())
+    }
+
+    pub fn set_held_changes(&self, target: &str, held: &[HeldChange]) -> Result<(), SnapshotError> {
+        let key = format!("held_changes/{target}");
+        if held.is_empty() {
+            self.remove_meta(&key)
+        } else {
+            self.put_meta(&key, &held)
+        }
+    }
+
     pub fn last_rebuild(&self, target: &str) -> Result<Option<Rebuild>, SnapshotError> {
         self.get_meta(&format!("rebuilt/{target}"))
     }
 
     pub fn set_last_rebuild(&self, target: &str, rebuild: &Rebuild) -> Result<(), SnapshotError> {
         self.put_meta(&format!("rebuilt/{target}"), rebuild)
+    }
+
+    /// The loss not every target has been rebuilt from, if there is one.
+    pub fn pending_rebuild(&self) -> Result<Option<PendingRebuild>, SnapshotError> {
+        self.get_meta(PENDING_KEY)
+    }
+
+    /// Why `target`'s rows are still to be rebuilt from the target (a loss noticed earlier,
+    /// by this or another command), if they are.
+    pub fn rebuild_pending(&self, target: &str) -> Result<Option<String>, SnapshotError> {
+        Ok(self
+            .pending_rebuild()?
+            .filter(|p| !p.done.contains(target))
+            .map(|p| {
+                format!(
+                    "{} (noticed at {}; this target has not been rebuilt since)",
+                    p.reason,
+                    p.since.to_rfc3339()
+                )
+            }))
+    }
+
+    /// `target` was rebuilt (its accounts listed, its orphans stored); the record goes once
+    /// every target in `all` was.
+    pub fn set_rebuilt<'a>(
+        &self,
+        target: &str,
+        all: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), SnapshotError> {
+        let Some(mut pending) = self.pending_rebuild()? else {
+            return Ok(());
+        };
+        pending.done.insert(target.to_string());
+        let mut all = all.into_iter();
+        if all.all(|t| pending.done.contains(t)) {
+            self.remove_meta(PENDING_KEY)
+        } else {
+            self.put_meta(PENDING_KEY, &pending)
+        }
     }
 
     fn meta(&self) -> Result<sled::Tree, SnapshotError> {
@@ -439,7 +532,10 @@ impl TargetSnapshot {
     /// keep the account active). BENCHMARKS.md has the numbers.
     pub fn put_user(&self, id: &DirectoryId, row: &UserRow) -> Result<(), SnapshotError> {
         let mut batch = sled::Batch::default();
-        batch.insert(format!("{USER_PREFIX}{id}").as_bytes(), encode(row));
+        batch.insert(
+            format!("{USER_PREFIX}{id}").as_bytes(),
+            encode(row, &self.path)?,
+        );
         batch.insert(
             format!("{ATTRS_PREFIX}{id}").as_bytes(),
             row.attrs.json().as_bytes(),
@@ -520,8 +616,11 @@ fn get_json<T: DeserializeOwned>(
         })
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("snapshot rows always serialize")
+fn encode<T: Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, SnapshotError> {
+    serde_json::to_vec(value).map_err(|e| SnapshotError::Storage {
+        path: path.to_path_buf(),
+        reason: format!("cannot encode a record: {e}"),
+    })
 }
 
 fn put_json<T: Serialize>(
@@ -530,7 +629,7 @@ fn put_json<T: Serialize>(
     value: &T,
     path: &Path,
 ) -> Result<(), SnapshotError> {
-    let bytes = serde_json::to_vec(value).expect("snapshot rows always serialize");
+    let bytes = encode(value, path)?;
     tree.insert(key, bytes)
         .map_err(|e| SnapshotError::Storage {
             path: path.to_path_buf(),
@@ -620,6 +719,40 @@ mod tests {
         drop(snap);
         // Said once: the rebuilt snapshot is the one the marker names from then on.
         assert_eq!(Snapshot::open(dir.path()).unwrap().lost(), None);
+    }
+
+    /// The marker matches again once a writer opened the snapshot; the loss is kept as a
+    /// pending rebuild per target until each one was rebuilt.
+    #[tokio::test]
+    async fn a_lost_snapshot_stays_pending_until_every_target_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let snap = Snapshot::open(dir.path()).unwrap();
+            assert_eq!(snap.pending_rebuild().unwrap(), None);
+            snap.flush().await.unwrap();
+        }
+        std::fs::write(dir.path().join("snapshot/db"), vec![0xA5u8; 4096]).unwrap();
+        // A read-only command notices the loss but records nothing.
+        let readonly = Snapshot::open_existing(dir.path()).unwrap().unwrap();
+        assert!(readonly.lost().is_some());
+        assert_eq!(readonly.pending_rebuild().unwrap(), None);
+        drop(readonly);
+        // A writer (e.g. a sync that then fails at the directory read, or `approve`).
+        drop(Snapshot::open(dir.path()).unwrap());
+        let snap = Snapshot::open(dir.path()).unwrap();
+        assert_eq!(snap.lost(), None, "the marker names this snapshot now");
+        for t in ["a", "b"] {
+            let why = snap.rebuild_pending(t).unwrap().expect("still pending");
+            assert!(why.contains("replaced or damaged"), "{why}");
+        }
+        snap.set_rebuilt("a", ["a", "b"]).unwrap();
+        assert_eq!(snap.rebuild_pending("a").unwrap(), None);
+        assert!(snap.rebuild_pending("b").unwrap().is_some());
+        drop(snap);
+        let snap = Snapshot::open(dir.path()).unwrap();
+        assert!(snap.rebuild_pending("b").unwrap().is_some(), "kept on disk");
+        snap.set_rebuilt("b", ["a", "b"]).unwrap();
+        assert_eq!(snap.pending_rebuild().unwrap(), None, "all rebuilt: gone");
     }
 
     #[tokio::test]

@@ -265,6 +265,12 @@ fn a_leaver_during_a_lost_snapshot_is_an_orphan_deprovisioned_only_through_appro
         let out = world.run(&["approve", "--target", t.name()]);
         out.expect_code(0);
         assert!(out.stdout.contains("approved 1"), "{out}");
+        // Each released change is named, before the count: approving deprovisions orphans.
+        let listed = out
+            .stdout
+            .find("orphan User p002")
+            .expect("the orphan is listed");
+        assert!(listed < out.stdout.find("approved 1").unwrap(), "{out}");
     }
     world.sync_ok();
     for t in &world.targets {
@@ -455,4 +461,175 @@ fn a_leaver_deactivated_before_the_loss_is_not_an_orphan() {
         assert!(!t.user_states()["p002"], "{}", t.name());
     }
     world.assert_converged();
+}
+
+/// Loses the snapshot with the leaver p002 still active on every target; the rebuild lists
+/// it as an orphan (exit 4).
+fn lose_snapshot_with_orphan_p002(world: &World) {
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    std::fs::remove_dir_all(world.config.state_dir()).unwrap();
+    world.sync_expect(4);
+}
+
+/// An approved orphan is read again before it is deprovisioned: one whose externalId was
+/// changed on the target by hand since it was found is no longer that orphan. It is not
+/// deactivated, the skip is said, and it is dropped from the orphans. `approve` names what it
+/// releases.
+#[test]
+fn an_approved_orphan_whose_external_id_changed_meanwhile_is_not_deprovisioned() {
+    let world = World::start(&people(3), "");
+    lose_snapshot_with_orphan_p002(&world);
+    for t in &world.targets {
+        let out = world.run(&["approve", "--target", t.name()]);
+        out.expect_code(0);
+        assert!(
+            out.stdout.contains("orphan User p002 (externalId "),
+            "approve names the orphan it releases:\n{out}"
+        );
+        // Someone re-keys the account on the target after the approval.
+        let id = t.user("p002")["id"].as_str().unwrap().to_string();
+        let (code, body) = scim_patch(
+            &t.server.base_url(),
+            t.server.token(),
+            &format!("/Users/{id}"),
+            &json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [{"op": "replace", "path": "externalId", "value": "HR-4711"}],
+            }),
+        );
+        assert!(code == 200 || code == 204, "{}: {code} {body}", t.name());
+        assert_eq!(t.user("p002")["externalId"], "HR-4711", "{}", t.name());
+        t.proxy.clear();
+    }
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 3, "the approved orphan was skipped:\n{out}");
+    assert!(out.stderr.contains("not deprovisioned"), "{out}");
+    assert!(out.stderr.contains("HR-4711"), "{out}");
+    for t in &world.targets {
+        assert!(
+            t.user_states()["p002"],
+            "{}: a re-keyed account is not the orphan any more",
+            t.name()
+        );
+        let writes: Vec<_> = t
+            .proxy
+            .requests()
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .collect();
+        assert!(writes.is_empty(), "{}: {writes:?}", t.name());
+    }
+    // Dropped from the orphans: nothing waits, nothing is held.
+    let status = world.run(&["status"]);
+    assert!(!status.stdout.contains("orphan:"), "{status}");
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert!(held_of(&plan, t.name()).is_empty(), "{}", t.name());
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+    world.assert_converged();
+}
+
+/// A `protect` pattern added after an orphan was found (and approved) covers it: the plan
+/// drops it from the orphans, and it is never deprovisioned.
+#[test]
+fn an_approved_orphan_that_became_protected_is_dropped_not_deprovisioned() {
+    let world = World::start(&people(3), "");
+    lose_snapshot_with_orphan_p002(&world);
+    for t in &world.targets {
+        world.run(&["approve", "--target", t.name()]).expect_code(0);
+        let path = world.config.target_path(t.name());
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("\n["),
+            "a top-level key goes before any table: {text}"
+        );
+        text.push_str("protect = [\"p002\"]\n");
+        std::fs::write(&path, text).unwrap();
+    }
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert!(held_of(&plan, t.name()).is_empty(), "{}", t.name());
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        assert!(
+            t.user_states()["p002"],
+            "{}: protected, never deprovisioned",
+            t.name()
+        );
+    }
+    let status = world.run(&["status"]);
+    assert!(!status.stdout.contains("orphan:"), "{status}");
+}
+
+/// A snapshot replaced by another one (here: with the leaver's row missing) is noticed by the
+/// marker. The loss stays pending when the next sync fails at the directory read (the
+/// marker names the new snapshot from then on): status still says so, and the sync after
+/// it still rebuilds and finds the leaver as an orphan.
+#[test]
+fn a_lost_snapshot_is_still_rebuilt_after_a_sync_that_failed_at_the_directory_read() {
+    let mut world = World::start(&people(3), "");
+    world.sync_ok();
+    world.slapd.delete(&person_dn("p002"));
+    {
+        // Another snapshot in its place, one that never had p002's row, with consistent row
+        // counts: only the marker tells.
+        let snap = ldap2scim::snapshot::Snapshot::open(&world.config.state_dir()).unwrap();
+        snap.put_meta("snapshot_id", &"an-older-copy").unwrap();
+        for t in &world.targets {
+            let ts = snap.target(t.name()).unwrap();
+            let rows = ts.load().unwrap();
+            let (leaver, _) = rows
+                .users
+                .iter()
+                .find(|(_, r)| r.user_name == "p002")
+                .unwrap();
+            ts.remove_user(leaver).unwrap();
+            let mut counts = snap.row_counts(t.name()).unwrap().unwrap();
+            counts.users -= 1;
+            snap.set_row_counts(t.name(), counts).unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(snap.flush()).unwrap();
+    }
+    let status = world.run(&["status"]);
+    assert!(status.stdout.contains("WARNING"), "{status}");
+
+    world.slapd.stop();
+    let out = world.run(&["sync"]);
+    assert_ne!(out.code, 0, "{out}");
+    assert_ne!(out.code, 4, "{out}");
+    let status = world.run(&["status"]);
+    assert!(
+        status.stdout.contains("WARNING") && status.stdout.contains("not rebuilt yet"),
+        "the loss is still said:\n{status}"
+    );
+
+    world.slapd.start_again();
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "the orphan is found and held:\n{out}");
+    assert!(
+        out.stderr.contains("replaced or damaged") && out.stderr.contains("rebuilding"),
+        "{out}"
+    );
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+    // Rebuilt: said no more.
+    let status = world.run(&["status"]);
+    assert!(!status.stdout.contains("not rebuilt yet"), "{status}");
+    let out = world.run(&["sync"]);
+    assert_eq!(out.code, 4, "{out}");
+    assert!(!out.stderr.contains("rebuilding"), "{out}");
 }
