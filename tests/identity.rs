@@ -9,29 +9,8 @@ mod support;
 use serde_json::{json, Value};
 use support::*;
 
-fn seed(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            let uid = format!("p{i:03}");
-            person(
-                &uid,
-                &format!("Person {i}"),
-                "Person",
-                "P",
-                &format!("{uid}@example.org"),
-                "Staff",
-            )
-        })
-        .collect()
-}
-
 fn entry_uuid(slapd: &Slapd, uid: &str) -> String {
-    let ldif = slapd.search(&person_dn(uid), "(objectClass=*)", &["entryUUID"]);
-    ldif.lines()
-        .find_map(|l| l.strip_prefix("entryUUID: "))
-        .unwrap_or_else(|| panic!("no entryUUID for {uid}: {ldif}"))
-        .trim()
-        .to_string()
+    slapd.entry_uuid(&person_dn(uid))
 }
 
 fn target_plan<'a>(plan: &'a Value, target: &str) -> &'a Value {
@@ -99,7 +78,7 @@ fn audit_lines(world: &World) -> Vec<Value> {
 
 #[test]
 fn an_entry_replaced_under_the_same_uid_is_a_visible_counted_rebind() {
-    let seed = seed(4)
+    let seed = staff(4)
         + &group("team", &[&person_dn("p001"), &person_dn("p002")])
         + &group("pair", &[&person_dn("p000"), &person_dn("p003")]);
     let mut world = World::start(&seed, "");
@@ -279,7 +258,7 @@ fn an_entry_replaced_under_the_same_uid_is_a_visible_counted_rebind() {
 
 #[test]
 fn protect_keeps_directory_entries_from_being_created() {
-    let seed = seed(2)
+    let seed = staff(2)
         + &person(
             "admin-evil",
             "Evil",
@@ -341,7 +320,7 @@ fn user_writes(t: &Target) -> Vec<RecordedRequest> {
 
 #[test]
 fn an_adoption_after_a_lost_snapshot_sends_only_what_differs() {
-    let world = World::start(&(seed(5) + &group("all", &[&person_dn("p000")])), "");
+    let world = World::start(&(staff(5) + &group("all", &[&person_dn("p000")])), "");
     world.sync_ok();
 
     std::fs::remove_dir_all(world.config.state_dir()).unwrap();
@@ -419,7 +398,7 @@ fn fake_world(seed: &str, url: &str, extra: &str) -> (Slapd, TestConfig) {
 #[test]
 fn a_listed_account_without_id_is_a_problem_never_a_second_account() {
     let fake = FakeScim::start(FakeScimOptions::default());
-    let (_slapd, config) = fake_world(&seed(3), &fake.url(), "");
+    let (_slapd, config) = fake_world(&staff(3), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     assert_eq!(fake.count("POST"), 3);
 
@@ -451,7 +430,7 @@ fn after_a_409_a_found_account_without_id_is_an_error_not_a_create() {
         unique_user_names: true,
         ..FakeScimOptions::default()
     });
-    let (slapd, config) = fake_world(&seed(1), &fake.url(), "");
+    let (slapd, config) = fake_world(&staff(1), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     let created = fake.users().remove(0);
     // Deleted on the target by hand, and made again under the same name and externalId, on
@@ -492,7 +471,7 @@ fn an_adoption_without_differences_writes_nothing_a_target_would_refuse() {
         refuse_patch_of: vec!["userName".into(), "emails".into()],
         ..FakeScimOptions::default()
     });
-    let (_slapd, config) = fake_world(&seed(3), &fake.url(), "");
+    let (_slapd, config) = fake_world(&staff(3), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     for _ in 0..2 {
         std::fs::remove_dir_all(config.state_dir()).unwrap();
@@ -515,7 +494,7 @@ fn a_target_that_keeps_values_in_its_own_shape_is_not_rewritten_on_every_adoptio
         strip_item_type: true,
         ..FakeScimOptions::default()
     });
-    let (slapd, config) = fake_world(&seed(2), &fake.url(), "");
+    let (slapd, config) = fake_world(&staff(2), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     assert!(fake.users().iter().all(|u| u.get("title").is_none()));
     // The create answers showed it: the target does not keep title.
@@ -601,7 +580,7 @@ fn group_writes(t: &Target) -> Vec<RecordedRequest> {
 #[test]
 fn after_a_lost_snapshot_an_account_of_another_directory_id_moves_only_by_rebind() {
     let fake = FakeScim::start(FakeScimOptions::default());
-    let (slapd, mut config) = fake_world(&seed(2), &fake.url(), "");
+    let (slapd, mut config) = fake_world(&staff(2), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     let old = entry_uuid(&slapd, "p000");
     slapd.delete(&person_dn("p000"));
@@ -691,7 +670,7 @@ fn after_a_409_an_account_of_another_directory_id_is_not_taken() {
         unique_user_names: true,
         ..FakeScimOptions::default()
     });
-    let (slapd, config) = fake_world(&seed(1), &fake.url(), "");
+    let (slapd, config) = fake_world(&staff(1), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     let created = fake.users().remove(0);
     // Deleted by hand, and the name taken by an account of another directory entry.
@@ -727,7 +706,7 @@ fn after_a_409_an_account_of_another_directory_id_is_not_taken() {
 #[test]
 fn a_plan_never_shows_the_targets_secret_read_back_from_it() {
     let fake = FakeScim::start(FakeScimOptions::default());
-    let (slapd, config) = fake_world(&seed(1), &fake.url(), "");
+    let (slapd, config) = fake_world(&staff(1), &fake.url(), "");
     ldap2scim(&config.path(), &["sync"]).expect_code(0);
     slapd.add(&person(
         "carol",
@@ -778,7 +757,7 @@ fn a_plan_never_shows_the_targets_secret_read_back_from_it() {
 /// its plan shows), on both real servers.
 #[test]
 fn a_group_adoption_after_a_lost_snapshot_writes_nothing_unchanged() {
-    let seed = seed(3)
+    let seed = staff(3)
         + &group("team", &[&person_dn("p000"), &person_dn("p001")])
         + &group("solo", &[&person_dn("p002")]);
     let world = World::start(&seed, "");
@@ -816,7 +795,7 @@ fn a_group_adoption_after_a_lost_snapshot_writes_nothing_unchanged() {
 /// problem until the old one's account is gone, then it is created.
 #[test]
 fn a_group_never_adopts_another_groups_account() {
-    let seed = seed(2) + &group("team", &[&person_dn("p000"), &person_dn("p001")]);
+    let seed = staff(2) + &group("team", &[&person_dn("p000"), &person_dn("p001")]);
     let world = World::start(
         &seed,
         "match_existing = [\"externalId\", \"userName\", \"displayName\"]",

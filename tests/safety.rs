@@ -14,23 +14,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::*;
 
-fn people(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            let uid = format!("p{i:03}");
-            person(
-                &uid,
-                &format!("Person {i}"),
-                "Person",
-                "P",
-                &format!("{uid}@example.org"),
-                "Staff",
-            )
-        })
-        .collect::<String>()
-        + &group("everyone", &[&person_dn("p000"), &person_dn("p001")])
-}
-
 fn active_count(t: &Target) -> usize {
     t.user_states().values().filter(|a| **a).count()
 }

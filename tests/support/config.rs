@@ -270,6 +270,28 @@ pub fn group_dn(cn: &str) -> String {
     format!("cn={cn},ou=groups,{BASE_DN}")
 }
 
+/// `n` people `p000`, `p001`, … ("Person i", mail `uid@example.org`, title Staff).
+pub fn staff(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let uid = format!("p{i:03}");
+            person(
+                &uid,
+                &format!("Person {i}"),
+                "Person",
+                "P",
+                &format!("{uid}@example.org"),
+                "Staff",
+            )
+        })
+        .collect()
+}
+
+/// [`staff`] and a group `everyone` of `p000` and `p001`.
+pub fn people(n: usize) -> String {
+    staff(n) + &group("everyone", &[&person_dn("p000"), &person_dn("p001")])
+}
+
 /// An LDIF record (ending with a blank line) for an inetOrgPerson under `ou=people`.
 ///
 /// An empty `given`, `mail` or `title` leaves that attribute out (`cn` and `sn` are required).

@@ -41,7 +41,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // Re-exported for the test files; each uses only some of them.
 #[allow(unused_imports)]
-pub use config::{bulk_directory, group, group_dn, person, person_dn, TestConfig, BASE_DN};
+pub use config::{
+    bulk_directory, group, group_dn, people, person, person_dn, staff, TestConfig, BASE_DN,
+};
 #[allow(unused_imports)]
 pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
 #[allow(unused_imports)]
