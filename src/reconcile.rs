@@ -837,7 +837,11 @@ async fn orphans_of(
     let stored = orphans.clone();
     let delete = target.deprovision == crate::config::Deprovision::Delete;
     let mut rebuild = None;
-    let listing = state.users.is_empty() || lost.is_some();
+    // A target without rows is listed until a cycle has recorded its row counts (a new or
+    // lost snapshot); one whose rows are known to be none (everyone deprovisioned, nobody in
+    // scope) is not listed again every cycle.
+    let never_counted = snapshot.is_none_or(|s| matches!(s.row_counts(name), Ok(None)));
+    let listing = lost.is_some() || (state.users.is_empty() && never_counted);
     if listing {
         let listed = client.list_all("Users").await.map_err(|e| e.to_string())?;
         let adopted: BTreeSet<&crate::model::ScimId> =

@@ -12,6 +12,20 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::*;
 
+/// Every target's plan holds back exactly the orphan p002, whose account is still active.
+fn assert_p002_waits_as_the_only_orphan(world: &World) {
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            held_of(&plan, t.name()),
+            vec![("orphan".to_string(), "p002".to_string())],
+            "{}",
+            t.name()
+        );
+        assert!(t.user_states()["p002"], "{}", t.name());
+    }
+}
+
 fn target_json<'a>(plan: &'a Value, target: &str) -> &'a Value {
     plan["targets"]
         .as_array()
@@ -320,16 +334,7 @@ fn a_snapshot_that_lost_rows_is_detected_and_its_leaver_is_an_orphan() {
         out.stderr.contains("lost") && out.stderr.contains("rebuilding"),
         "{out}"
     );
-    let (_, plan) = world.plan_json();
-    for t in &world.targets {
-        assert_eq!(
-            held_of(&plan, t.name()),
-            vec![("orphan".to_string(), "p002".to_string())],
-            "{}",
-            t.name()
-        );
-        assert!(t.user_states()["p002"], "{}", t.name());
-    }
+    assert_p002_waits_as_the_only_orphan(&world);
 }
 
 /// A damaged sled data file opens as an empty database; the marker beside it tells, and the
@@ -352,16 +357,7 @@ fn a_damaged_snapshot_that_opens_empty_is_said_and_its_leaver_is_an_orphan() {
         out.stderr.contains("replaced or damaged") && out.stderr.contains("rebuilding"),
         "{out}"
     );
-    let (_, plan) = world.plan_json();
-    for t in &world.targets {
-        assert_eq!(
-            held_of(&plan, t.name()),
-            vec![("orphan".to_string(), "p002".to_string())],
-            "{}",
-            t.name()
-        );
-        assert!(t.user_states()["p002"], "{}", t.name());
-    }
+    assert_p002_waits_as_the_only_orphan(&world);
 }
 
 /// A snapshot sled cannot read stops the cycle with an error naming daemon.state_dir; it is
@@ -599,20 +595,37 @@ fn a_lost_snapshot_is_still_rebuilt_after_a_sync_that_failed_at_the_directory_re
         out.stderr.contains("replaced or damaged") && out.stderr.contains("rebuilding"),
         "{out}"
     );
-    let (_, plan) = world.plan_json();
-    for t in &world.targets {
-        assert_eq!(
-            held_of(&plan, t.name()),
-            vec![("orphan".to_string(), "p002".to_string())],
-            "{}",
-            t.name()
-        );
-        assert!(t.user_states()["p002"], "{}", t.name());
-    }
+    assert_p002_waits_as_the_only_orphan(&world);
     // Rebuilt: said no more.
     let status = world.run(&["status"]);
     assert!(!status.stdout.contains("not rebuilt yet"), "{status}");
     let out = world.run(&["sync"]);
     assert_eq!(out.code, 4, "{out}");
     assert!(!out.stderr.contains("rebuilding"), "{out}");
+}
+
+/// A target whose rows are known to be none (nobody in its scope) is not listed again on every
+/// cycle to look for orphans: only a new or lost snapshot is.
+#[test]
+fn a_target_with_nobody_in_scope_is_not_listed_every_cycle() {
+    let seed = staff(2) + &group("outsiders", &[&group_dn("nobody")]);
+    let extra = format!("scope_groups = [{}]", toml_str(&group_dn("outsiders")));
+    let world = World::start(&seed, &extra);
+    world.sync_ok();
+    for t in &world.targets {
+        t.proxy.clear();
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        let listings: Vec<String> = t
+            .proxy
+            .requests()
+            .into_iter()
+            .map(|r| r.path)
+            .filter(|p| {
+                p.starts_with("/Users?") && !p.contains("count=1&") && !p.ends_with("count=1")
+            })
+            .collect();
+        assert!(listings.is_empty(), "{}: {listings:?}", t.name());
+    }
 }
