@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 
-use crate::reconcile::Outcome;
+use crate::config::Config;
+use crate::outcome::Outcome;
 
 pub const AUDIT_FILE: &str = "audit.jsonl";
 /// Rotate once the current file reaches this size.
@@ -135,11 +136,20 @@ impl AuditLog {
     }
 }
 
+/// Appends the changes of a pass to the audit trail; a failure to write it is logged, not
+/// fatal (the changes already happened and are in the snapshot).
+pub fn record(config: &Config, outcome: &Outcome) {
+    let log = AuditLog::new(&config.daemon.state_dir);
+    if let Err(e) = log.append(outcome, crate::clock::now()) {
+        tracing::error!(path = %log.path().display(), error = %e, "cannot append to the audit log");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::apply::{Applied, ApplyReport};
-    use crate::reconcile::{TargetOutcome, TargetStatus};
+    use crate::outcome::{TargetOutcome, TargetStatus};
 
     fn outcome(records: usize) -> Outcome {
         let report = ApplyReport {

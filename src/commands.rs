@@ -7,13 +7,13 @@ use std::io::Write;
 use chrono::Utc;
 use serde_json::json;
 
-use crate::audit::AuditLog;
 use crate::cli::{Cli, Command, ReportFormat};
 use crate::config::{self, Config};
 use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
+use crate::outcome::TargetStatus;
 use crate::progress::ProgressBars;
-use crate::reconcile::{self, Outcome, Pass, TargetStatus};
+use crate::reconcile::{self, Pass};
 use crate::report::{self, Format};
 use crate::snapshot::Snapshot;
 
@@ -91,15 +91,6 @@ fn report_format(format: ReportFormat) -> Format {
     }
 }
 
-/// Appends the changes of a pass to the audit trail; a failure to write it is logged, not
-/// fatal (the changes already happened and are in the snapshot).
-pub fn record_audit(config: &Config, outcome: &Outcome) {
-    let log = AuditLog::new(&config.daemon.state_dir);
-    if let Err(e) = log.append(outcome, Utc::now()) {
-        tracing::error!(path = %log.path().display(), error = %e, "cannot append to the audit log");
-    }
-}
-
 /// One reconcile now. The caller holds the state directory lock.
 pub async fn sync(config: &Config, targets: &[String]) -> u8 {
     let bars = ProgressBars::for_terminal();
@@ -118,7 +109,7 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
     }
     match result {
         Ok(outcome) => {
-            record_audit(config, &outcome);
+            crate::audit::record(config, &outcome);
             print!("{}", report::sync_lines(&outcome));
             let _ = std::io::stdout().flush();
             if outcome
@@ -211,7 +202,7 @@ async fn check(config: &Config, connect: bool) -> u8 {
     // Each target is read as a cycle reads it: /ServiceProviderConfig (which many serve to
     // anyone) and one user listed with its credentials, so a wrong or revoked one fails here.
     for t in &config.targets {
-        let result = match crate::target::ScimClient::new(t) {
+        let result = match crate::scim::ScimClient::new(t) {
             Ok(c) => c.check_connection().await,
             Err(e) => Err(e),
         };
@@ -225,7 +216,7 @@ async fn check(config: &Config, connect: bool) -> u8 {
                     "no usable /ServiceProviderConfig (defaults apply)"
                 }
             ),
-            Err(e) if crate::target::is_auth_failure(&e) => {
+            Err(e) if crate::scim::is_auth_failure(&e) => {
                 failed = true;
                 eprintln!(
                     "ldap2scim: {e}\nldap2scim: target {}: its credentials were refused: check `auth` in its target file",
@@ -406,7 +397,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
     for t in &config.targets {
         let mapped = match entry {
             Entry::User(u) => crate::map::map_user(u, t)
-                .map(|m| crate::map::user_resource(&m.attrs.unpack()))
+                .map(|m| crate::scim::resource::user_resource(&m.attrs.unpack()))
                 .unwrap_or_else(|e| json!({"error": e})),
             Entry::Group(g) => {
                 json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})

@@ -23,7 +23,8 @@ use tracing::{error, info, warn};
 use crate::cli::Cli;
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
-use crate::reconcile::{self, Outcome, Pass, TargetStatus};
+use crate::outcome::{Outcome, TargetStatus};
+use crate::reconcile::{self, Pass};
 
 /// A parsed schedule in its timezone.
 pub struct Schedule {
@@ -188,7 +189,7 @@ async fn cycle(
     let elapsed = started.elapsed();
     match result {
         Ok(outcome) => {
-            crate::commands::record_audit(&config, &outcome);
+            crate::audit::record(&config, &outcome);
             metrics.cycle_finished(&outcome, elapsed, unix_now());
             log_summary(&outcome, elapsed);
             summary_status(&outcome)
@@ -465,8 +466,8 @@ mod tests {
     #[test]
     fn the_systemd_status_says_a_lost_snapshot_and_waiting_orphans() {
         use crate::model::{DirectoryId, ScimId};
+        use crate::outcome::TargetOutcome;
         use crate::plan::{Change, Plan};
-        use crate::reconcile::TargetOutcome;
         let outcome = Outcome {
             run_id: "r1".into(),
             read_duration: Duration::ZERO,

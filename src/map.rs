@@ -6,15 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::config::{GroupScope, TargetConfig};
+use crate::model::dn;
 use crate::model::{Directory, DirectoryGroup, DirectoryId, DirectoryUser};
-use crate::source::dn;
-
-pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
-pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
-pub const ENTERPRISE_SCHEMA: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
 
 /// Flat SCIM attributes: path (as in the mapping, plus `externalId` and `active`) → value.
 pub type FlatAttrs = BTreeMap<String, Value>;
@@ -511,88 +507,6 @@ fn render_compiled(pieces: &[Piece], user: &DirectoryUser) -> String {
     }
 }
 
-/// A multi-valued attribute path like `emails[type eq "work"].value` → ("emails", "work").
-fn multi_valued(path: &str) -> Option<(&str, &str)> {
-    let (attr, rest) = path.split_once('[')?;
-    let ty = rest.strip_prefix("type eq \"")?.split_once('"')?.0;
-    Some((attr, ty))
-}
-
-/// The top-level SCIM attribute a flat path belongs to (the unit a PATCH replaces).
-pub fn top_level(path: &str) -> &str {
-    if let Some((attr, _)) = multi_valued(path) {
-        return attr;
-    }
-    if path.starts_with("urn:") {
-        return path;
-    }
-    path.split('.').next().unwrap_or(path)
-}
-
-/// The value of one top-level attribute, built from every flat path under it (`None` when
-/// no path under it has a value).
-pub fn top_level_value(attrs: &FlatAttrs, top: &str) -> Option<Value> {
-    let mut complex = Map::new();
-    let mut multi: Vec<Value> = Vec::new();
-    let mut scalar = None;
-    for (path, value) in attrs {
-        if let Some((attr, ty)) = multi_valued(path) {
-            if attr == top {
-                let primary = multi.is_empty();
-                multi.push(json!({"type": ty, "value": value, "primary": primary}));
-            }
-        } else if path == top {
-            scalar = Some(value.clone());
-        } else if let Some(sub) = path.strip_prefix(top).and_then(|s| s.strip_prefix('.')) {
-            if !top.starts_with("urn:") {
-                complex.insert(sub.to_string(), value.clone());
-            }
-        }
-    }
-    if !multi.is_empty() {
-        Some(Value::Array(multi))
-    } else if !complex.is_empty() {
-        Some(Value::Object(complex))
-    } else {
-        scalar
-    }
-}
-
-/// The full SCIM User resource for a set of flat attributes.
-pub fn user_resource(attrs: &FlatAttrs) -> Value {
-    let mut obj = Map::new();
-    let mut schemas = vec![Value::String(USER_SCHEMA.into())];
-    let mut enterprise = Map::new();
-    let tops: BTreeSet<&str> = attrs.keys().map(|p| top_level(p)).collect();
-    for top in tops {
-        if let Some(sub) = top
-            .strip_prefix(ENTERPRISE_SCHEMA)
-            .and_then(|s| s.strip_prefix(':'))
-        {
-            if let Some(v) = attrs.get(top) {
-                enterprise.insert(sub.to_string(), v.clone());
-            }
-        } else if let Some(v) = top_level_value(attrs, top) {
-            obj.insert(top.to_string(), v);
-        }
-    }
-    if !enterprise.is_empty() {
-        schemas.push(Value::String(ENTERPRISE_SCHEMA.into()));
-        obj.insert(ENTERPRISE_SCHEMA.into(), Value::Object(enterprise));
-    }
-    obj.insert("schemas".into(), Value::Array(schemas));
-    Value::Object(obj)
-}
-
-/// The SCIM Group resource (without members: those always travel as PATCH deltas).
-pub fn group_resource(group: &DesiredGroup) -> Value {
-    json!({
-        "schemas": [GROUP_SCHEMA],
-        "displayName": group.display_name,
-        "externalId": group.id.0,
-    })
-}
-
 /// The hash of a user's representation, stored in the snapshot, from the map: what
 /// [`packed_hash`] must equal (the tests' reference; the code hashes packed attributes).
 #[cfg(test)]
@@ -611,6 +525,7 @@ pub fn packed_hash(attrs: &SharedAttrs) -> String {
 mod tests {
     use super::*;
     use crate::model::Attributes;
+    use serde_json::json;
     use sha2::Digest;
 
     fn user() -> DirectoryUser {
@@ -822,26 +737,5 @@ mod tests {
         assert_eq!(render("{givenName} {sn}", &u), "Jane Doe");
         assert_eq!(render("{{literal}} {uid}", &u), "{literal} jdoe");
         assert_eq!(render("{missing}", &u), "");
-    }
-
-    #[test]
-    fn flat_attributes_build_a_scim_user() {
-        let mut attrs = FlatAttrs::new();
-        attrs.insert("userName".into(), json!("jdoe"));
-        attrs.insert("name.givenName".into(), json!("Jane"));
-        attrs.insert("name.familyName".into(), json!("Doe"));
-        attrs.insert("emails[type eq \"work\"].value".into(), json!("j@x.org"));
-        attrs.insert(format!("{ENTERPRISE_SCHEMA}:department"), json!("R&D"));
-        attrs.insert("active".into(), json!(true));
-        let r = user_resource(&attrs);
-        assert_eq!(r["name"], json!({"givenName": "Jane", "familyName": "Doe"}));
-        assert_eq!(
-            r["emails"],
-            json!([{"type": "work", "value": "j@x.org", "primary": true}])
-        );
-        assert_eq!(r[ENTERPRISE_SCHEMA]["department"], json!("R&D"));
-        assert_eq!(r["schemas"].as_array().unwrap().len(), 2);
-        assert_eq!(top_level("emails[type eq \"work\"].value"), "emails");
-        assert_eq!(top_level("name.givenName"), "name");
     }
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::reconcile::{Outcome, TargetStatus};
+use crate::outcome::{Outcome, TargetStatus};
 
 /// Upper bounds (seconds) of the cycle duration histogram.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -514,19 +514,6 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
     let _ = stream.shutdown().await;
 }
 
-/// The process's resident memory in MiB (Linux `/proc/self/status`), for debug timings;
-/// 0 where it cannot be read.
-pub fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,8 +535,8 @@ mod tests {
     #[test]
     fn orphans_and_snapshot_rebuilds_are_exported() {
         use crate::model::{DirectoryId, ScimId};
+        use crate::outcome::TargetOutcome;
         use crate::plan::{Change, Plan};
-        use crate::reconcile::TargetOutcome;
         let plan = Plan {
             held: vec![Change::Orphan {
                 id: DirectoryId::new("107f0144-823a-1041-89a3-21734381405b"),

@@ -9,17 +9,18 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::apply::{members_of, scim_id_of, Applier, ApplyReport};
-use crate::config::{Config, Dialect, MatchRule, Profile, TargetConfig};
+use crate::apply::{Applier, ApplyReport};
+use crate::config::{Config, Dialect, MatchRule, TargetConfig};
 use crate::map::{self, Desired, FlatAttrs};
 use crate::model::{Directory, DirectoryId};
 use crate::plan::{self, guard, Existing, Plan, PlanInput};
+use crate::scim::resource::{flatten_user, members_of, scim_id_of};
+use crate::scim::{Capabilities, ScimClient, TargetError};
 use crate::snapshot::{
     HeldChange, Orphan, Orphans, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError,
     TargetSnapshot, TargetState,
 };
 use crate::source::{self, SourceError};
-use crate::target::{Capabilities, ScimClient, TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -31,42 +32,7 @@ pub enum ReconcileError {
     UnknownTarget { name: String, known: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TargetStatus {
-    Ok,
-    Held,
-    Error,
-}
-
-/// What happened to one target in one pass.
-#[derive(Debug)]
-pub struct TargetOutcome {
-    pub name: String,
-    pub status: TargetStatus,
-    /// The target could not be planned at all (unreachable, scope group missing, …).
-    pub error: Option<String>,
-    pub plan: Plan,
-    /// `None` in a dry run.
-    pub applied: Option<ApplyReport>,
-    /// userNames of the users that member changes name, for reports.
-    pub names: BTreeMap<DirectoryId, String>,
-    /// How long this target took (plan and apply).
-    pub elapsed: std::time::Duration,
-    /// The target's snapshot rows were found lost (or missing while the target holds
-    /// accounts with directory-style externalIds) and are being rebuilt: the warning.
-    pub rebuild: Option<String>,
-}
-
-#[derive(Debug)]
-pub struct Outcome {
-    pub run_id: String,
-    /// How long the directory read took.
-    pub read_duration: std::time::Duration,
-    pub source_users: usize,
-    pub source_groups: usize,
-    pub targets: Vec<TargetOutcome>,
-}
+use crate::outcome::{Outcome, TargetOutcome, TargetStatus};
 
 /// Options of one pass.
 pub struct Pass<'a> {
@@ -268,7 +234,7 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     drop_in_background(directory);
     debug!(
         elapsed_ms = mapping_started.elapsed().as_millis() as u64,
-        rss_mib = crate::metrics::rss_mib(),
+        rss_mib = crate::memory::rss_mib(),
         "mapped and snapshot loaded"
     );
 
@@ -546,7 +512,7 @@ async fn run_target_untimed(
         .iter()
         .map(|p| DirectoryId(p.external_id.clone()))
         .collect();
-    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "target looked up");
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::memory::rss_mib(), "target looked up");
     let step = std::time::Instant::now();
     let not_kept: BTreeSet<String> = snapshot
         .and_then(|s| s.get_meta(&not_kept_key(&name)).ok().flatten())
@@ -611,7 +577,7 @@ async fn run_target_untimed(
         progress: pass.progress,
         caps,
     };
-    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::metrics::rss_mib(), "planned");
+    debug!(target = %name, elapsed_ms = step.elapsed().as_millis() as u64, rss_mib = crate::memory::rss_mib(), "planned");
     if let Some(s) = snapshot {
         record_row_counts(s, &name, row_floor(&state, &plan));
     }
@@ -712,22 +678,6 @@ async fn run_target_untimed(
         elapsed: Default::default(),
         rebuild,
     }
-}
-
-/// Whether `external_id` has the form of the dialect's directory ids, as ldap2scim sends them
-/// as `externalId`: an RFC 4122 UUID in text (OpenLDAP's `entryUUID`, any case on input) or
-/// AD's `objectGUID` as the canonical lowercase GUID string. Only such accounts can be
-/// orphans: an account without one was made by hand (or by another tool) and is never ours.
-pub fn is_directory_style(dialect: Dialect, external_id: &str) -> bool {
-    let b = external_id.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => match dialect {
-                Dialect::OpenLdap => c.is_ascii_hexdigit(),
-                Dialect::ActiveDirectory => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
-            },
-        })
 }
 
 /// A target's rows were lost if the snapshot holds fewer than it recorded (the counts are a
@@ -865,7 +815,7 @@ async fn orphans_of(
             let Some(ext) = r["externalId"].as_str() else {
                 continue;
             };
-            if !is_directory_style(pass.config.ldap.dialect, ext) {
+            if !crate::model::is_directory_style(pass.config.ldap.dialect, ext) {
                 continue;
             }
             ours += 1;
@@ -1070,7 +1020,7 @@ async fn resolve_existing(
     let other_directory_id = |r: &Value, own: &DirectoryId| {
         r["externalId"]
             .as_str()
-            .filter(|e| is_directory_style(dialect, e))
+            .filter(|e| crate::model::is_directory_style(dialect, e))
             .map(DirectoryId::new)
             .filter(|e| e != own)
     };
@@ -1249,10 +1199,10 @@ async fn resolve_existing(
                     // Lists may leave members out; the resource itself has them. AWS Identity
                     // Center never returns members: its groups start from "unknown" (additions
                     // are idempotent, and nothing unseen is removed).
-                    let members = if target.profile == Profile::AwsIdentityCenter {
-                        BTreeSet::new()
-                    } else {
+                    let members = if crate::scim::profile::reads_members(target.profile) {
                         members_of(&client.get("Groups", &scim_id).await?, &known)
+                    } else {
+                        BTreeSet::new()
                     };
                     groups.insert(
                         g.id.clone(),
@@ -1305,54 +1255,6 @@ fn redacted(client: &ScimClient, mut attrs: FlatAttrs) -> FlatAttrs {
     attrs
 }
 
-/// The flat attributes of a SCIM User as the target has it (for reporting what adoption
-/// changes).
-pub fn flatten_user(r: &Value) -> FlatAttrs {
-    let mut out = FlatAttrs::new();
-    let Some(obj) = r.as_object() else { return out };
-    for (k, v) in obj {
-        match (k.as_str(), v) {
-            ("id" | "meta" | "schemas" | "groups", _) => {}
-            ("emails" | "phoneNumbers", Value::Array(items)) => {
-                // An item without a type is kept under an empty type (matched to ours by
-                // `plan::adopt`), unless there are several: which one is which is unknown.
-                let untyped = items
-                    .iter()
-                    .filter(|i| i["type"].as_str().is_none())
-                    .count();
-                for item in items {
-                    let Some(val) = item.get("value") else {
-                        continue;
-                    };
-                    match item["type"].as_str() {
-                        Some(t) => {
-                            out.insert(plan::adopt::typed_path(k, t), val.clone());
-                        }
-                        None if untyped == 1 => {
-                            out.insert(plan::adopt::typed_path(k, ""), val.clone());
-                        }
-                        None => {}
-                    }
-                }
-            }
-            (_, Value::Object(sub)) if !k.starts_with("urn:") => {
-                for (sk, sv) in sub {
-                    out.insert(format!("{k}.{sk}"), sv.clone());
-                }
-            }
-            (_, Value::Object(sub)) => {
-                for (sk, sv) in sub {
-                    out.insert(format!("{k}:{sk}"), sv.clone());
-                }
-            }
-            _ => {
-                out.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1363,47 +1265,6 @@ mod tests {
         assert!(plan::glob_match("break-glass-?", "break-glass-1"));
         assert!(!plan::glob_match("admin*", "sysadmin"));
         assert!(plan::glob_match("*", ""));
-    }
-
-    #[test]
-    fn flattened_items_keep_their_type_and_a_single_untyped_one() {
-        let r = serde_json::json!({
-            "id": "x",
-            "userName": "a",
-            "emails": [{"value": "a@x.org"}],
-            "phoneNumbers": [{"value": "1"}, {"value": "2"}],
-            "name": {"givenName": "A"},
-        });
-        let flat = flatten_user(&r);
-        assert_eq!(flat["emails[type eq \"\"].value"], "a@x.org");
-        assert!(
-            flat.keys().all(|k| !k.starts_with("phoneNumbers")),
-            "{flat:?}"
-        );
-        assert_eq!(flat["name.givenName"], "A");
-        assert!(!flat.contains_key("id"));
-    }
-
-    #[test]
-    fn only_the_dialects_id_form_is_directory_style() {
-        let uuid = "107f0144-823a-1041-89a3-21734381405b";
-        assert!(is_directory_style(Dialect::OpenLdap, uuid));
-        assert!(is_directory_style(Dialect::ActiveDirectory, uuid));
-        let upper = uuid.to_ascii_uppercase();
-        assert!(is_directory_style(Dialect::OpenLdap, &upper));
-        assert!(
-            !is_directory_style(Dialect::ActiveDirectory, &upper),
-            "objectGUID is written lowercase"
-        );
-        for other in [
-            "",
-            "HR-4711",
-            "{107f0144-823a-1041-89a3-21734381405b}",
-            "107f0144823a104189a321734381405b",
-            "107f0144-823a-1041-89a3-21734381405g",
-        ] {
-            assert!(!is_directory_style(Dialect::OpenLdap, other), "{other}");
-        }
     }
 
     #[test]

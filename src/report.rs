@@ -7,8 +7,8 @@ use std::fmt::Write;
 use serde_json::{json, Map, Value};
 
 use crate::model::DirectoryId;
+use crate::outcome::{Outcome, TargetOutcome, TargetStatus};
 use crate::plan::{Change, Reason};
-use crate::reconcile::{Outcome, TargetOutcome, TargetStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

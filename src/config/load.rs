@@ -191,8 +191,6 @@ const DEFAULT_CONCURRENCY: usize = 4;
 const DEFAULT_MEMBERS_PER_REQUEST: usize = 100;
 const DEFAULT_MAX_RESPONSE_SIZE: u64 = 32 * 1024 * 1024;
 const DEFAULT_MAX_VALUE_LENGTH: usize = 64 * 1024;
-/// AWS IAM Identity Center rejects PATCH requests with more than 100 member operations.
-const AWS_MAX_MEMBERS_PER_REQUEST: usize = 100;
 
 const INLINE_SECRET: &str =
     "secrets are never written inline; use { env = \"VAR\" } or { file = \"/path\" }";
@@ -1155,8 +1153,8 @@ fn target_config(
         GroupScope::Scoped
     };
     let mut members_per_request = members_per_request.unwrap_or(DEFAULT_MEMBERS_PER_REQUEST);
-    if profile == Profile::AwsIdentityCenter {
-        members_per_request = members_per_request.min(AWS_MAX_MEMBERS_PER_REQUEST);
+    if let Some(cap) = crate::scim::profile::max_members_per_request(profile) {
+        members_per_request = members_per_request.min(cap);
     }
     let mut match_rules = Vec::new();
     for rule in match_existing.unwrap_or_else(|| vec![MatchRule::ExternalId]) {
@@ -1183,9 +1181,8 @@ fn target_config(
             .into_iter()
             .map(|(_, pattern)| pattern.to_owned())
             .collect(),
-        // Slack documents about 180 SCIM writes a minute.
-        rate_limit: rate_limit
-            .or((profile == Profile::Slack).then_some(RateLimit { per_second: 3.0 })),
+        rate_limit: rate_limit.or(crate::scim::profile::default_writes_per_second(profile)
+            .map(|per_second| RateLimit { per_second })),
         concurrency: concurrency.unwrap_or(DEFAULT_CONCURRENCY),
         timeout: timeout
             .filter(|t| !t.is_zero())

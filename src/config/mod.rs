@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::scim::profile::Profile;
+
 pub use load::{
     load, load_with_env, nearest, parse_duration, parse_size, ConfigError, ConfigErrors,
 };
@@ -212,15 +214,6 @@ pub enum Auth {
         scope: Option<String>,
         client_auth: ClientAuth,
     },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Profile {
-    Generic,
-    AwsIdentityCenter,
-    Slack,
-    GithubEmu,
-    EntraStyle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,22 +13,11 @@ use serde_json::Value;
 use super::{diff_attrs, AttrChange, Existing};
 use crate::map::{DesiredUser, FlatAttrs};
 use crate::model::{DirectoryId, ScimId};
+use crate::scim::resource::split_typed;
 
 /// The multi-valued attributes whose items carry a `type` (flattened as
 /// `emails[type eq "work"].value`).
 pub const TYPED_MULTI_VALUED: [&str; 2] = ["emails", "phoneNumbers"];
-
-/// The flat path of a typed item; `type` is empty for an item the target stored untyped.
-pub fn typed_path(attr: &str, ty: &str) -> String {
-    format!("{attr}[type eq \"{ty}\"].value")
-}
-
-/// (attribute, type) of a typed item path.
-fn split_typed(path: &str) -> Option<(&str, &str)> {
-    let (attr, rest) = path.split_once('[')?;
-    let ty = rest.strip_prefix("type eq \"")?.split_once('"')?.0;
-    Some((attr, ty))
-}
 
 /// Renames the found resource's typed items to the paths we use where they are the same item
 /// in the target's shape: a type in another case, or (when the target has exactly one item of
@@ -142,6 +131,8 @@ pub fn is_resource(answer: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    use crate::scim::resource::typed_path;
 
     use super::*;
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tracing::debug;
 
-use super::dn;
+use crate::model::dn;
 use crate::model::{Attributes, DirectoryGroup, DirectoryId, DirectoryUser};
 
 /// The groups and how they nest, worked out from the groups alone (while the users are still

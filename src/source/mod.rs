@@ -5,7 +5,6 @@
 //! never a smaller [`Directory`], because a smaller directory would look like people leaving.
 
 mod ad;
-pub mod dn;
 mod expand;
 mod range;
 
@@ -19,7 +18,7 @@ use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, ResultEntry, Scope, SearchEnt
 use tracing::{debug, info, warn};
 
 use crate::config::{Dialect, LdapConfig, LdapServer, LdapTransport};
-use crate::model::{Attributes, Directory, DirectoryId, DirectoryUser};
+use crate::model::{dn, Attributes, Directory, DirectoryId, DirectoryUser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -233,7 +232,7 @@ pub async fn read_streaming(
         users = users.len(),
         groups = groups.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
-        rss_mib = crate::metrics::rss_mib(),
+        rss_mib = crate::memory::rss_mib(),
         "directory read"
     );
     Ok(Directory { users, groups })
@@ -699,7 +698,7 @@ async fn paged_search_each(
         base,
         filter,
         entries,
-        rss_mib = crate::metrics::rss_mib(),
+        rss_mib = crate::memory::rss_mib(),
         "paged search done"
     );
     Ok(entries)

@@ -9,7 +9,9 @@
 //! path segments ([`ScimId::parse`]), percent-encoded into URLs.
 
 pub mod paging;
+pub mod profile;
 pub mod redact;
+pub mod resource;
 pub mod retry;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! (compare-and-swap style: a row moves only for what the target confirmed); a failed change
 //! is recorded and the rest go on, except what depends on it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
@@ -10,14 +10,15 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::config::{MatchRule, Profile, TargetConfig};
+use crate::config::{MatchRule, TargetConfig};
 use crate::map::{self, FlatAttrs, SharedAttrs};
 use crate::model::{DirectoryId, ScimId};
 use crate::plan::{AttrChange, Change};
+use crate::scim::resource::{self, group_put_body, members_of, patch_ops, scim_id_of};
+use crate::scim::{profile, Capabilities, ScimClient, TargetError};
 use crate::snapshot::{
     GroupRow, Ownership, ScimIndex, SnapshotError, TargetSnapshot, TargetState, UserRow, UserState,
 };
-use crate::target::{Capabilities, ScimClient, TargetError};
 
 /// A change that did not go through, with the reason.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -404,7 +405,7 @@ impl Applier<'_> {
                 match self
                     .write_user(
                         scim_id,
-                        patch_ops(changes, &flat, self.target.profile),
+                        patch_ops(changes, &flat),
                         &flat,
                         prev.and_then(|r| r.etag.as_deref()),
                     )
@@ -460,27 +461,23 @@ impl Applier<'_> {
                 Ok(vec![Effect::RemoveUser(id.clone())])
             }
             Change::CreateGroup { id, display_name } => {
-                let want = map::DesiredGroup {
-                    id: id.clone(),
-                    dn: String::new(),
-                    display_name: display_name.clone(),
-                    members: BTreeSet::new(),
+                let (scim_id, etag, owned, members) = match c
+                    .create("Groups", &resource::group_resource(id, display_name))
+                    .await
+                {
+                    Ok((sid, etag)) => (sid, etag, Ownership::Created, BTreeSet::new()),
+                    Err(e) if e.status() == Some(409) => {
+                        let found = c.find_eq("Groups", "externalId", &id.0).await?;
+                        let Some(g) = found.into_iter().next() else {
+                            return Err(e.into());
+                        };
+                        let sid = scim_id_of(&g).ok_or_else(|| {
+                            no_usable_id(self.target, "Groups", "the group", display_name)
+                        })?;
+                        (sid, None, Ownership::Created, members_of(&g, rows.index()))
+                    }
+                    Err(e) => return Err(e.into()),
                 };
-                let (scim_id, etag, owned, members) =
-                    match c.create("Groups", &map::group_resource(&want)).await {
-                        Ok((sid, etag)) => (sid, etag, Ownership::Created, BTreeSet::new()),
-                        Err(e) if e.status() == Some(409) => {
-                            let found = c.find_eq("Groups", "externalId", &id.0).await?;
-                            let Some(g) = found.into_iter().next() else {
-                                return Err(e.into());
-                            };
-                            let sid = scim_id_of(&g).ok_or_else(|| {
-                                no_usable_id(self.target, "Groups", "the group", display_name)
-                            })?;
-                            (sid, None, Ownership::Created, members_of(&g, rows.index()))
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
                 let row = GroupRow {
                     scim_id,
                     display_name: display_name.clone(),
@@ -620,11 +617,7 @@ impl Applier<'_> {
                 to: Some(Value::Bool(false)),
             };
             self.client
-                .patch(
-                    "Users",
-                    scim_id,
-                    patch_ops(&[change], &inactive, self.target.profile),
-                )
+                .patch("Users", scim_id, patch_ops(&[change], &inactive))
                 .await
         } else {
             // Without PATCH the whole resource goes back as the target has it, inactive: we
@@ -717,7 +710,7 @@ impl Applier<'_> {
                 break;
             }
             let ids: Vec<&ScimId> = chunk.iter().map(|(_, s)| *s).collect();
-            let ops = member_ops(self.target.profile, add, &ids);
+            let ops = profile::member_ops(self.target.profile, add, &ids);
             match self.client.patch("Groups", &row.scim_id, ops).await {
                 Ok(etag) => {
                     for (m, _) in chunk {
@@ -772,7 +765,7 @@ impl Applier<'_> {
                 .patch_returning("Users", scim_id, ops, etag)
                 .await;
         }
-        let mut body = map::user_resource(attrs);
+        let mut body = resource::user_resource(attrs);
         if let Some(obj) = body.as_object_mut() {
             obj.insert("id".into(), json!(scim_id.0));
         }
@@ -808,7 +801,7 @@ impl Applier<'_> {
         if changes.is_empty() {
             return Ok((None, answered(&FlatAttrs::new(), &Value::Null)));
         }
-        let ops = patch_ops(changes, flat, self.target.profile);
+        let ops = patch_ops(changes, flat);
         let (etag, body) = self.write_user(scim_id, ops, flat, None).await?;
         let sent: FlatAttrs = changes
             .iter()
@@ -832,11 +825,8 @@ impl Applier<'_> {
     }
 
     fn batch_size(&self) -> usize {
-        let cap = match self.target.profile {
-            Profile::AwsIdentityCenter => 100,
-            _ => usize::MAX,
-        };
-        self.target.members_per_request.clamp(1, cap)
+        // The loaded configuration is capped to the profile's limit already.
+        self.target.members_per_request.max(1)
     }
 
     /// Creates a user. On 409 (already there: a create whose answer was lost, or an account
@@ -851,7 +841,7 @@ impl Applier<'_> {
     ) -> Result<(ScimId, Option<String>, Ownership, Effect), ApplyError> {
         match self
             .client
-            .create_returning("Users", &map::user_resource(flat))
+            .create_returning("Users", &resource::user_resource(flat))
             .await
         {
             Ok((sid, etag, body)) => Ok((sid, etag, Ownership::Created, answered(flat, &body))),
@@ -868,7 +858,7 @@ impl Applier<'_> {
                 // Brought in line like an adoption: only what differs is sent.
                 let found = self.client.get("Users", &sid).await?;
                 let changes = crate::plan::adopt::adoption_diff(
-                    &crate::reconcile::flatten_user(&found),
+                    &resource::flatten_user(&found),
                     flat,
                     &BTreeSet::new(),
                 );
@@ -909,7 +899,7 @@ impl Applier<'_> {
                 if let Some(other) = found[0]["externalId"]
                     .as_str()
                     .filter(|e| {
-                        crate::reconcile::is_directory_style(crate::config::Dialect::OpenLdap, e)
+                        crate::model::is_directory_style(crate::config::Dialect::OpenLdap, e)
                     })
                     .map(DirectoryId::new)
                     .filter(|e| e != id)
@@ -974,7 +964,7 @@ impl<'a> Rows<'a> {
 /// answer is not a resource).
 fn answered(sent: &FlatAttrs, body: &Value) -> Effect {
     let (dropped, kept) = if crate::plan::adopt::is_resource(body) {
-        crate::plan::adopt::not_kept_paths(sent, &crate::reconcile::flatten_user(body))
+        crate::plan::adopt::not_kept_paths(sent, &resource::flatten_user(body))
     } else {
         Default::default()
     };
@@ -1099,121 +1089,13 @@ fn changed_paths(c: &Change) -> Vec<String> {
     }
 }
 
-/// A full Group resource for PUT (targets without PATCH): members as SCIM ids.
-fn group_put_body(
-    id: &DirectoryId,
-    display_name: &str,
-    members: &BTreeSet<DirectoryId>,
-    users: &BTreeMap<DirectoryId, UserRow>,
-) -> Value {
-    let values: Vec<Value> = members
-        .iter()
-        .filter_map(|m| users.get(m))
-        .map(|u| json!({"value": u.scim_id.0}))
-        .collect();
-    json!({
-        "schemas": [map::GROUP_SCHEMA],
-        "displayName": display_name,
-        "externalId": id.0,
-        "members": values,
-    })
-}
-
 fn missing_row(id: &DirectoryId) -> ApplyError {
     ApplyError::Skipped(format!("no snapshot row for {id}"))
-}
-
-/// The resource's id, if it has a valid one ([`crate::target::resource_id`] says why not).
-pub fn scim_id_of(resource: &Value) -> Option<ScimId> {
-    crate::target::resource_id(resource).ok()
-}
-
-/// A target group's current members, as directory ids of users the snapshot knows
-/// (`by_scim`: [`TargetState::user_index`], built once by the caller).
-pub fn members_of(group: &Value, by_scim: &ScimIndex<'_>) -> BTreeSet<DirectoryId> {
-    group["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["value"].as_str())
-        .filter_map(|v| by_scim.get(v).map(|id| (*id).clone()))
-        .collect()
-}
-
-/// The PATCH operations for one batch of member changes: one `add` with every value;
-/// removals as one filter path per member, or (entra-style) one `remove` with a value array.
-pub fn member_ops(profile: Profile, add: bool, members: &[&ScimId]) -> Vec<Value> {
-    let values = || {
-        members
-            .iter()
-            .map(|s| json!({"value": s.0}))
-            .collect::<Vec<_>>()
-    };
-    match (add, profile) {
-        (true, _) => vec![json!({"op": "add", "path": "members", "value": values()})],
-        (false, Profile::EntraStyle) => {
-            vec![json!({"op": "remove", "path": "members", "value": values()})]
-        }
-        (false, _) => members
-            .iter()
-            .map(|s| json!({"op": "remove", "path": format!("members[value eq \"{}\"]", s.0)}))
-            .collect(),
-    }
-}
-
-/// PATCH operations for a set of attribute changes: one replace (or remove) per top-level
-/// attribute touched, plus removes of sub-attributes that disappeared from a complex one.
-pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs, _profile: Profile) -> Vec<Value> {
-    let mut tops: Vec<&str> = Vec::new();
-    for c in changes {
-        let top = map::top_level(&c.path);
-        if !tops.contains(&top) {
-            tops.push(top);
-        }
-    }
-    let mut ops = Vec::new();
-    for top in tops {
-        match map::top_level_value(attrs, top) {
-            Some(value) => {
-                ops.push(json!({"op": "replace", "path": top, "value": value}));
-                for c in changes {
-                    let is_sub = c.path.contains('.')
-                        && !c.path.contains('[')
-                        && !c.path.starts_with("urn:");
-                    if c.to.is_none() && is_sub && map::top_level(&c.path) == top {
-                        ops.push(json!({"op": "remove", "path": c.path}));
-                    }
-                }
-            }
-            None => ops.push(json!({"op": "remove", "path": top})),
-        }
-    }
-    ops
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_an_id_that_fits_a_url_path_is_usable() {
-        assert_eq!(
-            scim_id_of(&json!({"id": "a-1"})),
-            Some(ScimId("a-1".into()))
-        );
-        for bad in [
-            json!({}),
-            json!({"id": null}),
-            json!({"id": 7}),
-            json!({"id": ""}),
-            json!({"id": "a/b"}),
-            json!({"id": "a?x"}),
-            json!({"id": ".."}),
-            json!({"id": "a\u{1}"}),
-        ] {
-            assert_eq!(scim_id_of(&bad), None, "{bad}");
-        }
-    }
 
     /// An approved orphan is deprovisioned only while the account is still that orphan; a
     /// hostile answer (not an object) is an error, never a panic.
@@ -1267,64 +1149,5 @@ mod tests {
                 other => panic!("{hostile}: {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn member_batches_follow_the_profile() {
-        let (a, b) = (ScimId("a".into()), ScimId("b".into()));
-        let ids = [&a, &b];
-        assert_eq!(
-            member_ops(Profile::Generic, true, &ids),
-            vec![
-                json!({"op": "add", "path": "members", "value": [{"value": "a"}, {"value": "b"}]})
-            ]
-        );
-        assert_eq!(
-            member_ops(Profile::Generic, false, &ids),
-            vec![
-                json!({"op": "remove", "path": "members[value eq \"a\"]"}),
-                json!({"op": "remove", "path": "members[value eq \"b\"]"}),
-            ]
-        );
-        assert_eq!(
-            member_ops(Profile::EntraStyle, false, &ids),
-            vec![
-                json!({"op": "remove", "path": "members", "value": [{"value": "a"}, {"value": "b"}]})
-            ]
-        );
-    }
-
-    #[test]
-    fn patch_ops_replace_whole_top_level_attributes() {
-        let mut attrs = FlatAttrs::new();
-        attrs.insert("name.familyName".into(), json!("Doe"));
-        attrs.insert("title".into(), json!("Boss"));
-        let changes = vec![
-            AttrChange {
-                path: "name.givenName".into(),
-                from: Some(json!("Jane")),
-                to: None,
-            },
-            AttrChange {
-                path: "title".into(),
-                from: None,
-                to: Some(json!("Boss")),
-            },
-            AttrChange {
-                path: "displayName".into(),
-                from: Some(json!("J")),
-                to: None,
-            },
-        ];
-        let ops = patch_ops(&changes, &attrs, Profile::Generic);
-        assert_eq!(
-            ops,
-            vec![
-                json!({"op": "replace", "path": "name", "value": {"familyName": "Doe"}}),
-                json!({"op": "remove", "path": "name.givenName"}),
-                json!({"op": "replace", "path": "title", "value": "Boss"}),
-                json!({"op": "remove", "path": "displayName"}),
-            ]
-        );
     }
 }

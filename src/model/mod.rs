@@ -1,6 +1,8 @@
 //! The canonical directory model: users, groups, their immutable ids and content hashes.
 //! Knows nothing of LDAP wire types or SCIM; both sides translate into and out of this.
 
+pub mod dn;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -119,10 +121,10 @@ pub struct Directory {
 impl Directory {
     pub fn find(&self, needle: &str) -> Option<Entry<'_>> {
         let lower = needle.to_lowercase();
-        let norm = crate::source::dn::normalize(needle);
+        let norm = dn::normalize(needle);
         let matches_user = |u: &&DirectoryUser| {
             u.id.0 == lower
-                || norm.as_deref() == crate::source::dn::normalize(&u.dn).as_deref()
+                || norm.as_deref() == dn::normalize(&u.dn).as_deref()
                 || u.attrs.iter().any(|(k, vs)| {
                     matches!(
                         k.as_str(),
@@ -137,7 +139,7 @@ impl Directory {
             .iter()
             .find(|g| {
                 g.id.0 == lower
-                    || norm.as_deref() == crate::source::dn::normalize(&g.dn).as_deref()
+                    || norm.as_deref() == dn::normalize(&g.dn).as_deref()
                     || g.attrs
                         .get("cn")
                         .is_some_and(|vs| vs.iter().any(|v| v.to_lowercase() == lower))
@@ -193,6 +195,24 @@ impl std::io::Write for HashWriter {
     }
 }
 
+/// Whether `external_id` has the form of the dialect's directory ids, as ldap2scim sends them
+/// as `externalId`: an RFC 4122 UUID in text (OpenLDAP's `entryUUID`, any case on input) or
+/// AD's `objectGUID` as the canonical lowercase GUID string. Only such accounts can be
+/// orphans: an account without one was made by hand (or by another tool) and is never ours.
+pub fn is_directory_style(dialect: crate::config::Dialect, external_id: &str) -> bool {
+    let b = external_id.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => match dialect {
+                crate::config::Dialect::OpenLdap => c.is_ascii_hexdigit(),
+                crate::config::Dialect::ActiveDirectory => {
+                    c.is_ascii_digit() || (b'a'..=b'f').contains(c)
+                }
+            },
+        })
+}
+
 #[cfg(test)]
 mod scim_id_tests {
     use super::ScimId;
@@ -224,5 +244,38 @@ mod scim_id_tests {
             assert!(ScimId::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(ScimId::parse(&"x".repeat(2000)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_dialects_id_form_is_directory_style() {
+        let uuid = "107f0144-823a-1041-89a3-21734381405b";
+        assert!(is_directory_style(crate::config::Dialect::OpenLdap, uuid));
+        assert!(is_directory_style(
+            crate::config::Dialect::ActiveDirectory,
+            uuid
+        ));
+        let upper = uuid.to_ascii_uppercase();
+        assert!(is_directory_style(crate::config::Dialect::OpenLdap, &upper));
+        assert!(
+            !is_directory_style(crate::config::Dialect::ActiveDirectory, &upper),
+            "objectGUID is written lowercase"
+        );
+        for other in [
+            "",
+            "HR-4711",
+            "{107f0144-823a-1041-89a3-21734381405b}",
+            "107f0144823a104189a321734381405b",
+            "107f0144-823a-1041-89a3-21734381405g",
+        ] {
+            assert!(
+                !is_directory_style(crate::config::Dialect::OpenLdap, other),
+                "{other}"
+            );
+        }
     }
 }

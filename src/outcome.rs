@@ -1,0 +1,45 @@
+//! What one pass did: per target, its status, plan, apply report and timings. Produced by
+//! `reconcile`, consumed by the report, the audit trail, the metrics and `status`.
+
+use std::collections::BTreeMap;
+
+use crate::apply::ApplyReport;
+use crate::model::DirectoryId;
+use crate::plan::Plan;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetStatus {
+    Ok,
+    Held,
+    Error,
+}
+
+/// What happened to one target in one pass.
+#[derive(Debug)]
+pub struct TargetOutcome {
+    pub name: String,
+    pub status: TargetStatus,
+    /// The target could not be planned at all (unreachable, scope group missing, …).
+    pub error: Option<String>,
+    pub plan: Plan,
+    /// `None` in a dry run.
+    pub applied: Option<ApplyReport>,
+    /// userNames of the users that member changes name, for reports.
+    pub names: BTreeMap<DirectoryId, String>,
+    /// How long this target took (plan and apply).
+    pub elapsed: std::time::Duration,
+    /// The target's snapshot rows were found lost (or missing while the target holds
+    /// accounts with directory-style externalIds) and are being rebuilt: the warning.
+    pub rebuild: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub run_id: String,
+    /// How long the directory read took.
+    pub read_duration: std::time::Duration,
+    pub source_users: usize,
+    pub source_groups: usize,
+    pub targets: Vec<TargetOutcome>,
+}
