@@ -219,19 +219,11 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn status_word(s: TargetStatus) -> &'static str {
-    match s {
-        TargetStatus::Ok => "ok",
-        TargetStatus::Held => "held",
-        TargetStatus::Error => "error",
-    }
-}
-
 /// One summary line per target, with the run id.
 fn log_summary(outcome: &Outcome, elapsed: Duration) {
     for t in &outcome.targets {
         let a = t.applied.as_ref();
-        let result = status_word(t.status);
+        let result = t.status.as_str();
         let (applied, failed, writes, not_started) = (
             a.map_or(0, |a| a.applied),
             a.map_or(0, |a| a.failures.len()),
@@ -269,7 +261,7 @@ fn summary_status(outcome: &Outcome) -> String {
             format!(
                 "{} {} ({applied} applied, {} held{notes})",
                 t.name,
-                status_word(t.status),
+                t.status.as_str(),
                 t.plan.held.len()
             )
         })

@@ -15,6 +15,17 @@ pub enum TargetStatus {
     Error,
 }
 
+impl TargetStatus {
+    /// The word for this status in reports, logs, metrics labels and the snapshot's record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetStatus::Ok => "ok",
+            TargetStatus::Held => "held",
+            TargetStatus::Error => "error",
+        }
+    }
+}
+
 /// What happened to one target in one pass.
 #[derive(Debug)]
 pub struct TargetOutcome {

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use serde_json::{json, Map, Value};
 
 use crate::model::DirectoryId;
-use crate::outcome::{Outcome, TargetOutcome, TargetStatus};
+use crate::outcome::{Outcome, TargetOutcome};
 use crate::plan::{Change, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,14 +90,6 @@ impl Summary {
                 .map(|(k, n)| (k.to_string(), json!(n)))
                 .collect(),
         )
-    }
-}
-
-fn status_str(s: TargetStatus) -> &'static str {
-    match s {
-        TargetStatus::Ok => "ok",
-        TargetStatus::Held => "held",
-        TargetStatus::Error => "error",
     }
 }
 
@@ -186,7 +178,7 @@ pub fn to_json(outcome: &Outcome) -> Value {
         .map(|t| {
             let mut obj = Map::new();
             obj.insert("target".into(), json!(t.name));
-            obj.insert("status".into(), json!(status_str(t.status)));
+            obj.insert("status".into(), json!(t.status.as_str()));
             if let Some(e) = &t.error {
                 obj.insert("error".into(), json!(e));
             }
@@ -377,7 +369,7 @@ fn text(outcome: &Outcome) -> String {
             out,
             "\nTarget {} [{}]: {}",
             one_line(&t.name),
-            status_str(t.status),
+            t.status.as_str(),
             summary_line(t)
         );
         if let Some(e) = &t.error {
@@ -431,7 +423,7 @@ fn markdown(outcome: &Outcome) -> String {
             out,
             "\n## Target `{}`: {}\n\n{}\n",
             one_line(&t.name),
-            status_str(t.status),
+            t.status.as_str(),
             summary_line(t)
         );
         if let Some(e) = &t.error {
@@ -498,7 +490,7 @@ pub fn sync_lines(outcome: &Outcome) -> String {
             out,
             "target {}: {} ({}); applied {}, failed {}, held {}, {} write requests",
             one_line(&t.name),
-            status_str(t.status),
+            t.status.as_str(),
             summary_line(t),
             applied.map_or(0, |a| a.applied),
             applied.map_or(0, |a| a.failures.len()),
