@@ -545,6 +545,7 @@ mod tests {
 
     use super::*;
     use crate::model::{DirectoryId, ScimId};
+    use crate::outcome::TargetStatus;
     use crate::plan::{AttrChange, Plan, Problem};
 
     fn outcome() -> Outcome {
