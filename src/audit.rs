@@ -156,8 +156,8 @@ mod tests {
             applied: records,
             records: (0..records)
                 .map(|i| Applied {
-                    action: "update",
-                    resource: "User",
+                    action: crate::plan::Action::Update,
+                    resource: crate::plan::ResourceKind::User,
                     external_id: format!("id-{i}"),
                     name: format!("user{i}@example.org"),
                     from_external_id: None,
@@ -220,7 +220,7 @@ mod tests {
         let log = AuditLog::new(dir.path());
         let mut o = outcome(1);
         let records = &mut o.targets[0].applied.as_mut().unwrap().records;
-        records[0].action = "rebind";
+        records[0].action = crate::plan::Action::Rebind;
         records[0].from_external_id = Some("old-id".into());
         log.append(&o, Utc::now()).unwrap();
         let line: serde_json::Value =

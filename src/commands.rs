@@ -1,7 +1,6 @@
 //! The commands behind the command line, each returning its exit code as SPEC.md defines it.
 //! Messages go to stderr; reports go to stdout (or `--out`).
 
-use std::collections::BTreeSet;
 use std::io::Write;
 
 use chrono::Utc;
@@ -99,7 +98,7 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
             b.update(target, done, total);
         }
     };
-    let mut pass = Pass::new(config, targets, false);
+    let mut pass = Pass::new(config, targets, false, &crate::clock::Clock::from_env());
     if bars.is_some() {
         pass.progress = Some(&hook);
     }
@@ -138,7 +137,7 @@ async fn plan(
     format: Format,
     out: Option<&std::path::Path>,
 ) -> u8 {
-    let pass = Pass::new(config, targets, true);
+    let pass = Pass::new(config, targets, true, &crate::clock::Clock::from_env());
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),
@@ -290,14 +289,8 @@ fn status(config: &Config) -> u8 {
 }
 
 fn print_target_status(snapshot: &Snapshot, target: &str) {
-    let last: Option<serde_json::Value> = snapshot
-        .get_meta(&reconcile::status_key(target))
-        .ok()
-        .flatten();
-    let held: Option<BTreeSet<(String, DirectoryId)>> = snapshot
-        .get_meta(&reconcile::held_key(target))
-        .ok()
-        .flatten();
+    let last = snapshot.last_run(target).ok().flatten();
+    let held = snapshot.held(target).ok();
     let rows = snapshot.target(target).and_then(|ts| ts.load());
     let (users, groups) = rows
         .map(|s| (s.users.len(), s.groups.len()))
@@ -306,15 +299,16 @@ fn print_target_status(snapshot: &Snapshot, target: &str) {
     match last {
         Some(l) => println!(
             "target {target}: last run {} result {}; applied {}, failed {}, held {held_count}, {} write requests; managing {users} users, {groups} groups",
-            l["at"].as_str().unwrap_or("?"),
-            l["status"].as_str().unwrap_or("?"),
-            l["applied"],
-            l["failed"],
-            l["writes"],
+            l.at.to_rfc3339(),
+            l.status,
+            l.applied,
+            l.failed,
+            l.writes,
         ),
         None => println!("target {target}: never synced"),
     }
-    for (action, id) in held.iter().flatten() {
+    for key in held.iter().flatten() {
+        let (action, id) = (key.word(), key.id());
         println!("  held: {action} {id} (release with `ldap2scim approve --target {target}`)");
     }
     print_snapshot_health(snapshot, target, users, groups);
@@ -383,7 +377,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Entry::User(u) => (u.id.clone(), u.dn.clone(), "user"),
         Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
     };
-    let pass = Pass::new(config, &[], true);
+    let pass = Pass::new(config, &[], true, &crate::clock::Clock::from_env());
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),
@@ -440,12 +434,11 @@ async fn approve(config: &Config, target: &str) -> u8 {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let held: Option<BTreeSet<(String, DirectoryId)>> =
-        match snapshot.get_meta(&reconcile::held_key(target)) {
-            Ok(h) => h,
-            Err(e) => return fail(e),
-        };
-    let Some(held) = held.filter(|h| !h.is_empty()) else {
+    let held = match snapshot.held(target) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
+    let Some(held) = Some(held).filter(|h| !h.is_empty()) else {
         println!("target {target}: nothing is held");
         return EXIT_OK;
     };
@@ -460,9 +453,9 @@ async fn approve(config: &Config, target: &str) -> u8 {
     };
     let lines: Vec<String> = held
         .iter()
-        .map(|(action, id)| released_line(action, id, &shown, &orphans))
+        .map(|key| released_line(key.word(), key.id(), &shown, &orphans))
         .collect();
-    if let Err(e) = snapshot.put_meta(&reconcile::approval_key(target), &held) {
+    if let Err(e) = snapshot.set_approved(target, &held) {
         return fail(e);
     }
     if let Err(e) = snapshot.flush().await {

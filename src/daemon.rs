@@ -180,7 +180,7 @@ async fn cycle(
 ) -> String {
     let started = Instant::now();
     metrics.cycle_started();
-    let mut pass = Pass::new(&config, &[], false);
+    let mut pass = Pass::new(&config, &[], false, &crate::clock::Clock::from_env());
     pass.stop = Some(&stop);
     pass.deadline = deadline;
     let run_id = pass.run_id.clone();
@@ -230,7 +230,12 @@ fn log_summary(outcome: &Outcome, elapsed: Duration) {
             a.map_or(0, |a| a.writes),
             a.map_or(0, |a| a.not_started),
         );
-        let error = t.error.as_deref().unwrap_or("");
+        let error = t
+            .error
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let error = error.as_str();
         if t.status == TargetStatus::Error {
             warn!(run_id = %outcome.run_id, target = %t.name, result, planned = t.plan.changes.len(), applied, failed, held = t.plan.held.len(), writes, not_started, error, seconds = elapsed.as_secs_f64(), "cycle summary");
         } else {

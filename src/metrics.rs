@@ -153,12 +153,12 @@ impl Metrics {
                     for r in &a.records {
                         if r.outcome == "ok" {
                             *m.changes
-                                .entry(change_kind(r.resource, r.action))
+                                .entry(change_kind(r.resource.as_str(), r.action.as_str()))
                                 .or_default() += 1;
                         }
                     }
                     for f in &a.failures {
-                        *m.errors.entry(f.class).or_default() += 1;
+                        *m.errors.entry(f.class.as_str()).or_default() += 1;
                     }
                 }
                 if t.status == TargetStatus::Error {

@@ -4,8 +4,31 @@
 use std::collections::BTreeMap;
 
 use crate::apply::ApplyReport;
+use crate::map::MapError;
 use crate::model::DirectoryId;
 use crate::plan::Plan;
+use crate::scim::TargetError;
+use crate::snapshot::SnapshotError;
+
+/// Why a target could not be planned at all, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetFailure {
+    /// Boxed: a SCIM error is large, and this travels in every target's result.
+    #[error(transparent)]
+    Scim(Box<TargetError>),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<TargetError> for TargetFailure {
+    fn from(e: TargetError) -> Self {
+        TargetFailure::Scim(Box::new(e))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -32,7 +55,7 @@ pub struct TargetOutcome {
     pub name: String,
     pub status: TargetStatus,
     /// The target could not be planned at all (unreachable, scope group missing, …).
-    pub error: Option<String>,
+    pub error: Option<TargetFailure>,
     pub plan: Plan,
     /// `None` in a dry run.
     pub applied: Option<ApplyReport>,

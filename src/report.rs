@@ -180,7 +180,7 @@ pub fn to_json(outcome: &Outcome) -> Value {
             obj.insert("target".into(), json!(t.name));
             obj.insert("status".into(), json!(t.status.as_str()));
             if let Some(e) = &t.error {
-                obj.insert("error".into(), json!(e));
+                obj.insert("error".into(), json!(e.to_string()));
             }
             if let Some(w) = &t.rebuild {
                 obj.insert("snapshot_warning".into(), json!(w));
@@ -373,7 +373,7 @@ fn text(outcome: &Outcome) -> String {
             summary_line(t)
         );
         if let Some(e) = &t.error {
-            let _ = writeln!(out, "  error: {}", one_line(e));
+            let _ = writeln!(out, "  error: {}", one_line(&e.to_string()));
         }
         if let Some(w) = &t.rebuild {
             let _ = writeln!(out, "  warning: {w}");
@@ -427,7 +427,7 @@ fn markdown(outcome: &Outcome) -> String {
             summary_line(t)
         );
         if let Some(e) = &t.error {
-            let _ = writeln!(out, "**Error:** {}\n", md_cell(e));
+            let _ = writeln!(out, "**Error:** {}\n", md_cell(&e.to_string()));
         }
         let rows: Vec<(&str, &Change)> = t
             .plan
@@ -498,7 +498,7 @@ pub fn sync_lines(outcome: &Outcome) -> String {
             applied.map_or(0, |a| a.writes),
         );
         if let Some(e) = &t.error {
-            let _ = writeln!(out, "  error: {}", one_line(e));
+            let _ = writeln!(out, "  error: {}", one_line(&e.to_string()));
         }
         for f in applied.map(|a| a.failures.as_slice()).unwrap_or_default() {
             let _ = writeln!(
@@ -648,7 +648,7 @@ mod tests {
                 from_name: "alice".into(),
                 scim_id: ScimId("s1".into()),
                 user_name: "alice".into(),
-                matched_by: "userName",
+                matched_by: crate::config::MatchRule::UserName,
                 changes: vec![AttrChange {
                     path: "externalId".into(),
                     from: Some(json!("old-id")),

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::map::{FlatAttrs, SharedAttrs};
+use crate::model::action::HeldKey;
 use crate::model::{DirectoryId, ScimId};
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +170,43 @@ pub struct PendingRebuild {
 }
 
 const PENDING_KEY: &str = "rebuild_pending";
+
+/// The record of a target's last cycle, for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastRun {
+    #[serde(with = "rfc3339")]
+    pub at: DateTime<Utc>,
+    /// `ok`, `held` or `error`.
+    pub status: String,
+    /// Why the target could not be planned at all, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub applied: usize,
+    #[serde(default)]
+    pub failed: usize,
+    #[serde(default)]
+    pub held: usize,
+    #[serde(default)]
+    pub writes: usize,
+}
+
+/// Dates as `DateTime::to_rfc3339` writes them (what `status` has always shown).
+mod rfc3339 {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 #[derive(Clone)]
 pub struct Snapshot {
@@ -351,18 +389,125 @@ impl Snapshot {
         put_json(&self.meta()?, "last_read", stats, &self.path)
     }
 
-    /// An arbitrary JSON record in the meta tree (run status, held changes).
-    pub fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SnapshotError> {
+    /// A JSON record in the meta tree; the typed accessors below name every key.
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SnapshotError> {
         get_json(&self.meta()?, key, &self.path)
     }
 
-    pub fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), SnapshotError> {
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), SnapshotError> {
         put_json(&self.meta()?, key, value, &self.path)
     }
 
-    pub fn remove_meta(&self, key: &str) -> Result<(), SnapshotError> {
+    fn remove_meta(&self, key: &str) -> Result<(), SnapshotError> {
         self.meta()?.remove(key).map_err(|e| self.storage(e))?;
         Ok(())
+    }
+
+    /// Writes another snapshot's id into this one, as a copy restored from elsewhere would
+    /// carry: the next open notices the loss. For rehearsing a restore (tests); never called
+    /// by ldap2scim itself.
+    pub fn stamp_foreign_id(&self, id: &str) -> Result<(), SnapshotError> {
+        self.put_meta(MARKER_KEY, &id)
+    }
+
+    /// What `target`'s last cycle did (none before its first).
+    pub fn last_run(&self, target: &str) -> Result<Option<LastRun>, SnapshotError> {
+        self.get_meta(&format!("status/{target}"))
+    }
+
+    pub fn set_last_run(&self, target: &str, run: &LastRun) -> Result<(), SnapshotError> {
+        self.put_meta(&format!("status/{target}"), run)
+    }
+
+    /// The changes a safety limit held on `target`'s last cycle (what `approve` releases).
+    pub fn held(&self, target: &str) -> Result<BTreeSet<HeldKey>, SnapshotError> {
+        Ok(self
+            .get_meta(&format!("held/{target}"))?
+            .unwrap_or_default())
+    }
+
+    pub fn set_held(&self, target: &str, held: &BTreeSet<HeldKey>) -> Result<(), SnapshotError> {
+        let key = format!("held/{target}");
+        if held.is_empty() {
+            self.remove_meta(&key)
+        } else {
+            self.put_meta(&key, held)
+        }
+    }
+
+    /// The held changes an operator released with `approve`, for the next sync only.
+    pub fn approved(&self, target: &str) -> Result<Option<BTreeSet<HeldKey>>, SnapshotError> {
+        self.get_meta(&format!("approved/{target}"))
+    }
+
+    pub fn set_approved(
+        &self,
+        target: &str,
+        approved: &BTreeSet<HeldKey>,
+    ) -> Result<(), SnapshotError> {
+        self.put_meta(&format!("approved/{target}"), approved)
+    }
+
+    /// An approval releases one held set, in the sync right after it.
+    pub fn clear_approved(&self, target: &str) -> Result<(), SnapshotError> {
+        self.remove_meta(&format!("approved/{target}"))
+    }
+
+    /// The attribute paths `target` does not keep (absent from its answers after we sent
+    /// them).
+    pub fn not_kept(&self, target: &str) -> Result<BTreeSet<String>, SnapshotError> {
+        Ok(self
+            .get_meta(&format!("not_kept/{target}"))?
+            .unwrap_or_default())
+    }
+
+    pub fn set_not_kept(
+        &self,
+        target: &str,
+        paths: &BTreeSet<String>,
+    ) -> Result<(), SnapshotError> {
+        self.put_meta(&format!("not_kept/{target}"), paths)
+    }
+
+    /// Whether `target`'s rows were lost, and how it shows: the whole snapshot was, a loss
+    /// noticed earlier was not rebuilt for it yet, or it holds fewer rows than it recorded
+    /// (the counts are a lower bound while a cycle runs, so a crash mid-cycle never looks
+    /// like a loss).
+    pub fn lost_rows(&self, target: &str, users: usize, groups: usize) -> Option<String> {
+        if let Some(why) = self.lost() {
+            return Some(why.to_string());
+        }
+        match self.rebuild_pending(target) {
+            Ok(Some(why)) => return Some(why),
+            Ok(None) => {}
+            Err(e) => {
+                return Some(format!(
+                    "its record of a pending rebuild is unreadable ({e})"
+                ))
+            }
+        }
+        let recorded = match self.row_counts(target) {
+            Ok(r) => r?,
+            Err(e) => return Some(format!("its row counts are unreadable ({e})")),
+        };
+        (users < recorded.users || groups < recorded.groups).then(|| {
+            format!(
+                "it recorded {} user and {} group rows for this target, {users} and {groups} are left",
+                recorded.users, recorded.groups,
+            )
+        })
+    }
+
+    /// Takes `done` off `target`'s orphans (deprovisioned, or found to be orphans no more).
+    pub fn forget_orphans(&self, target: &str, done: &[DirectoryId]) -> Result<(), SnapshotError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut orphans = self.orphans(target)?;
+        for id in done {
+            orphans.remove(id);
+        }
+        self.set_orphans(target, &orphans)
     }
 
     /// The row counts recorded for `target` (none before the first cycle that wrote them).

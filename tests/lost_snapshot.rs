@@ -556,7 +556,7 @@ fn a_lost_snapshot_is_still_rebuilt_after_a_sync_that_failed_at_the_directory_re
         // Another snapshot in its place, one that never had p002's row, with consistent row
         // counts: only the marker tells.
         let snap = ldap2scim::snapshot::Snapshot::open(&world.config.state_dir()).unwrap();
-        snap.put_meta("snapshot_id", &"an-older-copy").unwrap();
+        snap.stamp_foreign_id("an-older-copy").unwrap();
         for t in &world.targets {
             let ts = snap.target(t.name()).unwrap();
             let rows = ts.load().unwrap();

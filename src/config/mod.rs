@@ -247,11 +247,33 @@ impl Limit {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a resource on a target is matched to a directory entry (`match_existing`); also
+/// how a found one did match, in plans and reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum MatchRule {
+    #[serde(rename = "externalId")]
     ExternalId,
+    #[serde(rename = "userName")]
     UserName,
+    #[serde(rename = "displayName")]
     DisplayName,
+}
+
+impl MatchRule {
+    /// The SCIM attribute the rule compares.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchRule::ExternalId => "externalId",
+            MatchRule::UserName => "userName",
+            MatchRule::DisplayName => "displayName",
+        }
+    }
+}
+
+impl fmt::Display for MatchRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

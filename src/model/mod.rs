@@ -1,6 +1,7 @@
 //! The canonical directory model: users, groups, their immutable ids and content hashes.
 //! Knows nothing of LDAP wire types or SCIM; both sides translate into and out of this.
 
+pub mod action;
 pub mod dn;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,5 +1,15 @@
-//! Pure rules for taking over a resource found on a target: how its attributes compare with
-//! what we would send (the adoption diff), and which attributes a target does not keep.
+//! Pure rules for taking over a resource found on a target: which new directory entries look
+//! for one ([`user_candidates`], [`group_candidates`]), what a lookup's result means
+//! ([`match_users`], [`match_groups`]: protect patterns, ambiguity, a rebind, an account
+//! already held by someone else), how its attributes compare with what we would send (the
+//! adoption diff), and which attributes a target does not keep.
+//!
+//! A found account is never taken from another directory entry silently: one a row of an
+//! entry still in the directory holds, or whose directory-style `externalId` names such an
+//! entry, is a problem; one whose directory-style `externalId` names an entry that is gone
+//! (no row: a lost snapshot) is marked [`Existing::claimed_by`], and planned as a rebind.
+//! Likewise a group another group's row holds, or that carries another directory-style
+//! `externalId`, is a problem, never adopted (groups have no rebind).
 //!
 //! A target may store a value in its own shape (an email without `type`, a type in another
 //! case) or drop an attribute it has no place for. Neither is a difference: planning it would
@@ -10,10 +20,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::{diff_attrs, AttrChange, Existing};
-use crate::map::{DesiredUser, FlatAttrs};
-use crate::model::{DirectoryId, ScimId};
+use super::{diff_attrs, is_protected, AttrChange, Existing, Problem};
+use crate::config::{Dialect, TargetConfig};
+use crate::map::{Desired, DesiredGroup, DesiredUser, FlatAttrs};
+use crate::model::{is_directory_style, DirectoryId, ScimId};
+use crate::scim::observe::{Found, RemoteGroup, RemoteUser};
 use crate::scim::resource::split_typed;
+use crate::snapshot::TargetState;
 
 /// The multi-valued attributes whose items carry a `type` (flattened as
 /// `emails[type eq "work"].value`).
@@ -123,6 +136,236 @@ pub fn claimed_twice(
         .collect()
 }
 
+/// Desired users without a snapshot row that would be provisioned (so they look for an
+/// account to take over first), in id order. Protected names never look: the planner
+/// reports them.
+pub fn user_candidates<'d>(
+    target: &TargetConfig,
+    desired: &'d Desired,
+    state: &TargetState,
+) -> Vec<&'d DesiredUser> {
+    // Both maps are in id order: one merge.
+    let mut rows = state.users.keys().peekable();
+    desired
+        .users
+        .values()
+        .filter(|u| {
+            while rows.next_if(|k| *k < &u.id).is_some() {}
+            rows.next_if(|k| *k == &u.id).is_none()
+                && (u.active || target.provision_disabled)
+                && !is_protected(target, &u.user_name)
+        })
+        .collect()
+}
+
+/// Desired groups without a snapshot row (and not protected), in id order.
+pub fn group_candidates<'d>(
+    target: &TargetConfig,
+    desired: &'d Desired,
+    state: &TargetState,
+) -> Vec<&'d DesiredGroup> {
+    desired
+        .groups
+        .values()
+        .filter(|g| !state.groups.contains_key(&g.id) && !is_protected(target, &g.display_name))
+        .collect()
+}
+
+/// What the lookups for `candidates` (one [`Found`] each, in order) mean: the accounts to
+/// take over, and the problems (never guessed: ambiguous, protected, without a usable id,
+/// held by another entry still in the directory). An account found for two entries is
+/// taken by neither.
+pub fn match_users(
+    target: &TargetConfig,
+    dialect: Dialect,
+    desired: &Desired,
+    state: &TargetState,
+    candidates: &[&DesiredUser],
+    found: Vec<Found<RemoteUser>>,
+) -> (BTreeMap<DirectoryId, Existing>, Vec<Problem>) {
+    let mut users = BTreeMap::new();
+    let mut problems = Vec::new();
+    // Indexed once: rows by SCIM id, and the entries present but unmapped.
+    let rows_by_scim = state.user_index();
+    let unmapped: std::collections::HashSet<&DirectoryId> =
+        desired.problems.iter().map(|(id, _, _)| id).collect();
+    let in_directory = |id: &DirectoryId| desired.users.contains_key(id) || unmapped.contains(id);
+    for (u, Found { matched_by, found }) in candidates.iter().zip(found) {
+        let how = matched_by;
+        let r = match found.as_slice() {
+            [] => continue,
+            [r] => r,
+            more => {
+                let n = more.len();
+                problems.push(problem(
+                    &u.id,
+                    &u.user_name,
+                    format!(
+                        "{n} accounts on the target match by {how}; not adopting any (ambiguous)"
+                    ),
+                ));
+                continue;
+            }
+        };
+        let name = &r.name;
+        if is_protected(target, &r.user_name) {
+            problems.push(protected(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+            continue;
+        }
+        // A match we cannot address is not a reason to make a second account.
+        let Some(scim_id) = r.scim_id.clone() else {
+            problems.push(problem(
+                &u.id,
+                &u.user_name,
+                format!("the account {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
+            ));
+            continue;
+        };
+        let row_holder = rows_by_scim.get(scim_id.0.as_str()).copied();
+        // Without a row, the account's own directory-style externalId names its holder (a
+        // lost snapshot).
+        let claimed_by = match row_holder {
+            Some(_) => None,
+            None => other_directory_id(dialect, r.external_id.as_deref(), &u.id),
+        };
+        // Still in the directory (mapped or not): never re-bound away from it.
+        if let Some(holder) = row_holder
+            .filter(|h| in_directory(h))
+            .or(claimed_by.as_ref().filter(|h| in_directory(h)))
+        {
+            problems.push(problem(
+                &u.id,
+                &u.user_name,
+                format!("the account {name} on the target already belongs to directory entry {holder}; not adopting it for a second one"),
+            ));
+            continue;
+        }
+        users.insert(
+            u.id.clone(),
+            Existing {
+                scim_id,
+                attrs: r.attrs.clone(),
+                matched_by,
+                members: BTreeSet::new(),
+                claimed_by,
+            },
+        );
+    }
+    // One account found for two entries (names that differ only in case): neither takes it.
+    for (id, name, n) in claimed_twice(&users, &desired.users) {
+        users.remove(&id);
+        problems.push(problem(
+            &id,
+            &name,
+            format!("the account matched on the target is matched by {n} directory entries; not adopting it for any (ambiguous)"),
+        ));
+    }
+    (users, problems)
+}
+
+/// [`match_users`] for groups. The groups to adopt come back without members: the caller
+/// reads them (where the profile lists members) into [`Existing::members`].
+///
+/// Another group's account is never adopted: a group replaced in the directory by another
+/// with the same name would take the old one's account, and the old one's delete would then
+/// remove it. The old group's row goes its own way (deleted, under the limits, once it
+/// left), and this group is created afresh after that.
+pub fn match_groups(
+    target: &TargetConfig,
+    dialect: Dialect,
+    state: &TargetState,
+    candidates: &[&DesiredGroup],
+    found: Vec<Found<RemoteGroup>>,
+) -> (BTreeMap<DirectoryId, Existing>, Vec<Problem>) {
+    let mut groups = BTreeMap::new();
+    let mut problems = Vec::new();
+    let groups_by_scim = state.group_index();
+    for (g, Found { matched_by, found }) in candidates.iter().zip(found) {
+        let how = matched_by;
+        let r = match found.as_slice() {
+            [] => continue,
+            [r] => r,
+            more => {
+                let n = more.len();
+                problems.push(problem(
+                    &g.id,
+                    &g.display_name,
+                    format!(
+                        "{n} groups on the target match by {how}; not adopting any (ambiguous)"
+                    ),
+                ));
+                continue;
+            }
+        };
+        let name = &r.name;
+        if is_protected(target, &r.display_name) {
+            problems.push(protected(&g.id, &g.display_name, format!("an existing group {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+            continue;
+        }
+        let Some(scim_id) = r.scim_id.clone() else {
+            problems.push(problem(
+                &g.id,
+                &g.display_name,
+                format!("the group {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
+            ));
+            continue;
+        };
+        let holder = groups_by_scim
+            .get(scim_id.0.as_str())
+            .copied()
+            .filter(|h| *h != &g.id)
+            .cloned()
+            .or_else(|| other_directory_id(dialect, r.external_id.as_deref(), &g.id));
+        if let Some(holder) = holder {
+            problems.push(problem(
+                &g.id,
+                &g.display_name,
+                format!("the group {name} on the target matches by {how} but belongs to directory group {holder}; not adopting it for a second one (once that group's account is gone, this one is created)"),
+            ));
+            continue;
+        }
+        groups.insert(
+            g.id.clone(),
+            Existing {
+                scim_id,
+                attrs: r.attrs.clone(),
+                matched_by,
+                members: BTreeSet::new(),
+                claimed_by: None,
+            },
+        );
+    }
+    (groups, problems)
+}
+
+/// The other directory id a resource's directory-style externalId names, if any.
+fn other_directory_id(
+    dialect: Dialect,
+    external_id: Option<&str>,
+    own: &DirectoryId,
+) -> Option<DirectoryId> {
+    external_id
+        .filter(|e| is_directory_style(dialect, e))
+        .map(DirectoryId::new)
+        .filter(|e| e != own)
+}
+
+fn problem(id: &DirectoryId, name: &str, reason: String) -> Problem {
+    Problem {
+        external_id: id.0.clone(),
+        name: name.to_string(),
+        reason,
+        fails: true,
+    }
+}
+
+fn protected(id: &DirectoryId, name: &str, reason: String) -> Problem {
+    Problem {
+        fails: false,
+        ..problem(id, name, reason)
+    }
+}
+
 /// Whether a JSON answer is a resource we can read back (a 204 or an empty body is not).
 pub fn is_resource(answer: &Value) -> bool {
     answer.as_object().is_some_and(|o| o.contains_key("id"))
@@ -193,7 +436,7 @@ mod tests {
         let existing = |sid: &str| Existing {
             scim_id: ScimId(sid.into()),
             attrs: FlatAttrs::new(),
-            matched_by: "userName",
+            matched_by: crate::config::MatchRule::UserName,
             members: BTreeSet::new(),
             claimed_by: None,
         };
@@ -226,5 +469,239 @@ mod tests {
             kept,
             BTreeSet::from(["displayName".to_string(), typed_path("emails", "work")])
         );
+    }
+
+    mod matching {
+        use super::super::*;
+        use crate::config::MatchRule;
+        use crate::snapshot::{Ownership, UserRow, UserState};
+
+        const OLD: &str = "107f0144-823a-1041-89a3-21734381405b";
+
+        fn user(id: &str, name: &str) -> DesiredUser {
+            DesiredUser {
+                id: DirectoryId::new(id),
+                dn: format!("uid={name},dc=x"),
+                user_name: name.into(),
+                active: true,
+                hash: String::new(),
+                attrs: crate::map::no_attrs(),
+            }
+        }
+
+        fn remote(scim: Option<&str>, name: &str, ext: Option<&str>) -> RemoteUser {
+            RemoteUser {
+                scim_id: scim.map(|s| ScimId(s.into())),
+                user_name: name.into(),
+                name: name.into(),
+                external_id: ext.map(str::to_string),
+                active: true,
+                attrs: FlatAttrs::new(),
+            }
+        }
+
+        fn found(rule: MatchRule, found: Vec<RemoteUser>) -> Found<RemoteUser> {
+            Found {
+                matched_by: rule,
+                found,
+            }
+        }
+
+        fn world(users: &[DesiredUser]) -> Desired {
+            let mut d = Desired::default();
+            for u in users {
+                d.users.insert(u.id.clone(), u.clone());
+            }
+            d
+        }
+
+        fn matched(
+            target: &TargetConfig,
+            desired: &Desired,
+            state: &TargetState,
+            results: Vec<Found<RemoteUser>>,
+        ) -> (BTreeMap<DirectoryId, Existing>, Vec<Problem>) {
+            let candidates = user_candidates(target, desired, state);
+            assert_eq!(candidates.len(), results.len());
+            match_users(
+                target,
+                Dialect::OpenLdap,
+                desired,
+                state,
+                &candidates,
+                results,
+            )
+        }
+
+        #[test]
+        fn one_match_is_adopted_with_how_it_matched() {
+            let target = crate::plan::tests::target();
+            let d = world(&[user("n1", "ann")]);
+            let state = TargetState::default();
+            let r = remote(Some("s1"), "ann", Some("HR-1"));
+            let (users, problems) = matched(
+                &target,
+                &d,
+                &state,
+                vec![found(MatchRule::UserName, vec![r])],
+            );
+            assert!(problems.is_empty(), "{problems:?}");
+            let e = &users[&DirectoryId::new("n1")];
+            assert_eq!(e.matched_by, MatchRule::UserName);
+            assert_eq!(e.claimed_by, None, "HR-1 is not a directory id");
+        }
+
+        #[test]
+        fn two_matches_protect_and_a_missing_id_are_problems_never_guesses() {
+            let mut target = crate::plan::tests::target();
+            target.protect = vec!["admin*".into()];
+            let d = world(&[user("n1", "ann"), user("n2", "bob"), user("n3", "cid")]);
+            let state = TargetState::default();
+            let results = vec![
+                found(
+                    MatchRule::UserName,
+                    vec![
+                        remote(Some("a"), "ann", None),
+                        remote(Some("b"), "ANN", None),
+                    ],
+                ),
+                found(
+                    MatchRule::UserName,
+                    vec![remote(Some("c"), "admin-bob", None)],
+                ),
+                found(MatchRule::ExternalId, vec![remote(None, "cid", None)]),
+            ];
+            let (users, problems) = matched(&target, &d, &state, results);
+            assert!(users.is_empty(), "{users:?}");
+            let reasons: Vec<(&str, bool)> = problems
+                .iter()
+                .map(|p| (p.reason.as_str(), p.fails))
+                .collect();
+            assert!(reasons[0].0.contains("2 accounts") && reasons[0].0.contains("ambiguous"));
+            assert!(
+                reasons[1].0.contains("protect") && !reasons[1].1,
+                "policy, not failure"
+            );
+            assert!(reasons[2].0.contains("no usable id"), "{reasons:?}");
+        }
+
+        #[test]
+        fn an_account_of_someone_still_in_the_directory_is_never_taken() {
+            let target = crate::plan::tests::target();
+            let d = world(&[user("n1", "ann"), user(OLD, "ann-old")]);
+            let mut state = TargetState::default();
+            state.users.insert(
+                DirectoryId::new(OLD),
+                UserRow {
+                    scim_id: ScimId("s1".into()),
+                    user_name: "ann-old".into(),
+                    hash: String::new(),
+                    attrs: crate::map::no_attrs(),
+                    etag: None,
+                    state: UserState::Active,
+                    owned: Ownership::Created,
+                },
+            );
+            let r = remote(Some("s1"), "ann", Some(OLD));
+            let (users, problems) = matched(
+                &target,
+                &d,
+                &state,
+                vec![found(MatchRule::UserName, vec![r])],
+            );
+            assert!(users.is_empty());
+            assert!(problems[0]
+                .reason
+                .contains("already belongs to directory entry"));
+        }
+
+        #[test]
+        fn without_a_row_an_account_of_someone_gone_is_claimed_for_a_rebind() {
+            let target = crate::plan::tests::target();
+            let d = world(&[user("n1", "ann")]);
+            let state = TargetState::default();
+            let r = remote(Some("s1"), "ann", Some(&OLD.to_uppercase()));
+            let (users, problems) = matched(
+                &target,
+                &d,
+                &state,
+                vec![found(MatchRule::UserName, vec![r])],
+            );
+            assert!(problems.is_empty(), "{problems:?}");
+            assert_eq!(
+                users[&DirectoryId::new("n1")].claimed_by,
+                Some(DirectoryId::new(OLD))
+            );
+        }
+
+        #[test]
+        fn one_account_found_for_two_entries_goes_to_neither() {
+            let mut target = crate::plan::tests::target();
+            target.match_existing = vec![MatchRule::ExternalId, MatchRule::UserName];
+            let d = world(&[user("n1", "Ann"), user("n2", "ann")]);
+            let state = TargetState::default();
+            let same = || remote(Some("s1"), "ann", None);
+            let results = vec![
+                found(MatchRule::UserName, vec![same()]),
+                found(MatchRule::UserName, vec![same()]),
+            ];
+            let (users, problems) = matched(&target, &d, &state, results);
+            assert!(users.is_empty());
+            assert_eq!(problems.len(), 2);
+            assert!(problems
+                .iter()
+                .all(|p| p.reason.contains("2 directory entries")));
+        }
+
+        #[test]
+        fn a_group_held_by_another_group_is_not_adopted() {
+            let target = crate::plan::tests::target();
+            let mut state = TargetState::default();
+            state.groups.insert(
+                DirectoryId::new("g-old"),
+                crate::snapshot::GroupRow {
+                    scim_id: ScimId("g1".into()),
+                    display_name: "staff".into(),
+                    members: Default::default(),
+                    etag: None,
+                    owned: Ownership::Created,
+                },
+            );
+            let mut d = Desired::default();
+            let g = DesiredGroup {
+                id: DirectoryId::new("g-new"),
+                dn: "cn=staff".into(),
+                display_name: "staff".into(),
+                members: Default::default(),
+            };
+            d.groups.insert(g.id.clone(), g);
+            let candidates = group_candidates(&target, &d, &state);
+            let remote = |scim: &str| RemoteGroup {
+                scim_id: Some(ScimId(scim.into())),
+                display_name: "staff".into(),
+                name: "staff".into(),
+                external_id: None,
+                attrs: FlatAttrs::new(),
+            };
+            let taken = vec![Found {
+                matched_by: MatchRule::DisplayName,
+                found: vec![remote("g1")],
+            }];
+            let (groups, problems) =
+                match_groups(&target, Dialect::OpenLdap, &state, &candidates, taken);
+            assert!(groups.is_empty());
+            assert!(problems[0]
+                .reason
+                .contains("belongs to directory group g-old"));
+            let free = vec![Found {
+                matched_by: MatchRule::DisplayName,
+                found: vec![remote("g2")],
+            }];
+            let (groups, _) = match_groups(&target, Dialect::OpenLdap, &state, &candidates, free);
+            assert_eq!(
+                groups[&DirectoryId::new("g-new")].matched_by,
+                MatchRule::DisplayName
+            );
+        }
     }
 }

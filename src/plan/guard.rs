@@ -6,14 +6,46 @@
 
 use std::collections::BTreeSet;
 
-use super::{Change, Plan};
+use super::{Action, Change, HeldKey, Plan, ResourceKind};
 use crate::config::{Limit, Rebind};
-use crate::model::DirectoryId;
+use crate::model::{Directory, DirectoryId};
+use crate::snapshot::ReadStats;
 
 /// Why every destructive change of this cycle is held, whatever the per-target limit says
 /// (e.g. the directory shrank suspiciously).
 #[derive(Debug, Clone)]
 pub struct SourceHold(pub String);
+
+/// The directory-wide integrity check: a read much smaller than the last good one holds all
+/// deprovisions.
+pub fn source_hold(
+    dir: &Directory,
+    last: Option<&ReadStats>,
+    max_shrink: f64,
+) -> Option<SourceHold> {
+    let last = last?;
+    shrank("users", last.users, dir.users.len(), max_shrink)
+        .or_else(|| shrank("groups", last.groups, dir.groups.len(), max_shrink))
+}
+
+fn shrank(kind: &str, before: usize, now: usize, max_shrink: f64) -> Option<SourceHold> {
+    if before == 0 {
+        return None;
+    }
+    if now == 0 {
+        return Some(SourceHold(format!(
+            "the directory read returned no {kind}, but the last good read had {before}"
+        )));
+    }
+    let shrink = 1.0 - now as f64 / before as f64;
+    (shrink > max_shrink).then(|| {
+        SourceHold(format!(
+            "the directory shrank from {before} to {now} {kind} ({:.0}%), more than ldap.max_shrink ({:.0}%)",
+            shrink * 100.0,
+            max_shrink * 100.0
+        ))
+    })
+}
 
 /// Applies the limits to `plan` in place.
 /// `managed_users` is the number of users the snapshot holds for the target;
@@ -27,7 +59,7 @@ pub fn apply_limits(
     managed_users: usize,
     managed_groups: usize,
     source_hold: Option<&SourceHold>,
-    approved: Option<&BTreeSet<(String, DirectoryId)>>,
+    approved: Option<&BTreeSet<HeldKey>>,
     rebind: Rebind,
 ) {
     // Approved changes go ahead; only they: anything destructive planned since the approval
@@ -41,7 +73,10 @@ pub fn apply_limits(
     if pending.is_empty() {
         return;
     }
-    let user_deprovisions = pending.iter().filter(|c| c.resource() == "User").count();
+    let user_deprovisions = pending
+        .iter()
+        .filter(|c| c.resource() == ResourceKind::User)
+        .count();
     let group_deletes = pending.len() - user_deprovisions;
     let (allowed_users, allowed_groups) = (
         max_deprovisions.allowed(managed_users),
@@ -82,7 +117,7 @@ pub fn apply_limits(
     // hold is there to keep. A held rebind keeps both entries' memberships as they are.
     let held_users: BTreeSet<DirectoryId> = held
         .iter()
-        .filter(|c| c.resource() == "User")
+        .filter(|c| c.resource() == ResourceKind::User)
         .flat_map(|c| std::iter::once(c.id().clone()).chain(c.from_id().cloned()))
         .collect();
     let mut changes = Vec::with_capacity(kept.len());
@@ -139,11 +174,8 @@ pub fn apply_limits(
     plan.held_reason = Some(reason);
 }
 
-fn is_approved_removal(
-    approved: Option<&BTreeSet<(String, DirectoryId)>>,
-    group: &DirectoryId,
-) -> bool {
-    approved.is_some_and(|a| a.contains(&("remove-members".to_string(), group.clone())))
+fn is_approved_removal(approved: Option<&BTreeSet<HeldKey>>, group: &DirectoryId) -> bool {
+    approved.is_some_and(|a| a.contains(&HeldKey::new(Action::RemoveMembers, None, group.clone())))
 }
 
 fn describe_limit(limit: Limit, allowed: usize) -> String {
@@ -153,19 +185,13 @@ fn describe_limit(limit: Limit, allowed: usize) -> String {
     }
 }
 
-/// The identity of a held change, as stored for `approve`: (action, directory id). A rebind
-/// names the account's old directory id too (`rebind:<from>`), so approving one rebind
-/// never releases a later one of the same entry that takes another entry's account.
-pub fn approval_key(c: &Change) -> (String, DirectoryId) {
-    let action = match c.from_id() {
-        Some(from) => format!("{}:{from}", c.action()),
-        None => c.action().to_string(),
-    };
-    (action, c.id().clone())
+/// The identity of a held change, as stored for `approve`.
+pub fn approval_key(c: &Change) -> HeldKey {
+    HeldKey::new(c.action(), c.from_id(), c.id().clone())
 }
 
 /// The identity of a held set, as stored for `approve`.
-pub fn held_keys(plan: &Plan) -> BTreeSet<(String, DirectoryId)> {
+pub fn held_keys(plan: &Plan) -> BTreeSet<HeldKey> {
     plan.held.iter().map(approval_key).collect()
 }
 
@@ -178,11 +204,10 @@ pub fn add_orphans(
     plan: &mut Plan,
     orphans: Vec<Change>,
     source_hold: Option<&SourceHold>,
-    approved: Option<&BTreeSet<(String, DirectoryId)>>,
+    approved: Option<&BTreeSet<HeldKey>>,
 ) {
     let approved_orphan = |c: &Change| {
-        source_hold.is_none()
-            && approved.is_some_and(|a| a.contains(&(c.action().to_string(), c.id().clone())))
+        source_hold.is_none() && approved.is_some_and(|a| a.contains(&approval_key(c)))
     };
     let (go, held): (Vec<Change>, Vec<Change>) = orphans.into_iter().partition(approved_orphan);
     plan.changes.extend(go);
@@ -212,6 +237,21 @@ mod tests {
     use super::*;
     use crate::model::ScimId;
 
+    #[test]
+    fn shrink_guard_trips_past_the_limit() {
+        let dir = Directory {
+            users: vec![],
+            groups: vec![],
+        };
+        let last = ReadStats {
+            users: 10,
+            groups: 0,
+            at: None,
+        };
+        assert!(source_hold(&dir, Some(&last), 0.2).is_some());
+        assert!(source_hold(&dir, None, 0.2).is_none());
+    }
+
     fn orphan(id: &str) -> Change {
         Change::Orphan {
             id: DirectoryId::new(id),
@@ -229,7 +269,7 @@ mod tests {
         assert_eq!(plan.held.len(), 2);
         assert!(plan.held_reason.as_deref().unwrap().contains("approve"));
 
-        let approved = BTreeSet::from([("orphan".to_string(), DirectoryId::new("a"))]);
+        let approved = BTreeSet::from([HeldKey::new(Action::Orphan, None, DirectoryId::new("a"))]);
         let mut plan = Plan::default();
         add_orphans(
             &mut plan,

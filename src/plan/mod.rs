@@ -6,6 +6,7 @@
 
 pub mod adopt;
 pub mod guard;
+pub mod orphans;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
@@ -14,10 +15,11 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{Deprovision, TargetConfig};
+use crate::config::{Deprovision, MatchRule, TargetConfig};
 use crate::map::{Desired, FlatAttrs, SharedAttrs};
+pub use crate::model::action::{Action, HeldKey, ResourceKind};
 use crate::model::{DirectoryId, ScimId};
-use crate::snapshot::{TargetState, UserState};
+use crate::snapshot::{RowCounts, TargetState, UserState};
 
 /// One attribute's change, for reports and PATCH bodies.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -44,8 +46,8 @@ pub struct Existing {
     pub scim_id: ScimId,
     /// The target's current flat attributes (as far as they were read).
     pub attrs: FlatAttrs,
-    /// How it matched (`externalId`, `userName`, `displayName`).
-    pub matched_by: &'static str,
+    /// How it matched.
+    pub matched_by: MatchRule,
     /// For a group: its current members, as directory ids.
     pub members: BTreeSet<DirectoryId>,
     /// For a user matched by userName: the other directory id its directory-style
@@ -66,7 +68,7 @@ pub enum Change {
         id: DirectoryId,
         scim_id: ScimId,
         user_name: String,
-        matched_by: &'static str,
+        matched_by: MatchRule,
         changes: Vec<AttrChange>,
         attrs: SharedAttrs,
     },
@@ -80,7 +82,7 @@ pub enum Change {
         from_name: String,
         scim_id: ScimId,
         user_name: String,
-        matched_by: &'static str,
+        matched_by: MatchRule,
         changes: Vec<AttrChange>,
         attrs: SharedAttrs,
     },
@@ -113,7 +115,7 @@ pub enum Change {
         id: DirectoryId,
         scim_id: ScimId,
         display_name: String,
-        matched_by: &'static str,
+        matched_by: MatchRule,
         from_name: String,
         /// Its members on the target when it was found.
         members: BTreeSet<DirectoryId>,
@@ -166,21 +168,21 @@ impl Change {
         )
     }
 
-    pub fn action(&self) -> &'static str {
+    pub fn action(&self) -> Action {
         match self {
-            Change::CreateUser { .. } | Change::CreateGroup { .. } => "create",
-            Change::AdoptUser { .. } | Change::AdoptGroup { .. } => "adopt",
-            Change::UpdateUser { .. } | Change::UpdateGroup { .. } => "update",
-            Change::DeactivateUser { .. } => "deactivate",
-            Change::Rebind { .. } => "rebind",
-            Change::DeleteUser { .. } | Change::DeleteGroup { .. } => "delete",
-            Change::RemoveMembers { .. } => "remove-members",
-            Change::AddMembers { .. } => "add-members",
-            Change::Orphan { .. } => "orphan",
+            Change::CreateUser { .. } | Change::CreateGroup { .. } => Action::Create,
+            Change::AdoptUser { .. } | Change::AdoptGroup { .. } => Action::Adopt,
+            Change::UpdateUser { .. } | Change::UpdateGroup { .. } => Action::Update,
+            Change::DeactivateUser { .. } => Action::Deactivate,
+            Change::Rebind { .. } => Action::Rebind,
+            Change::DeleteUser { .. } | Change::DeleteGroup { .. } => Action::Delete,
+            Change::RemoveMembers { .. } => Action::RemoveMembers,
+            Change::AddMembers { .. } => Action::AddMembers,
+            Change::Orphan { .. } => Action::Orphan,
         }
     }
 
-    pub fn resource(&self) -> &'static str {
+    pub fn resource(&self) -> ResourceKind {
         match self {
             Change::CreateUser { .. }
             | Change::AdoptUser { .. }
@@ -188,8 +190,8 @@ impl Change {
             | Change::DeactivateUser { .. }
             | Change::DeleteUser { .. }
             | Change::Rebind { .. }
-            | Change::Orphan { .. } => "User",
-            _ => "Group",
+            | Change::Orphan { .. } => ResourceKind::User,
+            _ => ResourceKind::Group,
         }
     }
 
@@ -267,6 +269,55 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.held.is_empty()
+    }
+
+    /// The fewest rows a target can have once the plan is applied (what it removes taken
+    /// off), to be recorded before the apply starts.
+    pub fn row_floor(&self, state: &TargetState) -> RowCounts {
+        let removing_users = self
+            .changes
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Change::DeleteUser { .. }
+                        | Change::DeactivateUser { .. }
+                        | Change::Rebind { .. }
+                )
+            })
+            .count();
+        let removing_groups = self
+            .changes
+            .iter()
+            .filter(|c| matches!(c, Change::DeleteGroup { .. }))
+            .count();
+        RowCounts {
+            users: state.users.len().saturating_sub(removing_users),
+            groups: state.groups.len().saturating_sub(removing_groups),
+        }
+    }
+
+    /// The userNames of the users that member changes name, for reports.
+    pub fn member_names(
+        &self,
+        desired: &Desired,
+        state: &TargetState,
+    ) -> BTreeMap<DirectoryId, String> {
+        let mut names = BTreeMap::new();
+        for c in self.changes.iter().chain(&self.held) {
+            if let Change::AddMembers { members, .. } | Change::RemoveMembers { members, .. } = c {
+                for m in members {
+                    let name = desired
+                        .users
+                        .get(m)
+                        .map(|u| u.user_name.clone())
+                        .or_else(|| state.users.get(m).map(|r| r.user_name.clone()))
+                        .unwrap_or_else(|| m.0.clone());
+                    names.insert(m.clone(), name);
+                }
+            }
+        }
+        names
     }
 }
 

@@ -158,7 +158,7 @@ fn new_user_and_group_are_created_then_members_added() {
     let actions: Vec<_> = p
         .changes
         .iter()
-        .map(|c| (c.action(), c.resource()))
+        .map(|c| (c.action().as_str(), c.resource().as_str()))
         .collect();
     assert_eq!(
         actions,
@@ -476,7 +476,7 @@ fn rebind_world() -> (Desired, TargetState, BTreeMap<DirectoryId, Existing>) {
         Existing {
             scim_id: ScimId("s-old".into()),
             attrs: found_attrs,
-            matched_by: "userName",
+            matched_by: crate::config::MatchRule::UserName,
             members: BTreeSet::new(),
             claimed_by: None,
         },
@@ -614,7 +614,11 @@ fn protect_keeps_a_directory_entry_from_being_created() {
     let mut t = target();
     t.protect = vec!["admin*".into()];
     let p = run(&t, &d, &TargetState::default());
-    let names: Vec<(&str, &str)> = p.changes.iter().map(|c| (c.action(), c.name())).collect();
+    let names: Vec<(&str, &str)> = p
+        .changes
+        .iter()
+        .map(|c| (c.action().as_str(), c.name()))
+        .collect();
     assert_eq!(names, vec![("create", "ok")], "{names:?}");
     assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
     assert!(p
@@ -679,7 +683,7 @@ fn approving_a_rebind_does_not_approve_one_from_another_account() {
         "{keys:?}"
     );
     for stale in ["rebind", "rebind:other"] {
-        let approved = BTreeSet::from([(stale.to_string(), DirectoryId::new("new"))]);
+        let approved = BTreeSet::from([HeldKey::parse(stale, DirectoryId::new("new")).unwrap()]);
         let mut p = run_with(&target(), &d, &s, &existing);
         guard::apply_limits(
             &mut p,
@@ -717,7 +721,7 @@ fn a_group_adoption_sends_only_what_differs() {
             Existing {
                 scim_id: ScimId("sg".into()),
                 attrs,
-                matched_by: "externalId",
+                matched_by: crate::config::MatchRule::ExternalId,
                 members: BTreeSet::new(),
                 claimed_by: None,
             },
@@ -744,4 +748,12 @@ fn a_group_adoption_sends_only_what_differs() {
     assert!(paths(&found("team", Some("g"))).is_empty());
     assert_eq!(paths(&found("Team", Some("g"))), vec!["displayName"]);
     assert_eq!(paths(&found("team", None)), vec!["externalId"]);
+}
+
+#[test]
+fn globs_match_case_insensitively() {
+    assert!(glob_match("admin*", "admin-root"));
+    assert!(glob_match("break-glass-?", "break-glass-1"));
+    assert!(!glob_match("admin*", "sysadmin"));
+    assert!(glob_match("*", ""));
 }

@@ -8,6 +8,7 @@
 //! grow without bound (response size and paging are limited). Ids it hands out are single
 //! path segments ([`ScimId::parse`]), percent-encoded into URLs.
 
+pub mod observe;
 pub mod paging;
 pub mod profile;
 pub mod redact;

@@ -1,0 +1,585 @@
+//! One reconcile pass, for every selected target: observe → decide → act (or report, in a
+//! dry run). The directory is read once for all targets while the snapshot opens
+//! ([`prepare`]); then each target, concurrently and independently, is observed (what it
+//! holds for new entries, its accounts when its rows were lost: `scim::observe`), decided
+//! (the plan, adoptions, orphans and safety limits: `plan`) and acted on (`apply`). One
+//! failing target is that target's result, not the cycle's.
+
+mod prepare;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use tracing::{info, warn};
+
+use self::prepare::{drop_in_background, Opening, Prepared, StreamingMap};
+use crate::apply::{Applier, ApplyReport};
+use crate::clock::Clock;
+use crate::config::{Config, MatchRule, TargetConfig};
+use crate::map::{self, Desired};
+use crate::model::DirectoryId;
+use crate::outcome::{Outcome, TargetFailure, TargetOutcome, TargetStatus};
+use crate::plan::orphans::{self, Scan};
+use crate::plan::{self, adopt, guard, Action, Existing, Plan, PlanInput};
+use crate::scim::observe::{self, Candidate};
+use crate::scim::{profile, Capabilities, ScimClient, TargetError};
+use crate::snapshot::{
+    HeldChange, LastRun, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError, TargetState,
+};
+use crate::source::{self, SourceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("unknown target {name} (--target): the configured targets are {known}")]
+    UnknownTarget { name: String, known: String },
+}
+
+/// Options of one pass.
+pub struct Pass<'a> {
+    pub config: &'a Config,
+    /// Empty = all targets.
+    pub only: &'a [String],
+    pub dry_run: bool,
+    /// The pass's one instant (grace periods, deactivation dates, records).
+    pub now: DateTime<Utc>,
+    /// A short id for this pass, in logs and the audit trail.
+    pub run_id: String,
+    /// Set by a signal handler: finish the request in flight, start nothing new.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    /// After this instant a target starts no new change (the daemon sets it just before the
+    /// next scheduled cycle, so one slow target cannot make the others miss theirs).
+    pub deadline: Option<std::time::Instant>,
+    pub progress: Option<crate::apply::Progress<'a>>,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(config: &'a Config, only: &'a [String], dry_run: bool, clock: &Clock) -> Self {
+        Pass {
+            config,
+            only,
+            dry_run,
+            now: clock.now(),
+            run_id: new_run_id(),
+            stop: None,
+            deadline: None,
+            progress: None,
+        }
+    }
+}
+
+/// A short random id (time-based, unique enough to tell runs apart in logs).
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:08x}",
+        (nanos as u64 ^ (std::process::id() as u64) << 32) & 0xffff_ffff
+    )
+}
+
+pub fn select_targets<'a>(
+    config: &'a Config,
+    only: &[String],
+) -> Result<Vec<&'a TargetConfig>, ReconcileError> {
+    if only.is_empty() {
+        return Ok(config.targets.iter().collect());
+    }
+    only.iter()
+        .map(|n| {
+            config
+                .targets
+                .iter()
+                .find(|t| &t.name.0 == n)
+                .ok_or_else(|| ReconcileError::UnknownTarget {
+                    name: n.clone(),
+                    known: config
+                        .targets
+                        .iter()
+                        .map(|t| t.name.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+        })
+        .collect()
+}
+
+/// A target's client, and what its `/ServiceProviderConfig` said; or why there is none.
+type Connected = Result<(ScimClient, Capabilities), TargetError>;
+
+/// Runs one pass. Errors are for the whole pass (directory, snapshot); a target's own failure
+/// is in its [`TargetOutcome`].
+pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
+    let targets = select_targets(pass.config, pass.only)?;
+    // Nothing is written before the read is complete.
+    let opening = Opening::start(&pass.config.daemon.state_dir, pass.dry_run, &targets);
+    // Each target's `/ServiceProviderConfig` is read meanwhile too (a GET, nothing more); a
+    // refused credential fails the target.
+    let discoveries: Vec<tokio::task::JoinHandle<Connected>> = targets
+        .iter()
+        .map(|t| {
+            let client = ScimClient::new(t);
+            tokio::spawn(async move {
+                let client = client?;
+                let caps = client.discover().await?;
+                Ok((client, caps))
+            })
+        })
+        .collect();
+    let read_started = std::time::Instant::now();
+    // The read covers every target's mappings: one read serves any subset of targets.
+    let wanted = map::needed_attributes(&pass.config.targets);
+    let mut mapping = StreamingMap::new(&targets, &opening);
+    let read = source::read_streaming(&pass.config.ldap, Some(&wanted), &mut |u| {
+        mapping.on_user(u)
+    })
+    .await;
+    let directory = match read {
+        Ok(directory) => directory,
+        Err(e) => {
+            // The opening is let finish, so what it records (a loss noticed, the rebuild it
+            // leaves pending) does not depend on how fast the read failed.
+            let _ = opening.finish().await;
+            return Err(e.into());
+        }
+    };
+    let read_duration = read_started.elapsed();
+    let (snapshot, loaded) = opening.finish().await?;
+    let last = match &snapshot {
+        Some(s) => s.last_read()?,
+        None => None,
+    };
+    let hold = guard::source_hold(&directory, last.as_ref(), pass.config.ldap.max_shrink);
+    if let Some(h) = &hold {
+        warn!(reason = %h.0, "holding every deprovision this cycle");
+    }
+    let (source_users, source_groups) = (directory.users.len(), directory.groups.len());
+    let prepared = mapping.finish(&targets, directory, loaded);
+
+    // Each target waits only for its own discovery: a dead target's retries delay no other.
+    let (snapshot_ref, hold_ref) = (snapshot.as_ref(), hold.as_ref());
+    let outcomes = futures::future::join_all(targets.iter().zip(prepared).zip(discoveries).map(
+        |((t, prepared), discovery)| async move {
+            let connected = match discovery.await {
+                Ok(c) => c,
+                // Only a panic ends the task early: connect again here.
+                Err(_) => ScimClient::new(t).map(|client| (client, Capabilities::default())),
+            };
+            run_target(pass, t, snapshot_ref, hold_ref, prepared, connected).await
+        },
+    ))
+    .await;
+
+    if let (Some(s), false) = (&snapshot, pass.dry_run) {
+        // The shrink guard compares with the last read that was allowed to count: one that
+        // held nothing, or whose held changes an operator approved on every target (a pass
+        // over some targets only cannot lift the hold for the others).
+        let all_clear = pass.only.is_empty()
+            && outcomes
+                .iter()
+                .all(|t| t.plan.held.is_empty() && t.error.is_none());
+        if hold.is_none() || all_clear {
+            s.set_last_read(&ReadStats {
+                users: source_users,
+                groups: source_groups,
+                at: Some(pass.now),
+            })?;
+        }
+        s.flush().await?;
+    }
+    Ok(Outcome {
+        run_id: pass.run_id.clone(),
+        read_duration,
+        source_users,
+        source_groups,
+        targets: outcomes,
+    })
+}
+
+async fn run_target(
+    pass: &Pass<'_>,
+    target: &TargetConfig,
+    snapshot: Option<&Snapshot>,
+    hold: Option<&guard::SourceHold>,
+    prepared: Prepared,
+    connected: Connected,
+) -> TargetOutcome {
+    let started = std::time::Instant::now();
+    let result = reconcile_target(pass, target, snapshot, hold, prepared, connected).await;
+    let mut outcome = result.unwrap_or_else(|error| {
+        // A target that failed before applying anything (a refused credential, an unusable
+        // listing) is recorded too, so `status` does not keep showing its last good run.
+        let failed = LastRun {
+            at: pass.now,
+            status: TargetStatus::Error.as_str().into(),
+            error: Some(error.to_string()),
+            applied: 0,
+            failed: 0,
+            held: 0,
+            writes: 0,
+        };
+        if let (Some(s), false) = (snapshot, pass.dry_run) {
+            if let Err(e) = s.set_last_run(&target.name.0, &failed) {
+                warn!(target = %target.name, error = %e, "cannot record the run status");
+            }
+        }
+        TargetOutcome {
+            name: target.name.0.clone(),
+            status: TargetStatus::Error,
+            error: Some(error),
+            plan: Plan::default(),
+            applied: None,
+            names: BTreeMap::new(),
+            elapsed: Default::default(),
+            rebuild: None,
+        }
+    });
+    outcome.elapsed = started.elapsed();
+    outcome
+}
+
+/// Observe, decide, act for one target.
+async fn reconcile_target(
+    pass: &Pass<'_>,
+    target: &TargetConfig,
+    snapshot: Option<&Snapshot>,
+    hold: Option<&guard::SourceHold>,
+    prepared: Prepared,
+    connected: Connected,
+) -> Result<TargetOutcome, TargetFailure> {
+    let name = target.name.0.clone();
+    let (desired, tsnap, mut state) = prepared?;
+    let (client, caps) = connected?;
+
+    // Observe, and decide what the accounts found mean.
+    let (existing_users, existing_groups, mut problems) =
+        find_existing(&client, caps, target, pass, &desired, &state).await?;
+    let (rebuild, orphans) = find_orphans(
+        pass,
+        target,
+        &client,
+        snapshot,
+        &desired,
+        &state,
+        &existing_users,
+    )
+    .await?;
+
+    // Decide the plan and what the safety limits let through.
+    let blocked: BTreeSet<DirectoryId> = problems
+        .iter()
+        .map(|p| DirectoryId(p.external_id.clone()))
+        .collect();
+    let not_kept = snapshot
+        .and_then(|s| s.not_kept(&name).ok())
+        .unwrap_or_default();
+    let mut plan = plan::plan(&PlanInput {
+        target,
+        desired: &desired,
+        state: &state,
+        existing_users: &existing_users,
+        existing_groups: &existing_groups,
+        blocked: &blocked,
+        not_kept: &not_kept,
+        now: pass.now,
+    });
+    plan.problems.append(&mut problems);
+    let names = plan.member_names(&desired, &state);
+    drop_in_background(desired);
+    let approved = snapshot.and_then(|s| s.approved(&name).ok().flatten());
+    guard::apply_limits(
+        &mut plan,
+        target.max_deprovisions,
+        state.users.len(),
+        state.groups.len(),
+        hold,
+        approved.as_ref(),
+        target.rebind,
+    );
+    guard::add_orphans(&mut plan, orphans, hold, approved.as_ref());
+    let (Some(s), Some(tsnap), false) = (snapshot, &tsnap, pass.dry_run) else {
+        let status = if plan.held.is_empty() {
+            TargetStatus::Ok
+        } else {
+            TargetStatus::Held
+        };
+        drop_in_background(state);
+        return Ok(TargetOutcome {
+            name,
+            status,
+            error: None,
+            plan,
+            applied: None,
+            names,
+            elapsed: Default::default(),
+            rebuild,
+        });
+    };
+
+    // Act.
+    let applier = Applier {
+        client: &client,
+        target,
+        snapshot: tsnap,
+        now: pass.now,
+        stop: pass.stop,
+        deadline: pass.deadline,
+        progress: pass.progress,
+        caps,
+    };
+    record_row_counts(s, &name, plan.row_floor(&state));
+    let report = applier.apply(&mut state, &plan.changes).await;
+    let rows = RowCounts {
+        users: state.users.len(),
+        groups: state.groups.len(),
+    };
+    record_row_counts(s, &name, rows);
+    drop_in_background(state);
+    let status = if !report.failures.is_empty()
+        || report.not_started > 0
+        || plan.problems.iter().any(|p| p.fails)
+    {
+        // Something was not applied, or an entry could not be provisioned: partly failed.
+        TargetStatus::Error
+    } else if !plan.held.is_empty() {
+        TargetStatus::Held
+    } else {
+        TargetStatus::Ok
+    };
+    record_cycle(
+        s,
+        pass,
+        &name,
+        &plan,
+        &report,
+        &not_kept,
+        approved.is_some(),
+        status,
+    );
+    info!(
+        run_id = %pass.run_id,
+        target = %name,
+        applied = report.applied,
+        failed = report.failures.len(),
+        held = plan.held.len(),
+        writes = report.writes,
+        "target reconciled"
+    );
+    Ok(TargetOutcome {
+        name,
+        status,
+        error: None,
+        plan,
+        applied: Some(report),
+        names,
+        elapsed: Default::default(),
+        rebuild,
+    })
+}
+
+type Found = (
+    BTreeMap<DirectoryId, Existing>,
+    BTreeMap<DirectoryId, Existing>,
+    Vec<plan::Problem>,
+);
+
+/// Looks on the target (read-only) for the resources that directory entries without a
+/// snapshot row should take over, and decides what was found (`plan::adopt`). Adopted
+/// groups' members are read where the profile lists them.
+async fn find_existing(
+    client: &ScimClient,
+    caps: Capabilities,
+    target: &TargetConfig,
+    pass: &Pass<'_>,
+    desired: &Desired,
+    state: &TargetState,
+) -> Result<Found, TargetError> {
+    let dialect = pass.config.ldap.dialect;
+    let users = adopt::user_candidates(target, desired, state);
+    let keys: Vec<Candidate<'_>> = users
+        .iter()
+        .map(|u| (&u.id, u.user_name.as_str()))
+        .collect();
+    let by_name = target.match_existing.contains(&MatchRule::UserName);
+    let found = observe::find_users(client, caps, &keys, by_name).await?;
+    let (adopted_users, mut problems) =
+        adopt::match_users(target, dialect, desired, state, &users, found);
+
+    let groups = adopt::group_candidates(target, desired, state);
+    let keys: Vec<Candidate<'_>> = groups
+        .iter()
+        .map(|g| (&g.id, g.display_name.as_str()))
+        .collect();
+    let by_name = target.match_existing.contains(&MatchRule::DisplayName);
+    let found = observe::find_groups(client, caps, &keys, by_name).await?;
+    let (mut adopted_groups, more) = adopt::match_groups(target, dialect, state, &groups, found);
+    problems.extend(more);
+    if profile::reads_members(target.profile) && !adopted_groups.is_empty() {
+        // Users found above may be group members too: members resolve against rows and
+        // adoptions alike (indexed once, not per group).
+        let mut known = state.user_index();
+        known.extend(
+            adopted_users
+                .iter()
+                .map(|(id, e)| (e.scim_id.0.as_str(), id)),
+        );
+        for e in adopted_groups.values_mut() {
+            e.members = observe::group_members(client, &e.scim_id, &known).await?;
+        }
+    }
+    Ok((adopted_users, adopted_groups, problems))
+}
+
+/// The rebuild warning for a target (if its rows are lost, or missing while it holds
+/// accounts with directory-style externalIds) and its orphans as changes for the guard.
+///
+/// A target without rows, or whose rows were lost, is listed once, and its orphans are kept
+/// in the snapshot (a sync only) so later cycles, which have rows again, still show them.
+async fn find_orphans(
+    pass: &Pass<'_>,
+    target: &TargetConfig,
+    client: &ScimClient,
+    snapshot: Option<&Snapshot>,
+    desired: &Desired,
+    state: &TargetState,
+    adopting: &BTreeMap<DirectoryId, Existing>,
+) -> Result<(Option<String>, Vec<plan::Change>), TargetFailure> {
+    let name = &target.name.0;
+    let lost = snapshot.and_then(|s| s.lost_rows(name, state.users.len(), state.groups.len()));
+    let mut orphans = match snapshot {
+        Some(s) => s.orphans(name)?,
+        None => Default::default(),
+    };
+    let stored = orphans.clone();
+    let scan = Scan {
+        target,
+        dialect: pass.config.ldap.dialect,
+        desired,
+        state,
+        adopting,
+    };
+    // A target without rows is listed until a cycle has recorded its row counts (a new or
+    // lost snapshot); one whose rows are known to be none (everyone deprovisioned, nobody in
+    // scope) is not listed again every cycle.
+    let never_counted = snapshot.is_none_or(|s| matches!(s.row_counts(name), Ok(None)));
+    let listing = lost.is_some() || (state.users.is_empty() && never_counted);
+    let mut rebuild = None;
+    if listing {
+        let listed = observe::list_users(client).await?;
+        let ours = scan.collect(&listed, pass.now, &mut orphans);
+        let state_dir = &pass.config.daemon.state_dir;
+        rebuild = orphans::rebuild_warning(state_dir, name, lost.as_deref(), ours);
+    }
+    for (id, user) in scan.prune(&mut orphans) {
+        info!(target = %name, user = %user, external_id = %id, "an orphan's userName matches a protect pattern now; it is dropped from the orphans and never deprovisioned");
+    }
+    if let Some(msg) = &rebuild {
+        warn!(target = %name, "{msg}");
+    }
+    if let (Some(s), false) = (snapshot, pass.dry_run) {
+        if orphans != stored {
+            s.set_orphans(name, &orphans)?;
+        }
+        // Listed and its orphans stored: a loss noticed earlier is this target's no more.
+        if listing {
+            let all = pass.config.targets.iter().map(|t| t.name.0.as_str());
+            if let Err(e) = s.set_rebuilt(name, all) {
+                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
+            }
+        }
+        if let Some(msg) = &rebuild {
+            let record = Rebuild {
+                at: pass.now,
+                reason: msg.clone(),
+            };
+            if let Err(e) = s.set_last_rebuild(name, &record) {
+                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
+            }
+        }
+    }
+    Ok((rebuild, scan.changes(orphans)))
+}
+
+fn record_row_counts(snapshot: &Snapshot, target: &str, counts: RowCounts) {
+    if let Err(e) = snapshot.set_row_counts(target, counts) {
+        warn!(target = %target, error = %e, "cannot record the snapshot's row counts");
+    }
+}
+
+/// What a cycle leaves in the snapshot beside the rows: orphans deprovisioned, the held set
+/// (and what it is, for `approve`), attributes the target does not keep, the approval used
+/// up, and the run's record for `status`. A failure to record is logged, never the cycle's.
+#[allow(clippy::too_many_arguments)]
+fn record_cycle(
+    s: &Snapshot,
+    pass: &Pass<'_>,
+    name: &str,
+    plan: &Plan,
+    report: &ApplyReport,
+    not_kept: &BTreeSet<String>,
+    approved: bool,
+    status: TargetStatus,
+) {
+    let warn_on = |what: &str, r: Result<(), SnapshotError>| {
+        if let Err(e) = r {
+            warn!(target = %name, error = %e, "cannot record {what}");
+        }
+    };
+    // Orphans the target acknowledged deprovisioning, or found orphans no more.
+    let done: Vec<DirectoryId> = report
+        .records
+        .iter()
+        .filter(|r| r.action == Action::Orphan && r.ok())
+        .map(|r| DirectoryId(r.external_id.clone()))
+        .chain(report.stale_orphans.iter().cloned())
+        .collect();
+    warn_on("the deprovisioned orphans", s.forget_orphans(name, &done));
+    warn_on("held changes", s.set_held(name, &guard::held_keys(plan)));
+    let shown: Vec<HeldChange> = plan
+        .held
+        .iter()
+        .map(|c| HeldChange {
+            action: c.action().to_string(),
+            resource: c.resource().to_string(),
+            name: c.name().to_string(),
+            external_id: c.id().0.clone(),
+            from_external_id: c.from_id().map(|f| f.0.clone()),
+        })
+        .collect();
+    warn_on(
+        "what the held changes are",
+        s.set_held_changes(name, &shown),
+    );
+    if !report.dropped.is_empty() || !report.kept.is_empty() {
+        let mut next = not_kept.clone();
+        next.extend(report.dropped.iter().cloned());
+        next.retain(|p| !report.kept.contains(p));
+        if next != *not_kept {
+            info!(target = %name, not_kept = ?next, "the target does not keep some attributes we send; they are not planned again while it lacks them");
+            warn_on(
+                "the attributes the target does not keep",
+                s.set_not_kept(name, &next),
+            );
+        }
+    }
+    // An approval releases one held set, in the sync right after it: never later
+    // deprovisions that happen to have the same action and id.
+    if approved {
+        let _ = s.clear_approved(name);
+    }
+    let run = LastRun {
+        at: pass.now,
+        status: status.as_str().into(),
+        error: None,
+        applied: report.applied,
+        failed: report.failures.len(),
+        held: plan.held.len(),
+        writes: report.writes,
+    };
+    warn_on("the run status", s.set_last_run(name, &run));
+}
