@@ -149,17 +149,21 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
         }
     };
     let read_duration = read_started.elapsed();
-    let (snapshot, loaded) = opening.finish().await?;
+    let (source_users, source_groups) = (directory.users.len(), directory.groups.len());
+    let (snapshot, prepared) = mapping.finish(&targets, directory, opening).await?;
     let last = match &snapshot {
         Some(s) => s.last_read()?,
         None => None,
     };
-    let hold = guard::source_hold(&directory, last.as_ref(), pass.config.ldap.max_shrink);
+    let hold = guard::source_hold(
+        source_users,
+        source_groups,
+        last.as_ref(),
+        pass.config.ldap.max_shrink,
+    );
     if let Some(h) = &hold {
         warn!(reason = %h.0, "holding every deprovision this cycle");
     }
-    let (source_users, source_groups) = (directory.users.len(), directory.groups.len());
-    let prepared = mapping.finish(&targets, directory, loaded);
 
     // Each target waits only for its own discovery: a dead target's retries delay no other.
     let (snapshot_ref, hold_ref) = (snapshot.as_ref(), hold.as_ref());

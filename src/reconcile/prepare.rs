@@ -119,27 +119,37 @@ impl StreamingMap {
         }
     }
 
-    /// Maps every target now (from what streamed in, or from the whole read where a target
-    /// has `scope_groups`), then lets go of the directory: from here on only the desired
-    /// resources count, so the apply phase does not hold the read as well.
-    pub fn finish(
+    /// Waits for the snapshot, maps every target now (from what streamed in, or from the
+    /// whole read where a target has `scope_groups`), then lets go of the directory: from
+    /// here on only the desired resources count, so the apply phase does not hold the read
+    /// as well.
+    pub async fn finish(
         self,
         targets: &[&TargetConfig],
         mut directory: Directory,
-        loaded: Vec<Loaded>,
-    ) -> Vec<Prepared> {
+        opening: Opening,
+    ) -> Result<(Option<Snapshot>, Vec<Prepared>), SnapshotError> {
+        let StreamingMap {
+            mappers,
+            mapped,
+            cells,
+        } = self;
+        // The rows are the opening's to hand over now.
+        drop(cells);
+        let (snapshot, loaded) = opening.finish().await?;
         let started = std::time::Instant::now();
         // The last target takes the groups' member sets instead of copying them, when nothing
         // reads the directory after it: it must be the last one of all, and mapped on the fly
         // (a target with scope_groups reads the member sets to find its scope).
-        let taker = targets.len().checked_sub(1).filter(|&last| {
-            self.mappers[last].is_some() && targets[last].groups != GroupScope::None
-        });
+        let taker = targets
+            .len()
+            .checked_sub(1)
+            .filter(|&last| mappers[last].is_some() && targets[last].groups != GroupScope::None);
         let mut prepared = Vec::with_capacity(targets.len());
         for (i, ((t, rows), (mapped, mapper))) in targets
             .iter()
             .zip(loaded)
-            .zip(self.mapped.into_iter().zip(&self.mappers))
+            .zip(mapped.into_iter().zip(&mappers))
             .enumerate()
         {
             let members = (taker == Some(i)).then(|| {
@@ -163,7 +173,7 @@ impl StreamingMap {
             rss_mib = crate::memory::rss_mib(),
             "mapped and snapshot loaded"
         );
-        prepared
+        Ok((snapshot, prepared))
     }
 }
 
