@@ -50,7 +50,11 @@ pub async fn execute(cli: Cli) -> u8 {
     // Commands that write the snapshot hold the state directory for as long as they run.
     let _lock = match &cli.command {
         Command::Run { .. } | Command::Sync { .. } | Command::Approve { .. } => {
-            match StateLock::acquire(&config.daemon.state_dir, command_name(&cli.command)) {
+            match StateLock::acquire_at(
+                &config.daemon.state_dir,
+                command_name(&cli.command),
+                &clock,
+            ) {
                 Ok(lock) => Some(lock),
                 Err(e) => return fail(e),
             }
