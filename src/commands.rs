@@ -3,10 +3,10 @@
 
 use std::io::Write;
 
-use chrono::Utc;
 use serde_json::json;
 
 use crate::cli::{Cli, Command, ReportFormat};
+use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
@@ -45,10 +45,15 @@ pub async fn execute(cli: Cli) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let clock = Clock::from_env();
     // Commands that write the snapshot hold the state directory for as long as they run.
     let _lock = match &cli.command {
         Command::Run { .. } | Command::Sync { .. } | Command::Approve { .. } => {
-            match StateLock::acquire(&config.daemon.state_dir, command_name(&cli.command)) {
+            match StateLock::acquire_at(
+                &config.daemon.state_dir,
+                command_name(&cli.command),
+                &clock,
+            ) {
                 Ok(lock) => Some(lock),
                 Err(e) => return fail(e),
             }
@@ -56,7 +61,7 @@ pub async fn execute(cli: Cli) -> u8 {
         _ => None,
     };
     match &cli.command {
-        Command::Run { now } => crate::daemon::run(&cli, config, *now).await,
+        Command::Run { now } => crate::daemon::run(&cli, config, *now, clock).await,
         Command::Sync { targets } => sync(&config, targets).await,
         Command::Plan {
             targets,
@@ -64,7 +69,7 @@ pub async fn execute(cli: Cli) -> u8 {
             out,
         } => plan(&config, targets, report_format(*format), out.as_deref()).await,
         Command::Check { connect } => check(&config, *connect).await,
-        Command::Status => status(&config),
+        Command::Status => status(&config, &clock),
         Command::Explain { name_or_dn } => explain(&config, name_or_dn).await,
         Command::Approve { target } => approve(&config, target).await,
     }
@@ -235,7 +240,7 @@ async fn check(config: &Config, connect: bool) -> u8 {
     }
 }
 
-fn status(config: &Config) -> u8 {
+fn status(config: &Config, clock: &Clock) -> u8 {
     let state_dir = &config.daemon.state_dir;
     let holder = crate::lock::holder(state_dir);
     if let Some(h) = &holder {
@@ -275,7 +280,7 @@ fn status(config: &Config) -> u8 {
             print_target_status(snapshot, &t.name.0);
         }
     }
-    match crate::daemon::next_run(config, Utc::now()) {
+    match config.daemon.schedule.next_after(clock.now()) {
         Some(next) => println!(
             "next scheduled run: {next} (daemon.schedule \"{}\", {})",
             config.daemon.schedule, config.daemon.timezone

@@ -10,54 +10,20 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use croner::parser::{CronParser, Seconds};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::cli::Cli;
-use crate::config::{self, Config};
+use crate::clock::Clock;
+use crate::config::{self, Config, Schedule};
 use crate::metrics::Metrics;
 use crate::outcome::{Outcome, TargetStatus};
 use crate::reconcile::{self, Pass};
-
-/// A parsed schedule in its timezone.
-pub struct Schedule {
-    cron: croner::Cron,
-    tz: chrono_tz::Tz,
-}
-
-impl Schedule {
-    pub fn new(expr: &str, timezone: &str) -> Result<Self, String> {
-        let cron = CronParser::builder()
-            .seconds(Seconds::Disallowed)
-            .build()
-            .parse(expr)
-            .map_err(|e| format!("daemon.schedule {expr:?}: {e}"))?;
-        let tz = chrono_tz::Tz::from_str(timezone)
-            .map_err(|_| format!("daemon.timezone {timezone:?} is not an IANA time zone name"))?;
-        Ok(Schedule { cron, tz })
-    }
-
-    /// The first scheduled time strictly after `after`.
-    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron
-            .find_next_occurrence(&after.with_timezone(&self.tz), false)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
-    }
-}
-
-pub fn next_run(config: &Config, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    Schedule::new(&config.daemon.schedule, &config.daemon.timezone)
-        .ok()?
-        .next_after(now)
-}
 
 /// How long a stop may wait for the cycle in flight before the process exits anyway.
 pub const STOP_BOUND: Duration = Duration::from_secs(30);
@@ -74,12 +40,11 @@ enum Ticks {
 
 impl Ticks {
     fn new(config: &Config) -> Result<Ticks, String> {
-        let schedule = Schedule::new(&config.daemon.schedule, &config.daemon.timezone)?;
         match std::env::var(TICK_INTERVAL_ENV) {
             Ok(v) if !v.is_empty() => config::parse_duration(&v)
                 .map(Ticks::Every)
                 .map_err(|e| format!("{TICK_INTERVAL_ENV}: {e}")),
-            _ => Ok(Ticks::Cron(Box::new(schedule))),
+            _ => Ok(Ticks::Cron(Box::new(config.daemon.schedule.clone()))),
         }
     }
 
@@ -177,6 +142,7 @@ async fn cycle(
     stop: Arc<AtomicBool>,
     metrics: Metrics,
     deadline: Option<Instant>,
+    clock: Clock,
 ) -> String {
     let started = Instant::now();
     metrics.cycle_started();
@@ -192,7 +158,7 @@ async fn cycle(
             crate::audit::record(&config, &outcome);
             metrics.cycle_finished(&outcome, elapsed, unix_now());
             log_summary(&outcome, elapsed);
-            summary_status(&outcome)
+            summary_status(&outcome, clock.now())
         }
         Err(e) => {
             let class = match e {
@@ -244,7 +210,7 @@ fn log_summary(outcome: &Outcome, elapsed: Duration) {
     }
 }
 
-fn summary_status(outcome: &Outcome) -> String {
+fn summary_status(outcome: &Outcome, now: DateTime<Utc>) -> String {
     let targets: Vec<String> = outcome
         .targets
         .iter()
@@ -274,7 +240,7 @@ fn summary_status(outcome: &Outcome) -> String {
     format!(
         "last cycle {} at {}: {}",
         outcome.run_id,
-        Utc::now().format("%Y-%m-%d %H:%M:%SZ"),
+        now.format("%Y-%m-%d %H:%M:%SZ"),
         targets.join(", ")
     )
 }
@@ -305,8 +271,9 @@ fn reload(cli: &Cli, current: &Config) -> Result<(Config, Ticks), Vec<String>> {
 
 type CycleFuture = Pin<Box<dyn Future<Output = String>>>;
 
-/// Runs the daemon until SIGTERM/SIGINT; returns the exit code.
-pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
+/// Runs the daemon until SIGTERM/SIGINT; returns the exit code. `clock` decides when cycles
+/// are due.
+pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -353,12 +320,13 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
     // A cycle starts nothing new shortly before the next one is due, so a slow target costs
     // the others no scheduled cycle (its remaining changes go in the next one).
     let start_cycle = |config: &Arc<Config>, ticks: &Ticks| -> CycleFuture {
-        let deadline = ticks.cycle_deadline(Utc::now());
+        let deadline = ticks.cycle_deadline(clock.now());
         Box::pin(cycle(
             config.clone(),
             stop.clone(),
             metrics.clone(),
             deadline,
+            clock,
         ))
     };
     if run_now {
@@ -367,7 +335,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
     let mut watchdog =
         tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next = ticks.next_after(Utc::now());
+    let mut next = ticks.next_after(clock.now());
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     let mut last_status = String::from("no cycle yet");
     // The next cycle time last logged and sent as STATUS (said once, not at every wake-up).
@@ -389,7 +357,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
                 due.format("%Y-%m-%d %H:%M:%SZ")
             ));
         }
-        let wait = (due - Utc::now()).to_std().unwrap_or_default();
+        let wait = (due - clock.now()).to_std().unwrap_or_default();
         let deadline = stop_deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
         tokio::select! {
@@ -405,7 +373,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
                 } else {
                     running = Some(start_cycle(&config, &ticks));
                 }
-                next = ticks.next_after(Utc::now().max(due));
+                next = ticks.next_after(clock.now().max(due));
             }
             _ = watchdog.tick(), if notifier.watchdog_every.is_some() => notifier.notify("WATCHDOG=1"),
             _ = tokio::time::sleep_until(deadline), if stop_deadline.is_some() => {
@@ -433,7 +401,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool) -> u8 {
                         info!(targets = new.targets.len(), schedule = %new.daemon.schedule, "SIGHUP: configuration reloaded; it applies from the next cycle");
                         ticks = new_ticks;
                         config = Arc::new(new);
-                        next = ticks.next_after(Utc::now());
+                        next = ticks.next_after(clock.now());
                     }
                     Err(problems) => {
                         metrics.reload(false);
@@ -489,57 +457,16 @@ mod tests {
                 rebuild: Some("lost".into()),
             }],
         };
-        let line = summary_status(&outcome);
+        let at = Clock::fixed(Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap());
+        let line = summary_status(&outcome, at.now());
         assert!(
             line.contains("app held (0 applied, 1 held, snapshot lost: rebuilding, 1 orphan(s) waiting for approve)"),
             "{line}"
         );
+        assert!(line.contains("at 2026-11-28 12:00:00Z"), "{line}");
     }
     use super::*;
-    use chrono::{Datelike, TimeZone, Timelike, Weekday};
-
-    #[test]
-    fn weekday_one_is_monday_and_sunday_is_zero_or_seven() {
-        let s = Schedule::new("0 2 * * 1", "UTC").unwrap();
-        // 2026-11-28 is a Saturday.
-        let next = s
-            .next_after(Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap())
-            .unwrap();
-        assert_eq!(
-            (next.weekday(), next.hour(), next.minute()),
-            (Weekday::Mon, 2, 0)
-        );
-        assert_eq!(next.day(), 30);
-        for expr in ["0 0 * * 0", "0 0 * * 7"] {
-            let n = Schedule::new(expr, "UTC")
-                .unwrap()
-                .next_after(Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap())
-                .unwrap();
-            assert_eq!(n.weekday(), Weekday::Sun, "{expr}");
-        }
-    }
-
-    #[test]
-    fn schedules_follow_the_timezone_across_dst() {
-        // Europe/Berlin leaves summer time on 2026-10-25: 02:30 local is 00:30 UTC before, 01:30 after.
-        let s = Schedule::new("30 2 * * *", "Europe/Berlin").unwrap();
-        let before = s
-            .next_after(Utc.with_ymd_and_hms(2026, 10, 23, 12, 0, 0).unwrap())
-            .unwrap();
-        assert_eq!(
-            before,
-            Utc.with_ymd_and_hms(2026, 10, 24, 0, 30, 0).unwrap()
-        );
-        let after = s
-            .next_after(Utc.with_ymd_and_hms(2026, 10, 25, 12, 0, 0).unwrap())
-            .unwrap();
-        assert_eq!(after, Utc.with_ymd_and_hms(2026, 10, 26, 1, 30, 0).unwrap());
-        assert!(Schedule::new("0 2 * * *", "Mars/Olympus").is_err());
-        assert!(
-            Schedule::new("0 0 2 * * *", "UTC").is_err(),
-            "six fields are not a crontab"
-        );
-    }
+    use chrono::TimeZone;
 
     #[test]
     fn a_cycle_yields_shortly_before_the_next_one_is_due() {

@@ -14,6 +14,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::clock::Clock;
+
 pub const LOCK_FILE: &str = "ldap2scim.lock";
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +34,19 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    /// Takes the lock of `state_dir` (created if missing) for `command` (`run`, `sync`, …).
+    /// Transitional: [`acquire_at`](Self::acquire_at) with the environment's clock, for the
+    /// callers that have no clock handed to them yet.
     pub fn acquire(state_dir: &Path, command: &str) -> Result<StateLock, LockError> {
+        Self::acquire_at(state_dir, command, &Clock::from_env())
+    }
+
+    /// Takes the lock of `state_dir` (created if missing) for `command` (`run`, `sync`, …),
+    /// stamped with `clock`'s time.
+    pub fn acquire_at(
+        state_dir: &Path,
+        command: &str,
+        clock: &Clock,
+    ) -> Result<StateLock, LockError> {
         let io = |e: std::io::Error| LockError::Io {
             dir: state_dir.to_path_buf(),
             reason: e.to_string(),
@@ -62,7 +75,7 @@ impl StateLock {
         let record = format!(
             "pid {}\ncommand {command}\nsince {}\n",
             std::process::id(),
-            chrono::Utc::now().to_rfc3339()
+            clock.now().to_rfc3339()
         );
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -151,11 +164,19 @@ fn describe_holder(file: &mut File) -> String {
 mod tests {
     use super::*;
 
+    fn clock() -> Clock {
+        Clock::fixed(
+            chrono::DateTime::parse_from_rfc3339("2100-06-01T00:00:00Z")
+                .unwrap()
+                .to_utc(),
+        )
+    }
+
     #[test]
     fn a_second_holder_is_told_who_holds_it_and_the_lock_frees_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let first = StateLock::acquire(dir.path(), "sync").unwrap();
-        let err = StateLock::acquire(dir.path(), "run")
+        let first = StateLock::acquire_at(dir.path(), "sync", &clock()).unwrap();
+        let err = StateLock::acquire_at(dir.path(), "run", &clock())
             .unwrap_err()
             .to_string();
         assert!(
@@ -166,9 +187,14 @@ mod tests {
             "{err}"
         );
         assert!(holder(dir.path()).unwrap().contains("`sync`"));
+        let record = std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap();
+        assert!(
+            record.contains("since 2100-06-01T00:00:00+00:00"),
+            "{record}"
+        );
         drop(first);
         assert_eq!(holder(dir.path()), None);
-        let again = StateLock::acquire(dir.path(), "run").unwrap();
+        let again = StateLock::acquire_at(dir.path(), "run", &clock()).unwrap();
         assert!(again.path().ends_with(LOCK_FILE));
     }
 
@@ -177,7 +203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         let state = dir.path().join("a/state");
-        let lock = StateLock::acquire(&state, "sync").unwrap();
+        let lock = StateLock::acquire_at(&state, "sync", &clock()).unwrap();
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(lock.path()), 0o600);
         drop(lock);
@@ -188,7 +214,7 @@ mod tests {
             std::fs::Permissions::from_mode(0o666),
         )
         .unwrap();
-        let lock = StateLock::acquire(&state, "sync").unwrap();
+        let lock = StateLock::acquire_at(&state, "sync", &clock()).unwrap();
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(lock.path()), 0o600);
         std::fs::write(state.join("f"), "x").unwrap();

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde_json::Value;
 
-use crate::config::{GroupScope, TargetConfig};
+use crate::config::{GroupScope, TargetConfig, Template};
 use crate::model::dn;
 use crate::model::{Directory, DirectoryGroup, DirectoryId, DirectoryUser};
 
@@ -192,12 +192,12 @@ fn scope<'d>(
         return Ok(None);
     }
     let mut set = HashSet::new();
+    // The configuration holds scope groups normalized.
     for scope_dn in &target.scope_groups {
-        let norm = dn::normalize_lossy(scope_dn);
         let group = dir
             .groups
             .iter()
-            .find(|g| dn::normalize_lossy(&g.dn) == norm)
+            .find(|g| dn::normalize_lossy(&g.dn) == *scope_dn)
             .ok_or_else(|| MapError::ScopeGroupMissing {
                 target: target.name.0.clone(),
                 dn: scope_dn.clone(),
@@ -303,13 +303,13 @@ pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUs
     UserMapper::new(target).map(user)
 }
 
-/// A target's mapping, compiled: one slot per SCIM path, in the order of the flat map's keys
+/// A target's mapping laid out for writing: one slot per SCIM path, in the order of the flat map's keys
 /// (so a user's packed JSON is written straight, without building the map), each with its
 /// key already written as JSON (`"name.givenName":`).
 type Compiled = Vec<(String, String, Slot)>;
 
 enum Slot {
-    Template(Vec<Piece>),
+    Template(Template),
     /// The directory id, whatever the mapping says.
     ExternalId,
     /// Enabled or not, whatever the mapping says.
@@ -319,7 +319,7 @@ enum Slot {
 fn compile_mapping(target: &TargetConfig) -> Compiled {
     let mut slots: BTreeMap<&str, Slot> = BTreeMap::new();
     for (path, template) in &target.mapping {
-        slots.insert(path, Slot::Template(compile(template)));
+        slots.insert(path, Slot::Template(template.clone()));
     }
     slots.insert("externalId", Slot::ExternalId);
     slots.insert("active", Slot::Active);
@@ -347,15 +347,15 @@ fn map_compiled(
     for (path, key, slot) in mapping {
         let rendered;
         let value: &str = match slot {
-            Slot::Template(pieces) => {
+            Slot::Template(template) => {
                 // A value that is not text would render as if the attribute were absent, and
                 // an absent attribute is pushed as a removal.
-                if let Some(attr) = unreadable_attribute(pieces, user) {
+                if let Some(attr) = template.unreadable_attribute(user) {
                     return Err(format!(
                         "its attribute {attr} (mapped to {path}) has a value that is not valid UTF-8; fix the value in the directory ({UNTIL_FIXED})"
                     ));
                 }
-                rendered = render_compiled(pieces, user);
+                rendered = template.render(user);
                 if rendered.is_empty() {
                     continue;
                 }
@@ -402,35 +402,6 @@ fn map_compiled(
     })
 }
 
-/// The first attribute the template names whose value is not valid UTF-8.
-fn unreadable_attribute<'p>(pieces: &'p [Piece], user: &DirectoryUser) -> Option<&'p str> {
-    if user.invalid_utf8.is_empty() {
-        return None;
-    }
-    pieces.iter().find_map(|p| match p {
-        Piece::Attr(name) if user.invalid_utf8.iter().any(|a| a == name) => Some(name.as_str()),
-        _ => None,
-    })
-}
-
-/// The directory attributes a template names (`{givenName} {sn}` → givenName, sn).
-pub fn template_attributes(template: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = template;
-    while let Some(pos) = rest.find(['{', '}']) {
-        let tail = &rest[pos..];
-        if tail.starts_with("{{") || tail.starts_with("}}") {
-            rest = &tail[2..];
-        } else if let (true, Some(end)) = (tail.starts_with('{'), tail.find('}')) {
-            out.push(tail[1..end].to_string());
-            rest = &tail[end + 1..];
-        } else {
-            rest = &tail[1..];
-        }
-    }
-    out
-}
-
 /// Every directory attribute some target's mapping names, for the directory read.
 pub fn needed_attributes<'a>(targets: impl IntoIterator<Item = &'a TargetConfig>) -> Vec<String> {
     let mut names: Vec<String> = targets
@@ -438,73 +409,12 @@ pub fn needed_attributes<'a>(targets: impl IntoIterator<Item = &'a TargetConfig>
         .flat_map(|t| {
             t.mapping
                 .iter()
-                .flat_map(|(_, tpl)| template_attributes(tpl))
+                .flat_map(|(_, tpl)| tpl.attributes().map(str::to_owned))
         })
         .collect();
     names.sort_by_key(|n| n.to_ascii_lowercase());
     names.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     names
-}
-
-/// Renders `{attribute}` placeholders with the attribute's first value; `{{`/`}}` escape.
-pub fn render(template: &str, user: &DirectoryUser) -> String {
-    render_compiled(&compile(template), user)
-}
-
-/// A template split once into literal text and (lowercased) attribute names, so rendering
-/// 100,000 users does not re-parse it for each.
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    Text(String),
-    Attr(String),
-}
-
-fn compile(template: &str) -> Vec<Piece> {
-    let mut pieces = Vec::new();
-    let mut text = String::new();
-    let mut rest = template;
-    while let Some(pos) = rest.find(['{', '}']) {
-        text.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        if tail.starts_with("{{") || tail.starts_with("}}") {
-            text.push_str(&tail[..1]);
-            rest = &tail[2..];
-        } else if let (true, Some(end)) = (tail.starts_with('{'), tail.find('}')) {
-            if !text.is_empty() {
-                pieces.push(Piece::Text(std::mem::take(&mut text)));
-            }
-            pieces.push(Piece::Attr(tail[1..end].to_ascii_lowercase()));
-            rest = &tail[end + 1..];
-        } else {
-            text.push_str(&tail[..1]);
-            rest = &tail[1..];
-        }
-    }
-    text.push_str(rest);
-    if !text.is_empty() {
-        pieces.push(Piece::Text(text));
-    }
-    pieces
-}
-
-fn render_compiled(pieces: &[Piece], user: &DirectoryUser) -> String {
-    let mut out = String::new();
-    for piece in pieces {
-        match piece {
-            Piece::Text(t) => out.push_str(t),
-            Piece::Attr(name) => {
-                if let Some(v) = user.attrs.get(name).and_then(|v| v.first()) {
-                    out.push_str(v);
-                }
-            }
-        }
-    }
-    let trimmed = out.trim();
-    if trimmed.len() == out.len() {
-        out
-    } else {
-        trimmed.to_string()
-    }
 }
 
 /// The hash of a user's representation, stored in the snapshot, from the map: what
@@ -641,7 +551,7 @@ mod tests {
             ("active", "no"),
             ("displayName", "Zoë\t{sn}"),
         ]
-        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .map(|(p, t)| (p.to_string(), t.into()))
         .to_vec();
         let mut u = user();
         u.disabled = true;
@@ -703,39 +613,5 @@ mod tests {
         );
         target.max_value_length = 64 << 10;
         assert!(UserMapper::new(&target).map(&u).is_ok());
-    }
-
-    #[test]
-    fn compiled_templates_render_like_the_text() {
-        let u = user();
-        for (template, rendered) in [
-            ("{givenName} {sn}", "Jane Doe"),
-            (" {uid} ", "jdoe"),
-            ("{{x}} {mail}", "{x} jdoe@example.org"),
-            ("a}b{c", "a}b{c"),
-            ("{", "{"),
-            ("x{uid", "x{uid"),
-            ("{missing}", ""),
-            ("{UID}@{missing}", "jdoe@"),
-        ] {
-            assert_eq!(render(template, &u), rendered, "{template}");
-        }
-    }
-
-    #[test]
-    fn templates_name_their_attributes() {
-        assert_eq!(
-            template_attributes("{givenName} {{x}} {sn}"),
-            vec!["givenName", "sn"]
-        );
-        assert!(template_attributes("plain").is_empty());
-    }
-
-    #[test]
-    fn templates_render_first_values_and_escapes() {
-        let u = user();
-        assert_eq!(render("{givenName} {sn}", &u), "Jane Doe");
-        assert_eq!(render("{{literal}} {uid}", &u), "{literal} jdoe");
-        assert_eq!(render("{missing}", &u), "");
     }
 }

@@ -1,11 +1,26 @@
 //! Configuration: the main TOML file plus one file per target in `targets_dir`.
 //!
-//! `load` reads everything, resolves secrets, and returns either a validated [`Config`] or the
+//! `load` reads everything, resolves secrets, and returns either a parsed [`Config`] or the
 //! complete list of problems ([`ConfigErrors`]), each naming its file and key. Nothing else in
-//! the program parses configuration. Secrets are held in [`Secret`], whose `Debug` and
+//! the program parses configuration: a loaded `Config` holds the schedule compiled in its time
+//! zone, scope groups as normalized DNs and the mapping as parsed templates, so the commands
+//! and the daemon use what `check` checked. Secrets are held in [`Secret`], whose `Debug` and
 //! `Display` never show the value.
+//!
+//! This file holds the types; the reading is split by what it reads: `walk` (files, sections,
+//! typed getters), `values` (one value's text), `schedule`, `template`, `main_file`,
+//! `target_file` and `mapping`.
 
-mod load;
+mod main_file;
+mod mapping;
+mod schedule;
+mod target_file;
+mod template;
+mod values;
+mod walk;
+
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,9 +29,11 @@ use std::time::Duration;
 
 pub use crate::scim::profile::Profile;
 
-pub use load::{
-    load, load_with_env, nearest, parse_duration, parse_size, ConfigError, ConfigErrors,
-};
+pub use main_file::{load, load_with_env};
+pub use schedule::Schedule;
+pub use template::Template;
+pub use values::{parse_duration, parse_size};
+pub use walk::{nearest, ConfigError, ConfigErrors};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ldap2scim/config.toml";
 
@@ -32,8 +49,9 @@ pub struct Config {
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// 5-field crontab; validated for field count and ranges, interpreted by the daemon.
-    pub schedule: String,
+    /// `daemon.schedule` (5-field crontab) compiled in `daemon.timezone`; displays as written.
+    pub schedule: Schedule,
+    /// `daemon.timezone` as written (an IANA name).
     pub timezone: String,
     pub state_dir: PathBuf,
     /// Absolute (resolved relative to the main file).
@@ -165,8 +183,9 @@ pub struct TargetConfig {
     pub members_per_request: usize,
     /// Per-request timeout (default 30 s).
     pub timeout: Duration,
-    /// SCIM attribute path → template, in file order. Dialect defaults are already merged in.
-    pub mapping: Vec<(String, String)>,
+    /// SCIM attribute path → parsed template, in file order. Dialect defaults are already
+    /// merged in.
+    pub mapping: Vec<(String, Template)>,
     /// `http://` to a host that is not loopback is allowed only when this says so.
     pub allow_plaintext: bool,
     /// A private CA for this target's TLS (verified as strictly as the system roots).

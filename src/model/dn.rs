@@ -132,6 +132,27 @@ fn normalize_plain(dn: &str) -> Option<String> {
     Some(out)
 }
 
+/// [`normalize`] for a DN someone wrote (a configuration value): it must name at least one
+/// RDN, each with an attribute type (letters, digits, `-`, `.`) and a non-empty value. The
+/// error says what a DN looks like.
+pub fn normalize_strict(dn: &str) -> Result<String, String> {
+    let invalid = || {
+        format!("invalid DN \"{dn}\"; expected attribute=value pairs like \"cn=staff,ou=groups,dc=example,dc=org\"")
+    };
+    let rdns = parse(dn).ok_or_else(invalid)?;
+    let well_formed = !rdns.is_empty()
+        && rdns.iter().flatten().all(|(ty, value)| {
+            !value.is_empty()
+                && ty
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        });
+    if !well_formed {
+        return Err(invalid());
+    }
+    normalize(dn).ok_or_else(invalid)
+}
+
 /// Normalizes, falling back to a lowercased copy for a DN that does not parse (so a
 /// malformed member value never matches a real entry by accident, and never panics).
 pub fn normalize_lossy(dn: &str) -> String {
@@ -210,6 +231,32 @@ mod tests {
         }
         assert_eq!(normalize_plain("cn=a\\,b,dc=x"), None);
         assert_eq!(normalize_plain("cn=Jürgen,dc=x"), None);
+    }
+
+    #[test]
+    fn dns_are_normalized() {
+        let normalize_dn = normalize_strict;
+        assert_eq!(
+            normalize_dn("CN=Slack Users, OU = Groups ,DC=Example,DC=org"),
+            Ok("cn=slack users,ou=groups,dc=example,dc=org".into())
+        );
+        assert_eq!(
+            normalize_dn("cn=Smith\\, John + uid=JS,dc=x"),
+            Ok("cn=smith\\, john+uid=js,dc=x".into())
+        );
+        assert_eq!(
+            normalize_dn("cn=trailing\\ ,dc=x"),
+            Ok("cn=trailing\\ ,dc=x".into())
+        );
+        for bad in ["", "slack-users", "cn=,dc=x", "=x"] {
+            assert!(normalize_dn(bad).is_err(), "{bad:?} accepted");
+        }
+        // Beyond the configuration's old reader: one spelling per entry.
+        assert_eq!(
+            normalize_dn("uid=JS+cn=Smith,dc=x"),
+            normalize_dn("cn=smith+uid=js,dc=x")
+        );
+        assert!(normalize_dn("cn=a,,dc=x").is_err());
     }
 
     #[test]
