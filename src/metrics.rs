@@ -268,7 +268,7 @@ fn render(s: &State) -> String {
     for (metric, help, get) in [
         (
             "ldap2scim_throttled_total",
-            "Responses 429 (or 503 with Retry-After) from the target.",
+            "Responses 429 from the target.",
             (|m: &TargetMetrics| m.throttled) as fn(&TargetMetrics) -> u64,
         ),
         ("ldap2scim_retries_total", "Requests retried.", |m| {
@@ -372,7 +372,7 @@ fn render(s: &State) -> String {
         &mut out,
         "ldap2scim_cycle_failures_total",
         "counter",
-        "Cycles that failed as a whole, by class (source: the directory read; snapshot; lock).",
+        "Cycles that failed as a whole, by class (source: the directory read; snapshot: the state directory).",
     );
     for (class, n) in &s.cycles_failed {
         let _ = writeln!(
