@@ -8,6 +8,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use crate::cli::{Cli, Command, ReportFormat};
+use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
@@ -109,7 +110,7 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
     }
     match result {
         Ok(outcome) => {
-            crate::audit::record(config, &outcome);
+            crate::audit::record(config, &outcome, Clock::from_env().now());
             print!("{}", report::sync_lines(&outcome));
             let _ = std::io::stdout().flush();
             if outcome
@@ -371,7 +372,8 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         }
         Err(e) => return fail(e),
     };
-    let directory = match crate::source::read(&config.ldap).await {
+    let pass = Pass::new(config, &[], true);
+    let directory = match crate::source::read(&config.ldap, pass.now).await {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
@@ -383,7 +385,6 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Entry::User(u) => (u.id.clone(), u.dn.clone(), "user"),
         Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
     };
-    let pass = Pass::new(config, &[], true);
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),

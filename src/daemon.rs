@@ -189,7 +189,7 @@ async fn cycle(
     let elapsed = started.elapsed();
     match result {
         Ok(outcome) => {
-            crate::audit::record(&config, &outcome);
+            crate::audit::record(&config, &outcome, crate::clock::Clock::from_env().now());
             metrics.cycle_finished(&outcome, elapsed, unix_now());
             log_summary(&outcome, elapsed);
             summary_status(&outcome)

@@ -159,16 +159,22 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
             user.attrs = Default::default();
         }
     };
-    let directory =
-        match source::read_streaming(&pass.config.ldap, Some(&wanted), &mut on_user).await {
-            Ok(directory) => directory,
-            Err(e) => {
-                // The snapshot opening runs meanwhile; it is let finish, so what it records (a loss
-                // noticed, the rebuild it leaves pending) does not depend on how fast the read failed.
-                let _ = opening.await;
-                return Err(e.into());
-            }
-        };
+    let directory = match source::read_streaming(
+        &pass.config.ldap,
+        Some(&wanted),
+        &mut on_user,
+        pass.now,
+    )
+    .await
+    {
+        Ok(directory) => directory,
+        Err(e) => {
+            // The snapshot opening runs meanwhile; it is let finish, so what it records (a loss
+            // noticed, the rebuild it leaves pending) does not depend on how fast the read failed.
+            let _ = opening.await;
+            return Err(e.into());
+        }
+    };
     let read_duration = read_started.elapsed();
     let snapshot = match opening.await {
         Ok(opened) => opened?,

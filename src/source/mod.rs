@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use ldap3::adapters::PagedResults;
 use ldap3::asn1::PL;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, ResultEntry, Scope, SearchEntry};
@@ -110,9 +111,9 @@ fn user_attributes(dialect: Dialect) -> &'static [&'static str] {
 }
 
 /// Reads the whole directory as configured, with every user attribute. Fails rather than
-/// return a partial read.
-pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
-    read_attributes(cfg, None).await
+/// return a partial read. `now` decides which AD accounts have expired.
+pub async fn read(cfg: &LdapConfig, now: DateTime<Utc>) -> Result<Directory, SourceError> {
+    read_attributes(cfg, None, now).await
 }
 
 /// Like [`read`], asking only for `wanted` user attributes (besides the ones the dialect
@@ -120,8 +121,9 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
 pub async fn read_attributes(
     cfg: &LdapConfig,
     wanted: Option<&[String]>,
+    now: DateTime<Utc>,
 ) -> Result<Directory, SourceError> {
-    read_streaming(cfg, wanted, &mut |_| {}).await
+    read_streaming(cfg, wanted, &mut |_| {}, now).await
 }
 
 /// Like [`read_attributes`], handing each user to `on_user` as soon as it is final (its
@@ -132,6 +134,7 @@ pub async fn read_streaming(
     cfg: &LdapConfig,
     wanted: Option<&[String]>,
     on_user: &mut (dyn FnMut(&mut DirectoryUser) + Send),
+    now: DateTime<Utc>,
 ) -> Result<Directory, SourceError> {
     let started = Instant::now();
     let mut ldap = connect(cfg).await?;
@@ -154,7 +157,6 @@ pub async fn read_streaming(
     // per connection: a second one invalidates the first one's cookie), and every entry is
     // converted as it arrives: the raw entries are never all held at once, and the conversion
     // overlaps the server's work.
-    let now = crate::clock::now();
     // Who is disabled is known once the disabled-users search is over; users that arrive
     // before that wait in `Finisher::pending`.
     let disabled_known: OnceLock<HashSet<String>> = OnceLock::new();
@@ -362,7 +364,7 @@ fn group_entry(
 fn user_entry(
     entry: &mut SearchEntry,
     dialect: Dialect,
-    now: chrono::DateTime<chrono::Utc>,
+    now: DateTime<Utc>,
 ) -> Result<(DirectoryUser, String), SourceError> {
     let id = entry_id(entry, dialect)?;
     let norm = dn::normalize_lossy(&entry.dn);
@@ -408,7 +410,7 @@ fn lowercase_attrs(attrs: HashMap<String, Vec<String>>) -> Attributes {
 
 /// AD accounts are inactive when `userAccountControl` has bit 2 (ACCOUNTDISABLE) set or
 /// `accountExpires` lies in the past.
-fn ad_inactive(dialect: Dialect, attrs: &Attributes, now: chrono::DateTime<chrono::Utc>) -> bool {
+fn ad_inactive(dialect: Dialect, attrs: &Attributes, now: DateTime<Utc>) -> bool {
     let first = |name: &str| attrs.get(name).and_then(|v| v.first()).map(String::as_str);
     dialect == Dialect::ActiveDirectory
         && (ad::uac_disabled(first("useraccountcontrol"))
@@ -953,7 +955,7 @@ mod tests {
 
     #[test]
     fn values_that_are_not_utf8_are_named_on_the_user() {
-        let now = chrono::Utc::now();
+        let now = DateTime::UNIX_EPOCH;
         let mut e = entry_with(
             &[("entryUUID", "u-1"), ("uid", "jdoe")],
             &[("Mail", b"j\xffdoe@x.org"), ("jpegPhoto", b"\xff\xd8")],
