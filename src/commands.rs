@@ -12,7 +12,7 @@ use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
-use crate::outcome::TargetStatus;
+use crate::outcome::{Outcome, TargetStatus};
 use crate::progress::ProgressBars;
 use crate::reconcile::{self, Pass};
 use crate::report::{self, Format};
@@ -113,17 +113,9 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
             crate::audit::record(config, &outcome, Clock::from_env().now());
             print!("{}", report::sync_lines(&outcome));
             let _ = std::io::stdout().flush();
-            if outcome
-                .targets
-                .iter()
-                .any(|t| t.status == TargetStatus::Error)
-            {
+            if any_target_is(&outcome, TargetStatus::Error) {
                 EXIT_PARTIAL
-            } else if outcome
-                .targets
-                .iter()
-                .any(|t| t.status == TargetStatus::Held)
-            {
+            } else if any_target_is(&outcome, TargetStatus::Held) {
                 EXIT_HELD
             } else {
                 EXIT_OK
@@ -131,6 +123,10 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
         }
         Err(e) => fail(e),
     }
+}
+
+fn any_target_is(outcome: &Outcome, status: TargetStatus) -> bool {
+    outcome.targets.iter().any(|t| t.status == status)
 }
 
 async fn plan(
@@ -164,11 +160,7 @@ async fn plan(
             eprintln!("ldap2scim: target {}: {e}", t.name);
         }
     }
-    if outcome
-        .targets
-        .iter()
-        .any(|t| t.status == TargetStatus::Error)
-    {
+    if any_target_is(&outcome, TargetStatus::Error) {
         EXIT_ERROR
     } else if outcome
         .targets

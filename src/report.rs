@@ -375,6 +375,19 @@ fn summary_line(t: &TargetOutcome) -> String {
     }
 }
 
+/// The entries a target could not be given, one line each (text report and sync lines).
+fn problem_lines(out: &mut String, t: &TargetOutcome) {
+    for p in &t.plan.problems {
+        let _ = writeln!(
+            out,
+            "  problem: {} ({}): {}",
+            one_line(&p.name),
+            one_line(&p.external_id),
+            one_line(&p.reason)
+        );
+    }
+}
+
 fn text(outcome: &Outcome) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -409,15 +422,7 @@ fn text(outcome: &Outcome) -> String {
                 let _ = writeln!(out, "    {}", one_line(&describe(t, c)));
             }
         }
-        for p in &t.plan.problems {
-            let _ = writeln!(
-                out,
-                "  problem: {} ({}): {}",
-                one_line(&p.name),
-                one_line(&p.external_id),
-                one_line(&p.reason)
-            );
-        }
+        problem_lines(&mut out, t);
         if !t.plan.not_kept.is_empty() {
             let _ = writeln!(
                 out,
@@ -540,15 +545,7 @@ pub fn sync_lines(outcome: &Outcome) -> String {
         {
             let _ = writeln!(out, "  {}", describe(t, c));
         }
-        for p in &t.plan.problems {
-            let _ = writeln!(
-                out,
-                "  problem: {} ({}): {}",
-                one_line(&p.name),
-                one_line(&p.external_id),
-                one_line(&p.reason)
-            );
-        }
+        problem_lines(&mut out, t);
     }
     out
 }

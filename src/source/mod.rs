@@ -939,7 +939,8 @@ mod tests {
         );
     }
 
-    fn entry_with(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
+    /// An entry with these text and binary attributes (one value each).
+    pub(super) fn entry_with(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
         SearchEntry {
             dn: "uid=jdoe,ou=people,dc=x".into(),
             attrs: attrs
