@@ -683,7 +683,7 @@ fn measure_read(report: &mut Report, slapd: &Slapd, config: &TestConfig) {
         ));
         let t = Instant::now();
         let directory = runtime
-            .block_on(ldap2scim::source::read(&cfg.ldap))
+            .block_on(ldap2scim::source::read(&cfg.ldap, chrono::Utc::now()))
             .expect("source::read");
         reads.push(t.elapsed());
         report.library_read_counts = (directory.users.len(), directory.groups.len());

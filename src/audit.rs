@@ -136,11 +136,11 @@ impl AuditLog {
     }
 }
 
-/// Appends the changes of a pass to the audit trail; a failure to write it is logged, not
-/// fatal (the changes already happened and are in the snapshot).
-pub fn record(config: &Config, outcome: &Outcome) {
+/// Appends the changes of a pass to the audit trail, stamped `at`; a failure to write it is
+/// logged, not fatal (the changes already happened and are in the snapshot).
+pub fn record(config: &Config, outcome: &Outcome, at: DateTime<Utc>) {
     let log = AuditLog::new(&config.daemon.state_dir);
-    if let Err(e) = log.append(outcome, crate::clock::now()) {
+    if let Err(e) = log.append(outcome, at) {
         tracing::error!(path = %log.path().display(), error = %e, "cannot append to the audit log");
     }
 }

@@ -56,12 +56,6 @@ impl Default for Clock {
     }
 }
 
-/// Transitional: the environment's clock read directly (to be replaced by an injected
-/// [`Clock`] everywhere).
-pub fn now() -> DateTime<Utc> {
-    Clock::from_env().now()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

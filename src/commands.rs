@@ -10,7 +10,7 @@ use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
-use crate::outcome::TargetStatus;
+use crate::outcome::{Outcome, TargetStatus};
 use crate::progress::ProgressBars;
 use crate::reconcile::{self, Pass};
 use crate::report::{self, Format};
@@ -62,15 +62,24 @@ pub async fn execute(cli: Cli) -> u8 {
     };
     match &cli.command {
         Command::Run { now } => crate::daemon::run(&cli, config, *now, clock).await,
-        Command::Sync { targets } => sync(&config, targets).await,
+        Command::Sync { targets } => sync(&config, targets, &clock).await,
         Command::Plan {
             targets,
             format,
             out,
-        } => plan(&config, targets, report_format(*format), out.as_deref()).await,
+        } => {
+            plan(
+                &config,
+                targets,
+                report_format(*format),
+                out.as_deref(),
+                &clock,
+            )
+            .await
+        }
         Command::Check { connect } => check(&config, *connect).await,
         Command::Status => status(&config, &clock),
-        Command::Explain { name_or_dn } => explain(&config, name_or_dn).await,
+        Command::Explain { name_or_dn } => explain(&config, name_or_dn, &clock).await,
         Command::Approve { target } => approve(&config, target).await,
     }
 }
@@ -96,14 +105,14 @@ fn report_format(format: ReportFormat) -> Format {
 }
 
 /// One reconcile now. The caller holds the state directory lock.
-pub async fn sync(config: &Config, targets: &[String]) -> u8 {
+pub async fn sync(config: &Config, targets: &[String], clock: &Clock) -> u8 {
     let bars = ProgressBars::for_terminal();
     let hook = |target: &str, done: usize, total: usize| {
         if let Some(b) = &bars {
             b.update(target, done, total);
         }
     };
-    let mut pass = Pass::new(config, targets, false, &crate::clock::Clock::from_env());
+    let mut pass = Pass::new(config, targets, false, clock);
     if bars.is_some() {
         pass.progress = Some(&hook);
     }
@@ -113,20 +122,12 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
     }
     match result {
         Ok(outcome) => {
-            crate::audit::record(config, &outcome);
+            crate::audit::record(config, &outcome, clock.now());
             print!("{}", report::sync_lines(&outcome));
             let _ = std::io::stdout().flush();
-            if outcome
-                .targets
-                .iter()
-                .any(|t| t.status == TargetStatus::Error)
-            {
+            if any_target_is(&outcome, TargetStatus::Error) {
                 EXIT_PARTIAL
-            } else if outcome
-                .targets
-                .iter()
-                .any(|t| t.status == TargetStatus::Held)
-            {
+            } else if any_target_is(&outcome, TargetStatus::Held) {
                 EXIT_HELD
             } else {
                 EXIT_OK
@@ -136,13 +137,18 @@ pub async fn sync(config: &Config, targets: &[String]) -> u8 {
     }
 }
 
+fn any_target_is(outcome: &Outcome, status: TargetStatus) -> bool {
+    outcome.targets.iter().any(|t| t.status == status)
+}
+
 async fn plan(
     config: &Config,
     targets: &[String],
     format: Format,
     out: Option<&std::path::Path>,
+    clock: &Clock,
 ) -> u8 {
-    let pass = Pass::new(config, targets, true, &crate::clock::Clock::from_env());
+    let pass = Pass::new(config, targets, true, clock);
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),
@@ -167,11 +173,7 @@ async fn plan(
             eprintln!("ldap2scim: target {}: {e}", t.name);
         }
     }
-    if outcome
-        .targets
-        .iter()
-        .any(|t| t.status == TargetStatus::Error)
-    {
+    if any_target_is(&outcome, TargetStatus::Error) {
         EXIT_ERROR
     } else if outcome
         .targets
@@ -355,12 +357,12 @@ fn print_snapshot_health(snapshot: &Snapshot, target: &str, users: usize, groups
     }
 }
 
-async fn explain(config: &Config, needle: &str) -> u8 {
+async fn explain(config: &Config, needle: &str, clock: &Clock) -> u8 {
     // explain reads the snapshot, which one process at a time may open: while a `run` or a
     // `sync` holds the state directory, its rows cannot be shown (and opening them would get
     // in that process's way). Holding the lock for the read keeps a cycle from starting
     // meanwhile.
-    let _lock = match StateLock::acquire(&config.daemon.state_dir, "explain") {
+    let _lock = match StateLock::acquire_at(&config.daemon.state_dir, "explain", clock) {
         Ok(lock) => lock,
         Err(LockError::Busy { dir, holder }) => {
             return fail(format!(
@@ -370,7 +372,8 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         }
         Err(e) => return fail(e),
     };
-    let directory = match crate::source::read(&config.ldap).await {
+    let pass = Pass::new(config, &[], true, clock);
+    let directory = match crate::source::read(&config.ldap, pass.now).await {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
@@ -382,8 +385,21 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Entry::User(u) => (u.id.clone(), u.dn.clone(), "user"),
         Entry::Group(g) => (g.id.clone(), g.dn.clone(), "group"),
     };
-    let pass = Pass::new(config, &[], true, &crate::clock::Clock::from_env());
-    let outcome = match reconcile::run(&pass).await {
+    // What each target makes of the entry, before the read goes to the plan (which keeps
+    // only the mapped attributes).
+    let mapped: Vec<serde_json::Value> = config
+        .targets
+        .iter()
+        .map(|t| match entry {
+            Entry::User(u) => crate::map::map_user(u, t)
+                .map(|m| crate::scim::resource::user_resource(&m.attrs.unpack()))
+                .unwrap_or_else(|e| json!({"error": e})),
+            Entry::Group(g) => {
+                json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})
+            }
+        })
+        .collect();
+    let outcome = match reconcile::run_on(&pass, directory).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -393,15 +409,7 @@ async fn explain(config: &Config, needle: &str) -> u8 {
         Err(e) => return fail(e),
     };
     let mut targets = Vec::new();
-    for t in &config.targets {
-        let mapped = match entry {
-            Entry::User(u) => crate::map::map_user(u, t)
-                .map(|m| crate::scim::resource::user_resource(&m.attrs.unpack()))
-                .unwrap_or_else(|e| json!({"error": e})),
-            Entry::Group(g) => {
-                json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})
-            }
-        };
+    for (t, mapped) in config.targets.iter().zip(mapped) {
         let row = snapshot.as_ref().and_then(|s| s.target(&t.name.0).ok()).and_then(|ts| {
             let mut st = ts.load().ok()?;
             ts.load_attrs(&mut st, [&id]).ok()?;

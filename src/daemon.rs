@@ -146,7 +146,7 @@ async fn cycle(
 ) -> String {
     let started = Instant::now();
     metrics.cycle_started();
-    let mut pass = Pass::new(&config, &[], false, &crate::clock::Clock::from_env());
+    let mut pass = Pass::new(&config, &[], false, &clock);
     pass.stop = Some(&stop);
     pass.deadline = deadline;
     let run_id = pass.run_id.clone();
@@ -155,7 +155,7 @@ async fn cycle(
     let elapsed = started.elapsed();
     match result {
         Ok(outcome) => {
-            crate::audit::record(&config, &outcome);
+            crate::audit::record(&config, &outcome, clock.now());
             metrics.cycle_finished(&outcome, elapsed, unix_now());
             log_summary(&outcome, elapsed);
             summary_status(&outcome, clock.now())

@@ -216,6 +216,25 @@ fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_count{braces} {}", h.count);
 }
 
+/// `metric{target="…",by="…"} n`, for every target and every value of `by` counted.
+fn per_target_by<K: std::fmt::Display>(
+    out: &mut String,
+    targets: &BTreeMap<String, TargetMetrics>,
+    metric: &str,
+    by: &str,
+    counts: fn(&TargetMetrics) -> &BTreeMap<K, u64>,
+) {
+    for (name, m) in targets {
+        for (value, n) in counts(m) {
+            let _ = writeln!(
+                out,
+                "{metric}{{target=\"{}\",{by}=\"{value}\"}} {n}",
+                label(name)
+            );
+        }
+    }
+}
+
 fn render(s: &State) -> String {
     let mut out = String::new();
     let t = &s.targets;
@@ -226,106 +245,66 @@ fn render(s: &State) -> String {
         "counter",
         "Reconcile cycles per target, by result.",
     );
-    for (name, m) in t {
-        for (status, n) in &m.cycles {
-            let _ = writeln!(
-                out,
-                "ldap2scim_cycles_total{{target=\"{}\",result=\"{status}\"}} {n}",
-                label(name)
-            );
-        }
-    }
+    per_target_by(&mut out, t, "ldap2scim_cycles_total", "result", |m| {
+        &m.cycles
+    });
     header(
         &mut out,
         "ldap2scim_changes_total",
         "counter",
         "Changes the target acknowledged, by kind.",
     );
-    for (name, m) in t {
-        for (kind, n) in &m.changes {
-            let _ = writeln!(
-                out,
-                "ldap2scim_changes_total{{target=\"{}\",kind=\"{kind}\"}} {n}",
-                label(name)
-            );
-        }
-    }
+    per_target_by(&mut out, t, "ldap2scim_changes_total", "kind", |m| {
+        &m.changes
+    });
     header(
         &mut out,
         "ldap2scim_errors_total",
         "counter",
         "Target errors, by class (plan: the target could not be planned; others: a change failed).",
     );
-    for (name, m) in t {
-        for (class, n) in &m.errors {
-            let _ = writeln!(
-                out,
-                "ldap2scim_errors_total{{target=\"{}\",class=\"{class}\"}} {n}",
-                label(name)
-            );
-        }
-    }
-    for (metric, help, get) in [
+    per_target_by(&mut out, t, "ldap2scim_errors_total", "class", |m| {
+        &m.errors
+    });
+    for (metric, kind, help, get) in [
         (
             "ldap2scim_throttled_total",
-            "Responses 429 (or 503 with Retry-After) from the target.",
+            "counter",
+            "Responses 429 from the target.",
             (|m: &TargetMetrics| m.throttled) as fn(&TargetMetrics) -> u64,
         ),
-        ("ldap2scim_retries_total", "Requests retried.", |m| {
+        ("ldap2scim_retries_total", "counter", "Requests retried.", |m| {
             m.retries
         }),
         (
             "ldap2scim_write_requests_total",
+            "counter",
             "Write requests sent, retries included.",
             |m| m.writes,
         ),
+        (
+            "ldap2scim_held_changes",
+            "gauge",
+            "Destructive changes held by a safety limit after the last cycle.",
+            |m| m.held,
+        ),
+        (
+            "ldap2scim_orphans",
+            "gauge",
+            "Accounts with a directory-style externalId matching no directory entry, waiting for approve.",
+            |m| m.orphans,
+        ),
+        (
+            "ldap2scim_snapshot_rebuilds_total",
+            "counter",
+            "Cycles that found the target's snapshot rows lost (or missing while it holds accounts with directory-style externalIds) and rebuilt them.",
+            |m| m.rebuilds,
+        ),
     ] {
-        header(&mut out, metric, "counter", help);
+        header(&mut out, metric, kind, help);
         for (name, m) in t {
             let _ = writeln!(out, "{metric}{{target=\"{}\"}} {}", label(name), get(m));
         }
-    }
-    header(
-        &mut out,
-        "ldap2scim_held_changes",
-        "gauge",
-        "Destructive changes held by a safety limit after the last cycle.",
-    );
-    for (name, m) in t {
-        let _ = writeln!(
-            out,
-            "ldap2scim_held_changes{{target=\"{}\"}} {}",
-            label(name),
-            m.held
-        );
-    }
-    header(
-        &mut out,
-        "ldap2scim_orphans",
-        "gauge",
-        "Accounts with a directory-style externalId matching no directory entry, waiting for approve.",
-    );
-    for (name, m) in t {
-        let _ = writeln!(
-            out,
-            "ldap2scim_orphans{{target=\"{}\"}} {}",
-            label(name),
-            m.orphans
-        );
-    }
-    header(
-        &mut out,
-        "ldap2scim_snapshot_rebuilds_total",
-        "counter",
-        "Cycles that found the target's snapshot rows lost (or missing while it holds accounts with directory-style externalIds) and rebuilt them.",
-    );
-    for (name, m) in t {
-        let _ = writeln!(
-            out,
-            "ldap2scim_snapshot_rebuilds_total{{target=\"{}\"}} {}",
-            label(name),
-            m.rebuilds
-        );
     }
     header(
         &mut out,
@@ -372,7 +351,7 @@ fn render(s: &State) -> String {
         &mut out,
         "ldap2scim_cycle_failures_total",
         "counter",
-        "Cycles that failed as a whole, by class (source: the directory read; snapshot; lock).",
+        "Cycles that failed as a whole, by class (source: the directory read; snapshot: the state directory).",
     );
     for (class, n) in &s.cycles_failed {
         let _ = writeln!(

@@ -227,8 +227,23 @@ fn short(v: &Option<Value>) -> String {
     }
 }
 
+/// One change on one line: action, resource and name, why (in parentheses) and what it changes.
 fn describe(t: &TargetOutcome, c: &Change) -> String {
-    let head = format!("{} {} {}", c.action(), c.resource(), c.name());
+    let (why, detail) = why_and_detail(t, c);
+    let mut line = format!("{} {} {}", c.action(), c.resource(), c.name());
+    if !why.is_empty() {
+        let _ = write!(line, " ({why})");
+    }
+    if !detail.is_empty() {
+        let _ = write!(line, ": {detail}");
+    }
+    line
+}
+
+/// What a report says of a change besides its action, resource and name: why it is planned (a
+/// deprovision's reason, how an account was matched, what an orphan is) and what it changes
+/// (attributes, members, the identity an account moves from). Either may be empty.
+fn why_and_detail(t: &TargetOutcome, c: &Change) -> (String, String) {
     let detail = match c {
         Change::UpdateUser { changes, .. }
         | Change::DeactivateUser { changes, .. }
@@ -272,29 +287,32 @@ fn describe(t: &TargetOutcome, c: &Change) -> String {
     };
     let why = match c {
         Change::DeactivateUser { reason, .. } | Change::DeleteUser { reason, .. } => {
-            format!(" ({})", reason_text(reason))
+            reason_text(reason).to_string()
         }
         Change::AdoptUser { matched_by, .. }
         | Change::AdoptGroup { matched_by, .. }
-        | Change::Rebind { matched_by, .. } => {
-            format!(" (matched by {matched_by})")
-        }
+        | Change::Rebind { matched_by, .. } => format!("matched by {matched_by}"),
         Change::Orphan {
             id,
             scim_id,
             delete,
             ..
         } => format!(
-            " (externalId {id}, SCIM id {}: matches no directory entry this target provisions; {} only through approve)",
+            "externalId {id}, SCIM id {}: matches no directory entry this target provisions; {} only through approve",
             scim_id.0,
             if *delete { "deleted" } else { "deactivated" }
         ),
         _ => String::new(),
     };
-    if detail.is_empty() {
-        format!("{head}{why}")
-    } else {
-        format!("{head}{why}: {detail}")
+    (why, detail)
+}
+
+/// The details cell of a change's Markdown row: what it changes, then why.
+fn markdown_details(t: &TargetOutcome, c: &Change) -> String {
+    match why_and_detail(t, c) {
+        (why, detail) if detail.is_empty() => why,
+        (why, detail) if why.is_empty() => detail,
+        (why, detail) => format!("{detail} ({why})"),
     }
 }
 
@@ -357,6 +375,19 @@ fn summary_line(t: &TargetOutcome) -> String {
     }
 }
 
+/// The entries a target could not be given, one line each (text report and sync lines).
+fn problem_lines(out: &mut String, t: &TargetOutcome) {
+    for p in &t.plan.problems {
+        let _ = writeln!(
+            out,
+            "  problem: {} ({}): {}",
+            one_line(&p.name),
+            one_line(&p.external_id),
+            one_line(&p.reason)
+        );
+    }
+}
+
 fn text(outcome: &Outcome) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -391,15 +422,7 @@ fn text(outcome: &Outcome) -> String {
                 let _ = writeln!(out, "    {}", one_line(&describe(t, c)));
             }
         }
-        for p in &t.plan.problems {
-            let _ = writeln!(
-                out,
-                "  problem: {} ({}): {}",
-                one_line(&p.name),
-                one_line(&p.external_id),
-                one_line(&p.reason)
-            );
-        }
+        problem_lines(&mut out, t);
         if !t.plan.not_kept.is_empty() {
             let _ = writeln!(
                 out,
@@ -442,8 +465,6 @@ fn markdown(outcome: &Outcome) -> String {
                 "| action | resource | name | details |\n|---|---|---|---|"
             );
             for (flag, c) in rows {
-                let d = describe(t, c);
-                let detail = d.split_once(": ").map(|(_, r)| r).unwrap_or("");
                 let action = if flag.is_empty() {
                     c.action().to_string()
                 } else {
@@ -454,7 +475,7 @@ fn markdown(outcome: &Outcome) -> String {
                     "| {action} | {} | {} | {} |",
                     c.resource(),
                     md_cell(c.name()),
-                    md_cell(detail)
+                    md_cell(&markdown_details(t, c))
                 );
             }
         }
@@ -524,15 +545,7 @@ pub fn sync_lines(outcome: &Outcome) -> String {
         {
             let _ = writeln!(out, "  {}", describe(t, c));
         }
-        for p in &t.plan.problems {
-            let _ = writeln!(
-                out,
-                "  problem: {} ({}): {}",
-                one_line(&p.name),
-                one_line(&p.external_id),
-                one_line(&p.reason)
-            );
-        }
+        problem_lines(&mut out, t);
     }
     out
 }
@@ -715,10 +728,56 @@ users created 1, users updated 1, members added 2, held 1
 | create | User | jdoe@example.org |  |
 | update | User | ann | title: \"Engineer\" -> \"Staff Engineer\" |
 | add-members | Group | eng | 2 member(s): jdoe@example.org, ann |
-| delete (held) | User | old |  |
+| delete (held) | User | old | no longer in the directory or out of scope |
 
 Held: 1 deprovisions exceed max_deprovisions (0) of 3 managed users
 "
+        );
+    }
+
+    #[test]
+    fn a_markdown_row_says_why_a_user_is_deprovisioned() {
+        let id = |s: &str| DirectoryId::new(s);
+        let mut o = outcome();
+        o.targets[0].plan = Plan {
+            changes: vec![Change::DeactivateUser {
+                id: id("u4"),
+                scim_id: ScimId("s4".into()),
+                user_name: "bob".into(),
+                reason: Reason::Disabled,
+                changes: vec![AttrChange {
+                    path: "active".into(),
+                    from: Some(json!(true)),
+                    to: Some(json!(false)),
+                }],
+                attrs: Default::default(),
+            }],
+            held: vec![Change::Orphan {
+                id: id("u5"),
+                scim_id: ScimId("s5".into()),
+                user_name: "gone".into(),
+                delete: false,
+            }],
+            ..Plan::default()
+        };
+        let md = render(&o, Format::Markdown);
+        assert!(
+            md.contains(
+                "| deactivate | User | bob | active: true -> false (disabled in the directory) |\n"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| orphan (held) | User | gone | externalId u5, SCIM id s5: matches no directory entry this target provisions; deactivated only through approve |\n"),
+            "{md}"
+        );
+        // The text report says the same on one line.
+        let text = render(&o, Format::Text);
+        assert!(
+            text.contains(
+                "  deactivate User bob (disabled in the directory): active: true -> false\n"
+            ),
+            "{text}"
         );
     }
 

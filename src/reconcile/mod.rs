@@ -17,7 +17,7 @@ use crate::apply::{Applier, ApplyReport};
 use crate::clock::Clock;
 use crate::config::{Config, MatchRule, TargetConfig};
 use crate::map::{self, Desired};
-use crate::model::DirectoryId;
+use crate::model::{Directory, DirectoryId, DirectoryUser};
 use crate::outcome::{Outcome, TargetFailure, TargetOutcome, TargetStatus};
 use crate::plan::orphans::{self, Scan};
 use crate::plan::{self, adopt, guard, Action, Existing, Plan, PlanInput};
@@ -115,6 +115,16 @@ type Connected = Result<(ScimClient, Capabilities), TargetError>;
 /// Runs one pass. Errors are for the whole pass (directory, snapshot); a target's own failure
 /// is in its [`TargetOutcome`].
 pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
+    run_with(pass, None).await
+}
+
+/// Runs one pass on a directory the caller read already (`explain`, which looks up the entry
+/// it explains in the same read).
+pub async fn run_on(pass: &Pass<'_>, directory: Directory) -> Result<Outcome, ReconcileError> {
+    run_with(pass, Some(directory)).await
+}
+
+async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, ReconcileError> {
     let targets = select_targets(pass.config, pass.only)?;
     // Nothing is written before the read is complete.
     let opening = Opening::start(&pass.config.daemon.state_dir, pass.dry_run, &targets);
@@ -135,10 +145,16 @@ pub async fn run(pass: &Pass<'_>) -> Result<Outcome, ReconcileError> {
     // The read covers every target's mappings: one read serves any subset of targets.
     let wanted = map::needed_attributes(&pass.config.targets);
     let mut mapping = StreamingMap::new(&targets, &opening);
-    let read = source::read_streaming(&pass.config.ldap, Some(&wanted), &mut |u| {
-        mapping.on_user(u)
-    })
-    .await;
+    let read = match read {
+        Some(mut directory) => {
+            directory.users.iter_mut().for_each(|u| mapping.on_user(u));
+            Ok(directory)
+        }
+        None => {
+            let on_user = &mut |u: &mut DirectoryUser| mapping.on_user(u);
+            source::read_streaming(&pass.config.ldap, Some(&wanted), on_user, pass.now).await
+        }
+    };
     let directory = match read {
         Ok(directory) => directory,
         Err(e) => {

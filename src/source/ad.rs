@@ -106,23 +106,8 @@ pub(super) fn account_expired(value: Option<&str>, now: DateTime<Utc>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn entry(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
-        SearchEntry {
-            dn: "CN=x,DC=example,DC=org".into(),
-            attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
-                .collect(),
-            bin_attrs: bin
-                .iter()
-                .map(|(k, v)| (k.to_string(), vec![v.to_vec()]))
-                .collect::<HashMap<_, _>>(),
-        }
-    }
+    use crate::source::tests::entry_with as entry;
 
     /// GUID bytes that are valid UTF-8 (all ASCII here) arrive from ldap3 as text.
     const UTF8_GUID: &[u8; 16] = b"ABCDabcd01234567";

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use ldap3::adapters::PagedResults;
 use ldap3::asn1::PL;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, ResultEntry, Scope, SearchEntry};
@@ -20,22 +21,49 @@ use tracing::{debug, info, warn};
 use crate::config::{Dialect, LdapConfig, LdapServer, LdapTransport};
 use crate::model::{dn, Attributes, Directory, DirectoryId, DirectoryUser};
 
+/// What a read failed on, when an error of a library or of a further connection did.
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// `reason` says in one line what went wrong (an LDAP result by name and code, never anything
+/// secret); `source`, where there is one, is the error it was taken from.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot connect to LDAP server {url}: {reason}. Check ldap.url, that the server is running, and the TLS settings (ldap.starttls, ldap.ca_file)")]
-    Connect { url: String, reason: String },
+    Connect {
+        url: String,
+        reason: String,
+        #[source]
+        source: Option<Box<ldap3::LdapError>>,
+    },
     #[error("cannot read ldap.ca_file {path}: {reason}")]
-    CaFile { path: String, reason: String },
+    CaFile {
+        path: String,
+        reason: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("LDAP bind as {dn} failed: {reason}. Check ldap.bind_dn and ldap.bind_password")]
-    Bind { dn: String, reason: String },
+    Bind {
+        dn: String,
+        reason: String,
+        #[source]
+        source: Box<ldap3::LdapError>,
+    },
     #[error("LDAP search of {base} with filter {filter} failed: {reason}")]
     Search {
         base: String,
         filter: String,
         reason: String,
+        #[source]
+        source: Option<Box<ldap3::LdapError>>,
     },
     #[error("LDAP read of {base} is incomplete: {reason}. Nothing was changed on any target")]
-    Incomplete { base: String, reason: String },
+    Incomplete {
+        base: String,
+        reason: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("directory entry {dn} has no {attribute}: cannot identify it. Check that the bind account may read {attribute}; nothing was changed on any target")]
     MissingId { dn: String, attribute: &'static str },
     /// Two entries with one id would be one account that flips between two people, or one
@@ -83,9 +111,9 @@ fn user_attributes(dialect: Dialect) -> &'static [&'static str] {
 }
 
 /// Reads the whole directory as configured, with every user attribute. Fails rather than
-/// return a partial read.
-pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
-    read_attributes(cfg, None).await
+/// return a partial read. `now` decides which AD accounts have expired.
+pub async fn read(cfg: &LdapConfig, now: DateTime<Utc>) -> Result<Directory, SourceError> {
+    read_attributes(cfg, None, now).await
 }
 
 /// Like [`read`], asking only for `wanted` user attributes (besides the ones the dialect
@@ -93,8 +121,9 @@ pub async fn read(cfg: &LdapConfig) -> Result<Directory, SourceError> {
 pub async fn read_attributes(
     cfg: &LdapConfig,
     wanted: Option<&[String]>,
+    now: DateTime<Utc>,
 ) -> Result<Directory, SourceError> {
-    read_streaming(cfg, wanted, &mut |_| {}).await
+    read_streaming(cfg, wanted, &mut |_| {}, now).await
 }
 
 /// Like [`read_attributes`], handing each user to `on_user` as soon as it is final (its
@@ -105,6 +134,7 @@ pub async fn read_streaming(
     cfg: &LdapConfig,
     wanted: Option<&[String]>,
     on_user: &mut (dyn FnMut(&mut DirectoryUser) + Send),
+    now: DateTime<Utc>,
 ) -> Result<Directory, SourceError> {
     let started = Instant::now();
     let mut ldap = connect(cfg).await?;
@@ -127,7 +157,6 @@ pub async fn read_streaming(
     // per connection: a second one invalidates the first one's cookie), and every entry is
     // converted as it arrives: the raw entries are never all held at once, and the conversion
     // overlaps the server's work.
-    let now = crate::clock::now();
     // Who is disabled is known once the disabled-users search is over; users that arrive
     // before that wait in `Finisher::pending`.
     let disabled_known: OnceLock<HashSet<String>> = OnceLock::new();
@@ -335,7 +364,7 @@ fn group_entry(
 fn user_entry(
     entry: &mut SearchEntry,
     dialect: Dialect,
-    now: chrono::DateTime<chrono::Utc>,
+    now: DateTime<Utc>,
 ) -> Result<(DirectoryUser, String), SourceError> {
     let id = entry_id(entry, dialect)?;
     let norm = dn::normalize_lossy(&entry.dn);
@@ -381,7 +410,7 @@ fn lowercase_attrs(attrs: HashMap<String, Vec<String>>) -> Attributes {
 
 /// AD accounts are inactive when `userAccountControl` has bit 2 (ACCOUNTDISABLE) set or
 /// `accountExpires` lies in the past.
-fn ad_inactive(dialect: Dialect, attrs: &Attributes, now: chrono::DateTime<chrono::Utc>) -> bool {
+fn ad_inactive(dialect: Dialect, attrs: &Attributes, now: DateTime<Utc>) -> bool {
     let first = |name: &str| attrs.get(name).and_then(|v| v.first()).map(String::as_str);
     dialect == Dialect::ActiveDirectory
         && (ad::uac_disabled(first("useraccountcontrol"))
@@ -431,6 +460,7 @@ async fn connect_during_read(cfg: &LdapConfig, base: &str) -> Result<Ldap, Sourc
     connect(cfg).await.map_err(|e| SourceError::Incomplete {
         base: base.to_string(),
         reason: format!("a second connection to the directory failed during the read ({e})"),
+        source: Some(Box::new(e)),
     })
 }
 
@@ -480,6 +510,7 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
                             return Err(SourceError::Bind {
                                 dn: bind_dn.clone(),
                                 reason: describe(&e),
+                                source: Box::new(e),
                             });
                         }
                     }
@@ -494,6 +525,7 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
                 last_err = Some(SourceError::Connect {
                     url: url.to_string(),
                     reason: describe(&e),
+                    source: Some(Box::new(e)),
                 });
             }
         }
@@ -501,6 +533,7 @@ async fn connect(cfg: &LdapConfig) -> Result<Ldap, SourceError> {
     Err(last_err.unwrap_or_else(|| SourceError::Connect {
         url: String::new(),
         reason: "no ldap.url configured".into(),
+        source: None,
     }))
 }
 
@@ -515,6 +548,7 @@ fn cleartext_refusal(cfg: &LdapConfig, server: &LdapServer) -> Option<SourceErro
     .then(|| SourceError::Connect {
         url: server.to_string(),
         reason: "the bind would be sent in cleartext; use ldaps://, set ldap.starttls = true, or set ldap.allow_plaintext = true".into(),
+        source: None,
     })
 }
 
@@ -547,18 +581,20 @@ async fn tcp_stream(
 fn tls_config(path: &std::path::Path) -> Result<rustls::ClientConfig, SourceError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let err = |reason: String| SourceError::CaFile {
+    let err = |reason: String, source: Option<Cause>| SourceError::CaFile {
         path: path.display().to_string(),
         reason,
+        source,
     };
+    let failed = |e: Cause| err(e.to_string(), Some(e));
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?;
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| failed(e.into()))?;
     for cert in certs {
-        let cert = cert.map_err(|e| err(e.to_string()))?;
-        roots.add(cert).map_err(|e| err(e.to_string()))?;
+        let cert = cert.map_err(|e| failed(e.into()))?;
+        roots.add(cert).map_err(|e| failed(e.into()))?;
     }
     if roots.is_empty() {
-        return Err(err("no certificate found in the file".into()));
+        return Err(err("no certificate found in the file".into(), None));
     }
     Ok(rustls::ClientConfig::builder()
         .with_root_certificates(roots)
@@ -614,6 +650,7 @@ async fn paged_search_each(
     let incomplete = |reason: String| SourceError::Incomplete {
         base: base.to_string(),
         reason,
+        source: None,
     };
     let adapters: Vec<Box<dyn ldap3::adapters::Adapter<_, _>>> =
         vec![Box::new(PagedResults::new(cfg.page_size))];
@@ -625,6 +662,7 @@ async fn paged_search_each(
             base: base.into(),
             filter: filter.into(),
             reason: describe(&e),
+            source: Some(Box::new(e)),
         })?;
     let mut entries = 0usize;
     let mut rejected = None;
@@ -660,11 +698,11 @@ async fn paged_search_each(
             Ok(None) => break,
             Err(e) => {
                 let _ = stream.finish().await;
-                return Err(incomplete(format!(
-                    "{} after {} entries",
-                    describe(&e),
-                    entries
-                )));
+                return Err(SourceError::Incomplete {
+                    base: base.to_string(),
+                    reason: format!("{} after {} entries", describe(&e), entries),
+                    source: Some(e.into()),
+                });
             }
         }
     }
@@ -676,6 +714,7 @@ async fn paged_search_each(
                 base: base.into(),
                 filter: filter.into(),
                 reason: "noSuchObject: the base DN does not exist".into(),
+                source: None,
             })
         }
         rc => {
@@ -807,6 +846,48 @@ mod tests {
         }
     }
 
+    /// The message names what failed in one line; the error it came from stays its source.
+    #[tokio::test]
+    async fn a_failed_connection_or_ca_file_keeps_its_cause() {
+        use std::error::Error as _;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ldap://127.0.0.1:{}", closed.local_addr().unwrap().port());
+        drop(closed);
+        let err = connect(&ldap_config(&url, false)).await.unwrap_err();
+        let SourceError::Connect {
+            reason,
+            source: Some(cause),
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*reason, cause.to_string());
+        assert!(matches!(**cause, ldap3::LdapError::Io { .. }), "{cause:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("cannot connect to LDAP server {url}: {reason}. Check ldap.url, that the server is running, and the TLS settings (ldap.starttls, ldap.ca_file)")
+        );
+        assert!(err.source().is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("ca.pem");
+        let err = tls_config(&missing).unwrap_err();
+        let cause = err.source().expect("the file error");
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read ldap.ca_file {}: {cause}", missing.display())
+        );
+        std::fs::write(&missing, "not a certificate\n").unwrap();
+        let err = tls_config(&missing).unwrap_err();
+        assert!(err.source().is_none(), "{err:?}");
+        assert!(
+            err.to_string()
+                .ends_with(": no certificate found in the file"),
+            "{err}"
+        );
+    }
+
     fn ids<'a>(
         pairs: &'a [(DirectoryId, &'a str)],
     ) -> impl ExactSizeIterator<Item = (&'a DirectoryId, &'a str)> {
@@ -858,7 +939,8 @@ mod tests {
         );
     }
 
-    fn entry_with(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
+    /// An entry with these text and binary attributes (one value each).
+    pub(super) fn entry_with(attrs: &[(&str, &str)], bin: &[(&str, &[u8])]) -> SearchEntry {
         SearchEntry {
             dn: "uid=jdoe,ou=people,dc=x".into(),
             attrs: attrs
@@ -874,7 +956,7 @@ mod tests {
 
     #[test]
     fn values_that_are_not_utf8_are_named_on_the_user() {
-        let now = chrono::Utc::now();
+        let now = DateTime::UNIX_EPOCH;
         let mut e = entry_with(
             &[("entryUUID", "u-1"), ("uid", "jdoe")],
             &[("Mail", b"j\xffdoe@x.org"), ("jpegPhoto", b"\xff\xd8")],

@@ -80,6 +80,7 @@ pub(super) async fn complete(
     let incomplete = |reason: String| SourceError::Incomplete {
         base: search_base.to_string(),
         reason,
+        source: None,
     };
     if let Some(key) = entry.bin_attrs.keys().find(|k| is_ranged(k)) {
         // Ranged attributes are DN-valued (member); bytes here mean something we cannot read.
@@ -114,9 +115,8 @@ pub(super) async fn complete(
             })?;
             let wanted = format!("{};range={next}-*", first.base);
             requests += 1;
-            let (got, more) = fetch_range(ldap, &entry.dn, &first.base, &wanted)
-                .await
-                .map_err(incomplete)?;
+            let (got, more) =
+                fetch_range(ldap, search_base, &entry.dn, &first.base, &wanted).await?;
             if got.low != next {
                 return Err(incomplete(format!(
                     "asked for {wanted} of {} but the server answered with range {}-{}; \
@@ -164,20 +164,28 @@ fn check_count(range: &RangedAttr, count: usize, dn: &str) -> Result<(), String>
     }
 }
 
-/// One base-scope request for `wanted` (`member;range=1500-*`) on `dn`.
+/// One base-scope request for `wanted` (`member;range=1500-*`) on `dn`, during the read of
+/// `search_base`.
 async fn fetch_range(
     ldap: &mut Ldap,
+    search_base: &str,
     dn: &str,
     base_attr: &str,
     wanted: &str,
-) -> Result<(RangedAttr, Vec<String>), String> {
-    let failed = |reason: String| format!("range request {wanted} on {dn} failed: {reason}");
+) -> Result<(RangedAttr, Vec<String>), SourceError> {
+    let failed_by = |reason: String, source: Option<ldap3::LdapError>| SourceError::Incomplete {
+        base: search_base.to_string(),
+        reason: format!("range request {wanted} on {dn} failed: {reason}"),
+        source: source.map(Into::into),
+    };
+    let failed = |reason: String| failed_by(reason, None);
+    let ldap_failed = |e: ldap3::LdapError| failed_by(describe(&e), Some(e));
     let (entries, _done) = ldap
         .search(dn, Scope::Base, "(objectClass=*)", vec![wanted])
         .await
-        .map_err(|e| failed(describe(&e)))?
+        .map_err(ldap_failed)?
         .success()
-        .map_err(|e| failed(describe(&e)))?;
+        .map_err(ldap_failed)?;
     let mut answer = None;
     for re in entries {
         if re.is_ref() || re.is_intermediate() {
