@@ -5,27 +5,27 @@
 //! (the plan, adoptions, orphans and safety limits: `plan`) and acted on (`apply`). One
 //! failing target is that target's result, not the cycle's.
 
+mod existing;
 mod prepare;
+mod record;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
+use self::existing::{find_existing, find_orphans};
 use self::prepare::{drop_in_background, Opening, Prepared, StreamingMap};
-use crate::apply::{Applier, ApplyReport};
+use self::record::{record_cycle, record_row_counts};
+use crate::apply::Applier;
 use crate::clock::Clock;
-use crate::config::{Config, MatchRule, TargetConfig};
-use crate::map::{self, Desired};
+use crate::config::{Config, TargetConfig};
+use crate::map;
 use crate::model::{Directory, DirectoryId, DirectoryUser};
 use crate::outcome::{Outcome, TargetFailure, TargetOutcome, TargetStatus};
-use crate::plan::orphans::{self, Scan};
-use crate::plan::{self, adopt, guard, Action, Existing, Plan, PlanInput};
-use crate::scim::observe::{self, Candidate};
-use crate::scim::{profile, Capabilities, ScimClient, TargetError};
-use crate::snapshot::{
-    HeldChange, LastRun, ReadStats, Rebuild, RowCounts, Snapshot, SnapshotError, TargetState,
-};
+use crate::plan::{self, guard, Plan, PlanInput};
+use crate::scim::{Capabilities, ScimClient, TargetError};
+use crate::snapshot::{LastRun, ReadStats, RowCounts, Snapshot, SnapshotError};
 use crate::source::{self, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -400,206 +400,4 @@ async fn reconcile_target(
         elapsed: Default::default(),
         rebuild,
     })
-}
-
-type Found = (
-    BTreeMap<DirectoryId, Existing>,
-    BTreeMap<DirectoryId, Existing>,
-    Vec<plan::Problem>,
-);
-
-/// Looks on the target (read-only) for the resources that directory entries without a
-/// snapshot row should take over, and decides what was found (`plan::adopt`). Adopted
-/// groups' members are read where the profile lists them.
-async fn find_existing(
-    client: &ScimClient,
-    caps: Capabilities,
-    target: &TargetConfig,
-    pass: &Pass<'_>,
-    desired: &Desired,
-    state: &TargetState,
-) -> Result<Found, TargetError> {
-    let dialect = pass.config.ldap.dialect;
-    let users = adopt::user_candidates(target, desired, state);
-    let keys: Vec<Candidate<'_>> = users
-        .iter()
-        .map(|u| (&u.id, u.user_name.as_str()))
-        .collect();
-    let by_name = target.match_existing.contains(&MatchRule::UserName);
-    let found = observe::find_users(client, caps, &keys, by_name).await?;
-    let (adopted_users, mut problems) =
-        adopt::match_users(target, dialect, desired, state, &users, found);
-
-    let groups = adopt::group_candidates(target, desired, state);
-    let keys: Vec<Candidate<'_>> = groups
-        .iter()
-        .map(|g| (&g.id, g.display_name.as_str()))
-        .collect();
-    let by_name = target.match_existing.contains(&MatchRule::DisplayName);
-    let found = observe::find_groups(client, caps, &keys, by_name).await?;
-    let (mut adopted_groups, more) = adopt::match_groups(target, dialect, state, &groups, found);
-    problems.extend(more);
-    if profile::reads_members(target.profile) && !adopted_groups.is_empty() {
-        // Users found above may be group members too: members resolve against rows and
-        // adoptions alike (indexed once, not per group).
-        let mut known = state.user_index();
-        known.extend(
-            adopted_users
-                .iter()
-                .map(|(id, e)| (e.scim_id.0.as_str(), id)),
-        );
-        for e in adopted_groups.values_mut() {
-            e.members = observe::group_members(client, &e.scim_id, &known).await?;
-        }
-    }
-    Ok((adopted_users, adopted_groups, problems))
-}
-
-/// The rebuild warning for a target (if its rows are lost, or missing while it holds
-/// accounts with directory-style externalIds) and its orphans as changes for the guard.
-///
-/// A target without rows, or whose rows were lost, is listed once, and its orphans are kept
-/// in the snapshot (a sync only) so later cycles, which have rows again, still show them.
-async fn find_orphans(
-    pass: &Pass<'_>,
-    target: &TargetConfig,
-    client: &ScimClient,
-    snapshot: Option<&Snapshot>,
-    desired: &Desired,
-    state: &TargetState,
-    adopting: &BTreeMap<DirectoryId, Existing>,
-) -> Result<(Option<String>, Vec<plan::Change>), TargetFailure> {
-    let name = &target.name.0;
-    let lost = snapshot.and_then(|s| s.lost_rows(name, state.users.len(), state.groups.len()));
-    let mut orphans = match snapshot {
-        Some(s) => s.orphans(name)?,
-        None => Default::default(),
-    };
-    let stored = orphans.clone();
-    let scan = Scan {
-        target,
-        dialect: pass.config.ldap.dialect,
-        desired,
-        state,
-        adopting,
-    };
-    // A target without rows is listed until a cycle has recorded its row counts (a new or
-    // lost snapshot); one whose rows are known to be none (everyone deprovisioned, nobody in
-    // scope) is not listed again every cycle.
-    let never_counted = snapshot.is_none_or(|s| matches!(s.row_counts(name), Ok(None)));
-    let listing = lost.is_some() || (state.users.is_empty() && never_counted);
-    let mut rebuild = None;
-    if listing {
-        let listed = observe::list_users(client).await?;
-        let ours = scan.collect(&listed, pass.now, &mut orphans);
-        let state_dir = &pass.config.daemon.state_dir;
-        rebuild = orphans::rebuild_warning(state_dir, name, lost.as_deref(), ours);
-    }
-    for (id, user) in scan.prune(&mut orphans) {
-        info!(target = %name, user = %user, external_id = %id, "an orphan's userName matches a protect pattern now; it is dropped from the orphans and never deprovisioned");
-    }
-    if let Some(msg) = &rebuild {
-        warn!(target = %name, "{msg}");
-    }
-    if let (Some(s), false) = (snapshot, pass.dry_run) {
-        if orphans != stored {
-            s.set_orphans(name, &orphans)?;
-        }
-        // Listed and its orphans stored: a loss noticed earlier is this target's no more.
-        if listing {
-            let all = pass.config.targets.iter().map(|t| t.name.0.as_str());
-            if let Err(e) = s.set_rebuilt(name, all) {
-                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
-            }
-        }
-        if let Some(msg) = &rebuild {
-            let record = Rebuild {
-                at: pass.now,
-                reason: msg.clone(),
-            };
-            if let Err(e) = s.set_last_rebuild(name, &record) {
-                warn!(target = %name, error = %e, "cannot record the snapshot rebuild");
-            }
-        }
-    }
-    Ok((rebuild, scan.changes(orphans)))
-}
-
-fn record_row_counts(snapshot: &Snapshot, target: &str, counts: RowCounts) {
-    if let Err(e) = snapshot.set_row_counts(target, counts) {
-        warn!(target = %target, error = %e, "cannot record the snapshot's row counts");
-    }
-}
-
-/// What a cycle leaves in the snapshot beside the rows: orphans deprovisioned, the held set
-/// (and what it is, for `approve`), attributes the target does not keep, the approval used
-/// up, and the run's record for `status`. A failure to record is logged, never the cycle's.
-#[allow(clippy::too_many_arguments)]
-fn record_cycle(
-    s: &Snapshot,
-    pass: &Pass<'_>,
-    name: &str,
-    plan: &Plan,
-    report: &ApplyReport,
-    not_kept: &BTreeSet<String>,
-    approved: bool,
-    status: TargetStatus,
-) {
-    let warn_on = |what: &str, r: Result<(), SnapshotError>| {
-        if let Err(e) = r {
-            warn!(target = %name, error = %e, "cannot record {what}");
-        }
-    };
-    // Orphans the target acknowledged deprovisioning, or found orphans no more.
-    let done: Vec<DirectoryId> = report
-        .records
-        .iter()
-        .filter(|r| r.action == Action::Orphan && r.ok())
-        .map(|r| DirectoryId(r.external_id.clone()))
-        .chain(report.stale_orphans.iter().cloned())
-        .collect();
-    warn_on("the deprovisioned orphans", s.forget_orphans(name, &done));
-    warn_on("held changes", s.set_held(name, &guard::held_keys(plan)));
-    let shown: Vec<HeldChange> = plan
-        .held
-        .iter()
-        .map(|c| HeldChange {
-            action: c.action().to_string(),
-            resource: c.resource().to_string(),
-            name: c.name().to_string(),
-            external_id: c.id().0.clone(),
-            from_external_id: c.from_id().map(|f| f.0.clone()),
-        })
-        .collect();
-    warn_on(
-        "what the held changes are",
-        s.set_held_changes(name, &shown),
-    );
-    if !report.dropped.is_empty() || !report.kept.is_empty() {
-        let mut next = not_kept.clone();
-        next.extend(report.dropped.iter().cloned());
-        next.retain(|p| !report.kept.contains(p));
-        if next != *not_kept {
-            info!(target = %name, not_kept = ?next, "the target does not keep some attributes we send; they are not planned again while it lacks them");
-            warn_on(
-                "the attributes the target does not keep",
-                s.set_not_kept(name, &next),
-            );
-        }
-    }
-    // An approval releases one held set, in the sync right after it: never later
-    // deprovisions that happen to have the same action and id.
-    if approved {
-        let _ = s.clear_approved(name);
-    }
-    let run = LastRun {
-        at: pass.now,
-        status: status.as_str().into(),
-        error: None,
-        applied: report.applied,
-        failed: report.failures.len(),
-        held: plan.held.len(),
-        writes: report.writes,
-    };
-    warn_on("the run status", s.set_last_run(name, &run));
 }
