@@ -439,18 +439,7 @@ mod tests {
     use sha2::Digest;
 
     fn user() -> DirectoryUser {
-        let mut attrs = Attributes::new();
-        attrs.insert("uid".into(), vec!["jdoe".into()]);
-        attrs.insert("mail".into(), vec!["jdoe@example.org".into()]);
-        attrs.insert("givenname".into(), vec!["Jane".into()]);
-        attrs.insert("sn".into(), vec!["Doe".into()]);
-        DirectoryUser {
-            id: DirectoryId::new("ABC"),
-            dn: "uid=jdoe,dc=x".into(),
-            attrs,
-            disabled: false,
-            invalid_utf8: Vec::new(),
-        }
+        crate::model::tests::jdoe()
     }
 
     #[test]

@@ -249,8 +249,24 @@ mod scim_id_tests {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A user with a few attributes, for the tests of what reads them.
+    pub(crate) fn jdoe() -> DirectoryUser {
+        let mut attrs = Attributes::new();
+        attrs.insert("uid".into(), vec!["jdoe".into()]);
+        attrs.insert("mail".into(), vec!["jdoe@example.org".into()]);
+        attrs.insert("givenname".into(), vec!["Jane".into()]);
+        attrs.insert("sn".into(), vec!["Doe".into()]);
+        DirectoryUser {
+            id: DirectoryId::new("ABC"),
+            dn: "uid=jdoe,dc=x".into(),
+            attrs,
+            disabled: false,
+            invalid_utf8: Vec::new(),
+        }
+    }
 
     #[test]
     fn only_the_dialects_id_form_is_directory_style() {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::{diff_attrs, is_protected, AttrChange, Existing, Problem};
-use crate::config::{Dialect, TargetConfig};
+use crate::config::{Dialect, MatchRule, TargetConfig};
 use crate::map::{Desired, DesiredGroup, DesiredUser, FlatAttrs};
 use crate::model::{is_directory_style, DirectoryId, ScimId};
 use crate::scim::observe::{Found, RemoteGroup, RemoteUser};
@@ -192,35 +192,15 @@ pub fn match_users(
     let in_directory = |id: &DirectoryId| desired.users.contains_key(id) || unmapped.contains(id);
     for (u, Found { matched_by, found }) in candidates.iter().zip(found) {
         let how = matched_by;
-        let r = match found.as_slice() {
-            [] => continue,
-            [r] => r,
-            more => {
-                let n = more.len();
-                problems.push(problem(
-                    &u.id,
-                    &u.user_name,
-                    format!(
-                        "{n} accounts on the target match by {how}; not adopting any (ambiguous)"
-                    ),
-                ));
+        let (r, scim_id) = match the_one(target, &u.id, &u.user_name, how, &found) {
+            Ok(Some(one)) => one,
+            Ok(None) => continue,
+            Err(p) => {
+                problems.push(p);
                 continue;
             }
         };
         let name = &r.name;
-        if is_protected(target, &r.user_name) {
-            problems.push(protected(&u.id, &u.user_name, format!("an existing account {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
-            continue;
-        }
-        // A match we cannot address is not a reason to make a second account.
-        let Some(scim_id) = r.scim_id.clone() else {
-            problems.push(problem(
-                &u.id,
-                &u.user_name,
-                format!("the account {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
-            ));
-            continue;
-        };
         let row_holder = rows_by_scim.get(scim_id.0.as_str()).copied();
         // Without a row, the account's own directory-style externalId names its holder (a
         // lost snapshot).
@@ -282,34 +262,15 @@ pub fn match_groups(
     let groups_by_scim = state.group_index();
     for (g, Found { matched_by, found }) in candidates.iter().zip(found) {
         let how = matched_by;
-        let r = match found.as_slice() {
-            [] => continue,
-            [r] => r,
-            more => {
-                let n = more.len();
-                problems.push(problem(
-                    &g.id,
-                    &g.display_name,
-                    format!(
-                        "{n} groups on the target match by {how}; not adopting any (ambiguous)"
-                    ),
-                ));
+        let (r, scim_id) = match the_one(target, &g.id, &g.display_name, how, &found) {
+            Ok(Some(one)) => one,
+            Ok(None) => continue,
+            Err(p) => {
+                problems.push(p);
                 continue;
             }
         };
         let name = &r.name;
-        if is_protected(target, &r.display_name) {
-            problems.push(protected(&g.id, &g.display_name, format!("an existing group {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
-            continue;
-        }
-        let Some(scim_id) = r.scim_id.clone() else {
-            problems.push(problem(
-                &g.id,
-                &g.display_name,
-                format!("the group {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"),
-            ));
-            continue;
-        };
         let holder = groups_by_scim
             .get(scim_id.0.as_str())
             .copied()
@@ -336,6 +297,76 @@ pub fn match_groups(
         );
     }
     (groups, problems)
+}
+
+/// What a user or a group found on the target shows for matching.
+trait Remote {
+    /// "account" or "group", in problems.
+    const KIND: &'static str;
+    /// As the target has it (for `protect` patterns).
+    fn raw_name(&self) -> &str;
+    /// Redacted, for problems.
+    fn shown_name(&self) -> &str;
+    fn usable_id(&self) -> Option<&ScimId>;
+}
+
+impl Remote for RemoteUser {
+    const KIND: &'static str = "account";
+    fn raw_name(&self) -> &str {
+        &self.user_name
+    }
+    fn shown_name(&self) -> &str {
+        &self.name
+    }
+    fn usable_id(&self) -> Option<&ScimId> {
+        self.scim_id.as_ref()
+    }
+}
+
+impl Remote for RemoteGroup {
+    const KIND: &'static str = "group";
+    fn raw_name(&self) -> &str {
+        &self.display_name
+    }
+    fn shown_name(&self) -> &str {
+        &self.name
+    }
+    fn usable_id(&self) -> Option<&ScimId> {
+        self.scim_id.as_ref()
+    }
+}
+
+/// The one resource a lookup for entry `id` found, with its id; none; or the problem with
+/// what it found: several (ambiguous), a protected name, no usable id (a match we cannot
+/// address is not a reason to make a second one).
+fn the_one<'r, R: Remote>(
+    target: &TargetConfig,
+    id: &DirectoryId,
+    entry_name: &str,
+    how: MatchRule,
+    found: &'r [R],
+) -> Result<Option<(&'r R, ScimId)>, Problem> {
+    let kind = R::KIND;
+    let r = match found {
+        [] => return Ok(None),
+        [r] => r,
+        more => {
+            let n = more.len();
+            return Err(problem(
+                id,
+                entry_name,
+                format!("{n} {kind}s on the target match by {how}; not adopting any (ambiguous)"),
+            ));
+        }
+    };
+    let name = r.shown_name();
+    if is_protected(target, r.raw_name()) {
+        return Err(protected(id, entry_name, format!("an existing {kind} {name} on the target matches a protect pattern; it is neither adopted nor duplicated")));
+    }
+    match r.usable_id() {
+        Some(scim_id) => Ok(Some((r, scim_id.clone()))),
+        None => Err(problem(id, entry_name, format!("the {kind} {name} on the target matches by {how} but has no usable id; not adopting it, and not creating a second one"))),
+    }
 }
 
 /// The other directory id a resource's directory-style externalId names, if any.

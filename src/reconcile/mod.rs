@@ -190,7 +190,13 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 // Only a panic ends the task early: connect again here.
                 Err(_) => ScimClient::new(t).map(|client| (client, Capabilities::default())),
             };
-            run_target(pass, t, snapshot_ref, hold_ref, prepared, connected).await
+            let started = std::time::Instant::now();
+            let result =
+                reconcile_target(pass, t, snapshot_ref, hold_ref, prepared, connected).await;
+            let mut outcome =
+                result.unwrap_or_else(|error| failed_target(pass, t, snapshot_ref, error));
+            outcome.elapsed = started.elapsed();
+            outcome
         },
     ))
     .await;
@@ -221,46 +227,38 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     })
 }
 
-async fn run_target(
+/// A target that failed before applying anything (a refused credential, an unusable
+/// listing) is recorded too, so `status` does not keep showing its last good run.
+fn failed_target(
     pass: &Pass<'_>,
     target: &TargetConfig,
     snapshot: Option<&Snapshot>,
-    hold: Option<&guard::SourceHold>,
-    prepared: Prepared,
-    connected: Connected,
+    error: TargetFailure,
 ) -> TargetOutcome {
-    let started = std::time::Instant::now();
-    let result = reconcile_target(pass, target, snapshot, hold, prepared, connected).await;
-    let mut outcome = result.unwrap_or_else(|error| {
-        // A target that failed before applying anything (a refused credential, an unusable
-        // listing) is recorded too, so `status` does not keep showing its last good run.
-        let failed = LastRun {
-            at: pass.now,
-            status: TargetStatus::Error.as_str().into(),
-            error: Some(error.to_string()),
-            applied: 0,
-            failed: 0,
-            held: 0,
-            writes: 0,
-        };
-        if let (Some(s), false) = (snapshot, pass.dry_run) {
-            if let Err(e) = s.set_last_run(&target.name.0, &failed) {
-                warn!(target = %target.name, error = %e, "cannot record the run status");
-            }
+    let failed = LastRun {
+        at: pass.now,
+        status: TargetStatus::Error.as_str().into(),
+        error: Some(error.to_string()),
+        applied: 0,
+        failed: 0,
+        held: 0,
+        writes: 0,
+    };
+    if let (Some(s), false) = (snapshot, pass.dry_run) {
+        if let Err(e) = s.set_last_run(&target.name.0, &failed) {
+            warn!(target = %target.name, error = %e, "cannot record the run status");
         }
-        TargetOutcome {
-            name: target.name.0.clone(),
-            status: TargetStatus::Error,
-            error: Some(error),
-            plan: Plan::default(),
-            applied: None,
-            names: BTreeMap::new(),
-            elapsed: Default::default(),
-            rebuild: None,
-        }
-    });
-    outcome.elapsed = started.elapsed();
-    outcome
+    }
+    TargetOutcome {
+        name: target.name.0.clone(),
+        status: TargetStatus::Error,
+        error: Some(error),
+        plan: Plan::default(),
+        applied: None,
+        names: BTreeMap::new(),
+        elapsed: Default::default(),
+        rebuild: None,
+    }
 }
 
 /// Observe, decide, act for one target.

@@ -98,26 +98,7 @@ pub async fn find_users(
     candidates: &[Candidate<'_>],
     by_name: bool,
 ) -> Result<Vec<Found<RemoteUser>>, TargetError> {
-    let found = find(
-        client,
-        caps,
-        "Users",
-        candidates,
-        MatchRule::UserName,
-        by_name,
-    )
-    .await?;
-    Ok(found
-        .into_iter()
-        .map(|f| Found {
-            matched_by: f.matched_by,
-            found: f
-                .found
-                .iter()
-                .map(|r| RemoteUser::from_resource(client, r))
-                .collect(),
-        })
-        .collect())
+    find(client, caps, candidates, by_name).await
 }
 
 /// [`find_users`] for groups, by `externalId`, then `displayName` when `by_name`.
@@ -127,26 +108,31 @@ pub async fn find_groups(
     candidates: &[Candidate<'_>],
     by_name: bool,
 ) -> Result<Vec<Found<RemoteGroup>>, TargetError> {
-    let found = find(
-        client,
-        caps,
-        "Groups",
-        candidates,
-        MatchRule::DisplayName,
-        by_name,
-    )
-    .await?;
-    Ok(found
-        .into_iter()
-        .map(|f| Found {
-            matched_by: f.matched_by,
-            found: f
-                .found
-                .iter()
-                .map(|r| RemoteGroup::from_resource(client, r))
-                .collect(),
-        })
-        .collect())
+    find(client, caps, candidates, by_name).await
+}
+
+/// A view read from a resource of one endpoint.
+trait View: Sized {
+    const ENDPOINT: &'static str;
+    /// The rule that matches by name on this endpoint.
+    const BY_NAME: MatchRule;
+    fn read(client: &ScimClient, r: &Value) -> Self;
+}
+
+impl View for RemoteUser {
+    const ENDPOINT: &'static str = "Users";
+    const BY_NAME: MatchRule = MatchRule::UserName;
+    fn read(client: &ScimClient, r: &Value) -> Self {
+        RemoteUser::from_resource(client, r)
+    }
+}
+
+impl View for RemoteGroup {
+    const ENDPOINT: &'static str = "Groups";
+    const BY_NAME: MatchRule = MatchRule::DisplayName;
+    fn read(client: &ScimClient, r: &Value) -> Self {
+        RemoteGroup::from_resource(client, r)
+    }
 }
 
 /// Every account on the target.
@@ -168,17 +154,17 @@ pub async fn group_members(
     Ok(members_of(&client.get("Groups", scim_id).await?, known))
 }
 
-async fn find(
+async fn find<V: View>(
     client: &ScimClient,
     caps: Capabilities,
-    resource_type: &str,
     candidates: &[Candidate<'_>],
-    name_rule: MatchRule,
     by_name: bool,
-) -> Result<Vec<Found<Value>>, TargetError> {
+) -> Result<Vec<Found<V>>, TargetError> {
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
+    let resource_type = V::ENDPOINT;
+    let name_rule = V::BY_NAME;
     let listed = if candidates.len() > LIST_THRESHOLD || !caps.filter {
         Some(client.list_all(resource_type).await?)
     } else {
@@ -212,6 +198,7 @@ async fn find(
                 }
             };
         }
+        let found = found.iter().map(|r| V::read(client, r)).collect();
         out.push(Found { matched_by, found });
     }
     Ok(out)
