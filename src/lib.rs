@@ -1,9 +1,10 @@
 //! ldap2scim: keeps SCIM 2.0 applications in step with an LDAP or Active Directory directory.
 //!
 //! The pipeline, in the order data travels: [`config`] → [`source`] (LDAP read) → [`map`]
-//! (directory entry → SCIM resource per target) → [`plan`] (desired vs snapshot, safety guard)
-//! → [`apply`] (SCIM calls, advancing the [`snapshot`]) or [`report`] (dry run).
-//! Only `source`, `snapshot` and `target` do I/O.
+//! (directory entry → SCIM resource per target) → [`scim::observe`] (what a target holds) →
+//! [`plan`] (decide: diff, adoption, orphans, safety guard) → [`apply`] (act, advancing the
+//! [`snapshot`]) or [`report`] (dry run); [`reconcile`] wires one pass.
+//! Only `source`, `snapshot` and `scim` do I/O.
 #![forbid(unsafe_code)]
 
 pub mod apply;
