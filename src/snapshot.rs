@@ -24,13 +24,24 @@ pub enum SnapshotError {
     /// (that would forget every leaver's account).
     #[error("the snapshot in {path} (daemon.state_dir) cannot be read: {reason}. Nothing was changed on any target. Move it aside (`mv {path}/snapshot {path}/snapshot.broken`) and run `ldap2scim sync`: the snapshot is rebuilt from the targets, and accounts of people who left meanwhile are listed as orphans to deprovision with `ldap2scim approve`")]
     Unreadable { path: PathBuf, reason: String },
-    #[error("snapshot storage error in {path}: {reason}")]
-    Storage { path: PathBuf, reason: String },
-    #[error("snapshot row {key} in {path} is unreadable ({reason}); move the snapshot aside (daemon.state_dir) to rebuild it from the targets: accounts of people who left meanwhile are then listed as orphans for `ldap2scim approve`")]
+    #[error("snapshot storage error in {path}: {source}")]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("snapshot storage error in {path}: cannot encode a record: {source}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("snapshot row {key} in {path} is unreadable ({source}); move the snapshot aside (daemon.state_dir) to rebuild it from the targets: accounts of people who left meanwhile are then listed as orphans for `ldap2scim approve`")]
     Corrupt {
         path: PathBuf,
         key: String,
-        reason: String,
+        #[source]
+        source: serde_json::Error,
     },
 }
 
@@ -331,7 +342,7 @@ impl Snapshot {
         };
         write_marker().map_err(|e| SnapshotError::Storage {
             path: marker.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         })
     }
 
@@ -616,11 +627,11 @@ impl Snapshot {
         .await
         .map_err(|e| SnapshotError::Storage {
             path: path.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         })?
         .map_err(|e| SnapshotError::Storage {
             path,
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         Ok(())
     }
@@ -628,7 +639,7 @@ impl Snapshot {
     fn storage(&self, e: sled::Error) -> SnapshotError {
         SnapshotError::Storage {
             path: self.path.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         }
     }
 }
@@ -728,14 +739,14 @@ impl TargetSnapshot {
         serde_json::from_slice(bytes).map_err(|e| SnapshotError::Corrupt {
             path: self.path.clone(),
             key: key.to_string(),
-            reason: e.to_string(),
+            source: e,
         })
     }
 
     fn storage(&self, e: sled::Error) -> SnapshotError {
         SnapshotError::Storage {
             path: self.path.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         }
     }
 }
@@ -747,7 +758,7 @@ fn get_json<T: DeserializeOwned>(
 ) -> Result<Option<T>, SnapshotError> {
     let Some(bytes) = tree.get(key).map_err(|e| SnapshotError::Storage {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source: e.into(),
     })?
     else {
         return Ok(None);
@@ -757,14 +768,14 @@ fn get_json<T: DeserializeOwned>(
         .map_err(|e| SnapshotError::Corrupt {
             path: path.to_path_buf(),
             key: key.to_string(),
-            reason: e.to_string(),
+            source: e,
         })
 }
 
 fn encode<T: Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, SnapshotError> {
-    serde_json::to_vec(value).map_err(|e| SnapshotError::Storage {
+    serde_json::to_vec(value).map_err(|e| SnapshotError::Encode {
         path: path.to_path_buf(),
-        reason: format!("cannot encode a record: {e}"),
+        source: e,
     })
 }
 
@@ -778,7 +789,7 @@ fn put_json<T: Serialize>(
     tree.insert(key, bytes)
         .map_err(|e| SnapshotError::Storage {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     Ok(())
 }
