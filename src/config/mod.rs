@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::model::Dialect;
 pub use crate::scim::profile::Profile;
 
 pub use main_file::{load, load_with_env};
@@ -57,12 +58,6 @@ pub struct DaemonConfig {
     /// Absolute (resolved relative to the main file).
     pub targets_dir: PathBuf,
     pub listen: Option<SocketAddr>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dialect {
-    OpenLdap,
-    ActiveDirectory,
 }
 
 #[derive(Clone, Debug)]

@@ -196,20 +196,34 @@ impl std::io::Write for HashWriter {
     }
 }
 
+/// One attribute's change, for reports and PATCH bodies.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttrChange {
+    pub path: String,
+    pub from: Option<serde_json::Value>,
+    pub to: Option<serde_json::Value>,
+}
+
+/// Which kind of directory is read (`ldap.dialect`): its id attribute and id form, how
+/// disabled accounts and large groups show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    OpenLdap,
+    ActiveDirectory,
+}
+
 /// Whether `external_id` has the form of the dialect's directory ids, as ldap2scim sends them
 /// as `externalId`: an RFC 4122 UUID in text (OpenLDAP's `entryUUID`, any case on input) or
 /// AD's `objectGUID` as the canonical lowercase GUID string. Only such accounts can be
 /// orphans: an account without one was made by hand (or by another tool) and is never ours.
-pub fn is_directory_style(dialect: crate::config::Dialect, external_id: &str) -> bool {
+pub fn is_directory_style(dialect: Dialect, external_id: &str) -> bool {
     let b = external_id.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => *c == b'-',
             _ => match dialect {
-                crate::config::Dialect::OpenLdap => c.is_ascii_hexdigit(),
-                crate::config::Dialect::ActiveDirectory => {
-                    c.is_ascii_digit() || (b'a'..=b'f').contains(c)
-                }
+                Dialect::OpenLdap => c.is_ascii_hexdigit(),
+                Dialect::ActiveDirectory => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
             },
         })
 }
@@ -271,15 +285,12 @@ pub(crate) mod tests {
     #[test]
     fn only_the_dialects_id_form_is_directory_style() {
         let uuid = "107f0144-823a-1041-89a3-21734381405b";
-        assert!(is_directory_style(crate::config::Dialect::OpenLdap, uuid));
-        assert!(is_directory_style(
-            crate::config::Dialect::ActiveDirectory,
-            uuid
-        ));
+        assert!(is_directory_style(Dialect::OpenLdap, uuid));
+        assert!(is_directory_style(Dialect::ActiveDirectory, uuid));
         let upper = uuid.to_ascii_uppercase();
-        assert!(is_directory_style(crate::config::Dialect::OpenLdap, &upper));
+        assert!(is_directory_style(Dialect::OpenLdap, &upper));
         assert!(
-            !is_directory_style(crate::config::Dialect::ActiveDirectory, &upper),
+            !is_directory_style(Dialect::ActiveDirectory, &upper),
             "objectGUID is written lowercase"
         );
         for other in [
@@ -289,10 +300,7 @@ pub(crate) mod tests {
             "107f0144823a104189a321734381405b",
             "107f0144-823a-1041-89a3-21734381405g",
         ] {
-            assert!(
-                !is_directory_style(crate::config::Dialect::OpenLdap, other),
-                "{other}"
-            );
+            assert!(!is_directory_style(Dialect::OpenLdap, other), "{other}");
         }
     }
 }

@@ -18,16 +18,9 @@ use serde_json::Value;
 use crate::config::{Deprovision, MatchRule, TargetConfig};
 use crate::map::{Desired, FlatAttrs, SharedAttrs};
 pub use crate::model::action::{Action, HeldKey, ResourceKind};
+pub use crate::model::AttrChange;
 use crate::model::{DirectoryId, ScimId};
 use crate::snapshot::{RowCounts, TargetState, UserState};
-
-/// One attribute's change, for reports and PATCH bodies.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AttrChange {
-    pub path: String,
-    pub from: Option<Value>,
-    pub to: Option<Value>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

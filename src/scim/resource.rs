@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{json, Map, Value};
 
 use crate::map::FlatAttrs;
-use crate::model::{DirectoryId, ScimId};
-use crate::plan::AttrChange;
+use crate::model::{AttrChange, DirectoryId, ScimId};
 use crate::snapshot::{ScimIndex, UserRow};
 
 pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
