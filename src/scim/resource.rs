@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Map, Value};
 
+use super::wire::PatchOp;
 use crate::map::FlatAttrs;
 use crate::model::{DirectoryId, ScimId};
 use crate::plan::AttrChange;
@@ -169,7 +170,7 @@ pub fn members_of(group: &Value, by_scim: &ScimIndex<'_>) -> BTreeSet<DirectoryI
 
 /// PATCH operations for a set of attribute changes: one replace (or remove) per top-level
 /// attribute touched, plus removes of sub-attributes that disappeared from a complex one.
-pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs) -> Vec<Value> {
+pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs) -> Vec<PatchOp> {
     let mut tops: Vec<&str> = Vec::new();
     for c in changes {
         let top = top_level(&c.path);
@@ -181,17 +182,17 @@ pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs) -> Vec<Value> {
     for top in tops {
         match top_level_value(attrs, top) {
             Some(value) => {
-                ops.push(json!({"op": "replace", "path": top, "value": value}));
+                ops.push(PatchOp::replace(top, value));
                 for c in changes {
                     let is_sub = c.path.contains('.')
                         && !c.path.contains('[')
                         && !c.path.starts_with("urn:");
                     if c.to.is_none() && is_sub && top_level(&c.path) == top {
-                        ops.push(json!({"op": "remove", "path": c.path}));
+                        ops.push(PatchOp::remove(c.path.as_str()));
                     }
                 }
             }
-            None => ops.push(json!({"op": "remove", "path": top})),
+            None => ops.push(PatchOp::remove(top)),
         }
     }
     ops
@@ -303,15 +304,15 @@ mod tests {
                 to: None,
             },
         ];
-        let ops = patch_ops(&changes, &attrs);
+        let ops = serde_json::to_value(patch_ops(&changes, &attrs)).unwrap();
         assert_eq!(
             ops,
-            vec![
-                json!({"op": "replace", "path": "name", "value": {"familyName": "Doe"}}),
-                json!({"op": "remove", "path": "name.givenName"}),
-                json!({"op": "replace", "path": "title", "value": "Boss"}),
-                json!({"op": "remove", "path": "displayName"}),
-            ]
+            json!([
+                {"op": "replace", "path": "name", "value": {"familyName": "Doe"}},
+                {"op": "remove", "path": "name.givenName"},
+                {"op": "replace", "path": "title", "value": "Boss"},
+                {"op": "remove", "path": "displayName"},
+            ])
         );
     }
 }

@@ -1,8 +1,13 @@
-//! The one retry policy: every HTTP outcome of every target is classified here, and nowhere
-//! else. 429 and 503 wait for `Retry-After` (or the non-standard `X-Retry-After`); other 5xx,
-//! 408, timeouts and connection errors back off exponentially with jitter (backon); any other
-//! 4xx is final, and so is 501 (the target does not implement the operation: asking again
-//! cannot change that).
+//! The one retry policy: every outcome of every attempt of every target (an HTTP answer, a
+//! body that could not be read or used, a transport error, and the OAuth2 token request's
+//! outcomes too) is classified by [`classify`], and nowhere else, into success, retry
+//! (after a server-given delay or the next backoff delay), or give up. 429 and 503 wait for
+//! `Retry-After` (or the non-standard `X-Retry-After`); other 5xx, 408, timeouts and
+//! connection errors back off exponentially with jitter (backon); any other 4xx is final,
+//! and so is 501 (the target does not implement the operation: asking again cannot change
+//! that). A final answer stays final even when its body cannot be read.
+//!
+//! It must never do I/O, sleep or build an error message: it only decides.
 
 use std::time::Duration;
 
@@ -23,32 +28,63 @@ pub enum Decision {
 }
 
 /// What came back from one attempt, reduced to what the policy needs.
+#[derive(Debug)]
 pub enum Outcome<'a> {
+    /// An answer whose body was read in full.
     Response {
         status: StatusCode,
         headers: &'a HeaderMap,
     },
-    /// Timeout, refused or reset connection, broken body.
-    Transport,
+    /// A success whose body is not what it must be (not JSON): the server may have acted.
+    Unusable { status: StatusCode },
+    /// The status came, then reading the body failed (a reset, a timeout, a broken chunk).
+    BodyUnreadable { status: StatusCode },
+    /// The body is larger than `max_response_size`: not read further, and not asked again
+    /// (the next answer would be as large).
+    TooLarge,
+    /// No answer at all: timeout, refused or reset connection. `sent` is false when the
+    /// connection was never made (the server cannot have acted).
+    Transport { sent: bool },
 }
 
 pub fn classify(outcome: &Outcome<'_>) -> Decision {
     match outcome {
-        Outcome::Transport => Decision::Retry(None),
-        Outcome::Response { status, headers } => {
-            let code = status.as_u16();
-            if status.is_success() || status.as_u16() == 304 {
-                Decision::Success
-            } else if code == 429 || code == 503 {
-                Decision::Retry(retry_after(headers))
-            } else if code == 501 {
-                Decision::GiveUp
-            } else if code == 408 || status.is_server_error() {
-                Decision::Retry(None)
-            } else {
-                Decision::GiveUp
-            }
-        }
+        Outcome::Transport { .. } | Outcome::Unusable { .. } => Decision::Retry(None),
+        Outcome::TooLarge => Decision::GiveUp,
+        Outcome::BodyUnreadable { status } => match by_status(*status, None) {
+            // A final answer stays final: what its body said is lost, not its status.
+            Decision::GiveUp => Decision::GiveUp,
+            // The body is needed (a success) or the answer was retryable anyway; what the
+            // headers asked for is not trusted from an answer that broke off.
+            Decision::Success | Decision::Retry(_) => Decision::Retry(None),
+        },
+        Outcome::Response { status, headers } => by_status(*status, Some(headers)),
+    }
+}
+
+fn by_status(status: StatusCode, headers: Option<&HeaderMap>) -> Decision {
+    let code = status.as_u16();
+    if status.is_success() || code == 304 {
+        Decision::Success
+    } else if code == 429 || code == 503 {
+        Decision::Retry(headers.and_then(retry_after))
+    } else if code == 501 {
+        Decision::GiveUp
+    } else if code == 408 || status.is_server_error() {
+        Decision::Retry(None)
+    } else {
+        Decision::GiveUp
+    }
+}
+
+/// Whether the server may have acted on a request whose attempt ended in `outcome`, so that
+/// a create is looked up before it is sent again (a lost answer must not become a
+/// duplicate). A 429 or 503 says it did not; a connection never made cannot have.
+pub fn may_have_acted(outcome: &Outcome<'_>) -> bool {
+    match outcome {
+        Outcome::Response { status, .. } => !matches!(status.as_u16(), 429 | 503),
+        Outcome::Unusable { .. } | Outcome::BodyUnreadable { .. } | Outcome::TooLarge => true,
+        Outcome::Transport { sent } => *sent,
     }
 }
 
@@ -136,9 +172,82 @@ mod tests {
             assert_eq!(decide(code, &[]), Decision::GiveUp, "{code}");
         }
         assert!(matches!(
-            classify(&Outcome::Transport),
+            classify(&Outcome::Transport { sent: true }),
             Decision::Retry(None)
         ));
+    }
+
+    #[test]
+    fn every_outcome_has_one_decision() {
+        let status = |c| StatusCode::from_u16(c).unwrap();
+        // 429 with and without Retry-After; 503 likewise.
+        assert_eq!(decide(429, &[]), Decision::Retry(None));
+        assert_eq!(
+            decide(503, &[("retry-after", "7")]),
+            Decision::Retry(Some(Duration::from_secs(7)))
+        );
+        assert_eq!(
+            decide(429, &[("retry-after", "soon")]),
+            Decision::Retry(None)
+        );
+        // 304 is a success (a conditional read); a redirect is final (never followed here).
+        assert_eq!(decide(304, &[]), Decision::Success);
+        assert_eq!(decide(307, &[]), Decision::GiveUp);
+        // Transport errors, connected or not, are retried.
+        for sent in [true, false] {
+            assert_eq!(
+                classify(&Outcome::Transport { sent }),
+                Decision::Retry(None)
+            );
+        }
+        // A body that broke off: after a 4xx (401, 403, 404, 409 too) the answer is final;
+        // after a 5xx or a success it is asked again.
+        for code in [400, 401, 403, 404, 409, 412, 501] {
+            assert_eq!(
+                classify(&Outcome::BodyUnreadable {
+                    status: status(code)
+                }),
+                Decision::GiveUp,
+                "{code}"
+            );
+        }
+        for code in [200, 201, 408, 429, 500, 502, 503] {
+            assert_eq!(
+                classify(&Outcome::BodyUnreadable {
+                    status: status(code)
+                }),
+                Decision::Retry(None),
+                "{code}"
+            );
+        }
+        assert_eq!(
+            classify(&Outcome::Unusable {
+                status: status(200)
+            }),
+            Decision::Retry(None)
+        );
+        assert_eq!(classify(&Outcome::TooLarge), Decision::GiveUp);
+    }
+
+    #[test]
+    fn a_retry_knows_whether_the_server_may_have_acted() {
+        let h = HeaderMap::new();
+        let answered = |c| Outcome::Response {
+            status: StatusCode::from_u16(c).unwrap(),
+            headers: &h,
+        };
+        assert!(may_have_acted(&answered(500)));
+        assert!(may_have_acted(&answered(408)));
+        assert!(!may_have_acted(&answered(429)));
+        assert!(!may_have_acted(&answered(503)));
+        assert!(may_have_acted(&Outcome::Transport { sent: true }));
+        assert!(!may_have_acted(&Outcome::Transport { sent: false }));
+        assert!(may_have_acted(&Outcome::BodyUnreadable {
+            status: StatusCode::OK
+        }));
+        assert!(may_have_acted(&Outcome::Unusable {
+            status: StatusCode::CREATED
+        }));
     }
 
     #[test]
