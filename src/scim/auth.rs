@@ -347,6 +347,59 @@ mod tests {
         assert!(Instant::now().checked_add(life(json!(u64::MAX))).is_some());
     }
 
+    fn oauth_client(url: &str) -> ScimClient {
+        let mut cfg = crate::plan::tests::target();
+        cfg.url = url.to_string();
+        cfg.auth = Auth::OAuth2 {
+            token_url: format!("{url}/token"),
+            client_id: "app".into(),
+            client_secret: crate::config::Secret::new("s3cr3t-value".into()),
+            scope: None,
+            client_auth: ClientAuth::Basic,
+        };
+        crate::scim::client::tests::quick(&cfg)
+    }
+
+    const TOKEN: &str = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 41\r\nConnection: close\r\n\r\n{\"access_token\": \"t0k\", \"expires_in\": 60}";
+
+    #[tokio::test]
+    async fn the_token_request_goes_through_the_retry_policy() {
+        use crate::scim::client::tests::{serve, OK};
+        use crate::scim::is_auth_failure;
+        const BUSY: &str = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        // 503, then a token, then the SCIM answer.
+        let (url, count) = serve(vec![BUSY, TOKEN, OK]).await;
+        let c = oauth_client(&url);
+        let body = c
+            .get("Users", &crate::model::ScimId("a".into()))
+            .await
+            .unwrap();
+        assert_eq!(body["id"], "a");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // A refused client is final at once, and an authentication failure.
+        const REFUSED: &str = "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 27\r\nConnection: close\r\n\r\n{\"error\": \"invalid_client\"}";
+        let (url, count) = serve(vec![REFUSED]).await;
+        let e = oauth_client(&url)
+            .get("Users", &crate::model::ScimId("a".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(is_auth_failure(&e), "{e}");
+        let name = crate::plan::tests::target().name.0;
+        assert_eq!(
+            e.to_string(),
+            format!("target {name}: POST (oauth2 token_url) failed after 1 attempts: the token endpoint answered HTTP 401: invalid_client")
+        );
+        // Always busy: the budget ends it.
+        let (url, count) = serve(vec![BUSY]).await;
+        let e = oauth_client(&url)
+            .get("Users", &crate::model::ScimId("a".into()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("failed after 3 attempts"), "{e}");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
     #[test]
     fn an_access_token_must_fit_a_header() {
         assert!(usable_token("eyJhbGciOi.J9-_~+/="));

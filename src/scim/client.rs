@@ -460,3 +460,140 @@ fn parse_body(bytes: &[u8]) -> Result<Value, String> {
     }
     serde_json::from_slice(bytes).map_err(|e| format!("the body is not JSON ({e})"))
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::scim::retry::RetryPolicy;
+
+    /// A server on 127.0.0.1 that answers the n-th connection with `answers[n]` (the last
+    /// one from then on) as raw bytes, then closes it; and how many requests it got.
+    pub(crate) async fn serve(answers: Vec<&'static str>) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/scim", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let answer = answers[n.min(answers.len() - 1)];
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = sock.write_all(answer.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        (url, count)
+    }
+
+    fn client(url: &str) -> ScimClient {
+        let mut cfg = crate::plan::tests::target();
+        cfg.url = url.to_string();
+        quick(&cfg)
+    }
+
+    /// A client for `cfg` that retries at once, three attempts at most.
+    pub(crate) fn quick(cfg: &crate::config::TargetConfig) -> ScimClient {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        ScimClient::new(cfg).unwrap().with_policy(RetryPolicy {
+            max_attempts: 3,
+            min_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        })
+    }
+
+    const BROKEN_400: &str =
+        "HTTP/1.1 400 Bad Request\r\nContent-Length: 500\r\nConnection: close\r\n\r\n{\"detail\": \"cut";
+    const BROKEN_500: &str =
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 500\r\nConnection: close\r\n\r\n{\"detail\": \"cut";
+    pub(crate) const OK: &str = "HTTP/1.1 200 OK\r\nContent-Type: application/scim+json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"id\": \"a\"}";
+
+    #[tokio::test]
+    async fn a_4xx_whose_body_breaks_off_is_final() {
+        let (url, count) = serve(vec![BROKEN_400, OK]).await;
+        let c = client(&url);
+        let e = c.get("Users", &ScimId("a".into())).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{e}");
+        assert!(e.to_string().contains("the body could not be read"), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "not asked again");
+        assert_eq!(c.counters().retries.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_5xx_whose_body_breaks_off_is_retried() {
+        let (url, count) = serve(vec![BROKEN_500, OK]).await;
+        let c = client(&url);
+        let body = c.get("Users", &ScimId("a".into())).await.unwrap();
+        assert_eq!(body["id"], "a");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // Always broken: the retry budget ends it, and says how.
+        let (url, count) = serve(vec![BROKEN_500]).await;
+        let e = client(&url)
+            .get("Users", &ScimId("a".into()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, TargetError::Unavailable { attempts: 3, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("reading the response failed"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_429_waits_as_told_and_then_goes_on() {
+        const SLOW: &str = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let (url, count) = serve(vec![SLOW, OK]).await;
+        let c = client(&url);
+        c.get("Users", &ScimId("a".into())).await.unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert_eq!(c.counters().throttled.load(Ordering::Relaxed), 1);
+        assert_eq!(c.counters().retries.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_then_unavailable_with_its_cause() {
+        // A port nothing listens on any more.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/scim", listener.local_addr().unwrap());
+        drop(listener);
+        let c = client(&url);
+        let e = c.get("Users", &ScimId("a".into())).await.unwrap_err();
+        assert!(
+            matches!(e, TargetError::Unavailable { attempts: 3, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("connection failed"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(c.counters().requests.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_success_that_is_not_json_is_asked_again() {
+        const HTML: &str =
+            "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\n<html>";
+        let (url, count) = serve(vec![HTML, OK]).await;
+        let body = client(&url)
+            .get("Users", &ScimId("a".into()))
+            .await
+            .unwrap();
+        assert_eq!(body["id"], "a");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+}
