@@ -123,3 +123,34 @@ impl ScimClient {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::model::ScimId;
+    use crate::scim::client::tests::{quick, serve};
+
+    #[tokio::test]
+    async fn odd_fields_do_not_fail_a_listing() {
+        // A count of the wrong type, resources without a usable id, and a short page.
+        const PAGE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 98\r\nConnection: close\r\n\r\n{\"totalResults\": \"3\", \"startIndex\": \"1\", \"Resources\": [{\"id\": \"a\"}, {\"id\": 7}, {\"userName\": \"x\"}]}";
+        let (url, count) = serve(vec![PAGE]).await;
+        let mut cfg = crate::plan::tests::target();
+        cfg.url = url;
+        let listed = quick(&cfg).list_all("Users").await.unwrap();
+        assert_eq!(listed.len(), 3, "every resource is passed on: {listed:?}");
+        assert_eq!(
+            crate::scim::resource_id(&listed[0]).ok(),
+            Some(ScimId("a".into()))
+        );
+        assert!(crate::scim::resource_id(&listed[1]).is_err());
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Not a ListResponse at all: an error naming what it is not.
+        const NOT_A_LIST: &str =
+            "HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\n[{\"id\": \"a\"}]";
+        let (url, _) = serve(vec![NOT_A_LIST]).await;
+        let mut cfg = crate::plan::tests::target();
+        cfg.url = url;
+        let e = quick(&cfg).list_all("Users").await.unwrap_err();
+        assert!(e.to_string().contains("not a SCIM ListResponse"), "{e}");
+    }
+}

@@ -49,6 +49,16 @@ pub enum Profile {
     EntraStyle,
 }
 
+/// Every profile by the name a target file gives it (`profile = "…"`); these names are part
+/// of the configuration contract.
+pub const NAMES: &[(&str, Profile)] = &[
+    ("generic", Profile::Generic),
+    ("aws-identity-center", Profile::AwsIdentityCenter),
+    ("slack", Profile::Slack),
+    ("github-emu", Profile::GithubEmu),
+    ("entra-style", Profile::EntraStyle),
+];
+
 /// AWS IAM Identity Center takes at most this many member values in one PATCH.
 pub const AWS_MAX_MEMBERS_PER_REQUEST: usize = 100;
 
@@ -80,6 +90,14 @@ pub fn default_writes_per_second(profile: Profile) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_profile_has_its_contract_name() {
+        let named = |n: &str| NAMES.iter().find(|(k, _)| *k == n).map(|(_, p)| *p);
+        assert_eq!(named("github-emu"), Some(Profile::GithubEmu));
+        assert_eq!(named("generic"), Some(Profile::Generic));
+        assert_eq!(NAMES.len(), 5);
+    }
 
     #[test]
     fn github_emu_is_an_alias_of_generic() {

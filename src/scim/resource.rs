@@ -1,6 +1,7 @@
 //! SCIM resources as JSON: built from a user's flat attributes (full resources and PATCH
 //! operations) and read back (flattened for diffs, ids, member lists). The one place that
 //! knows how a flat attribute path like `emails[type eq "work"].value` becomes SCIM JSON.
+//! It must never do I/O, nor decide what is sent when (that is the plan's and apply's).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -12,7 +12,6 @@ use serde_json::Value;
 
 pub const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 pub const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
-pub const LIST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
 
 /// A field read from a target: absent, present with a value of the wrong type, or usable.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
