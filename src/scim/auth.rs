@@ -175,9 +175,12 @@ impl ScimClient {
             Ok(resp) => resp,
             Err(e) => {
                 return Attempt::Failed {
-                    outcome: classify(&Outcome::Transport {
-                        sent: !e.is_connect(),
-                    }),
+                    outcome: classify(
+                        &Outcome::Transport {
+                            sent: !e.is_connect(),
+                        },
+                        self.profile,
+                    ),
                     reason: transport_reason(&e),
                     cause: Some(e),
                 }
@@ -199,15 +202,18 @@ impl ScimClient {
                 status.as_u16()
             ));
         }
-        let decision = classify(&Outcome::Response {
-            status,
-            headers: resp.headers(),
-        });
+        let decision = classify(
+            &Outcome::Response {
+                status,
+                headers: resp.headers(),
+            },
+            self.profile,
+        );
         let bytes = match self.read_body(&mut resp).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 return Attempt::Failed {
-                    outcome: classify(&Outcome::TooLarge),
+                    outcome: classify(&Outcome::TooLarge, self.profile),
                     reason: format!(
                         "the token response is larger than max_response_size ({} bytes)",
                         self.max_response_size
@@ -217,7 +223,7 @@ impl ScimClient {
             }
             Err(BodyError::Read(e)) => {
                 return Attempt::Failed {
-                    outcome: classify(&Outcome::BodyUnreadable { status }),
+                    outcome: classify(&Outcome::BodyUnreadable { status }, self.profile),
                     reason: format!(
                         "reading the token response failed: {}",
                         transport_reason(&e)

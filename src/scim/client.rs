@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::error::transport_reason;
 use super::retry::{self, classify, Decision, Outcome};
-use super::{Response, ScimClient, TargetError};
+use super::{profile, Response, ScimClient, TargetError};
 use crate::model::ScimId;
 
 const MAX_SLOWDOWN: Duration = Duration::from_secs(5);
@@ -214,11 +214,11 @@ impl ScimClient {
                     sent: !e.is_connect(),
                 };
                 let failure = self.redact(&transport_reason(&e));
-                return match classify(&outcome) {
+                return match classify(&outcome, self.profile) {
                     Decision::Retry(after) => Next::Again {
                         after,
                         failure,
-                        acted: retry::may_have_acted(&outcome),
+                        acted: retry::may_have_acted(&outcome, self.profile),
                         cause: Some(e),
                     },
                     Decision::Success | Decision::GiveUp => Next::Fail {
@@ -238,20 +238,24 @@ impl ScimClient {
             .get("etag")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if status.as_u16() == 429 {
-            self.counters.throttled.fetch_add(1, Ordering::Relaxed);
-            self.slow_down();
-        }
         // What the status and headers say; the body may still change it (below).
         let answered = Outcome::Response {
             status,
             headers: resp.headers(),
         };
-        let (decision, acted) = (classify(&answered), retry::may_have_acted(&answered));
+        let (decision, acted) = (
+            classify(&answered, self.profile),
+            retry::may_have_acted(&answered, self.profile),
+        );
+        let throttled = profile::throttled(self.profile, status, resp.headers()).is_some();
+        if status.as_u16() == 429 || throttled {
+            self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+            self.slow_down();
+        }
         let bytes = match self.read_body(&mut resp).await {
             Ok(bytes) => bytes,
             Err(BodyError::TooLarge) => {
-                debug_assert_eq!(classify(&Outcome::TooLarge), Decision::GiveUp);
+                debug_assert_eq!(classify(&Outcome::TooLarge, self.profile), Decision::GiveUp);
                 return Next::Done(Err(TargetError::Malformed {
                     target: self.name.clone(),
                     method: method.to_string(),
@@ -266,7 +270,7 @@ impl ScimClient {
             Err(BodyError::Read(e)) => {
                 let outcome = Outcome::BodyUnreadable { status };
                 let reason = self.redact(&transport_reason(&e));
-                return match classify(&outcome) {
+                return match classify(&outcome, self.profile) {
                     // A final answer stays final even when its body is unreadable.
                     Decision::GiveUp | Decision::Success => Next::Done(Err(rejected(
                         status,
@@ -276,7 +280,7 @@ impl ScimClient {
                     Decision::Retry(after) => Next::Again {
                         after,
                         failure: format!("reading the response failed: {reason}"),
-                        acted: retry::may_have_acted(&outcome),
+                        acted: retry::may_have_acted(&outcome, self.profile),
                         cause: Some(e),
                     },
                 };
@@ -301,11 +305,11 @@ impl ScimClient {
                         status.as_u16(),
                         self.redact(&reason)
                     );
-                    match classify(&unusable) {
+                    match classify(&unusable, self.profile) {
                         Decision::Retry(after) => Next::Again {
                             after,
                             failure,
-                            acted: retry::may_have_acted(&unusable),
+                            acted: retry::may_have_acted(&unusable, self.profile),
                             cause: None,
                         },
                         Decision::Success | Decision::GiveUp => {
@@ -582,6 +586,27 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("connection failed"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
         assert_eq!(c.counters().requests.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_github_rate_limit_403_is_waited_out_only_on_github_emu() {
+        const LIMITED: &str = "HTTP/1.1 403 Forbidden\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let mut cfg = crate::plan::tests::target();
+        cfg.profile = crate::scim::profile::Profile::GithubEmu;
+        let (url, count) = serve(vec![LIMITED, OK]).await;
+        cfg.url = url;
+        let c = quick(&cfg);
+        c.get("Users", &ScimId("a".into())).await.unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert_eq!(c.counters().throttled.load(Ordering::Relaxed), 1);
+        // Generic: a 403 is a refusal, final.
+        let (url, count) = serve(vec![LIMITED, OK]).await;
+        let e = client(&url)
+            .get("Users", &ScimId("a".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -71,6 +71,8 @@ pub struct ScimClient {
     /// The largest response body read, in bytes.
     max_response_size: u64,
     policy: RetryPolicy,
+    /// The target's dialect: what [`retry::classify`] and [`profile`] decide by.
+    profile: profile::Profile,
     /// The next instant a request may start (rate limit and adaptive slow-down).
     pacer: Mutex<Instant>,
     /// The configured minimum spacing between requests (`rate_limit`).
@@ -157,6 +159,7 @@ impl ScimClient {
             redactor: std::sync::RwLock::new(auth::redactor_for(&cfg.auth)),
             max_response_size: cfg.max_response_size,
             policy: RetryPolicy::default(),
+            profile: cfg.profile,
             pacer: Mutex::new(Instant::now()),
             interval,
             slowdown: std::sync::Mutex::new(Duration::ZERO),

@@ -7,8 +7,13 @@
 //! No profile changes PATCH support (that comes from `/ServiceProviderConfig`) or the
 //! request headers today; either would be a function here.
 
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+use super::retry::{retry_after, MAX_RETRY_AFTER};
 use super::wire::PatchOp;
 use crate::model::ScimId;
 
@@ -34,12 +39,11 @@ pub fn member_ops(profile: Profile, add: bool, members: &[&ScimId]) -> Vec<Patch
 }
 
 /// A target's dialect (`profile` in its file). Each variant's behaviour is one of the
-/// functions below. `GithubEmu` is an alias of `Generic`: GitHub's SCIM API for Enterprise
-/// Managed Users documents nothing the generic client does not already do (a bearer token,
-/// `application/scim+json`, RFC 7644 PATCH, 429 with `Retry-After`; its REST API version
-/// header is optional and defaults), so no function below names it. The name stays
-/// accepted (`github-emu` is part of the configuration contract) so that a configuration
-/// can say what it talks to.
+/// functions below. `GithubEmu` (`github-emu`, part of the configuration contract) differs
+/// from `Generic` in one documented way: GitHub's REST API, SCIM endpoints included, says
+/// "slow down" with a 403 as well as a 429 ([`throttled`]). Everything else it documents
+/// (a bearer token, `application/scim+json`, RFC 7644 PATCH, an optional API version header
+/// that defaults) the generic client already does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
     Generic,
@@ -87,6 +91,33 @@ pub fn default_writes_per_second(profile: Profile) -> Option<f64> {
     }
 }
 
+/// Whether an answer that is otherwise final is this profile's way of saying "slow down",
+/// and how long to wait (`None` inside: the backoff's next delay). GitHub answers a rate
+/// limit with 403 or 429, with `Retry-After`, or with `x-ratelimit-remaining: 0` and
+/// `x-ratelimit-reset` (UTC epoch seconds). A 403 without either is a refusal of the
+/// credentials, as everywhere else. Waits are capped at [`MAX_RETRY_AFTER`].
+pub fn throttled(
+    profile: Profile,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Option<Option<Duration>> {
+    if profile != Profile::GithubEmu || status != StatusCode::FORBIDDEN {
+        return None;
+    }
+    if let Some(wait) = retry_after(headers) {
+        return Some(Some(wait));
+    }
+    let header = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if header("x-ratelimit-remaining") != Some("0") {
+        return None;
+    }
+    let reset = header("x-ratelimit-reset").and_then(|r| r.parse::<i64>().ok());
+    Some(reset.map(|at| {
+        let secs = at.saturating_sub(chrono::Utc::now().timestamp()).max(0);
+        Duration::from_secs(secs.unsigned_abs()).min(MAX_RETRY_AFTER)
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,7 +131,77 @@ mod tests {
     }
 
     #[test]
-    fn github_emu_is_an_alias_of_generic() {
+    fn github_rate_limits_with_a_403_are_throttling_not_refusals() {
+        use reqwest::header::HeaderValue;
+        let headers = |pairs: &[(&'static str, String)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let forbidden = StatusCode::FORBIDDEN;
+        let after = headers(&[("retry-after", "30".into())]);
+        assert_eq!(
+            throttled(Profile::GithubEmu, forbidden, &after),
+            Some(Some(Duration::from_secs(30)))
+        );
+        let soon = chrono::Utc::now().timestamp() + 20;
+        let spent = headers(&[
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", soon.to_string()),
+        ]);
+        let wait = throttled(Profile::GithubEmu, forbidden, &spent)
+            .unwrap()
+            .unwrap();
+        assert!(
+            wait <= Duration::from_secs(20) && wait >= Duration::from_secs(18),
+            "{wait:?}"
+        );
+        let far = headers(&[
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", i64::MAX.to_string()),
+        ]);
+        assert_eq!(
+            throttled(Profile::GithubEmu, forbidden, &far),
+            Some(Some(MAX_RETRY_AFTER))
+        );
+        let unknown = headers(&[("x-ratelimit-remaining", "0".into())]);
+        assert_eq!(
+            throttled(Profile::GithubEmu, forbidden, &unknown),
+            Some(None)
+        );
+        // A plain 403 is a refusal; other profiles and statuses are untouched.
+        let plain = headers(&[("x-ratelimit-remaining", "4999".into())]);
+        assert_eq!(throttled(Profile::GithubEmu, forbidden, &plain), None);
+        assert_eq!(throttled(Profile::Generic, forbidden, &after), None);
+        assert_eq!(
+            throttled(Profile::GithubEmu, StatusCode::NOT_FOUND, &after),
+            None
+        );
+        // Through the one retry policy.
+        use crate::scim::retry::{classify, may_have_acted, Decision, Outcome};
+        let answer = Outcome::Response {
+            status: forbidden,
+            headers: &after,
+        };
+        assert_eq!(
+            classify(&answer, Profile::GithubEmu),
+            Decision::Retry(Some(Duration::from_secs(30)))
+        );
+        assert!(!may_have_acted(&answer, Profile::GithubEmu));
+        assert_eq!(classify(&answer, Profile::Generic), Decision::GiveUp);
+        assert_eq!(
+            classify(
+                &Outcome::BodyUnreadable { status: forbidden },
+                Profile::GithubEmu
+            ),
+            Decision::GiveUp
+        );
+    }
+
+    #[test]
+    fn github_emu_is_generic_in_everything_else() {
         let (g, e) = (Profile::Generic, Profile::GithubEmu);
         assert_eq!(max_members_per_request(e), max_members_per_request(g));
         assert_eq!(reads_members(e), reads_members(g));

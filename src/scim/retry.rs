@@ -15,6 +15,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 
+use super::profile::{self, Profile};
+
 /// The longest `Retry-After` honoured: a longer one is waited out only this long, so one
 /// target's request stays bounded (and the retry budget still ends it).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
@@ -47,22 +49,24 @@ pub enum Outcome<'a> {
     Transport { sent: bool },
 }
 
-pub fn classify(outcome: &Outcome<'_>) -> Decision {
+/// The decision for `outcome` on a target of `profile` (a profile may say that an answer
+/// which is otherwise final asks to slow down: [`profile::throttled`]).
+pub fn classify(outcome: &Outcome<'_>, profile: Profile) -> Decision {
     match outcome {
         Outcome::Transport { .. } | Outcome::Unusable { .. } => Decision::Retry(None),
         Outcome::TooLarge => Decision::GiveUp,
-        Outcome::BodyUnreadable { status } => match by_status(*status, None) {
+        Outcome::BodyUnreadable { status } => match by_status(*status, None, profile) {
             // A final answer stays final: what its body said is lost, not its status.
             Decision::GiveUp => Decision::GiveUp,
             // The body is needed (a success) or the answer was retryable anyway; what the
             // headers asked for is not trusted from an answer that broke off.
             Decision::Success | Decision::Retry(_) => Decision::Retry(None),
         },
-        Outcome::Response { status, headers } => by_status(*status, Some(headers)),
+        Outcome::Response { status, headers } => by_status(*status, Some(headers), profile),
     }
 }
 
-fn by_status(status: StatusCode, headers: Option<&HeaderMap>) -> Decision {
+fn by_status(status: StatusCode, headers: Option<&HeaderMap>, profile: Profile) -> Decision {
     let code = status.as_u16();
     if status.is_success() || code == 304 {
         Decision::Success
@@ -72,6 +76,8 @@ fn by_status(status: StatusCode, headers: Option<&HeaderMap>) -> Decision {
         Decision::GiveUp
     } else if code == 408 || status.is_server_error() {
         Decision::Retry(None)
+    } else if let Some(wait) = headers.and_then(|h| profile::throttled(profile, status, h)) {
+        Decision::Retry(wait)
     } else {
         Decision::GiveUp
     }
@@ -79,10 +85,14 @@ fn by_status(status: StatusCode, headers: Option<&HeaderMap>) -> Decision {
 
 /// Whether the server may have acted on a request whose attempt ended in `outcome`, so that
 /// a create is looked up before it is sent again (a lost answer must not become a
-/// duplicate). A 429 or 503 says it did not; a connection never made cannot have.
-pub fn may_have_acted(outcome: &Outcome<'_>) -> bool {
+/// duplicate). A 429 or 503 (or a profile's other way to say "slow down") says it did not;
+/// a connection never made cannot have.
+pub fn may_have_acted(outcome: &Outcome<'_>, profile: Profile) -> bool {
     match outcome {
-        Outcome::Response { status, .. } => !matches!(status.as_u16(), 429 | 503),
+        Outcome::Response { status, headers } => {
+            !matches!(status.as_u16(), 429 | 503)
+                && profile::throttled(profile, *status, headers).is_none()
+        }
         Outcome::Unusable { .. } | Outcome::BodyUnreadable { .. } | Outcome::TooLarge => true,
         Outcome::Transport { sent } => *sent,
     }
@@ -141,15 +151,20 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
+    const G: Profile = Profile::Generic;
+
     fn decide(code: u16, headers: &[(&'static str, &str)]) -> Decision {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
-        classify(&Outcome::Response {
-            status: StatusCode::from_u16(code).unwrap(),
-            headers: &h,
-        })
+        classify(
+            &Outcome::Response {
+                status: StatusCode::from_u16(code).unwrap(),
+                headers: &h,
+            },
+            Profile::Generic,
+        )
     }
 
     #[test]
@@ -172,7 +187,7 @@ mod tests {
             assert_eq!(decide(code, &[]), Decision::GiveUp, "{code}");
         }
         assert!(matches!(
-            classify(&Outcome::Transport { sent: true }),
+            classify(&Outcome::Transport { sent: true }, G),
             Decision::Retry(None)
         ));
     }
@@ -196,7 +211,7 @@ mod tests {
         // Transport errors, connected or not, are retried.
         for sent in [true, false] {
             assert_eq!(
-                classify(&Outcome::Transport { sent }),
+                classify(&Outcome::Transport { sent }, G),
                 Decision::Retry(None)
             );
         }
@@ -204,29 +219,38 @@ mod tests {
         // after a 5xx or a success it is asked again.
         for code in [400, 401, 403, 404, 409, 412, 501] {
             assert_eq!(
-                classify(&Outcome::BodyUnreadable {
-                    status: status(code)
-                }),
+                classify(
+                    &Outcome::BodyUnreadable {
+                        status: status(code)
+                    },
+                    G
+                ),
                 Decision::GiveUp,
                 "{code}"
             );
         }
         for code in [200, 201, 408, 429, 500, 502, 503] {
             assert_eq!(
-                classify(&Outcome::BodyUnreadable {
-                    status: status(code)
-                }),
+                classify(
+                    &Outcome::BodyUnreadable {
+                        status: status(code)
+                    },
+                    G
+                ),
                 Decision::Retry(None),
                 "{code}"
             );
         }
         assert_eq!(
-            classify(&Outcome::Unusable {
-                status: status(200)
-            }),
+            classify(
+                &Outcome::Unusable {
+                    status: status(200)
+                },
+                G
+            ),
             Decision::Retry(None)
         );
-        assert_eq!(classify(&Outcome::TooLarge), Decision::GiveUp);
+        assert_eq!(classify(&Outcome::TooLarge, G), Decision::GiveUp);
     }
 
     #[test]
@@ -236,18 +260,15 @@ mod tests {
             status: StatusCode::from_u16(c).unwrap(),
             headers: &h,
         };
-        assert!(may_have_acted(&answered(500)));
-        assert!(may_have_acted(&answered(408)));
-        assert!(!may_have_acted(&answered(429)));
-        assert!(!may_have_acted(&answered(503)));
-        assert!(may_have_acted(&Outcome::Transport { sent: true }));
-        assert!(!may_have_acted(&Outcome::Transport { sent: false }));
-        assert!(may_have_acted(&Outcome::BodyUnreadable {
-            status: StatusCode::OK
-        }));
-        assert!(may_have_acted(&Outcome::Unusable {
-            status: StatusCode::CREATED
-        }));
+        assert!(may_have_acted(&answered(500), G));
+        assert!(may_have_acted(&answered(408), G));
+        assert!(!may_have_acted(&answered(429), G));
+        assert!(!may_have_acted(&answered(503), G));
+        assert!(may_have_acted(&Outcome::Transport { sent: true }, G));
+        assert!(!may_have_acted(&Outcome::Transport { sent: false }, G));
+        let ok = StatusCode::OK;
+        assert!(may_have_acted(&Outcome::BodyUnreadable { status: ok }, G));
+        assert!(may_have_acted(&Outcome::Unusable { status: ok }, G));
     }
 
     #[test]
