@@ -1,5 +1,5 @@
 //! What a target supports and whether its credentials work: `/ServiceProviderConfig` read
-//! into [`wire::ServiceProviderConfig`], reduced to [`Capabilities`], and the client adapted
+//! into [`ServiceProviderConfig`], reduced to [`Capabilities`], and the client adapted
 //! to it (page size, filtering); one user listed so that a refused credential shows even in
 //! a cycle with nothing to change.
 //!

@@ -1,8 +1,8 @@
 //! SCIM 2.0 targets: everything that knows SCIM. One [`ScimClient`] per target, with its
-//! authentication ([`auth`]), rate limit and the one retry policy ([`retry`]); every request
-//! goes through [`ScimClient::send`] ([`client`]), so retries and errors are handled in one
+//! authentication (`auth`), rate limit and the one retry policy ([`retry`]); every request
+//! goes through [`ScimClient::send`] (`client`), so retries and errors are handled in one
 //! place. The messages are typed in [`wire`], resources built and read in [`resource`],
-//! per-profile behaviour is in [`profile`], listings in [`listing`] and [`paging`],
+//! per-profile behaviour is in [`profile`], listings in `listing` and [`paging`],
 //! capabilities in [`discovery`].
 //!
 //! A target is not trusted: nothing it answers may leak a secret (everything taken from a
