@@ -158,7 +158,7 @@ pub fn scim_id_of(resource: &Value) -> Option<ScimId> {
 }
 
 /// A target group's current members, as directory ids of users the snapshot knows
-/// (`by_scim`: [`TargetState::user_index`], built once by the caller).
+/// (`by_scim`: [`crate::snapshot::TargetState::user_index`], built once by the caller).
 pub fn members_of(group: &Value, by_scim: &ScimIndex<'_>) -> BTreeSet<DirectoryId> {
     group["members"]
         .as_array()
