@@ -15,7 +15,7 @@ use crate::map::FlatAttrs;
 use crate::model::{DirectoryId, ScimId};
 use crate::plan::{AttrChange, Change};
 use crate::scim::resource::{self, group_put_body, members_of, patch_ops, scim_id_of};
-use crate::scim::{profile, ScimClient, TargetError};
+use crate::scim::{profile, PatchOp, ScimClient, TargetError};
 use crate::snapshot::{Ownership, TargetState};
 
 /// What an answer to a write showed the target kept of what was sent (for `not_kept`).
@@ -233,12 +233,9 @@ impl Applier<'_> {
                 ..
             } => {
                 // Exactly what the plan shows differs; nothing differs: no write.
-                let ops: Vec<Value> = changes
+                let ops: Vec<PatchOp> = changes
                     .iter()
-                    .filter_map(|c| {
-                        let v = c.to.as_ref()?;
-                        Some(json!({"op": "replace", "path": c.path, "value": v}))
-                    })
+                    .filter_map(|c| Some(PatchOp::replace(c.path.as_str(), c.to.clone()?)))
                     .collect();
                 let etag = if ops.is_empty() {
                     None
@@ -262,8 +259,7 @@ impl Applier<'_> {
                 ..
             } => {
                 let row = state.groups.get(id).ok_or_else(|| missing_row(id))?;
-                let ops =
-                    vec![json!({"op": "replace", "path": "displayName", "value": display_name})];
+                let ops = vec![PatchOp::replace("displayName", json!(display_name))];
                 let etag = self
                     .write_group(scim_id, ops, || {
                         group_put_body(id, display_name, &row.members, &state.users)
@@ -457,7 +453,7 @@ impl Applier<'_> {
     async fn write_user(
         &self,
         scim_id: &ScimId,
-        ops: Vec<Value>,
+        ops: Vec<PatchOp>,
         attrs: &FlatAttrs,
         etag: Option<&str>,
     ) -> Result<(Option<String>, Value), TargetError> {
@@ -499,7 +495,7 @@ impl Applier<'_> {
     async fn write_group(
         &self,
         scim_id: &ScimId,
-        ops: Vec<Value>,
+        ops: Vec<PatchOp>,
         full: impl FnOnce() -> Value,
     ) -> Result<Option<String>, TargetError> {
         if self.caps.patch {

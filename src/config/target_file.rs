@@ -62,13 +62,6 @@ const DEFAULT_MEMBERS_PER_REQUEST: usize = 100;
 const DEFAULT_MAX_RESPONSE_SIZE: u64 = 32 * 1024 * 1024;
 const DEFAULT_MAX_VALUE_LENGTH: usize = 64 * 1024;
 
-const PROFILES: &[(&str, Profile)] = &[
-    ("generic", Profile::Generic),
-    ("aws-identity-center", Profile::AwsIdentityCenter),
-    ("slack", Profile::Slack),
-    ("github-emu", Profile::GithubEmu),
-    ("entra-style", Profile::EntraStyle),
-];
 const GROUP_SCOPES: &[(&str, GroupScope)] = &[
     ("all", GroupScope::All),
     ("scoped", GroupScope::Scoped),
@@ -139,7 +132,9 @@ fn target_config(
 
     let url = t.required("url", |s, name| s.parsed(name, check_http_url));
     let auth = t.required("auth", auth);
-    let profile = t.choice("profile", PROFILES).unwrap_or(Profile::Generic);
+    let profile = t
+        .choice("profile", crate::scim::profile::NAMES)
+        .unwrap_or(Profile::Generic);
     let scope_groups = t.parsed_strings("scope_groups", dn::normalize_strict);
     let groups = t.choice("groups", GROUP_SCOPES);
     let deprovision = t.choice("deprovision", DEPROVISIONS);

@@ -1,11 +1,13 @@
 //! SCIM resources as JSON: built from a user's flat attributes (full resources and PATCH
 //! operations) and read back (flattened for diffs, ids, member lists). The one place that
 //! knows how a flat attribute path like `emails[type eq "work"].value` becomes SCIM JSON.
+//! It must never do I/O, nor decide what is sent when (that is the plan's and apply's).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Map, Value};
 
+use super::wire::PatchOp;
 use crate::map::FlatAttrs;
 use crate::model::{AttrChange, DirectoryId, ScimId};
 use crate::snapshot::{ScimIndex, UserRow};
@@ -155,7 +157,7 @@ pub fn scim_id_of(resource: &Value) -> Option<ScimId> {
 }
 
 /// A target group's current members, as directory ids of users the snapshot knows
-/// (`by_scim`: [`TargetState::user_index`], built once by the caller).
+/// (`by_scim`: [`crate::snapshot::TargetState::user_index`], built once by the caller).
 pub fn members_of(group: &Value, by_scim: &ScimIndex<'_>) -> BTreeSet<DirectoryId> {
     group["members"]
         .as_array()
@@ -168,7 +170,7 @@ pub fn members_of(group: &Value, by_scim: &ScimIndex<'_>) -> BTreeSet<DirectoryI
 
 /// PATCH operations for a set of attribute changes: one replace (or remove) per top-level
 /// attribute touched, plus removes of sub-attributes that disappeared from a complex one.
-pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs) -> Vec<Value> {
+pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs) -> Vec<PatchOp> {
     let mut tops: Vec<&str> = Vec::new();
     for c in changes {
         let top = top_level(&c.path);
@@ -180,17 +182,17 @@ pub fn patch_ops(changes: &[AttrChange], attrs: &FlatAttrs) -> Vec<Value> {
     for top in tops {
         match top_level_value(attrs, top) {
             Some(value) => {
-                ops.push(json!({"op": "replace", "path": top, "value": value}));
+                ops.push(PatchOp::replace(top, value));
                 for c in changes {
                     let is_sub = c.path.contains('.')
                         && !c.path.contains('[')
                         && !c.path.starts_with("urn:");
                     if c.to.is_none() && is_sub && top_level(&c.path) == top {
-                        ops.push(json!({"op": "remove", "path": c.path}));
+                        ops.push(PatchOp::remove(c.path.as_str()));
                     }
                 }
             }
-            None => ops.push(json!({"op": "remove", "path": top})),
+            None => ops.push(PatchOp::remove(top)),
         }
     }
     ops
@@ -302,15 +304,15 @@ mod tests {
                 to: None,
             },
         ];
-        let ops = patch_ops(&changes, &attrs);
+        let ops = serde_json::to_value(patch_ops(&changes, &attrs)).unwrap();
         assert_eq!(
             ops,
-            vec![
-                json!({"op": "replace", "path": "name", "value": {"familyName": "Doe"}}),
-                json!({"op": "remove", "path": "name.givenName"}),
-                json!({"op": "replace", "path": "title", "value": "Boss"}),
-                json!({"op": "remove", "path": "displayName"}),
-            ]
+            json!([
+                {"op": "replace", "path": "name", "value": {"familyName": "Doe"}},
+                {"op": "remove", "path": "name.givenName"},
+                {"op": "replace", "path": "title", "value": "Boss"},
+                {"op": "remove", "path": "displayName"},
+            ])
         );
     }
 }
