@@ -373,10 +373,20 @@ async fn explain(config: &Config, needle: &str, clock: &Clock) -> u8 {
         Err(e) => return fail(e),
     };
     let pass = Pass::new(config, &[], true, clock);
-    let directory = match crate::source::read(&config.ldap, pass.now).await {
-        Ok(d) => d,
-        Err(e) => return fail(e),
-    };
+    // One read serves both: what the mappings name (asked for by name, as a sync does, so
+    // attributes a server returns only when named are there too) and what the lookup of
+    // the entry compares.
+    let mut wanted = crate::map::needed_attributes(&config.targets);
+    for attr in crate::model::LOOKUP_ATTRIBUTES {
+        if !wanted.iter().any(|w| w.eq_ignore_ascii_case(attr)) {
+            wanted.push(attr.to_string());
+        }
+    }
+    let directory =
+        match crate::source::read_attributes(&config.ldap, Some(&wanted), pass.now).await {
+            Ok(d) => d,
+            Err(e) => return fail(e),
+        };
     let Some(entry) = directory.find(needle) else {
         eprintln!("ldap2scim: {needle:?} matches no user or group in the directory read");
         return EXIT_ERROR;

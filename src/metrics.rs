@@ -270,7 +270,7 @@ fn render(s: &State) -> String {
         (
             "ldap2scim_throttled_total",
             "counter",
-            "Responses 429 from the target.",
+            "Answers from the target asking to slow down (429, or the profile's own rate-limit answer: github-emu's 403).",
             (|m: &TargetMetrics| m.throttled) as fn(&TargetMetrics) -> u64,
         ),
         ("ldap2scim_retries_total", "counter", "Requests retried.", |m| {

@@ -158,12 +158,19 @@ impl Applier<'_> {
             None => Vec::new(),
         };
         // Durable before it counts: an update sled could not write is not made in memory
-        // either (the next cycle sees the row as it was, and plans the change again).
+        // either (the next cycle sees the row as it was, and plans the change again), nor
+        // learnt from. A group's members are the exception: the target has them as the
+        // confirmed batches left them, and later changes of this apply (a PUT of the whole
+        // list, on a target without PATCH) must start from that, not from the old row.
         let updates = match write(self.snapshot, &updates) {
             Ok(()) => updates,
             Err(e) => {
                 acted.error.get_or_insert(e.into());
-                Vec::new()
+                acted.answered = None;
+                match change {
+                    Change::AddMembers { .. } | Change::RemoveMembers { .. } => updates,
+                    _ => Vec::new(),
+                }
             }
         };
         Finished {
@@ -196,12 +203,11 @@ impl Applier<'_> {
                 advance::apply_to(state, u);
                 continue;
             };
-            // Resolved one at a time against the rows as they are now.
-            let moved = advance::moved_memberships(state, from, to);
-            if let Err(e) = write(self.snapshot, &moved) {
-                warn!(target = %self.target.name, error = %e, "cannot record a re-bound membership; the next cycle repairs it");
-            }
-            for m in moved {
+            // Resolved one at a time against the rows as they are now; each group on its own.
+            for m in advance::moved_memberships(state, from, to) {
+                if let Err(e) = write(self.snapshot, std::slice::from_ref(&m)) {
+                    warn!(target = %self.target.name, error = %e, "cannot record a re-bound membership; the next cycle repairs it");
+                }
                 advance::apply_to(state, m);
             }
         }

@@ -120,6 +120,7 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// The entry a name (its id, DN, or one of [`LOOKUP_ATTRIBUTES`]; a group's `cn`) names.
     pub fn find(&self, needle: &str) -> Option<Entry<'_>> {
         let lower = needle.to_lowercase();
         let norm = dn::normalize(needle);
@@ -127,10 +128,8 @@ impl Directory {
             u.id.0 == lower
                 || norm.as_deref() == dn::normalize(&u.dn).as_deref()
                 || u.attrs.iter().any(|(k, vs)| {
-                    matches!(
-                        k.as_str(),
-                        "uid" | "mail" | "cn" | "userprincipalname" | "samaccountname"
-                    ) && vs.iter().any(|v| v.to_lowercase() == lower)
+                    LOOKUP_ATTRIBUTES.iter().any(|a| a.eq_ignore_ascii_case(k))
+                        && vs.iter().any(|v| v.to_lowercase() == lower)
                 })
         };
         if let Some(u) = self.users.iter().find(matches_user) {
@@ -148,6 +147,10 @@ impl Directory {
             .map(Entry::Group)
     }
 }
+
+/// The user attributes [`Directory::find`] compares a name with.
+pub const LOOKUP_ATTRIBUTES: [&str; 5] =
+    ["uid", "mail", "cn", "userPrincipalName", "sAMAccountName"];
 
 pub enum Entry<'a> {
     User(&'a DirectoryUser),
