@@ -192,13 +192,9 @@ pub fn match_users(
     let in_directory = |id: &DirectoryId| desired.users.contains_key(id) || unmapped.contains(id);
     for (u, Found { matched_by, found }) in candidates.iter().zip(found) {
         let how = matched_by;
-        let (r, scim_id) = match the_one(target, &u.id, &u.user_name, how, &found) {
-            Ok(Some(one)) => one,
-            Ok(None) => continue,
-            Err(p) => {
-                problems.push(p);
-                continue;
-            }
+        let Some((r, scim_id)) = the_one(target, &u.id, &u.user_name, how, &found, &mut problems)
+        else {
+            continue;
         };
         let name = &r.name;
         let row_holder = rows_by_scim.get(scim_id.0.as_str()).copied();
@@ -262,13 +258,10 @@ pub fn match_groups(
     let groups_by_scim = state.group_index();
     for (g, Found { matched_by, found }) in candidates.iter().zip(found) {
         let how = matched_by;
-        let (r, scim_id) = match the_one(target, &g.id, &g.display_name, how, &found) {
-            Ok(Some(one)) => one,
-            Ok(None) => continue,
-            Err(p) => {
-                problems.push(p);
-                continue;
-            }
+        let Some((r, scim_id)) =
+            the_one(target, &g.id, &g.display_name, how, &found, &mut problems)
+        else {
+            continue;
         };
         let name = &r.name;
         let holder = groups_by_scim
@@ -336,10 +329,27 @@ impl Remote for RemoteGroup {
     }
 }
 
-/// The one resource a lookup for entry `id` found, with its id; none; or the problem with
-/// what it found: several (ambiguous), a protected name, no usable id (a match we cannot
-/// address is not a reason to make a second one).
+/// The one resource a lookup for entry `id` found, with its id; or none, with the problem
+/// (pushed to `problems`) when what it found is several (ambiguous), protected, or without
+/// a usable id (a match we cannot address is not a reason to make a second one).
 fn the_one<'r, R: Remote>(
+    target: &TargetConfig,
+    id: &DirectoryId,
+    entry_name: &str,
+    how: MatchRule,
+    found: &'r [R],
+    problems: &mut Vec<Problem>,
+) -> Option<(&'r R, ScimId)> {
+    match judge_one(target, id, entry_name, how, found) {
+        Ok(one) => one,
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    }
+}
+
+fn judge_one<'r, R: Remote>(
     target: &TargetConfig,
     id: &DirectoryId,
     entry_name: &str,

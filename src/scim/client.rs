@@ -48,6 +48,25 @@ enum Next {
 }
 
 impl ScimClient {
+    /// The request was given up without an answer that says why.
+    fn unavailable(
+        &self,
+        method: &Method,
+        path: &str,
+        attempts: usize,
+        reason: String,
+        cause: Option<reqwest::Error>,
+    ) -> TargetError {
+        TargetError::Unavailable {
+            target: self.name.clone(),
+            method: method.to_string(),
+            path: path.to_string(),
+            attempts,
+            reason,
+            cause: cause.map(|e| Box::new(e) as _),
+        }
+    }
+
     /// Sends one request with the retry policy. `segments` is the path below the base URL
     /// (`["Users", id]`), each element one percent-encoded path segment.
     pub async fn send(
@@ -134,14 +153,7 @@ impl ScimClient {
             let (after, failure, acted, cause) = match next {
                 Next::Done(result) => return result,
                 Next::Fail { failure, cause } => {
-                    return Err(TargetError::Unavailable {
-                        target: self.name.clone(),
-                        method: method.to_string(),
-                        path: path.to_string(),
-                        attempts: attempt,
-                        reason: failure,
-                        cause: cause.map(|e| Box::new(e) as _),
-                    })
+                    return Err(self.unavailable(&method, path, attempt, failure, cause))
                 }
                 Next::Reauthorize(token) => {
                     reauthorized = true;
@@ -172,14 +184,7 @@ impl ScimClient {
                 }
             }
             let Some(backoff) = delays.next() else {
-                return Err(TargetError::Unavailable {
-                    target: self.name.clone(),
-                    method: method.to_string(),
-                    path: path.to_string(),
-                    attempts: attempt,
-                    reason: failure,
-                    cause: cause.map(|e| Box::new(e) as _),
-                });
+                return Err(self.unavailable(&method, path, attempt, failure, cause));
             };
             let wait = after.unwrap_or(backoff);
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
