@@ -306,7 +306,7 @@ trait Remote {
 impl Remote for RemoteUser {
     const KIND: &'static str = "account";
     fn raw_name(&self) -> &str {
-        &self.user_name
+        self.user_name.as_deref().unwrap_or_default()
     }
     fn shown_name(&self) -> &str {
         &self.name
@@ -533,7 +533,7 @@ mod tests {
         fn remote(scim: Option<&str>, name: &str, ext: Option<&str>) -> RemoteUser {
             RemoteUser {
                 scim_id: scim.map(|s| ScimId(s.into())),
-                user_name: name.into(),
+                user_name: Some(name.into()),
                 name: name.into(),
                 external_id: ext.map(str::to_string),
                 active: true,

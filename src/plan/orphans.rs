@@ -64,16 +64,16 @@ impl Scan<'_> {
                 continue;
             }
             let id = DirectoryId::new(ext);
-            let Some(scim_id) = r.scim_id.clone() else {
+            let (Some(scim_id), Some(user_name)) = (r.scim_id.clone(), r.user_name.as_deref())
+            else {
                 continue;
             };
-            if r.user_name.is_empty()
-                || self.provisioned(&id)
+            if self.provisioned(&id)
                 || unmapped.contains(&id)
                 || self.state.users.contains_key(&id)
                 || held.contains(&scim_id)
                 || adopted.contains(&scim_id)
-                || is_protected(self.target, &r.user_name)
+                || is_protected(self.target, user_name)
             {
                 continue;
             }
@@ -160,7 +160,7 @@ mod tests {
     fn remote(ext: &str, name: &str, active: bool) -> RemoteUser {
         RemoteUser {
             scim_id: Some(ScimId(format!("s-{name}"))),
-            user_name: name.into(),
+            user_name: Some(name.into()),
             name: name.into(),
             external_id: Some(ext.into()),
             active,
@@ -202,10 +202,15 @@ mod tests {
             remote("HR-4711", "by-hand", true),
             remote(&GONE.replace('1', "2"), "admin-x", true),
             remote(&GONE.replace('1', "3"), "inactive", false),
+            // Without a userName it cannot be shown, matched or protected: not listed.
+            RemoteUser {
+                user_name: None,
+                ..remote(&GONE.replace('1', "4"), "", true)
+            },
         ];
         let mut orphans = Orphans::new();
         let ours = scan.collect(&listed, Utc::now(), &mut orphans);
-        assert_eq!(ours, 4, "every directory-style externalId counts as ours");
+        assert_eq!(ours, 5, "every directory-style externalId counts as ours");
         let names: Vec<&str> = orphans.values().map(|o| o.user_name.as_str()).collect();
         assert_eq!(names, ["gone"], "{orphans:?}");
         let changes = scan.changes(orphans);

@@ -25,8 +25,9 @@ const LIST_THRESHOLD: usize = 50;
 pub struct RemoteUser {
     /// `None`: it has no usable id (a problem, never a second account).
     pub scim_id: Option<ScimId>,
-    /// As the target has it (for `protect` patterns); [`RemoteUser::name`] is redacted.
-    pub user_name: String,
+    /// As the target has it (for `protect` patterns), if it is a string;
+    /// [`RemoteUser::name`] is redacted.
+    pub user_name: Option<String>,
     pub name: String,
     pub external_id: Option<String>,
     /// `true` unless the target says `active: false`.
@@ -56,10 +57,10 @@ pub struct Found<R> {
 
 impl RemoteUser {
     pub fn from_resource(client: &ScimClient, r: &Value) -> RemoteUser {
-        let user_name = r["userName"].as_str().unwrap_or_default().to_string();
+        let user_name = r["userName"].as_str().map(str::to_string);
         RemoteUser {
             scim_id: scim_id_of(r),
-            name: client.redact(&user_name),
+            name: client.redact(user_name.as_deref().unwrap_or_default()),
             user_name,
             external_id: r["externalId"].as_str().map(str::to_string),
             active: r["active"].as_bool().unwrap_or(true),
@@ -273,7 +274,7 @@ mod tests {
                        "title": "s3cret-token"});
         let u = RemoteUser::from_resource(&client, &r);
         assert_eq!(u.scim_id, None, "an id that is a path is not usable");
-        assert_eq!(u.user_name, "x s3cret-token");
+        assert_eq!(u.user_name.as_deref(), Some("x s3cret-token"));
         assert!(!u.name.contains("s3cret"), "{}", u.name);
         assert!(u.active, "a non-boolean active reads as active");
         assert!(!u.attrs["title"].as_str().unwrap().contains("s3cret"));
