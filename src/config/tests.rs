@@ -21,6 +21,34 @@ fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// A tree of `main` as config.toml beside the minimal target file.
+fn with_main(main: &str) -> tempfile::TempDir {
+    tree(&[
+        ("config.toml", main),
+        ("targets.d/app.toml", MINIMAL_TARGET),
+    ])
+}
+
+/// The minimal main file with its `url = "ldap://127.0.0.1"` line replaced by `url_line`.
+fn main_with_url(url_line: &str) -> String {
+    MINIMAL_MAIN.replace("url = \"ldap://127.0.0.1\"", url_line)
+}
+
+/// A tree of the minimal main file beside `target` as the one target file.
+fn with_target(target: &str) -> tempfile::TempDir {
+    tree(&[
+        ("config.toml", MINIMAL_MAIN),
+        ("targets.d/app.toml", target),
+    ])
+}
+
+/// Asserts each (key, message) pair, in order.
+fn expect_messages(errors: &[ConfigError], expected: &[(&str, &str)]) {
+    for (key, text) in expected {
+        assert_eq!(message(errors, key), *text, "the message on {key}");
+    }
+}
+
 fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let vars: HashMap<String, String> = vars
         .iter()
@@ -321,10 +349,7 @@ fn profiles_bring_their_limits() {
 #[test]
 fn groups_table_defaults() {
     let main = format!("{MINIMAL_MAIN}\n[ldap.groups]\nbase = \"ou=groups,dc=example,dc=org\"\n");
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let dir = with_main(&main);
     let groups = load_ok(&dir, &[("APP_TOKEN", "t")]).ldap.groups.unwrap();
     assert_eq!(groups.base, "ou=groups,dc=example,dc=org");
     assert_eq!(groups.filter, "(objectClass=groupOfNames)");
@@ -333,28 +358,16 @@ fn groups_table_defaults() {
 
 #[test]
 fn url_may_be_an_array() {
-    let main = MINIMAL_MAIN.replace(
-        "url = \"ldap://127.0.0.1\"",
-        "url = [\"ldaps://a.example.org\", \"ldaps://b.example.org:636\"]",
-    );
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let main = main_with_url("url = [\"ldaps://a.example.org\", \"ldaps://b.example.org:636\"]");
+    let dir = with_main(&main);
     let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(
         urls(&config.ldap),
         ["ldaps://a.example.org", "ldaps://b.example.org:636"]
     );
 
-    let main = MINIMAL_MAIN.replace(
-        "url = \"ldap://127.0.0.1\"",
-        "url = [\"ldaps://a.example.org\", \"http://b\", 7]\nstarttls = true",
-    );
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let main = main_with_url("url = [\"ldaps://a.example.org\", \"http://b\", 7]\nstarttls = true");
+    let dir = with_main(&main);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(
         locations(&dir, &errors),
@@ -366,10 +379,7 @@ fn url_may_be_an_array() {
     );
 
     let main = MINIMAL_MAIN.replace("url = \"ldap://127.0.0.1\"", "url = []");
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let dir = with_main(&main);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(message(&errors, "ldap.url"), "at least one url is needed");
 }
@@ -387,10 +397,7 @@ title = ""
 nickName = "{{{uid}}}"
 "#
     );
-    let dir = tree(&[
-        ("config.toml", MINIMAL_MAIN),
-        ("targets.d/app.toml", &target),
-    ]);
+    let dir = with_target(&target);
     let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
     let mapping: Vec<(&str, &str)> = config.targets[0]
         .mapping
@@ -427,27 +434,26 @@ userName = ""
 displayName = 3
 "#
     );
-    let dir = tree(&[
-        ("config.toml", MINIMAL_MAIN),
-        ("targets.d/app.toml", &target),
-    ]);
+    let dir = with_target(&target);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(errors.len(), 4, "{errors:#?}");
-    assert_eq!(
-        message(&errors, "mapping.externalId"),
-        "externalId is always the directory id"
-    );
-    assert_eq!(
-        message(&errors, "mapping.active"),
-        "active follows the directory's disabled state"
-    );
-    assert_eq!(
-        message(&errors, "mapping.userName"),
-        "userName must be mapped; it cannot be removed"
-    );
-    assert_eq!(
-        message(&errors, "mapping.displayName"),
-        "expected a string, found an integer"
+    expect_messages(
+        &errors,
+        &[
+            (
+                "mapping.externalId",
+                "externalId is always the directory id",
+            ),
+            (
+                "mapping.active",
+                "active follows the directory's disabled state",
+            ),
+            (
+                "mapping.userName",
+                "userName must be mapped; it cannot be removed",
+            ),
+            ("mapping.displayName", "expected a string, found an integer"),
+        ],
     );
 }
 
@@ -506,26 +512,25 @@ title = "{title"
             (target.clone(), "url".to_owned()),
         ]
     );
-    assert_eq!(
-        message(&errors, "daemon.shedule"),
-        "unknown key \"shedule\"; did you mean \"schedule\"?"
-    );
-    assert_eq!(
-        message(&errors, "profil"),
-        "unknown key \"profil\"; did you mean \"profile\"?"
-    );
-    assert_eq!(
-        message(&errors, "ldap.page_size"),
-        "expected an integer, found a string"
-    );
-    assert_eq!(
-        message(&errors, "ldap.users.base"),
-        "required key is missing"
-    );
-    assert_eq!(message(&errors, "ldap.bind_password"), INLINE_SECRET);
-    assert_eq!(
-        message(&errors, "auth.bearer"),
-        "environment variable MISSING_TOKEN is not set"
+    expect_messages(
+        &errors,
+        &[
+            (
+                "daemon.shedule",
+                "unknown key \"shedule\"; did you mean \"schedule\"?",
+            ),
+            (
+                "profil",
+                "unknown key \"profil\"; did you mean \"profile\"?",
+            ),
+            ("ldap.page_size", "expected an integer, found a string"),
+            ("ldap.users.base", "required key is missing"),
+            ("ldap.bind_password", INLINE_SECRET),
+            (
+                "auth.bearer",
+                "environment variable MISSING_TOKEN is not set",
+            ),
+        ],
     );
     assert!(message(&errors, "daemon.schedule").contains("61 is out of range 0-59"));
     assert!(message(&errors, "ldap.timeout").contains("invalid duration \"30x\""));
@@ -578,10 +583,7 @@ fn secret_from_a_file_relative_to_the_target_file() {
         "{ env = \"APP_TOKEN\" }",
         "{ file = \"nope\", env = \"X\" }",
     );
-    let dir = tree(&[
-        ("config.toml", MINIMAL_MAIN),
-        ("targets.d/app.toml", &target),
-    ]);
+    let dir = with_target(&target);
     let errors = load_err(&dir, &[("X", "x")]);
     assert!(message(&errors, "auth.bearer").contains("exactly one source"));
 }
@@ -589,10 +591,7 @@ fn secret_from_a_file_relative_to_the_target_file() {
 #[test]
 fn bind_dn_and_password_go_together() {
     let main = MINIMAL_MAIN.replace("[ldap.users]", "bind_dn = \"cn=sync\"\n[ldap.users]");
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let dir = with_main(&main);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(
         message(&errors, "ldap.bind_password"),
@@ -644,19 +643,13 @@ fn auth_needs_exactly_one_kind() {
             "auth = { bearer = { env = \"APP_TOKEN\" } }",
             "auth = { bearer = { env = \"APP_TOKEN\" }, basic = { username = \"u\", password = { env = \"APP_TOKEN\" } } }",
         );
-    let dir = tree(&[
-        ("config.toml", MINIMAL_MAIN),
-        ("targets.d/app.toml", &target),
-    ]);
+    let dir = with_target(&target);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(errors.len(), 1);
     assert!(message(&errors, "auth").starts_with("expected exactly one of"));
 
     let target = MINIMAL_TARGET.replace("bearer =", "bearr =");
-    let dir = tree(&[
-        ("config.toml", MINIMAL_MAIN),
-        ("targets.d/app.toml", &target),
-    ]);
+    let dir = with_target(&target);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(
         message(&errors, "auth.bearr"),
@@ -742,28 +735,18 @@ rebind = "hold"
 #[test]
 fn schemes_are_case_insensitive_and_cleartext_needs_allow_plaintext() {
     // `LDAP://` is ldap://: with starttls it is StartTLS, not a cleartext bind.
-    let main = MINIMAL_MAIN.replace(
-        "url = \"ldap://127.0.0.1\"",
+    let main = main_with_url(
         "url = [\"LDAP://ldap.example.org\", \"LDAPS://b.example.org\"]\nstarttls = true",
     );
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let dir = with_main(&main);
     let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(
         locations(&dir, &errors),
         [("config.toml".into(), "ldap.starttls".into())],
         "{errors:?}"
     );
-    let main = MINIMAL_MAIN.replace(
-        "url = \"ldap://127.0.0.1\"",
-        "url = \"LDAP://ldap.example.org\"\nstarttls = true",
-    );
-    let dir = tree(&[
-        ("config.toml", &main),
-        ("targets.d/app.toml", MINIMAL_TARGET),
-    ]);
+    let main = main_with_url("url = \"LDAP://ldap.example.org\"\nstarttls = true");
+    let dir = with_main(&main);
     let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
     assert_eq!(config.ldap.urls[0].transport, LdapTransport::StartTls);
     assert_eq!(config.ldap.urls[0].as_str(), "ldap://ldap.example.org");
@@ -842,10 +825,7 @@ fn percentages_limits_and_rates() {
         ("true", None),
     ] {
         let target = format!("{MINIMAL_TARGET}max_deprovisions = {value}\n");
-        let dir = tree(&[
-            ("config.toml", MINIMAL_MAIN),
-            ("targets.d/app.toml", &target),
-        ]);
+        let dir = with_target(&target);
         let result = load_with_env(&dir.path().join("config.toml"), &env(&[("APP_TOKEN", "t")]));
         match (result, expected) {
             (Ok(config), Some(limit)) => assert_eq!(config.targets[0].max_deprovisions, limit),
