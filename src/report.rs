@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::model::DirectoryId;
 use crate::outcome::{Outcome, TargetOutcome};
-use crate::plan::{Change, Reason};
+use crate::plan::{Change, Problem, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -22,8 +22,8 @@ pub fn render(outcome: &Outcome, format: Format) -> String {
         Format::Json => {
             serde_json::to_string_pretty(&to_json(outcome)).expect("reports serialize") + "\n"
         }
-        Format::Text => text(outcome),
-        Format::Markdown => markdown(outcome),
+        Format::Text => pieces(&Text, outcome),
+        Format::Markdown => pieces(&Markdown, outcome),
     }
 }
 
@@ -375,27 +375,57 @@ fn summary_line(t: &TargetOutcome) -> String {
     }
 }
 
-/// The entries a target could not be given, one line each (text report and sync lines).
-fn problem_lines(out: &mut String, t: &TargetOutcome) {
-    for p in &t.plan.problems {
-        let _ = writeln!(
-            out,
-            "  problem: {} ({}): {}",
-            one_line(&p.name),
-            one_line(&p.external_id),
-            one_line(&p.reason)
-        );
-    }
-}
-
-fn text(outcome: &Outcome) -> String {
-    let mut out = String::new();
+/// An entry a target could not be given, on one line (text report and sync lines).
+fn problem_line(out: &mut String, p: &Problem) {
     let _ = writeln!(
         out,
-        "Directory: {} users, {} groups",
-        outcome.source_users, outcome.source_groups
+        "  problem: {} ({}): {}",
+        one_line(&p.name),
+        one_line(&p.external_id),
+        one_line(&p.reason)
     );
+}
+
+/// One way of writing the pieces of a dry-run report; [`pieces`] walks the outcome in order.
+trait Style {
+    fn directory(&self, out: &mut String, outcome: &Outcome);
+    /// The target's heading, its error and its warning.
+    fn target(&self, out: &mut String, t: &TargetOutcome);
+    /// The planned changes, then the held ones with the reason they are held.
+    fn changes(&self, out: &mut String, t: &TargetOutcome);
+    fn problem(&self, out: &mut String, p: &Problem);
+    fn not_kept(&self, out: &mut String, names: &str);
+}
+
+fn pieces(style: &impl Style, outcome: &Outcome) -> String {
+    let mut out = String::new();
+    style.directory(&mut out, outcome);
     for t in &outcome.targets {
+        style.target(&mut out, t);
+        style.changes(&mut out, t);
+        for p in &t.plan.problems {
+            style.problem(&mut out, p);
+        }
+        if !t.plan.not_kept.is_empty() {
+            style.not_kept(&mut out, &t.plan.not_kept.join(", "));
+        }
+    }
+    out
+}
+
+/// The plain-text report.
+struct Text;
+
+impl Style for Text {
+    fn directory(&self, out: &mut String, outcome: &Outcome) {
+        let _ = writeln!(
+            out,
+            "Directory: {} users, {} groups",
+            outcome.source_users, outcome.source_groups
+        );
+    }
+
+    fn target(&self, out: &mut String, t: &TargetOutcome) {
         let _ = writeln!(
             out,
             "\nTarget {} [{}]: {}",
@@ -409,6 +439,9 @@ fn text(outcome: &Outcome) -> String {
         if let Some(w) = &t.rebuild {
             let _ = writeln!(out, "  warning: {w}");
         }
+    }
+
+    fn changes(&self, out: &mut String, t: &TargetOutcome) {
         for c in &t.plan.changes {
             let _ = writeln!(out, "  {}", one_line(&describe(t, c)));
         }
@@ -422,26 +455,33 @@ fn text(outcome: &Outcome) -> String {
                 let _ = writeln!(out, "    {}", one_line(&describe(t, c)));
             }
         }
-        problem_lines(&mut out, t);
-        if !t.plan.not_kept.is_empty() {
-            let _ = writeln!(
-                out,
-                "  not kept by the target (not planned while it lacks them): {}",
-                t.plan.not_kept.join(", ")
-            );
-        }
     }
-    out
+
+    fn problem(&self, out: &mut String, p: &Problem) {
+        problem_line(out, p);
+    }
+
+    fn not_kept(&self, out: &mut String, names: &str) {
+        let _ = writeln!(
+            out,
+            "  not kept by the target (not planned while it lacks them): {names}"
+        );
+    }
 }
 
-fn markdown(outcome: &Outcome) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# ldap2scim plan\n\nDirectory: {} users, {} groups.",
-        outcome.source_users, outcome.source_groups
-    );
-    for t in &outcome.targets {
+/// The Markdown report: one table of changes per target.
+struct Markdown;
+
+impl Style for Markdown {
+    fn directory(&self, out: &mut String, outcome: &Outcome) {
+        let _ = writeln!(
+            out,
+            "# ldap2scim plan\n\nDirectory: {} users, {} groups.",
+            outcome.source_users, outcome.source_groups
+        );
+    }
+
+    fn target(&self, out: &mut String, t: &TargetOutcome) {
         let _ = writeln!(
             out,
             "\n## Target `{}`: {}\n\n{}\n",
@@ -452,54 +492,57 @@ fn markdown(outcome: &Outcome) -> String {
         if let Some(e) = &t.error {
             let _ = writeln!(out, "**Error:** {}\n", md_cell(&e.to_string()));
         }
-        let rows: Vec<(&str, &Change)> = t
+    }
+
+    fn changes(&self, out: &mut String, t: &TargetOutcome) {
+        let rows = t
             .plan
             .changes
             .iter()
-            .map(|c| ("", c))
-            .chain(t.plan.held.iter().map(|c| ("held", c)))
-            .collect();
-        if !rows.is_empty() {
+            .map(|c| (false, c))
+            .chain(t.plan.held.iter().map(|c| (true, c)));
+        let mut rows = rows.peekable();
+        if rows.peek().is_some() {
             let _ = writeln!(
                 out,
                 "| action | resource | name | details |\n|---|---|---|---|"
             );
-            for (flag, c) in rows {
-                let action = if flag.is_empty() {
-                    c.action().to_string()
-                } else {
-                    format!("{} (held)", c.action())
-                };
-                let _ = writeln!(
-                    out,
-                    "| {action} | {} | {} | {} |",
-                    c.resource(),
-                    md_cell(c.name()),
-                    md_cell(&markdown_details(t, c))
-                );
-            }
+        }
+        for (held, c) in rows {
+            let action = if held {
+                format!("{} (held)", c.action())
+            } else {
+                c.action().to_string()
+            };
+            let _ = writeln!(
+                out,
+                "| {action} | {} | {} | {} |",
+                c.resource(),
+                md_cell(c.name()),
+                md_cell(&markdown_details(t, c))
+            );
         }
         if let Some(r) = &t.plan.held_reason {
             let _ = writeln!(out, "\nHeld: {}", one_line(r));
         }
-        for p in &t.plan.problems {
-            let _ = writeln!(
-                out,
-                "\n- problem: {} (`{}`): {}",
-                one_line(&p.name),
-                one_line(&p.external_id),
-                one_line(&p.reason)
-            );
-        }
-        if !t.plan.not_kept.is_empty() {
-            let _ = writeln!(
-                out,
-                "\nNot kept by the target (not planned while it lacks them): {}",
-                t.plan.not_kept.join(", ")
-            );
-        }
     }
-    out
+
+    fn problem(&self, out: &mut String, p: &Problem) {
+        let _ = writeln!(
+            out,
+            "\n- problem: {} (`{}`): {}",
+            one_line(&p.name),
+            one_line(&p.external_id),
+            one_line(&p.reason)
+        );
+    }
+
+    fn not_kept(&self, out: &mut String, names: &str) {
+        let _ = writeln!(
+            out,
+            "\nNot kept by the target (not planned while it lacks them): {names}"
+        );
+    }
 }
 
 /// One line per target after a sync.
@@ -545,7 +588,9 @@ pub fn sync_lines(outcome: &Outcome) -> String {
         {
             let _ = writeln!(out, "  {}", describe(t, c));
         }
-        problem_lines(&mut out, t);
+        for p in &t.plan.problems {
+            problem_line(&mut out, p);
+        }
     }
     out
 }

@@ -183,50 +183,30 @@ pub fn match_users(
     candidates: &[&DesiredUser],
     found: Vec<Found<RemoteUser>>,
 ) -> (BTreeMap<DirectoryId, Existing>, Vec<Problem>) {
-    let mut users = BTreeMap::new();
-    let mut problems = Vec::new();
     // Indexed once: rows by SCIM id, and the entries present but unmapped.
     let rows_by_scim = state.user_index();
     let unmapped: std::collections::HashSet<&DirectoryId> =
         desired.problems.iter().map(|(id, _, _)| id).collect();
     let in_directory = |id: &DirectoryId| desired.users.contains_key(id) || unmapped.contains(id);
-    for (u, Found { matched_by, found }) in candidates.iter().zip(found) {
-        let how = matched_by;
-        let Some((r, scim_id)) = the_one(target, &u.id, &u.user_name, how, &found, &mut problems)
-        else {
-            continue;
-        };
+    let entries = candidates.iter().map(|u| (&u.id, u.user_name.as_str()));
+    let (mut users, mut problems) = adopt_each(target, entries, found, |id, r, scim_id, _| {
         let name = &r.name;
         let row_holder = rows_by_scim.get(scim_id.0.as_str()).copied();
         // Without a row, the account's own directory-style externalId names its holder (a
         // lost snapshot).
         let claimed_by = match row_holder {
             Some(_) => None,
-            None => other_directory_id(dialect, r.external_id.as_deref(), &u.id),
+            None => other_directory_id(dialect, r.external_id.as_deref(), id),
         };
         // Still in the directory (mapped or not): never re-bound away from it.
-        if let Some(holder) = row_holder
+        match row_holder
             .filter(|h| in_directory(h))
             .or(claimed_by.as_ref().filter(|h| in_directory(h)))
         {
-            problems.push(problem(
-                &u.id,
-                &u.user_name,
-                format!("the account {name} on the target already belongs to directory entry {holder}; not adopting it for a second one"),
-            ));
-            continue;
+            Some(holder) => Err(format!("the account {name} on the target already belongs to directory entry {holder}; not adopting it for a second one")),
+            None => Ok(claimed_by),
         }
-        users.insert(
-            u.id.clone(),
-            Existing {
-                scim_id,
-                attrs: r.attrs.clone(),
-                matched_by,
-                members: BTreeSet::new(),
-                claimed_by,
-            },
-        );
-    }
+    });
     // One account found for two entries (names that differ only in case): neither takes it.
     for (id, name, n) in claimed_twice(&users, &desired.users) {
         users.remove(&id);
@@ -253,43 +233,58 @@ pub fn match_groups(
     candidates: &[&DesiredGroup],
     found: Vec<Found<RemoteGroup>>,
 ) -> (BTreeMap<DirectoryId, Existing>, Vec<Problem>) {
-    let mut groups = BTreeMap::new();
-    let mut problems = Vec::new();
     let groups_by_scim = state.group_index();
-    for (g, Found { matched_by, found }) in candidates.iter().zip(found) {
-        let how = matched_by;
-        let Some((r, scim_id)) =
-            the_one(target, &g.id, &g.display_name, how, &found, &mut problems)
-        else {
-            continue;
-        };
+    let entries = candidates.iter().map(|g| (&g.id, g.display_name.as_str()));
+    let (groups, problems) = adopt_each(target, entries, found, |id, r, scim_id, how| {
         let name = &r.name;
         let holder = groups_by_scim
             .get(scim_id.0.as_str())
             .copied()
-            .filter(|h| *h != &g.id)
+            .filter(|h| *h != id)
             .cloned()
-            .or_else(|| other_directory_id(dialect, r.external_id.as_deref(), &g.id));
-        if let Some(holder) = holder {
-            problems.push(problem(
-                &g.id,
-                &g.display_name,
-                format!("the group {name} on the target matches by {how} but belongs to directory group {holder}; not adopting it for a second one (once that group's account is gone, this one is created)"),
-            ));
-            continue;
+            .or_else(|| other_directory_id(dialect, r.external_id.as_deref(), id));
+        match holder {
+            Some(holder) => Err(format!("the group {name} on the target matches by {how} but belongs to directory group {holder}; not adopting it for a second one (once that group's account is gone, this one is created)")),
+            None => Ok(None),
         }
-        groups.insert(
-            g.id.clone(),
-            Existing {
-                scim_id,
-                attrs: r.attrs.clone(),
-                matched_by,
-                members: BTreeSet::new(),
-                claimed_by: None,
-            },
-        );
-    }
+    });
     (groups, problems)
+}
+
+/// For each entry (id, name) and what its lookup found: the one match (see [`the_one`]),
+/// then `claim`'s verdict on it: `Err` the problem's text (it belongs to someone else), or
+/// `Ok` with the other directory id its own externalId names, if any. What passes both is
+/// an [`Existing`] to adopt.
+fn adopt_each<'c, R: Remote>(
+    target: &TargetConfig,
+    entries: impl Iterator<Item = (&'c DirectoryId, &'c str)>,
+    found: Vec<Found<R>>,
+    mut claim: impl FnMut(&DirectoryId, &R, &ScimId, MatchRule) -> Result<Option<DirectoryId>, String>,
+) -> (BTreeMap<DirectoryId, Existing>, Vec<Problem>) {
+    let mut adopted = BTreeMap::new();
+    let mut problems = Vec::new();
+    for ((id, entry_name), Found { matched_by, found }) in entries.zip(found) {
+        let Some((r, scim_id)) = the_one(target, id, entry_name, matched_by, &found, &mut problems)
+        else {
+            continue;
+        };
+        match claim(id, r, &scim_id, matched_by) {
+            Err(reason) => problems.push(problem(id, entry_name, reason)),
+            Ok(claimed_by) => {
+                adopted.insert(
+                    id.clone(),
+                    Existing {
+                        scim_id,
+                        attrs: r.attrs().clone(),
+                        matched_by,
+                        members: BTreeSet::new(),
+                        claimed_by,
+                    },
+                );
+            }
+        }
+    }
+    (adopted, problems)
 }
 
 /// What a user or a group found on the target shows for matching.
@@ -301,6 +296,8 @@ trait Remote {
     /// Redacted, for problems.
     fn shown_name(&self) -> &str;
     fn usable_id(&self) -> Option<&ScimId>;
+    /// Its flat attributes, redacted.
+    fn attrs(&self) -> &FlatAttrs;
 }
 
 impl Remote for RemoteUser {
@@ -314,6 +311,9 @@ impl Remote for RemoteUser {
     fn usable_id(&self) -> Option<&ScimId> {
         self.scim_id.as_ref()
     }
+    fn attrs(&self) -> &FlatAttrs {
+        &self.attrs
+    }
 }
 
 impl Remote for RemoteGroup {
@@ -326,6 +326,9 @@ impl Remote for RemoteGroup {
     }
     fn usable_id(&self) -> Option<&ScimId> {
         self.scim_id.as_ref()
+    }
+    fn attrs(&self) -> &FlatAttrs {
+        &self.attrs
     }
 }
 

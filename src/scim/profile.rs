@@ -6,6 +6,10 @@
 //!
 //! No profile changes PATCH support (that comes from `/ServiceProviderConfig`) or the
 //! request headers today; either would be a function here.
+//!
+//! A leaf: it uses only `scim::wire`, `scim::headers` and `model`, none of which imports
+//! anything of ours. That is why the configuration may ask it for a profile's names, member
+//! cap and pace while it resolves a target file, without depending on the client.
 
 use std::time::Duration;
 
@@ -122,6 +126,38 @@ pub fn throttled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The code of a file before its test module.
+    fn code(source: &str) -> &str {
+        source
+            .split("#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or(source)
+    }
+
+    #[test]
+    fn the_profile_and_what_it_uses_import_nothing_but_the_model() {
+        // The configuration imports this file; were it to reach the client or the config,
+        // that would be an arrow upwards (or a circle).
+        for (file, source) in [
+            ("profile.rs", include_str!("profile.rs")),
+            ("wire.rs", include_str!("wire.rs")),
+            ("headers.rs", include_str!("headers.rs")),
+        ] {
+            for line in code(source).lines() {
+                let line = line.trim_start();
+                let imports = line.starts_with("use ") || line.contains("crate::");
+                if !imports || line.starts_with("//") {
+                    continue;
+                }
+                let ours = line.contains("crate::") || line.starts_with("use super::");
+                let allowed = ["crate::model", "super::headers", "super::wire"]
+                    .iter()
+                    .any(|leaf| line.contains(leaf));
+                assert!(!ours || allowed, "{file} imports more than a leaf: {line}");
+            }
+        }
+    }
 
     #[test]
     fn every_profile_has_its_contract_name() {
