@@ -168,6 +168,22 @@ mod tests {
         }
     }
 
+    /// A scan of an OpenLDAP directory's entries for `target`.
+    fn scan<'a>(
+        target: &'a TargetConfig,
+        desired: &'a Desired,
+        state: &'a TargetState,
+        adopting: &'a BTreeMap<DirectoryId, Existing>,
+    ) -> Scan<'a> {
+        Scan {
+            target,
+            dialect: Dialect::OpenLdap,
+            desired,
+            state,
+            adopting,
+        }
+    }
+
     fn desired_with(id: &str) -> Desired {
         let mut d = Desired::default();
         let u = DesiredUser {
@@ -189,13 +205,7 @@ mod tests {
         let desired = desired_with(HERE);
         let state = TargetState::default();
         let adopting = BTreeMap::new();
-        let scan = Scan {
-            target: &target,
-            dialect: Dialect::OpenLdap,
-            desired: &desired,
-            state: &state,
-            adopting: &adopting,
-        };
+        let scan = scan(&target, &desired, &state, &adopting);
         let listed = vec![
             remote(GONE, "gone", true),
             remote(HERE, "here", true),
@@ -236,13 +246,7 @@ mod tests {
             },
         );
         target.protect = vec!["admin*".into()];
-        let scan = Scan {
-            target: &target,
-            dialect: Dialect::OpenLdap,
-            desired: &desired,
-            state: &state,
-            adopting: &adopting,
-        };
+        let scan = scan(&target, &desired, &state, &adopting);
         let dropped = scan.prune(&mut orphans);
         assert!(orphans.is_empty());
         assert_eq!(dropped.len(), 1);

@@ -8,6 +8,13 @@ use crate::config::{Auth, GroupScope, Limit, Profile, Rebind, Secret, TargetName
 use crate::map::{DesiredGroup, DesiredUser};
 use crate::snapshot::{GroupRow, Ownership, UserRow};
 
+/// Asserts that the plan's first change matches the pattern.
+macro_rules! assert_first {
+    ($plan:expr, $pattern:pat) => {
+        assert!(matches!(&$plan.changes[0], $pattern), "{:?}", $plan.changes)
+    };
+}
+
 pub(crate) fn target() -> TargetConfig {
     TargetConfig {
         name: TargetName("app".into()),
@@ -52,6 +59,59 @@ fn want(id: &str, title: &str, active: bool) -> DesiredUser {
     }
 }
 
+/// Adds group `id` (dn `cn=<id>`, named `id`) with `members` to the desired state.
+fn add_group(d: &mut Desired, id: &str, members: BTreeSet<DirectoryId>) {
+    let group = DesiredGroup {
+        id: DirectoryId::new(id),
+        dn: format!("cn={id}"),
+        display_name: id.into(),
+        members,
+    };
+    d.groups.insert(group.id.clone(), group);
+}
+
+/// Adds a created row for group `id` (named `id`, SCIM id `scim_id`) to the snapshot.
+fn add_group_row(s: &mut TargetState, id: &str, scim_id: &str, members: BTreeSet<DirectoryId>) {
+    let row = GroupRow {
+        scim_id: ScimId(scim_id.into()),
+        display_name: id.into(),
+        members,
+        etag: None,
+        owned: Ownership::Created,
+    };
+    s.groups.insert(DirectoryId::new(id), row);
+}
+
+/// The desired state of `wanted`, and a snapshot with a created row for each of `had`.
+fn states(
+    had: &[DesiredUser],
+    wanted: impl IntoIterator<Item = DesiredUser>,
+) -> (Desired, TargetState) {
+    let mut d = Desired::default();
+    let mut s = TargetState::default();
+    for u in had {
+        s.users.insert(u.id.clone(), row(u));
+    }
+    for u in wanted {
+        d.users.insert(u.id.clone(), u);
+    }
+    (d, s)
+}
+
+/// The plan for the default target after the limits (`max_deprovisions` = `limit`, rebinds
+/// allowed), counting what `s` manages.
+fn limited(
+    d: &Desired,
+    s: &TargetState,
+    limit: Limit,
+    approved: Option<&BTreeSet<HeldKey>>,
+) -> Plan {
+    let mut p = run(&target(), d, s);
+    let (users, groups) = (s.users.len(), s.groups.len());
+    guard::apply_limits(&mut p, limit, users, groups, None, approved, Rebind::Allow);
+    p
+}
+
 fn row(u: &DesiredUser) -> UserRow {
     UserRow {
         scim_id: ScimId(format!("s-{}", u.id)),
@@ -93,36 +153,17 @@ fn converged_state_plans_nothing() {
         d.users.insert(u.id.clone(), u);
     }
     let members: BTreeSet<_> = d.users.keys().cloned().collect();
-    d.groups.insert(
-        DirectoryId::new("g"),
-        DesiredGroup {
-            id: DirectoryId::new("g"),
-            dn: "cn=g".into(),
-            display_name: "g".into(),
-            members: members.clone(),
-        },
-    );
-    s.groups.insert(
-        DirectoryId::new("g"),
-        GroupRow {
-            scim_id: ScimId("sg".into()),
-            display_name: "g".into(),
-            members,
-            etag: None,
-            owned: Ownership::Created,
-        },
-    );
+    add_group(&mut d, "g", members.clone());
+    add_group_row(&mut s, "g", "sg", members);
     assert!(run(&target(), &d, &s).is_empty());
 }
 
 #[test]
 fn changed_title_is_one_attribute_update() {
-    let mut d = Desired::default();
-    let mut s = TargetState::default();
-    let old = want("a", "Engineer", true);
-    s.users.insert(old.id.clone(), row(&old));
-    let new = want("a", "Staff Engineer", true);
-    d.users.insert(new.id.clone(), new);
+    let (d, s) = states(
+        &[want("a", "Engineer", true)],
+        [want("a", "Staff Engineer", true)],
+    );
     let p = run(&target(), &d, &s);
     assert_eq!(p.changes.len(), 1);
     match &p.changes[0] {
@@ -145,15 +186,7 @@ fn new_user_and_group_are_created_then_members_added() {
     let mut d = Desired::default();
     let u = want("a", "x", true);
     d.users.insert(u.id.clone(), u.clone());
-    d.groups.insert(
-        DirectoryId::new("g"),
-        DesiredGroup {
-            id: DirectoryId::new("g"),
-            dn: "cn=g".into(),
-            display_name: "g".into(),
-            members: [u.id.clone()].into(),
-        },
-    );
+    add_group(&mut d, "g", [u.id.clone()].into());
     let p = run(&target(), &d, &TargetState::default());
     let actions: Vec<_> = p
         .changes
@@ -172,21 +205,16 @@ fn new_user_and_group_are_created_then_members_added() {
 
 #[test]
 fn leaver_is_deactivated_and_disabled_unprovisioned_user_is_not_created() {
-    let mut d = Desired::default();
-    let mut s = TargetState::default();
-    let gone = want("gone", "x", true);
-    s.users.insert(gone.id.clone(), row(&gone));
-    let disabled = want("off", "x", false);
-    d.users.insert(disabled.id.clone(), disabled);
+    let (d, s) = states(&[want("gone", "x", true)], [want("off", "x", false)]);
     let p = run(&target(), &d, &s);
     assert_eq!(p.changes.len(), 1);
-    assert!(matches!(
-        &p.changes[0],
+    assert_first!(
+        p,
         Change::DeactivateUser {
             reason: Reason::Left,
             ..
         }
-    ));
+    );
 }
 
 #[test]
@@ -206,13 +234,13 @@ fn deactivated_user_is_deleted_only_after_the_grace_period() {
     };
     s.users.insert(gone.id.clone(), r);
     let p = run(&t, &Desired::default(), &s);
-    assert!(matches!(
-        &p.changes[0],
+    assert_first!(
+        p,
         Change::DeleteUser {
             reason: Reason::GracePeriodOver,
             ..
         }
-    ));
+    );
 }
 
 #[test]
@@ -227,16 +255,7 @@ fn guard_holds_destructive_changes_over_the_limit() {
         let u = want(&format!("u{i}"), "changed", true);
         d.users.insert(u.id.clone(), u);
     }
-    let mut p = run(&target(), &d, &s);
-    guard::apply_limits(
-        &mut p,
-        Limit::Percent(0.1),
-        s.users.len(),
-        0,
-        None,
-        None,
-        Rebind::Allow,
-    );
+    let p = limited(&d, &s, Limit::Percent(0.1), None);
     assert_eq!(p.changes.len(), 5, "the safe updates still go ahead");
     assert_eq!(p.held.len(), 5);
     assert!(p
@@ -245,32 +264,14 @@ fn guard_holds_destructive_changes_over_the_limit() {
         .unwrap()
         .contains("max_deprovisions"));
     let approved = guard::held_keys(&p);
-    let mut again = run(&target(), &d, &s);
-    guard::apply_limits(
-        &mut again,
-        Limit::Percent(0.1),
-        s.users.len(),
-        0,
-        None,
-        Some(&approved),
-        Rebind::Allow,
-    );
+    let again = limited(&d, &s, Limit::Percent(0.1), Some(&approved));
     assert!(again.held.is_empty());
     assert_eq!(again.changes.len(), 10);
 
     // Something destructive planned after the approval is not covered by it.
     d.users.remove(&DirectoryId::new("u0"));
     d.users.remove(&DirectoryId::new("u1"));
-    let mut later = run(&target(), &d, &s);
-    guard::apply_limits(
-        &mut later,
-        Limit::Count(1),
-        s.users.len(),
-        0,
-        None,
-        Some(&approved),
-        Rebind::Allow,
-    );
+    let later = limited(&d, &s, Limit::Count(1), Some(&approved));
     assert_eq!(
         later.held.len(),
         2,
@@ -287,31 +288,14 @@ fn a_user_whose_mapping_fails_is_never_deprovisioned_nor_removed_from_groups() {
     let u = want("a", "x", true);
     s.users.insert(u.id.clone(), row(&u));
     let members: BTreeSet<_> = [u.id.clone()].into();
-    s.groups.insert(
-        DirectoryId::new("g"),
-        GroupRow {
-            scim_id: ScimId("sg".into()),
-            display_name: "g".into(),
-            members: members.clone(),
-            etag: None,
-            owned: Ownership::Created,
-        },
-    );
+    add_group_row(&mut s, "g", "sg", members.clone());
     let mut d = Desired::default();
     d.problems.push((
         u.id.clone(),
         "uid=a".into(),
         "its userName template renders empty".into(),
     ));
-    d.groups.insert(
-        DirectoryId::new("g"),
-        DesiredGroup {
-            id: DirectoryId::new("g"),
-            dn: "cn=g".into(),
-            display_name: "g".into(),
-            members,
-        },
-    );
+    add_group(&mut d, "g", members);
     let p = run(&target(), &d, &s);
     assert!(p.changes.is_empty(), "{:?}", p.changes);
     assert_eq!(p.problems.len(), 1);
@@ -354,16 +338,7 @@ fn group_deletions_have_a_limit_and_held_leavers_keep_their_memberships() {
         }
     }
     // Three groups gone and five users gone: both over a limit of one.
-    let mut p = run(&target(), &d, &s);
-    guard::apply_limits(
-        &mut p,
-        Limit::Count(1),
-        s.users.len(),
-        s.groups.len(),
-        None,
-        None,
-        Rebind::Allow,
-    );
+    let p = limited(&d, &s, Limit::Count(1), None);
     assert!(
         p.changes.iter().all(|c| !c.is_destructive()),
         "{:?}",
@@ -398,16 +373,7 @@ fn group_deletions_have_a_limit_and_held_leavers_keep_their_memberships() {
         d2.users.insert(u.id.clone(), u);
     }
     d2.groups.get_mut(&DirectoryId::new("g0")).unwrap().members = s.users.keys().cloned().collect();
-    let mut p = run(&target(), &d2, &s);
-    guard::apply_limits(
-        &mut p,
-        Limit::Count(1),
-        s.users.len(),
-        s.groups.len(),
-        None,
-        None,
-        Rebind::Allow,
-    );
+    let p = limited(&d2, &s, Limit::Count(1), None);
     assert_eq!(p.held.len(), 3, "{:?}", p.held);
     assert!(p.held_reason.unwrap().contains("group deletions"));
 }
@@ -450,24 +416,11 @@ fn rebind_world() -> (Desired, TargetState, BTreeMap<DirectoryId, Existing>) {
     new.user_name = "alice".into();
     d.users.insert(new.id.clone(), new);
     let members = BTreeSet::from([DirectoryId::new("old"), DirectoryId::new("keep")]);
-    s.groups.insert(
-        DirectoryId::new("g"),
-        GroupRow {
-            scim_id: ScimId("sg".into()),
-            display_name: "g".into(),
-            members,
-            etag: None,
-            owned: Ownership::Created,
-        },
-    );
-    d.groups.insert(
-        DirectoryId::new("g"),
-        DesiredGroup {
-            id: DirectoryId::new("g"),
-            dn: "cn=g".into(),
-            display_name: "g".into(),
-            members: BTreeSet::from([DirectoryId::new("new"), DirectoryId::new("keep")]),
-        },
+    add_group_row(&mut s, "g", "sg", members);
+    add_group(
+        &mut d,
+        "g",
+        BTreeSet::from([DirectoryId::new("new"), DirectoryId::new("keep")]),
     );
     let mut found_attrs = FlatAttrs::new();
     found_attrs.insert("externalId".into(), json!("old"));
@@ -482,6 +435,41 @@ fn rebind_world() -> (Desired, TargetState, BTreeMap<DirectoryId, Existing>) {
         },
     )]);
     (d, s, existing)
+}
+
+/// [`run_with`] for the default target, then the limits, counting the two users and one
+/// group of [`rebind_world`].
+fn rebind_limited(
+    d: &Desired,
+    s: &TargetState,
+    existing: &BTreeMap<DirectoryId, Existing>,
+    limit: Limit,
+    approved: Option<&BTreeSet<HeldKey>>,
+    rebind: Rebind,
+) -> Plan {
+    let mut p = run_with(&target(), d, s, existing);
+    guard::apply_limits(&mut p, limit, 2, 1, None, approved, rebind);
+    p
+}
+
+/// Asserts that `c` re-binds alice's account `s-old` from entry `old` to `new`; its changes.
+fn alice_moves_from_old_to_new(c: &Change) -> &[AttrChange] {
+    match c {
+        Change::Rebind {
+            id,
+            from,
+            from_name,
+            scim_id,
+            changes,
+            ..
+        } => {
+            assert_eq!((id.0.as_str(), from.0.as_str()), ("new", "old"));
+            assert_eq!(from_name, "alice");
+            assert_eq!(scim_id.0, "s-old");
+            changes
+        }
+        other => panic!("not a rebind (a silent adoption?): {other:?}"),
+    }
 }
 
 fn run_with(
@@ -508,22 +496,8 @@ fn an_owned_account_claimed_by_another_entry_is_a_rebind_not_an_adoption() {
     let (d, s, existing) = rebind_world();
     let p = run_with(&target(), &d, &s, &existing);
     assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
-    match &p.changes[0] {
-        Change::Rebind {
-            id,
-            from,
-            from_name,
-            scim_id,
-            changes,
-            ..
-        } => {
-            assert_eq!((id.0.as_str(), from.0.as_str()), ("new", "old"));
-            assert_eq!(from_name, "alice");
-            assert_eq!(scim_id.0, "s-old");
-            assert!(changes.iter().any(|c| c.path == "externalId"));
-        }
-        other => panic!("{other:?}"),
-    }
+    let changes = alice_moves_from_old_to_new(&p.changes[0]);
+    assert!(changes.iter().any(|c| c.path == "externalId"));
     assert_eq!(p.changes[0].action(), "rebind");
     assert!(p.changes[0].is_destructive());
     // The old identity is not deactivated besides, and the group keeps the account: it was
@@ -537,28 +511,23 @@ fn an_owned_account_claimed_by_another_entry_is_a_rebind_not_an_adoption() {
 #[test]
 fn a_rebind_counts_against_max_deprovisions_and_can_always_be_held() {
     let (d, s, existing) = rebind_world();
-    let mut p = run_with(&target(), &d, &s, &existing);
-    guard::apply_limits(&mut p, Limit::Count(0), 2, 1, None, None, Rebind::Allow);
+    let p = rebind_limited(&d, &s, &existing, Limit::Count(0), None, Rebind::Allow);
     assert_eq!(p.held.len(), 1);
     assert!(p.changes.is_empty());
     assert!(p.held_reason.unwrap().contains("max_deprovisions"));
 
-    let mut p = run_with(&target(), &d, &s, &existing);
-    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Allow);
+    let p = rebind_limited(&d, &s, &existing, Limit::Count(5), None, Rebind::Allow);
     assert_eq!(p.changes.len(), 1, "within the limit, allow applies it");
 
-    let mut p = run_with(&target(), &d, &s, &existing);
-    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Hold);
+    let p = rebind_limited(&d, &s, &existing, Limit::Count(5), None, Rebind::Hold);
     assert_eq!(guard::held_keys(&p).len(), 1);
     assert!(p.held_reason.as_deref().unwrap().contains("rebind"));
     let approved = guard::held_keys(&p);
-    let mut p = run_with(&target(), &d, &s, &existing);
-    guard::apply_limits(
-        &mut p,
+    let p = rebind_limited(
+        &d,
+        &s,
+        &existing,
         Limit::Count(5),
-        2,
-        1,
-        None,
         Some(&approved),
         Rebind::Hold,
     );
@@ -570,17 +539,12 @@ fn a_rebind_counts_against_max_deprovisions_and_can_always_be_held() {
 fn a_held_rebind_holds_the_new_entrys_member_additions() {
     let (mut d, s, existing) = rebind_world();
     // The new entry is in a second group the old one was not in.
-    d.groups.insert(
-        DirectoryId::new("h"),
-        DesiredGroup {
-            id: DirectoryId::new("h"),
-            dn: "cn=h".into(),
-            display_name: "h".into(),
-            members: BTreeSet::from([DirectoryId::new("new"), DirectoryId::new("keep")]),
-        },
+    add_group(
+        &mut d,
+        "h",
+        BTreeSet::from([DirectoryId::new("new"), DirectoryId::new("keep")]),
     );
-    let mut p = run_with(&target(), &d, &s, &existing);
-    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Hold);
+    let p = rebind_limited(&d, &s, &existing, Limit::Count(5), None, Rebind::Hold);
     let adds: Vec<&Change> = p
         .changes
         .iter()
@@ -649,20 +613,7 @@ fn an_account_claimed_by_another_directory_id_without_a_row_is_a_rebind() {
         .filter(|c| c.resource() == "User")
         .collect();
     assert_eq!(rebinds.len(), 1, "{:?}", p.changes);
-    match rebinds[0] {
-        Change::Rebind {
-            id,
-            from,
-            from_name,
-            scim_id,
-            ..
-        } => {
-            assert_eq!((id.0.as_str(), from.0.as_str()), ("new", "old"));
-            assert_eq!(from_name, "alice");
-            assert_eq!(scim_id.0, "s-old");
-        }
-        other => panic!("not a silent adoption: {other:?}"),
-    }
+    alice_moves_from_old_to_new(rebinds[0]);
     // Counted against max_deprovisions, and held by rebind = "hold".
     let mut p = run_with(&target(), &d, &s, &existing);
     guard::apply_limits(&mut p, Limit::Count(0), 1, 0, None, None, Rebind::Allow);
@@ -675,8 +626,7 @@ fn an_account_claimed_by_another_directory_id_without_a_row_is_a_rebind() {
 #[test]
 fn approving_a_rebind_does_not_approve_one_from_another_account() {
     let (d, s, existing) = rebind_world();
-    let mut p = run_with(&target(), &d, &s, &existing);
-    guard::apply_limits(&mut p, Limit::Count(5), 2, 1, None, None, Rebind::Hold);
+    let p = rebind_limited(&d, &s, &existing, Limit::Count(5), None, Rebind::Hold);
     let keys = guard::held_keys(&p);
     assert!(
         keys.contains(&("rebind:old".to_string(), DirectoryId::new("new"))),
@@ -684,13 +634,11 @@ fn approving_a_rebind_does_not_approve_one_from_another_account() {
     );
     for stale in ["rebind", "rebind:other"] {
         let approved = BTreeSet::from([HeldKey::parse(stale, DirectoryId::new("new")).unwrap()]);
-        let mut p = run_with(&target(), &d, &s, &existing);
-        guard::apply_limits(
-            &mut p,
+        let p = rebind_limited(
+            &d,
+            &s,
+            &existing,
             Limit::Count(5),
-            2,
-            1,
-            None,
             Some(&approved),
             Rebind::Hold,
         );
