@@ -430,33 +430,7 @@ mod tests {
 
     #[test]
     fn the_systemd_status_says_a_lost_snapshot_and_waiting_orphans() {
-        use crate::model::{DirectoryId, ScimId};
-        use crate::outcome::TargetOutcome;
-        use crate::plan::{Change, Plan};
-        let outcome = Outcome {
-            run_id: "r1".into(),
-            read_duration: Duration::ZERO,
-            source_users: 2,
-            source_groups: 0,
-            targets: vec![TargetOutcome {
-                name: "app".into(),
-                status: TargetStatus::Held,
-                error: None,
-                plan: Plan {
-                    held: vec![Change::Orphan {
-                        id: DirectoryId::new("107f0144-823a-1041-89a3-21734381405b"),
-                        scim_id: ScimId("s1".into()),
-                        user_name: "left".into(),
-                        delete: false,
-                    }],
-                    ..Plan::default()
-                },
-                applied: None,
-                names: Default::default(),
-                elapsed: Duration::ZERO,
-                rebuild: Some("lost".into()),
-            }],
-        };
+        let outcome = crate::outcome::held_orphan_outcome("lost");
         let at = Clock::fixed(Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap());
         let line = summary_status(&outcome, at.now());
         assert!(

@@ -513,34 +513,7 @@ mod tests {
 
     #[test]
     fn orphans_and_snapshot_rebuilds_are_exported() {
-        use crate::model::{DirectoryId, ScimId};
-        use crate::outcome::TargetOutcome;
-        use crate::plan::{Change, Plan};
-        let plan = Plan {
-            held: vec![Change::Orphan {
-                id: DirectoryId::new("107f0144-823a-1041-89a3-21734381405b"),
-                scim_id: ScimId("s1".into()),
-                user_name: "left".into(),
-                delete: false,
-            }],
-            ..Plan::default()
-        };
-        let outcome = Outcome {
-            run_id: "r".into(),
-            read_duration: Duration::ZERO,
-            source_users: 2,
-            source_groups: 0,
-            targets: vec![TargetOutcome {
-                name: "app".into(),
-                status: TargetStatus::Held,
-                error: None,
-                plan,
-                applied: None,
-                names: Default::default(),
-                elapsed: Duration::ZERO,
-                rebuild: Some("the snapshot lost rows".into()),
-            }],
-        };
+        let outcome = crate::outcome::held_orphan_outcome("the snapshot lost rows");
         let m = Metrics::default();
         m.cycle_finished(&outcome, Duration::from_secs(1), 0.0);
         let text = m.render();

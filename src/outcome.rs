@@ -77,3 +77,36 @@ pub struct Outcome {
     pub source_groups: usize,
     pub targets: Vec<TargetOutcome>,
 }
+
+/// Test fixture: a pass over 2 users and no groups whose one target `app` is held with
+/// one orphan waiting and its snapshot being rebuilt (`rebuild` the warning).
+#[cfg(test)]
+pub(crate) fn held_orphan_outcome(rebuild: &str) -> Outcome {
+    use crate::model::ScimId;
+    use crate::plan::Change;
+    let plan = Plan {
+        held: vec![Change::Orphan {
+            id: DirectoryId::new("107f0144-823a-1041-89a3-21734381405b"),
+            scim_id: ScimId("s1".into()),
+            user_name: "left".into(),
+            delete: false,
+        }],
+        ..Plan::default()
+    };
+    Outcome {
+        run_id: "r1".into(),
+        read_duration: std::time::Duration::ZERO,
+        source_users: 2,
+        source_groups: 0,
+        targets: vec![TargetOutcome {
+            name: "app".into(),
+            status: TargetStatus::Held,
+            error: None,
+            plan,
+            applied: None,
+            names: Default::default(),
+            elapsed: std::time::Duration::ZERO,
+            rebuild: Some(rebuild.into()),
+        }],
+    }
+}

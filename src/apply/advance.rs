@@ -79,6 +79,12 @@ pub fn advance(state: &TargetState, change: &Change, ack: &Ack, now: DateTime<Ut
                 id,
                 user_name,
                 attrs,
+            }
+            | Change::AdoptUser {
+                id,
+                user_name,
+                attrs,
+                ..
             },
             Ack::User {
                 scim_id,
@@ -86,39 +92,16 @@ pub fn advance(state: &TargetState, change: &Change, ack: &Ack, now: DateTime<Ut
                 owned,
                 ..
             },
-        ) => vec![Update::PutUser(
-            id.clone(),
-            user_row(
-                scim_id,
-                user_name,
-                attrs,
-                etag,
-                owned.unwrap_or(Ownership::Created),
-                None,
-                now,
-            ),
-        )],
-        (
-            Change::AdoptUser {
-                id,
-                user_name,
-                attrs,
-                matched_by,
-                ..
-            },
-            Ack::User { scim_id, etag, .. },
-        ) => vec![Update::PutUser(
-            id.clone(),
-            user_row(
-                scim_id,
-                user_name,
-                attrs,
-                etag,
-                ownership(*matched_by),
-                None,
-                now,
-            ),
-        )],
+        ) => {
+            // An adoption's ownership follows how it matched; a create's is what the
+            // target's answer showed (a 409 that found the account: adopted).
+            let owned = match change {
+                Change::AdoptUser { matched_by, .. } => ownership(*matched_by),
+                _ => owned.unwrap_or(Ownership::Created),
+            };
+            let row = user_row(scim_id, user_name, attrs, etag, owned, None, now);
+            vec![Update::PutUser(id.clone(), row)]
+        }
         (
             Change::Rebind {
                 id,
@@ -226,45 +209,37 @@ pub fn advance(state: &TargetState, change: &Change, ack: &Ack, now: DateTime<Ut
             )]
         }
         (
-            Change::CreateGroup { id, display_name },
-            Ack::Group {
-                scim_id,
-                etag,
-                members,
-            },
-        ) => vec![Update::PutGroup(
-            id.clone(),
-            GroupRow {
-                scim_id: scim_id.clone(),
-                display_name: display_name.clone(),
-                members: members.clone().unwrap_or_default(),
-                etag: etag.clone(),
-                owned: Ownership::Created,
-            },
-        )],
-        (
-            Change::AdoptGroup {
-                id,
-                display_name,
-                matched_by,
-                members: found,
-                ..
+            Change::CreateGroup { id, display_name }
+            | Change::AdoptGroup {
+                id, display_name, ..
             },
             Ack::Group {
                 scim_id,
                 etag,
                 members,
             },
-        ) => vec![Update::PutGroup(
-            id.clone(),
-            GroupRow {
-                scim_id: scim_id.clone(),
-                display_name: display_name.clone(),
-                members: members.clone().unwrap_or_else(|| found.clone()),
-                etag: etag.clone(),
-                owned: ownership(*matched_by),
-            },
-        )],
+        ) => {
+            // An adopted group starts from the members it was found with, unless the target
+            // answered with its list.
+            let (found, owned) = match change {
+                Change::AdoptGroup {
+                    members,
+                    matched_by,
+                    ..
+                } => (members.clone(), ownership(*matched_by)),
+                _ => (BTreeSet::new(), Ownership::Created),
+            };
+            vec![Update::PutGroup(
+                id.clone(),
+                GroupRow {
+                    scim_id: scim_id.clone(),
+                    display_name: display_name.clone(),
+                    members: members.clone().unwrap_or(found),
+                    etag: etag.clone(),
+                    owned,
+                },
+            )]
+        }
         (
             Change::UpdateGroup {
                 id, display_name, ..
@@ -446,6 +421,33 @@ mod tests {
         }
     }
 
+    /// Creating entry u1 as ann.
+    fn create_ann() -> Change {
+        Change::CreateUser {
+            id: id("u1"),
+            user_name: "ann".into(),
+            attrs: attrs(true),
+        }
+    }
+
+    /// A snapshot holding entry `entry` as the active account s1.
+    fn with_active(entry: &str, owned: Ownership) -> TargetState {
+        let mut state = TargetState::default();
+        let row = row("s1", UserState::Active, owned);
+        state.users.insert(id(entry), row);
+        state
+    }
+
+    /// The target's answer naming account `scim` (no ETag).
+    fn found_user(scim: &str, owned: Ownership, recreated: bool) -> Ack {
+        Ack::User {
+            scim_id: sid(scim),
+            etag: None,
+            owned: Some(owned),
+            recreated,
+        }
+    }
+
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 12, 2, 8, 0, 0).unwrap()
     }
@@ -459,11 +461,7 @@ mod tests {
 
     #[test]
     fn a_create_becomes_a_row_with_what_the_target_answered() {
-        let create = Change::CreateUser {
-            id: id("u1"),
-            user_name: "ann".into(),
-            attrs: attrs(true),
-        };
+        let create = create_ann();
         let state = TargetState::default();
         let u = advance(&state, &create, &ack("s1"), now());
         let r = put_user(&u);
@@ -473,12 +471,7 @@ mod tests {
         assert_eq!(r.state, UserState::Active);
         assert_eq!(r.hash, map::packed_hash(&attrs(true)));
         // A 409 that found someone else's account by userName: adopted.
-        let found = Ack::User {
-            scim_id: sid("s9"),
-            etag: None,
-            owned: Some(Ownership::Adopted),
-            recreated: false,
-        };
+        let found = found_user("s9", Ownership::Adopted, false);
         assert_eq!(
             put_user(&advance(&state, &create, &found, now())).owned,
             Ownership::Adopted
@@ -487,11 +480,7 @@ mod tests {
 
     #[test]
     fn nothing_is_recorded_for_what_was_not_acknowledged() {
-        let create = Change::CreateUser {
-            id: id("u1"),
-            user_name: "ann".into(),
-            attrs: attrs(true),
-        };
+        let create = create_ann();
         let state = TargetState::default();
         assert!(advance(&state, &create, &Ack::GroupGone, now()).is_empty());
         assert!(advance(&state, &create, &Ack::Nothing, now()).is_empty());
@@ -508,10 +497,7 @@ mod tests {
 
     #[test]
     fn a_deactivation_dates_from_when_it_first_happened() {
-        let mut state = TargetState::default();
-        state
-            .users
-            .insert(id("u1"), row("s1", UserState::Active, Ownership::Adopted));
+        let mut state = with_active("u1", Ownership::Adopted);
         let deactivate = Change::DeactivateUser {
             id: id("u1"),
             scim_id: sid("s1"),
@@ -545,10 +531,7 @@ mod tests {
 
     #[test]
     fn a_recreated_account_forgets_its_memberships() {
-        let mut state = TargetState::default();
-        state
-            .users
-            .insert(id("u1"), row("s1", UserState::Active, Ownership::Created));
+        let mut state = with_active("u1", Ownership::Created);
         state.groups.insert(id("g"), group(&["u1", "u2"]));
         let update = Change::UpdateUser {
             id: id("u1"),
@@ -557,12 +540,7 @@ mod tests {
             changes: vec![],
             attrs: attrs(true),
         };
-        let recreated = Ack::User {
-            scim_id: sid("s2"),
-            etag: None,
-            owned: Some(Ownership::Created),
-            recreated: true,
-        };
+        let recreated = found_user("s2", Ownership::Created, true);
         let u = advance(&state, &update, &recreated, now());
         assert_eq!(put_user(&u).scim_id, sid("s2"));
         assert_eq!(u[1], Update::PutGroup(id("g"), group(&["u2"])));
@@ -570,10 +548,7 @@ mod tests {
 
     #[test]
     fn a_rebind_moves_the_row_and_its_memberships() {
-        let mut state = TargetState::default();
-        state
-            .users
-            .insert(id("old"), row("s1", UserState::Active, Ownership::Created));
+        let mut state = with_active("old", Ownership::Created);
         state.groups.insert(id("g"), group(&["old", "u2"]));
         let rebind = Change::Rebind {
             id: id("new"),

@@ -472,6 +472,16 @@ fn alice_moves_from_old_to_new(c: &Change) -> &[AttrChange] {
     }
 }
 
+/// [`rebind_limited`] with `max_deprovisions = 5` and `rebind = "hold"`.
+fn held_within_five(
+    d: &Desired,
+    s: &TargetState,
+    existing: &BTreeMap<DirectoryId, Existing>,
+    approved: Option<&BTreeSet<HeldKey>>,
+) -> Plan {
+    rebind_limited(d, s, existing, Limit::Count(5), approved, Rebind::Hold)
+}
+
 fn run_with(
     t: &TargetConfig,
     d: &Desired,
@@ -523,14 +533,7 @@ fn a_rebind_counts_against_max_deprovisions_and_can_always_be_held() {
     assert_eq!(guard::held_keys(&p).len(), 1);
     assert!(p.held_reason.as_deref().unwrap().contains("rebind"));
     let approved = guard::held_keys(&p);
-    let p = rebind_limited(
-        &d,
-        &s,
-        &existing,
-        Limit::Count(5),
-        Some(&approved),
-        Rebind::Hold,
-    );
+    let p = held_within_five(&d, &s, &existing, Some(&approved));
     assert!(p.held.is_empty());
     assert_eq!(p.changes[0].action(), "rebind");
 }
@@ -634,14 +637,7 @@ fn approving_a_rebind_does_not_approve_one_from_another_account() {
     );
     for stale in ["rebind", "rebind:other"] {
         let approved = BTreeSet::from([HeldKey::parse(stale, DirectoryId::new("new")).unwrap()]);
-        let p = rebind_limited(
-            &d,
-            &s,
-            &existing,
-            Limit::Count(5),
-            Some(&approved),
-            Rebind::Hold,
-        );
+        let p = held_within_five(&d, &s, &existing, Some(&approved));
         assert!(
             p.held.iter().any(|c| c.action() == "rebind"),
             "{stale}: {p:?}"

@@ -204,31 +204,17 @@ mod tests {
         }
         // A body that broke off: after a 4xx (401, 403, 404, 409 too) the answer is final;
         // after a 5xx or a success it is asked again.
+        let broke_off = |code| {
+            let outcome = Outcome::BodyUnreadable {
+                status: status(code),
+            };
+            classify(&outcome, G, chrono::Utc::now())
+        };
         for code in [400, 401, 403, 404, 409, 412, 501] {
-            assert_eq!(
-                classify(
-                    &Outcome::BodyUnreadable {
-                        status: status(code)
-                    },
-                    G,
-                    chrono::Utc::now()
-                ),
-                Decision::GiveUp,
-                "{code}"
-            );
+            assert_eq!(broke_off(code), Decision::GiveUp, "{code}");
         }
         for code in [200, 201, 408, 429, 500, 502, 503] {
-            assert_eq!(
-                classify(
-                    &Outcome::BodyUnreadable {
-                        status: status(code)
-                    },
-                    G,
-                    chrono::Utc::now()
-                ),
-                Decision::Retry(None),
-                "{code}"
-            );
+            assert_eq!(broke_off(code), Decision::Retry(None), "{code}");
         }
         assert_eq!(
             classify(
