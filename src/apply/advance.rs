@@ -85,52 +85,8 @@ pub fn advance(state: &TargetState, change: &Change, ack: &Ack, now: DateTime<Ut
                 user_name,
                 attrs,
                 ..
-            },
-            Ack::User {
-                scim_id,
-                etag,
-                owned,
-                ..
-            },
-        ) => {
-            // An adoption's ownership follows how it matched; a create's is what the
-            // target's answer showed (a 409 that found the account: adopted).
-            let owned = match change {
-                Change::AdoptUser { matched_by, .. } => ownership(*matched_by),
-                _ => owned.unwrap_or(Ownership::Created),
-            };
-            let row = user_row(scim_id, user_name, attrs, etag, owned, None, now);
-            vec![Update::PutUser(id.clone(), row)]
-        }
-        (
-            Change::Rebind {
-                id,
-                from,
-                user_name,
-                attrs,
-                ..
-            },
-            Ack::User { scim_id, etag, .. },
-        ) => {
-            // The account keeps the ownership it had under the old entry.
-            let owned = state
-                .users
-                .get(from)
-                .map_or(Ownership::Adopted, |prev| prev.owned);
-            vec![
-                Update::PutUser(
-                    id.clone(),
-                    user_row(scim_id, user_name, attrs, etag, owned, None, now),
-                ),
-                Update::RemoveUser(from.clone()),
-                Update::MoveMemberships {
-                    from: from.clone(),
-                    to: id.clone(),
-                },
-            ]
-        }
-        (
-            Change::UpdateUser {
+            }
+            | Change::UpdateUser {
                 id,
                 user_name,
                 attrs,
@@ -149,6 +105,17 @@ pub fn advance(state: &TargetState, change: &Change, ack: &Ack, now: DateTime<Ut
                 recreated,
             },
         ) => {
+            // A new row: an adoption's ownership follows how it matched; a create's is what
+            // the target's answer showed (a 409 that found the account: adopted).
+            let new_row = match change {
+                Change::AdoptUser { matched_by, .. } => Some(ownership(*matched_by)),
+                Change::CreateUser { .. } => Some(owned.unwrap_or(Ownership::Created)),
+                _ => None,
+            };
+            if let Some(owned) = new_row {
+                let row = user_row(scim_id, user_name, attrs, etag, owned, None, now);
+                return vec![Update::PutUser(id.clone(), row)];
+            }
             if *recreated {
                 // A new account: its memberships went with the old one; forgotten, so the
                 // next plan adds them again.
@@ -177,6 +144,33 @@ pub fn advance(state: &TargetState, change: &Change, ack: &Ack, now: DateTime<Ut
                 id.clone(),
                 user_row(scim_id, user_name, attrs, etag, owned, prev, now),
             )]
+        }
+        (
+            Change::Rebind {
+                id,
+                from,
+                user_name,
+                attrs,
+                ..
+            },
+            Ack::User { scim_id, etag, .. },
+        ) => {
+            // The account keeps the ownership it had under the old entry.
+            let owned = state
+                .users
+                .get(from)
+                .map_or(Ownership::Adopted, |prev| prev.owned);
+            vec![
+                Update::PutUser(
+                    id.clone(),
+                    user_row(scim_id, user_name, attrs, etag, owned, None, now),
+                ),
+                Update::RemoveUser(from.clone()),
+                Update::MoveMemberships {
+                    from: from.clone(),
+                    to: id.clone(),
+                },
+            ]
         }
         (Change::DeactivateUser { id, .. } | Change::DeleteUser { id, .. }, Ack::UserGone) => {
             vec![Update::RemoveUser(id.clone())]
