@@ -183,6 +183,7 @@ mod tests {
                 names: Default::default(),
                 rebuild: None,
             }],
+            read: Default::default(),
         }
     }
 

@@ -63,12 +63,18 @@ pub enum Command {
         /// Only this target (repeatable).
         #[arg(long = "target", value_name = "NAME")]
         targets: Vec<String>,
+        /// Read the whole directory instead of what the change feed says changed.
+        #[arg(long)]
+        full: bool,
     },
     /// The dry-run report: changes nothing anywhere (0 no changes, 2 changes pending, 1 error).
     Plan {
         /// Only this target (repeatable).
         #[arg(long = "target", value_name = "NAME")]
         targets: Vec<String>,
+        /// Read the whole directory instead of what the change feed says changed.
+        #[arg(long)]
+        full: bool,
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
         /// Write the report to FILE instead of stdout.

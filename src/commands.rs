@@ -62,15 +62,17 @@ pub async fn execute(cli: Cli) -> u8 {
     };
     match &cli.command {
         Command::Run { now } => crate::daemon::run(&cli, config, *now, clock).await,
-        Command::Sync { targets } => sync(&config, targets, &clock).await,
+        Command::Sync { targets, full } => sync(&config, targets, *full, &clock).await,
         Command::Plan {
             targets,
+            full,
             format,
             out,
         } => {
             plan(
                 &config,
                 targets,
+                *full,
                 report_format(*format),
                 out.as_deref(),
                 &clock,
@@ -105,7 +107,7 @@ fn report_format(format: ReportFormat) -> Format {
 }
 
 /// One reconcile now. The caller holds the state directory lock.
-pub async fn sync(config: &Config, targets: &[String], clock: &Clock) -> u8 {
+pub async fn sync(config: &Config, targets: &[String], full: bool, clock: &Clock) -> u8 {
     let bars = ProgressBars::for_terminal();
     let hook = |target: &str, done: usize, total: usize| {
         if let Some(b) = &bars {
@@ -113,6 +115,7 @@ pub async fn sync(config: &Config, targets: &[String], clock: &Clock) -> u8 {
         }
     };
     let mut pass = Pass::new(config, targets, false, clock);
+    pass.full = full.then_some(FULL_BY_HAND);
     if bars.is_some() {
         pass.progress = Some(&hook);
     }
@@ -141,14 +144,19 @@ fn any_target_is(outcome: &Outcome, status: TargetStatus) -> bool {
     outcome.targets.iter().any(|t| t.status == status)
 }
 
+/// Why a full read, when `--full` asks for one.
+pub const FULL_BY_HAND: &str = "a full read was asked for (--full)";
+
 async fn plan(
     config: &Config,
     targets: &[String],
+    full: bool,
     format: Format,
     out: Option<&std::path::Path>,
     clock: &Clock,
 ) -> u8 {
-    let pass = Pass::new(config, targets, true, clock);
+    let mut pass = Pass::new(config, targets, true, clock);
+    pass.full = full.then_some(FULL_BY_HAND);
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),

@@ -135,6 +135,9 @@ impl Notifier {
     }
 }
 
+/// Why a full read, when the full schedule asks for one.
+pub const FULL_BY_SCHEDULE: &str = "the full schedule (daemon.full_schedule) is due";
+
 /// One cycle: a reconcile pass, its audit records, its metrics and one log line per target.
 /// Returns the one-line summary for `STATUS=`.
 async fn cycle(
@@ -143,12 +146,14 @@ async fn cycle(
     metrics: Metrics,
     deadline: Option<Instant>,
     clock: Clock,
+    full: bool,
 ) -> String {
     let started = Instant::now();
     metrics.cycle_started();
     let mut pass = Pass::new(&config, &[], false, &clock);
     pass.stop = Some(&stop);
     pass.deadline = deadline;
+    pass.full = full.then_some(FULL_BY_SCHEDULE);
     let run_id = pass.run_id.clone();
     info!(run_id = %run_id, "cycle started");
     let result = reconcile::run(&pass).await;
@@ -319,14 +324,25 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     let mut running: Option<CycleFuture> = None;
     // A cycle starts nothing new shortly before the next one is due, so a slow target costs
     // the others no scheduled cycle (its remaining changes go in the next one).
+    // A cycle is a full read when the full schedule had a time since the previous cycle
+    // started (with a change feed the others are deltas).
+    let last_started = std::cell::Cell::new(clock.now());
     let start_cycle = |config: &Arc<Config>, ticks: &Ticks| -> CycleFuture {
-        let deadline = ticks.cycle_deadline(clock.now());
+        let now = clock.now();
+        let deadline = ticks.cycle_deadline(now);
+        let full = config
+            .daemon
+            .full_schedule
+            .next_after(last_started.get())
+            .is_some_and(|due| due <= now);
+        last_started.set(now);
         Box::pin(cycle(
             config.clone(),
             stop.clone(),
             metrics.clone(),
             deadline,
             clock,
+            full,
         ))
     };
     if run_now {

@@ -18,6 +18,7 @@ pub mod lock;
 pub mod map;
 pub mod memory;
 pub mod metrics;
+pub mod mirror;
 pub mod model;
 pub mod outcome;
 pub mod plan;

@@ -76,6 +76,25 @@ pub struct Outcome {
     pub source_users: usize,
     pub source_groups: usize,
     pub targets: Vec<TargetOutcome>,
+    /// How the directory was read: in full, or from the change feed.
+    pub read: ReadWay,
+}
+
+/// How a pass read the directory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadWay {
+    /// `full` (the whole directory, without a feed or to rebuild its mirror), `delta` (the
+    /// changes the feed named, applied to the mirror) or `quiet` (the feed named no change and
+    /// every target had applied everything: nothing was planned).
+    pub mode: &'static str,
+    /// With a feed: `syncrepl`.
+    pub feed: Option<&'static str>,
+    /// Why a full read, where the feed could have been used.
+    pub why_full: Option<String>,
+    /// A delta was tried and the feed could not go on.
+    pub fallback: bool,
+    /// Entries the delta changed in the mirror.
+    pub changes: usize,
 }
 
 /// Test fixture: a pass over 2 users and no groups whose one target `app` is held with
@@ -108,5 +127,6 @@ pub(crate) fn held_orphan_outcome(rebuild: &str) -> Outcome {
             elapsed: std::time::Duration::ZERO,
             rebuild: Some(rebuild.into()),
         }],
+        read: Default::default(),
     }
 }

@@ -663,6 +663,7 @@ mod tests {
                 names,
                 rebuild: None,
             }],
+            read: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The local snapshot: per target, what ldap2scim last pushed and what it owns. Backed by sled;
-//! this is the only file that knows sled exists.
+//! this file and `mirror.rs` (the directory's mirror, kept in the same database) are the only
+//! ones that know sled exists.
 //!
 //! The snapshot is a cache, the target is the truth: losing it costs a rebuild (matching by
 //! `externalId`), never a duplicate. A row advances only after the target acknowledged the
@@ -122,6 +123,34 @@ pub struct ReadStats {
     pub users: usize,
     pub groups: usize,
     pub at: Option<DateTime<Utc>>,
+}
+
+/// How far a target has applied the directory's mirror: everything up to `seq`, under the
+/// target settings whose digest is `settings`. Recorded only after a clean cycle (nothing
+/// failed, held or waiting), so a target that fails catches up from the mirror later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedProgress {
+    pub seq: u64,
+    pub settings: String,
+}
+
+/// The last time the change feed could not go on, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedFallback {
+    pub at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// What `status` and `plan` show of the change feed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FeedStatus {
+    pub kind: String,
+    pub cookie_at: Option<DateTime<Utc>>,
+    pub last_full: Option<DateTime<Utc>>,
+    pub users: usize,
+    pub groups: usize,
+    pub seq: u64,
+    pub fallback: Option<FeedFallback>,
 }
 
 /// How many rows a target had when a cycle last wrote them (a lower bound while a cycle
@@ -346,6 +375,16 @@ impl Snapshot {
         })
     }
 
+    /// The database, for the directory's mirror (`mirror.rs`), which lives beside the rows.
+    pub(crate) fn sled_db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The sled directory (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Why this snapshot is not the one written here before (its files were replaced or
     /// damaged), if that is so: every target's rows are then to be treated as lost.
     pub fn lost(&self) -> Option<&str> {
@@ -422,6 +461,37 @@ impl Snapshot {
     }
 
     /// What `target`'s last cycle did (none before its first).
+    pub fn feed_progress(&self, target: &str) -> Result<Option<FeedProgress>, SnapshotError> {
+        self.get_meta(&format!("feed_progress/{target}"))
+    }
+
+    /// Records (or, with `None`, forgets) how far `target` applied the mirror.
+    pub fn set_feed_progress(
+        &self,
+        target: &str,
+        progress: Option<&FeedProgress>,
+    ) -> Result<(), SnapshotError> {
+        let key = format!("feed_progress/{target}");
+        match progress {
+            Some(p) => self.put_meta(&key, p),
+            None => self.remove_meta(&key),
+        }
+    }
+
+    pub fn feed_fallback(&self) -> Result<Option<FeedFallback>, SnapshotError> {
+        self.get_meta("feed_fallback")
+    }
+
+    pub fn set_feed_fallback(&self, reason: &str, at: DateTime<Utc>) -> Result<(), SnapshotError> {
+        self.put_meta(
+            "feed_fallback",
+            &FeedFallback {
+                at,
+                reason: reason.to_string(),
+            },
+        )
+    }
+
     pub fn last_run(&self, target: &str) -> Result<Option<LastRun>, SnapshotError> {
         self.get_meta(&format!("status/{target}"))
     }

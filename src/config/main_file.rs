@@ -19,7 +19,8 @@ use super::values::{
 };
 use super::walk::{describe, ConfigErrors, EnvLookup, Problems, Section, Source};
 use super::{
-    Config, DaemonConfig, Dialect, GroupsConfig, LdapConfig, LdapServer, LdapTransport, UsersConfig,
+    ChangeFeed, Config, DaemonConfig, Dialect, GroupsConfig, LdapConfig, LdapServer, LdapTransport,
+    UsersConfig,
 };
 
 /// Loads and validates the main file at `path` and every target file, reading secrets from the
@@ -43,7 +44,17 @@ pub fn load_with_env(path: &Path, env: &EnvLookup<'_>) -> Result<Config, ConfigE
 }
 
 const ROOT_KEYS: &[&str] = &["daemon", "ldap"];
-const DAEMON_KEYS: &[&str] = &["schedule", "timezone", "state_dir", "targets_dir", "listen"];
+const DAEMON_KEYS: &[&str] = &[
+    "schedule",
+    "timezone",
+    "state_dir",
+    "targets_dir",
+    "listen",
+    "full_schedule",
+    "live",
+    "live_interval",
+    "live_delay",
+];
 const LDAP_KEYS: &[&str] = &[
     "url",
     "starttls",
@@ -54,6 +65,7 @@ const LDAP_KEYS: &[&str] = &[
     "page_size",
     "timeout",
     "max_shrink",
+    "change_feed",
     "allow_plaintext",
     "users",
     "groups",
@@ -62,12 +74,23 @@ const USERS_KEYS: &[&str] = &["base", "filter", "disabled_filter"];
 const GROUPS_KEYS: &[&str] = &["base", "filter", "nested"];
 
 const DEFAULT_SCHEDULE: &str = "*/15 * * * *";
+const DEFAULT_FULL_SCHEDULE: &str = "0 3 * * *";
+const DEFAULT_LIVE_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_LIVE_DELAY: Duration = Duration::from_secs(2);
 const DEFAULT_TIMEZONE: &str = "UTC";
 const DEFAULT_STATE_DIR: &str = "/var/lib/ldap2scim";
 const DEFAULT_TARGETS_DIR: &str = "targets.d";
 const DEFAULT_PAGE_SIZE: i32 = 1000;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_SHRINK: f64 = 0.2;
+
+const CHANGE_FEEDS: &[(&str, ChangeFeed)] = &[
+    ("auto", ChangeFeed::Auto),
+    ("syncrepl", ChangeFeed::Syncrepl),
+    ("dirsync", ChangeFeed::DirSync),
+    ("usn", ChangeFeed::Usn),
+    ("none", ChangeFeed::None),
+];
 
 const DIALECTS: &[(&str, Dialect)] = &[
     ("openldap", Dialect::OpenLdap),
@@ -116,6 +139,21 @@ fn daemon_config(root: &Section<'_>) -> DaemonConfig {
     let crontab = d.parsed("schedule", |text| {
         schedule::crontab(text).map(|cron| (text, cron))
     });
+    let full_crontab = d.parsed("full_schedule", |text| {
+        schedule::crontab(text).map(|cron| (text, cron))
+    });
+    let live = d.bool("live");
+    let positive = |text: &str| parse_duration(text);
+    let live_interval = d.parsed("live_interval", |text| {
+        positive(text).and_then(|t| {
+            if t.is_zero() {
+                Err("must be longer than zero".to_owned())
+            } else {
+                Ok(t)
+            }
+        })
+    });
+    let live_delay = d.parsed("live_delay", positive);
     let zone = d.parsed("timezone", |text| {
         schedule::time_zone(text).map(|tz| (text, tz))
     });
@@ -133,8 +171,16 @@ fn daemon_config(root: &Section<'_>) -> DaemonConfig {
         (DEFAULT_SCHEDULE, cron)
     });
     let (timezone, tz) = zone.unwrap_or((DEFAULT_TIMEZONE, chrono_tz::Tz::UTC));
+    let (full_text, full_cron) = full_crontab.unwrap_or_else(|| {
+        let cron = schedule::crontab(DEFAULT_FULL_SCHEDULE).expect("the default schedule reads");
+        (DEFAULT_FULL_SCHEDULE, cron)
+    });
     DaemonConfig {
         schedule: Schedule::from_parts(text, cron, timezone, tz),
+        full_schedule: Schedule::from_parts(full_text, full_cron, timezone, tz),
+        live: live.unwrap_or(true),
+        live_interval: live_interval.unwrap_or(DEFAULT_LIVE_INTERVAL),
+        live_delay: live_delay.unwrap_or(DEFAULT_LIVE_DELAY),
         timezone: timezone.to_owned(),
         state_dir: state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         targets_dir: targets_dir.unwrap_or_else(|| path(DEFAULT_TARGETS_DIR)),
@@ -202,6 +248,18 @@ fn ldap_config(root: &Section<'_>) -> (Dialect, Option<LdapConfig>) {
         })
     });
     let max_shrink = l.parsed("max_shrink", parse_percent);
+    let change_feed = l.choice("change_feed", CHANGE_FEEDS);
+    match (change_feed, dialect) {
+        (Some(ChangeFeed::Syncrepl), Dialect::ActiveDirectory) => l.error(
+            "change_feed",
+            "\"syncrepl\" is OpenLDAP's and 389-DS's feed; Active Directory offers \"dirsync\" or \"usn\" (or use \"auto\")",
+        ),
+        (Some(ChangeFeed::DirSync | ChangeFeed::Usn), Dialect::OpenLdap) => l.error(
+            "change_feed",
+            "\"dirsync\" and \"usn\" are Active Directory's feeds; OpenLDAP and 389-DS offer \"syncrepl\" (or use \"auto\")",
+        ),
+        _ => {}
+    }
 
     let users = l.required("users", |s, name| s.table(name, USERS_KEYS));
     let users = users.and_then(|u| {
@@ -236,6 +294,7 @@ fn ldap_config(root: &Section<'_>) -> (Dialect, Option<LdapConfig>) {
         page_size: page_size.unwrap_or(DEFAULT_PAGE_SIZE),
         timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
         max_shrink: max_shrink.unwrap_or(DEFAULT_MAX_SHRINK),
+        change_feed: change_feed.unwrap_or(ChangeFeed::Auto),
         users,
         groups,
     });

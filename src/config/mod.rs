@@ -58,6 +58,13 @@ pub struct DaemonConfig {
     /// Absolute (resolved relative to the main file).
     pub targets_dir: PathBuf,
     pub listen: Option<SocketAddr>,
+    /// `daemon.full_schedule`: when a cycle reads the whole directory although a change feed
+    /// could say what changed (it repairs whatever a feed could miss).
+    pub full_schedule: Schedule,
+    /// `daemon.live`: between cycles, apply directory changes as they arrive.
+    pub live: bool,
+    pub live_interval: Duration,
+    pub live_delay: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -76,9 +83,38 @@ pub struct LdapConfig {
     pub timeout: Duration,
     /// Fraction 0.0..=1.0 (from "20%").
     pub max_shrink: f64,
+    /// `ldap.change_feed`: how a cycle learns what changed.
+    pub change_feed: ChangeFeed,
     pub users: UsersConfig,
     /// `None` when the file has no `[ldap.groups]`: no groups are read or pushed.
     pub groups: Option<GroupsConfig>,
+}
+
+/// `ldap.change_feed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeFeed {
+    /// What the server advertises in its root DSE, else none.
+    Auto,
+    /// RFC 4533 content synchronisation (OpenLDAP syncprov, 389-DS Content Synchronization).
+    Syncrepl,
+    /// Active Directory DirSync (not implemented yet: read as `None`, said in `check --connect`).
+    DirSync,
+    /// Active Directory `uSNChanged` watermark (not implemented yet: read as `None`).
+    Usn,
+    /// Every cycle reads the whole directory.
+    None,
+}
+
+impl ChangeFeed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeFeed::Auto => "auto",
+            ChangeFeed::Syncrepl => "syncrepl",
+            ChangeFeed::DirSync => "dirsync",
+            ChangeFeed::Usn => "usn",
+            ChangeFeed::None => "none",
+        }
+    }
 }
 
 /// One LDAP server of `ldap.url`: the URL as parsed (scheme lowercased), and how its connection

@@ -6,6 +6,7 @@
 //! failing target is that target's result, not the cycle's.
 
 mod existing;
+pub mod feed;
 mod prepare;
 mod record;
 
@@ -22,10 +23,10 @@ use crate::clock::Clock;
 use crate::config::{Config, TargetConfig};
 use crate::map;
 use crate::model::{Directory, DirectoryId, DirectoryUser};
-use crate::outcome::{Outcome, TargetFailure, TargetOutcome, TargetStatus};
+use crate::outcome::{Outcome, ReadWay, TargetFailure, TargetOutcome, TargetStatus};
 use crate::plan::{self, guard, Plan, PlanInput};
 use crate::scim::{Capabilities, ScimClient, TargetError};
-use crate::snapshot::{LastRun, ReadStats, RowCounts, Snapshot, SnapshotError};
+use crate::snapshot::{FeedProgress, LastRun, ReadStats, RowCounts, Snapshot, SnapshotError};
 use crate::source::{self, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,9 @@ pub struct Pass<'a> {
     /// next scheduled cycle, so one slow target cannot make the others miss theirs).
     pub deadline: Option<std::time::Instant>,
     pub progress: Option<crate::apply::Progress<'a>>,
+    /// Read the whole directory although a change feed could say what changed; says why
+    /// (`--full`, the full schedule).
+    pub full: Option<&'static str>,
 }
 
 impl<'a> Pass<'a> {
@@ -67,6 +71,7 @@ impl<'a> Pass<'a> {
             stop: None,
             deadline: None,
             progress: None,
+            full: None,
         }
     }
 }
@@ -126,8 +131,29 @@ pub async fn run_on(pass: &Pass<'_>, directory: Directory) -> Result<Outcome, Re
 
 async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, ReconcileError> {
     let targets = select_targets(pass.config, pass.only)?;
-    // Nothing is written before the read is complete.
-    let opening = Opening::start(&pass.config.daemon.state_dir, pass.dry_run, &targets);
+    // The read covers every target's mappings: one read serves any subset of targets.
+    let wanted = map::needed_attributes(&pass.config.targets);
+    let read_started = std::time::Instant::now();
+    // With a change feed the snapshot opens first: the directory's mirror and its cookies are
+    // in it. Nothing is written to a target before the read is complete.
+    let (opening, way) = if read.is_none() && feed::configured(&pass.config.ldap) {
+        let snapshot = prepare::open_snapshot(&pass.config.daemon.state_dir, pass.dry_run).await?;
+        let ask = feed_ask(pass, &wanted, &targets);
+        let way = feed::decide(&ask, snapshot.as_ref()).await?;
+        (
+            Opening::with_snapshot(snapshot, pass.dry_run, &targets),
+            way,
+        )
+    } else {
+        (
+            Opening::start(&pass.config.daemon.state_dir, pass.dry_run, &targets),
+            feed::Way::Classic,
+        )
+    };
+    if let feed::Way::Quiet { users, groups, seq } = way {
+        let (snapshot, _) = opening.finish().await?;
+        return quiet(pass, &targets, snapshot, users, groups, seq, read_started).await;
+    }
     // Each target's `/ServiceProviderConfig` is read meanwhile too (a GET, nothing more); a
     // refused credential fails the target.
     let discoveries: Vec<tokio::task::JoinHandle<Connected>> = targets
@@ -141,16 +167,84 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             })
         })
         .collect();
-    let read_started = std::time::Instant::now();
-    // The read covers every target's mappings: one read serves any subset of targets.
-    let wanted = map::needed_attributes(&pass.config.targets);
     let mut mapping = StreamingMap::new(&targets, &opening);
-    let read = match read {
-        Some(mut directory) => {
-            directory.users.iter_mut().for_each(|u| mapping.on_user(u));
-            Ok(directory)
+    let mut read_way = ReadWay {
+        mode: "full",
+        ..ReadWay::default()
+    };
+    let mut seq = None;
+    let read = match (read, way) {
+        (Some(directory), _) => Ok(mapped(directory, &mut mapping)),
+        (
+            None,
+            feed::Way::Delta {
+                directory,
+                changed,
+                seq: s,
+            },
+        ) => {
+            read_way = ReadWay {
+                mode: "delta",
+                feed: Some(feed::KIND),
+                changes: changed,
+                ..ReadWay::default()
+            };
+            seq = Some(s);
+            Ok(mapped(directory, &mut mapping))
         }
-        None => {
+        (
+            None,
+            feed::Way::Full {
+                why,
+                fallback,
+                capture: Some((mut rebuild, cookies)),
+            },
+        ) => {
+            read_way.feed = Some(feed::KIND);
+            read_way.why_full = Some(why);
+            read_way.fallback = fallback;
+            let read = {
+                let (mapping, rebuild) = (&mut mapping, &mut rebuild);
+                let rebuild = std::sync::Mutex::new(rebuild);
+                let on_user = &mut |u: &mut DirectoryUser| {
+                    if let Ok(mut r) = rebuild.lock() {
+                        r.user(u);
+                    }
+                    mapping.on_user(u)
+                };
+                let on_group =
+                    &mut |id: &DirectoryId, dn: &str, attrs: &crate::model::Attributes| {
+                        if let Ok(mut r) = rebuild.lock() {
+                            r.group(id, dn, attrs);
+                        }
+                    };
+                source::read_capturing(
+                    &pass.config.ldap,
+                    Some(&wanted),
+                    on_user,
+                    on_group,
+                    pass.now,
+                )
+                .await
+            };
+            match read {
+                Ok(directory) => {
+                    let ask = feed_ask(pass, &wanted, &targets);
+                    seq = Some(feed::finish_full(&ask, rebuild, cookies)?);
+                    Ok(directory)
+                }
+                Err(e) => {
+                    rebuild.abandon();
+                    Err(e)
+                }
+            }
+        }
+        (None, way) => {
+            if let feed::Way::Full { why, fallback, .. } = way {
+                read_way.feed = Some(feed::KIND);
+                read_way.why_full = Some(why);
+                read_way.fallback = fallback;
+            }
             let on_user = &mut |u: &mut DirectoryUser| mapping.on_user(u);
             source::read_streaming(&pass.config.ldap, Some(&wanted), on_user, pass.now).await
         }
@@ -192,7 +286,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             };
             let started = std::time::Instant::now();
             let result =
-                reconcile_target(pass, t, snapshot_ref, hold_ref, prepared, connected).await;
+                reconcile_target(pass, t, snapshot_ref, hold_ref, prepared, connected, seq).await;
             let mut outcome =
                 result.unwrap_or_else(|error| failed_target(pass, t, snapshot_ref, error));
             outcome.elapsed = started.elapsed();
@@ -224,6 +318,85 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         source_users,
         source_groups,
         targets: outcomes,
+        read: read_way,
+    })
+}
+
+/// Maps a directory read already (or assembled from the mirror) for every target.
+fn mapped(mut directory: Directory, mapping: &mut StreamingMap) -> Directory {
+    directory.users.iter_mut().for_each(|u| mapping.on_user(u));
+    directory
+}
+
+fn feed_ask<'a>(
+    pass: &'a Pass<'_>,
+    wanted: &'a [String],
+    targets: &'a [&'a TargetConfig],
+) -> feed::Ask<'a> {
+    feed::Ask {
+        cfg: &pass.config.ldap,
+        wanted,
+        full: pass.full,
+        dry_run: pass.dry_run,
+        now: pass.now,
+        targets,
+    }
+}
+
+/// The feed named no change and every target had applied the mirror: nothing to plan.
+async fn quiet(
+    pass: &Pass<'_>,
+    targets: &[&TargetConfig],
+    snapshot: Option<Snapshot>,
+    users: usize,
+    groups: usize,
+    seq: u64,
+    read_started: std::time::Instant,
+) -> Result<Outcome, ReconcileError> {
+    let outcomes = targets
+        .iter()
+        .map(|t| {
+            if let (Some(s), false) = (&snapshot, pass.dry_run) {
+                let run = LastRun {
+                    at: pass.now,
+                    status: TargetStatus::Ok.as_str().into(),
+                    error: None,
+                    applied: 0,
+                    failed: 0,
+                    held: 0,
+                    writes: 0,
+                };
+                if let Err(e) = s.set_last_run(&t.name.0, &run) {
+                    warn!(target = %t.name, error = %e, "cannot record the run status");
+                }
+            }
+            TargetOutcome {
+                name: t.name.0.clone(),
+                status: TargetStatus::Ok,
+                error: None,
+                plan: Plan::default(),
+                applied: None,
+                names: BTreeMap::new(),
+                elapsed: Default::default(),
+                rebuild: None,
+            }
+        })
+        .collect();
+    if let (Some(s), false) = (&snapshot, pass.dry_run) {
+        s.flush().await?;
+    }
+    info!(run_id = %pass.run_id, seq, "the change feed named no change; every target is up to date");
+    Ok(Outcome {
+        run_id: pass.run_id.clone(),
+        read_duration: read_started.elapsed(),
+        source_users: users,
+        source_groups: groups,
+        targets: outcomes,
+        read: ReadWay {
+            mode: "quiet",
+            feed: Some(feed::KIND),
+            ..ReadWay::default()
+        },
     })
 }
 
@@ -248,6 +421,7 @@ fn failed_target(
         if let Err(e) = s.set_last_run(&target.name.0, &failed) {
             warn!(target = %target.name, error = %e, "cannot record the run status");
         }
+        let _ = s.set_feed_progress(&target.name.0, None);
     }
     TargetOutcome {
         name: target.name.0.clone(),
@@ -269,6 +443,7 @@ async fn reconcile_target(
     hold: Option<&guard::SourceHold>,
     prepared: Prepared,
     connected: Connected,
+    seq: Option<u64>,
 ) -> Result<TargetOutcome, TargetFailure> {
     let name = target.name.0.clone();
     let (desired, tsnap, mut state) = prepared?;
@@ -356,6 +531,12 @@ async fn reconcile_target(
         users: state.users.len(),
         groups: state.groups.len(),
     };
+    // Accounts waiting to be deleted later have work left although nothing changes.
+    let waiting = target.deprovision == crate::config::Deprovision::DeactivateThenDelete
+        && state
+            .users
+            .values()
+            .any(|r| matches!(r.state, crate::snapshot::UserState::Deactivated { .. }));
     record_row_counts(s, &name, rows);
     drop_in_background(state);
     let status = if !report.failures.is_empty()
@@ -379,6 +560,23 @@ async fn reconcile_target(
         approved.is_some(),
         status,
     );
+    if let Some(seq) = seq {
+        // Only a clean cycle counts as having applied the mirror: anything failed, held,
+        // waiting or problematic keeps the target planned on the next delta.
+        let clean = status == TargetStatus::Ok
+            && plan.problems.is_empty()
+            && plan.held.is_empty()
+            && report.failures.is_empty()
+            && rebuild.is_none()
+            && !waiting;
+        let progress = clean.then(|| FeedProgress {
+            seq,
+            settings: feed::target_settings(target),
+        });
+        if let Err(e) = s.set_feed_progress(&name, progress.as_ref()) {
+            warn!(target = %name, error = %e, "cannot record how far the target applied the directory");
+        }
+    }
     info!(
         run_id = %pass.run_id,
         target = %name,

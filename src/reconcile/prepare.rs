@@ -41,13 +41,35 @@ impl Opening {
             let state_dir = state_dir.to_path_buf();
             let names: Vec<String> = targets.iter().map(|t| t.name.0.clone()).collect();
             let cells = cells.clone();
-            tokio::task::spawn_blocking(move || open_and_load(&state_dir, dry_run, &names, &cells))
+            tokio::task::spawn_blocking(move || {
+                let snapshot = open(&state_dir, dry_run)?;
+                load(snapshot, dry_run, &names, &cells)
+            })
         };
         Opening {
             task,
             cells,
             path: state_dir.to_path_buf(),
         }
+    }
+
+    /// Loads the rows of `targets` from a snapshot opened already.
+    pub fn with_snapshot(
+        snapshot: Option<Snapshot>,
+        dry_run: bool,
+        targets: &[&TargetConfig],
+    ) -> Opening {
+        let cells: Vec<Arc<OnceLock<Loaded>>> = targets.iter().map(|_| Arc::default()).collect();
+        let path = snapshot
+            .as_ref()
+            .map(|s| s.path().to_path_buf())
+            .unwrap_or_default();
+        let task = {
+            let names: Vec<String> = targets.iter().map(|t| t.name.0.clone()).collect();
+            let cells = cells.clone();
+            tokio::task::spawn_blocking(move || load(snapshot, dry_run, &names, &cells))
+        };
+        Opening { task, cells, path }
     }
 
     /// Waits for the opening; each target's rows, or why they could not be loaded.
@@ -177,14 +199,8 @@ impl StreamingMap {
     }
 }
 
-/// Opens the snapshot (`None`: a dry run before any sync) and loads each target's rows into
-/// its cell, in the background of the directory read.
-fn open_and_load(
-    state_dir: &Path,
-    dry_run: bool,
-    names: &[String],
-    cells: &[Arc<OnceLock<Loaded>>],
-) -> Result<Option<Snapshot>, SnapshotError> {
+/// Opens the snapshot (`None`: a dry run before any sync).
+fn open(state_dir: &Path, dry_run: bool) -> Result<Option<Snapshot>, SnapshotError> {
     let opened = std::time::Instant::now();
     let snapshot = if dry_run {
         Snapshot::open_existing(state_dir)?
@@ -195,6 +211,32 @@ fn open_and_load(
         elapsed_ms = opened.elapsed().as_millis() as u64,
         "snapshot opened"
     );
+    Ok(snapshot)
+}
+
+/// Opens the snapshot on the blocking pool, for a pass that needs it before the read.
+pub async fn open_snapshot(
+    state_dir: &Path,
+    dry_run: bool,
+) -> Result<Option<Snapshot>, SnapshotError> {
+    let dir = state_dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || open(&dir, dry_run)).await {
+        Ok(opened) => opened,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(SnapshotError::Open {
+            path: state_dir.to_path_buf(),
+            reason: format!("opening was interrupted ({e})"),
+        }),
+    }
+}
+
+/// Loads each target's rows into its cell, in the background of the directory read.
+fn load(
+    snapshot: Option<Snapshot>,
+    dry_run: bool,
+    names: &[String],
+    cells: &[Arc<OnceLock<Loaded>>],
+) -> Result<Option<Snapshot>, SnapshotError> {
     for (name, cell) in names.iter().zip(cells) {
         // A dry run never creates a target's tree: no tree means no rows.
         let snap = snapshot.as_ref().filter(|s| !dry_run || s.has_target(name));

@@ -6,6 +6,7 @@
 
 mod ad;
 mod expand;
+pub mod feed;
 mod range;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,7 +20,10 @@ use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, ResultEntry, Scope, SearchEnt
 use tracing::{debug, info, warn};
 
 use crate::config::{Dialect, LdapConfig, LdapServer, LdapTransport};
+use crate::mirror::{Changes, Cookies, Delta, MirrorCopy, MirrorGroup, MirrorUser};
 use crate::model::{dn, Attributes, Directory, DirectoryId, DirectoryUser};
+
+pub use self::feed::RefreshError;
 
 /// What a read failed on, when an error of a library or of a further connection did.
 type Cause = Box<dyn std::error::Error + Send + Sync>;
@@ -136,22 +140,44 @@ pub async fn read_streaming(
     on_user: &mut (dyn FnMut(&mut DirectoryUser) + Send),
     now: DateTime<Utc>,
 ) -> Result<Directory, SourceError> {
-    let started = Instant::now();
-    let mut ldap = connect(cfg).await?;
-    let id_attr = id_attribute(cfg.dialect);
-    let user_attrs: Vec<&str> = match wanted {
-        None => user_attributes(cfg.dialect).to_vec(),
-        Some(w) => user_attributes(cfg.dialect)
+    read_capturing(cfg, wanted, on_user, &mut |_, _, _| {}, now).await
+}
+
+/// The user attributes a read asks for: what `wanted` names (all user attributes without
+/// it), and what the dialect itself reads.
+fn user_attribute_list(dialect: Dialect, wanted: Option<&[String]>) -> Vec<&str> {
+    match wanted {
+        None => user_attributes(dialect).to_vec(),
+        Some(w) => user_attributes(dialect)
             .iter()
             .copied()
             .filter(|a| *a != "*")
             .chain(w.iter().map(String::as_str))
             .collect(),
-    };
-    let group_attrs: Vec<&str> = match wanted {
-        None => vec!["*", id_attr],
-        Some(_) => vec!["cn", "member", id_attr],
-    };
+    }
+}
+
+fn group_attribute_list(dialect: Dialect, wanted: Option<&[String]>) -> Vec<&'static str> {
+    match wanted {
+        None => vec!["*", id_attribute(dialect)],
+        Some(_) => vec!["cn", "member", id_attribute(dialect)],
+    }
+}
+
+/// Like [`read_streaming`], also handing each group entry as read (its members still DNs) to
+/// `on_group`: what a full read gives the directory's mirror.
+pub async fn read_capturing(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    on_user: &mut (dyn FnMut(&mut DirectoryUser) + Send),
+    on_group: &mut (dyn FnMut(&DirectoryId, &str, &Attributes) + Send),
+    now: DateTime<Utc>,
+) -> Result<Directory, SourceError> {
+    let started = Instant::now();
+    let mut ldap = connect(cfg).await?;
+    let id_attr = id_attribute(cfg.dialect);
+    let user_attrs = user_attribute_list(cfg.dialect, wanted);
+    let group_attrs = group_attribute_list(cfg.dialect, wanted);
 
     // The three searches run at once, each on its own connection (slapd keeps one paged search
     // per connection: a second one invalidates the first one's cookie), and every entry is
@@ -238,6 +264,9 @@ pub async fn read_streaming(
             let _ = ldap.unbind().await;
             for entry in ranged {
                 raw_groups.push(group_entry(entry, cfg.dialect)?);
+            }
+            for (id, dn, attrs) in &raw_groups {
+                on_group(id, dn, attrs);
             }
         }
         // How the groups nest is worked out now, while the users are still arriving.
@@ -786,6 +815,247 @@ pub(super) fn search_entry(re: ResultEntry) -> Result<SearchEntry, String> {
     Ok(SearchEntry::construct(re))
 }
 
+/// The change feed a server offers, from its root DSE's `supportedControl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advertised {
+    /// RFC 4533 content synchronisation (OpenLDAP syncprov, 389-DS).
+    Syncrepl,
+    /// Active Directory's DirSync control.
+    DirSync,
+    /// Neither.
+    Nothing,
+}
+
+const DIRSYNC_OID: &str = "1.2.840.113556.1.4.841";
+
+/// Reads the root DSE's `supportedControl` (for `ldap.change_feed = "auto"` and `check
+/// --connect`).
+pub async fn advertised_feed(cfg: &LdapConfig) -> Result<Advertised, SourceError> {
+    let mut ldap = connect(cfg).await?;
+    let found = root_dse_feed(&mut ldap).await;
+    let _ = ldap.unbind().await;
+    found
+}
+
+async fn root_dse_feed(ldap: &mut Ldap) -> Result<Advertised, SourceError> {
+    let search_failed = |reason: String| SourceError::Search {
+        base: "(root DSE)".into(),
+        filter: "(objectClass=*)".into(),
+        reason,
+        source: None,
+    };
+    let (entries, _) = ldap
+        .search("", Scope::Base, "(objectClass=*)", vec!["supportedControl"])
+        .await
+        .map_err(|e| search_failed(describe(&e)))?
+        .non_error()
+        .map_err(|e| search_failed(describe(&e)))?;
+    let controls: Vec<String> = entries
+        .into_iter()
+        .filter_map(|re| search_entry(re).ok())
+        .flat_map(|e| {
+            e.attrs
+                .into_iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("supportedControl"))
+                .flat_map(|(_, v)| v)
+        })
+        .collect();
+    Ok(if controls.iter().any(|c| c == feed::SYNC_REQUEST_OID) {
+        Advertised::Syncrepl
+    } else if controls.iter().any(|c| c == DIRSYNC_OID) {
+        Advertised::DirSync
+    } else {
+        Advertised::Nothing
+    })
+}
+
+fn cookie_bytes(c: &Option<String>) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    c.as_ref()
+        .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok())
+}
+
+fn cookie_text(c: Option<Vec<u8>>) -> Option<String> {
+    use base64::Engine as _;
+    c.map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+}
+
+/// The cookies of the directory as it is now, asked for before a full read (with no
+/// attributes): a delta from them replays whatever changes while the read runs, which is
+/// harmless, and misses nothing.
+pub async fn feed_start(cfg: &LdapConfig) -> Result<Cookies, RefreshError> {
+    let mut ldap = connect(cfg).await?;
+    let timeout = cfg.timeout;
+    let mut cookies = Cookies::default();
+    let users = feed::refresh_only(
+        &mut ldap,
+        timeout,
+        &cfg.users.base,
+        &cfg.users.filter,
+        &["1.1"],
+        None,
+    )
+    .await?;
+    cookies.users = cookie_text(users.cookie);
+    if let Some(df) = &cfg.users.disabled_filter {
+        let filter = format!("(&{}{})", cfg.users.filter, df);
+        let d = feed::refresh_only(&mut ldap, timeout, &cfg.users.base, &filter, &["1.1"], None)
+            .await?;
+        cookies.disabled = cookie_text(d.cookie);
+    }
+    if let Some(g) = &cfg.groups {
+        let r = feed::refresh_only(&mut ldap, timeout, &g.base, &g.filter, &["1.1"], None).await?;
+        cookies.groups = cookie_text(r.cookie);
+    }
+    let _ = ldap.unbind().await;
+    Ok(cookies)
+}
+
+/// Reads what changed since `cookies`, as typed changes, and the cookies to continue from.
+/// The three searches (users, disabled users, groups) run one after the other on one
+/// connection; any that fails fails the whole read.
+pub async fn read_delta(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    cookies: &Cookies,
+    now: DateTime<Utc>,
+) -> Result<(Delta, Cookies), RefreshError> {
+    let mut ldap = connect(cfg).await?;
+    let timeout = cfg.timeout;
+    let mut next = Cookies::default();
+    let mut delta = Delta::default();
+    let user_attrs = user_attribute_list(cfg.dialect, wanted);
+    let users = feed::refresh_only(
+        &mut ldap,
+        timeout,
+        &cfg.users.base,
+        &cfg.users.filter,
+        &user_attrs,
+        cookie_bytes(&cookies.users).as_deref(),
+    )
+    .await?;
+    next.users = cookie_text(users.cookie);
+    delta.users = typed(
+        users.changed,
+        users.deleted,
+        users.present,
+        |uuid, mut e| {
+            let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
+            same_id(&uuid, &user.id, &user.dn)?;
+            Ok(MirrorUser {
+                dn: user.dn,
+                attrs: user.attrs,
+                invalid_utf8: user.invalid_utf8,
+            })
+        },
+    )?;
+    if let Some(df) = &cfg.users.disabled_filter {
+        let filter = format!("(&{}{})", cfg.users.filter, df);
+        let d = feed::refresh_only(
+            &mut ldap,
+            timeout,
+            &cfg.users.base,
+            &filter,
+            &["1.1"],
+            cookie_bytes(&cookies.disabled).as_deref(),
+        )
+        .await?;
+        next.disabled = cookie_text(d.cookie);
+        delta.disabled = typed(d.changed, d.deleted, d.present, |_, _| Ok(()))?;
+    }
+    if let Some(g) = &cfg.groups {
+        let attrs = group_attribute_list(cfg.dialect, wanted);
+        let r = feed::refresh_only(
+            &mut ldap,
+            timeout,
+            &g.base,
+            &g.filter,
+            &attrs,
+            cookie_bytes(&cookies.groups).as_deref(),
+        )
+        .await?;
+        next.groups = cookie_text(r.cookie);
+        delta.groups = typed(r.changed, r.deleted, r.present, |uuid, e| {
+            let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
+            same_id(&uuid, &id, &dn)?;
+            Ok(MirrorGroup { dn, attrs })
+        })?;
+    }
+    let _ = ldap.unbind().await;
+    Ok((delta, next))
+}
+
+/// An entry's sync state names its id; the entry's own id attribute must agree.
+fn same_id(uuid: &str, id: &DirectoryId, dn: &str) -> Result<(), SourceError> {
+    if DirectoryId::new(uuid) == *id {
+        return Ok(());
+    }
+    Err(SourceError::Incomplete {
+        base: dn.to_string(),
+        reason: format!("the change feed names entry {dn} as {uuid}, but its entryUUID is {id}"),
+        source: None,
+    })
+}
+
+fn typed<T>(
+    changed: Vec<(String, SearchEntry)>,
+    deleted: std::collections::BTreeSet<String>,
+    present: Option<std::collections::BTreeSet<String>>,
+    convert: impl Fn(String, SearchEntry) -> Result<T, SourceError>,
+) -> Result<Changes<T>, SourceError> {
+    let changed = changed
+        .into_iter()
+        .map(|(uuid, e)| Ok((DirectoryId::new(&uuid), convert(uuid, e)?)))
+        .collect::<Result<Vec<_>, SourceError>>()?;
+    let ids =
+        |set: std::collections::BTreeSet<String>| set.iter().map(|u| DirectoryId::new(u)).collect();
+    Ok(Changes {
+        changed,
+        deleted: ids(deleted),
+        present: present.map(ids),
+    })
+}
+
+/// The directory the mirror holds, put together as a full read puts its entries together:
+/// who is disabled, the groups' members resolved (nested ones too), ids checked.
+pub fn assemble(
+    cfg: &LdapConfig,
+    copy: MirrorCopy,
+    now: DateTime<Utc>,
+) -> Result<Directory, SourceError> {
+    let MirrorCopy {
+        users: mirrored,
+        disabled,
+        groups: mirrored_groups,
+    } = copy;
+    let mut users = Vec::with_capacity(mirrored.len());
+    let mut user_dns = Vec::with_capacity(mirrored.len());
+    for (id, u) in mirrored {
+        let disabled = disabled.contains(&id) || ad_inactive(cfg.dialect, &u.attrs, now);
+        user_dns.push(dn::normalize_lossy(&u.dn));
+        users.push(DirectoryUser {
+            id,
+            dn: u.dn,
+            attrs: u.attrs,
+            disabled,
+            invalid_utf8: u.invalid_utf8,
+        });
+    }
+    let raw = mirrored_groups
+        .into_iter()
+        .map(|(id, g)| (id, g.dn, g.attrs))
+        .collect();
+    let nested = cfg.groups.as_ref().is_some_and(|g| g.nested);
+    let graph = expand::GroupGraph::new(raw, nested);
+    unique_ids(
+        id_attribute(cfg.dialect),
+        users.iter().map(|u| (&u.id, u.dn.as_str())),
+        graph.entries(),
+    )?;
+    let groups = graph.resolve(&users, &user_dns);
+    Ok(Directory { users, groups })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,6 +1079,7 @@ mod tests {
             page_size: 100,
             timeout: std::time::Duration::from_secs(1),
             max_shrink: 1.0,
+            change_feed: crate::config::ChangeFeed::None,
             users: UsersConfig {
                 base: "dc=example,dc=org".into(),
                 filter: "(objectClass=*)".into(),

@@ -1,0 +1,347 @@
+//! How a pass learns the directory when a change feed is configured: a delta from the
+//! mirror's cookies when the mirror is there and of the same view, else a full read that
+//! rebuilds the mirror. Any doubt (no mirror, other settings, a lost snapshot, a refresh the
+//! server refuses, `--full`, the full schedule) is a full read, with every guard of one, and
+//! its reason is said in the log, the metrics and `status`.
+
+use chrono::{DateTime, Utc};
+use sha2::Digest;
+use tracing::{info, warn};
+
+use crate::config::{ChangeFeed, Dialect, LdapConfig, TargetConfig};
+use crate::mirror::{Cookies, Mirror, MirrorMeta, Rebuild};
+use crate::model::Directory;
+use crate::snapshot::{FeedProgress, FeedStatus, Snapshot, SnapshotError};
+use crate::source::{self, Advertised, RefreshError, SourceError};
+
+pub const KIND: &str = "syncrepl";
+
+/// What the pass reads the directory from.
+pub enum Way {
+    /// No feed: the classic full read, nothing kept.
+    Classic,
+    /// A full read; with `Some`, a new mirror generation captures it, with the cookies
+    /// taken before it.
+    Full {
+        why: String,
+        /// Set when a delta was tried and the feed could not go on (metrics count these).
+        fallback: bool,
+        capture: Option<(Rebuild, Cookies)>,
+    },
+    /// What the mirror holds after this delta (the mirror is advanced already, unless in a
+    /// dry run).
+    Delta {
+        directory: Directory,
+        changed: usize,
+        seq: u64,
+    },
+    /// Nothing changed and every target applied everything: no target needs a plan.
+    Quiet {
+        users: usize,
+        groups: usize,
+        seq: u64,
+    },
+}
+
+/// A digest of everything the mirror's content depends on.
+pub fn basis(cfg: &LdapConfig, wanted: &[String]) -> String {
+    let mut h = sha2::Sha256::new();
+    let mut add = |s: &str| {
+        h.update(s.as_bytes());
+        h.update([0]);
+    };
+    add(env!("CARGO_PKG_VERSION"));
+    add(match cfg.dialect {
+        Dialect::OpenLdap => "openldap",
+        Dialect::ActiveDirectory => "active-directory",
+    });
+    for u in &cfg.urls {
+        add(u.as_str());
+    }
+    add(&cfg.users.base);
+    add(&cfg.users.filter);
+    add(cfg.users.disabled_filter.as_deref().unwrap_or("-"));
+    if let Some(g) = &cfg.groups {
+        add(&g.base);
+        add(&g.filter);
+        add(if g.nested { "nested" } else { "flat" });
+    }
+    for w in wanted {
+        add(w);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// A digest of one target's settings as the mirror's consumer: its file, and the version.
+pub fn target_settings(target: &TargetConfig) -> String {
+    let mut h = sha2::Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(std::fs::read(&target.file).unwrap_or_default());
+    format!("{:x}", h.finalize())
+}
+
+/// Whether the feed is to be used at all, as configured (`auto` is decided by the server).
+pub fn configured(cfg: &LdapConfig) -> bool {
+    matches!(cfg.change_feed, ChangeFeed::Auto | ChangeFeed::Syncrepl)
+        && cfg.dialect == Dialect::OpenLdap
+}
+
+/// Options the caller decides.
+pub struct Ask<'a> {
+    pub cfg: &'a LdapConfig,
+    pub wanted: &'a [String],
+    pub full: Option<&'a str>,
+    pub dry_run: bool,
+    pub now: DateTime<Utc>,
+    pub targets: &'a [&'a TargetConfig],
+}
+
+/// Decides how to read, and for a delta, reads it.
+pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, SourceError> {
+    let mirror = snapshot.map(Mirror::of);
+    let basis = basis(ask.cfg, ask.wanted);
+    let meta = match (&mirror, snapshot.and_then(Snapshot::lost)) {
+        (Some(m), None) => m.meta().unwrap_or_else(|e| {
+            warn!(error = %e, "the directory's mirror cannot be read; reading the whole directory");
+            None
+        }),
+        _ => None,
+    };
+    let why_full = match (&meta, ask.full) {
+        (_, Some(why)) => Some(why.to_string()),
+        (None, None) if snapshot.is_some_and(|s| s.lost().is_some()) => {
+            Some("the snapshot was lost, and the directory's mirror with it".into())
+        }
+        (None, None) => Some("there is no mirror of the directory yet".into()),
+        (Some(m), None) if m.basis != basis || m.kind != KIND => Some(
+            "the LDAP settings or the mapped attributes changed since the mirror was built".into(),
+        ),
+        (Some(m), None) if m.cookies.users.is_none() => Some("the mirror has no cookie".into()),
+        _ => None,
+    };
+    let meta = match (why_full, meta) {
+        (None, Some(meta)) => meta,
+        (why, _) => return full(ask, mirror, why.unwrap_or_default(), snapshot).await,
+    };
+    let mirror = mirror.expect("a mirror's meta comes from a mirror");
+    let (delta, cookies) = match source::read_delta(
+        ask.cfg,
+        Some(ask.wanted),
+        &meta.cookies,
+        ask.now,
+    )
+    .await
+    {
+        Ok(read) => read,
+        Err(RefreshError::Required(why)) => {
+            warn!(reason = %why, "the change feed cannot continue; reading the whole directory");
+            if !ask.dry_run {
+                let _ = mirror.forget();
+                let _ = snapshot.map(|s| s.set_feed_fallback(&why, ask.now));
+            }
+            return match full(ask, Some(mirror), why, snapshot).await? {
+                Way::Full { why, capture, .. } => Ok(Way::Full {
+                    why,
+                    fallback: true,
+                    capture,
+                }),
+                other => Ok(other),
+            };
+        }
+        Err(RefreshError::Failed(e)) => return Err(e),
+    };
+    let snapshot = snapshot.expect("a mirror comes from a snapshot");
+    let caught_up = || {
+        ask.targets.iter().all(|t| {
+            snapshot.feed_progress(&t.name.0).ok().flatten()
+                == Some(FeedProgress {
+                    seq: meta.seq,
+                    settings: target_settings(t),
+                })
+        })
+    };
+    let untouched = delta.users.changed.is_empty()
+        && delta.users.deleted.is_empty()
+        && delta.disabled.changed.is_empty()
+        && delta.disabled.deleted.is_empty()
+        && delta.groups.changed.is_empty()
+        && delta.groups.deleted.is_empty()
+        && delta.users.present.is_none()
+        && delta.disabled.present.is_none()
+        && delta.groups.present.is_none();
+    if untouched && caught_up() {
+        advance(ask, &mirror, &meta, cookies, None)?;
+        return Ok(Way::Quiet {
+            users: meta.users,
+            groups: meta.groups,
+            seq: meta.seq,
+        });
+    }
+    let loading = tokio::task::spawn_blocking(move || mirror.load().map(|copy| (mirror, copy)));
+    let (mirror, mut copy) = match loading.await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => return Err(storage(e)),
+        Err(e) => {
+            return Err(storage(SnapshotError::Storage {
+                path: snapshot.path().to_path_buf(),
+                source: e.to_string().into(),
+            }))
+        }
+    };
+    let writes = copy.apply(delta).map_err(|e| {
+        storage(SnapshotError::Encode {
+            path: snapshot.path().to_path_buf(),
+            source: e,
+        })
+    })?;
+    let changed = writes.changed;
+    let (users, groups) = (copy.users.len(), copy.groups.len());
+    let directory = source::assemble(ask.cfg, copy, ask.now)?;
+    let seq = if changed > 0 { meta.seq + 1 } else { meta.seq };
+    advance(
+        ask,
+        &mirror,
+        &MirrorMeta {
+            seq,
+            users,
+            groups,
+            ..meta.clone()
+        },
+        cookies,
+        Some(writes),
+    )?;
+    info!(
+        changed,
+        users, groups, "directory read from the change feed"
+    );
+    if changed == 0 && caught_up() {
+        return Ok(Way::Quiet { users, groups, seq });
+    }
+    Ok(Way::Delta {
+        directory,
+        changed,
+        seq,
+    })
+}
+
+/// Stores the delta and the new cookies (never in a dry run).
+fn advance(
+    ask: &Ask<'_>,
+    mirror: &Mirror,
+    meta: &MirrorMeta,
+    cookies: Cookies,
+    writes: Option<crate::mirror::Writes>,
+) -> Result<(), SourceError> {
+    if ask.dry_run {
+        return Ok(());
+    }
+    let next = MirrorMeta {
+        cookies,
+        cookie_at: Some(ask.now),
+        ..meta.clone()
+    };
+    mirror
+        .commit_delta(writes.unwrap_or_default(), &next)
+        .map_err(storage)
+}
+
+fn storage(e: SnapshotError) -> SourceError {
+    SourceError::Incomplete {
+        base: "(the directory's mirror)".into(),
+        reason: e.to_string(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// A full read: with the feed, the cookies are taken first and the read fills a new mirror.
+async fn full(
+    ask: &Ask<'_>,
+    mirror: Option<Mirror>,
+    why: String,
+    snapshot: Option<&Snapshot>,
+) -> Result<Way, SourceError> {
+    if ask.cfg.change_feed == ChangeFeed::Auto {
+        match source::advertised_feed(ask.cfg).await {
+            Ok(Advertised::Syncrepl) => {}
+            Ok(other) => {
+                if let (Some(m), false) = (&mirror, ask.dry_run) {
+                    let _ = m.forget();
+                }
+                let _ = other;
+                return Ok(Way::Classic);
+            }
+            // The read that follows says what is wrong with the server.
+            Err(_) => return Ok(Way::Classic),
+        }
+    }
+    info!(reason = %why, "reading the whole directory");
+    let (Some(mirror), false) = (mirror, ask.dry_run) else {
+        return Ok(Way::Full {
+            why,
+            fallback: false,
+            capture: None,
+        });
+    };
+    let cookies = match source::feed_start(ask.cfg).await {
+        Ok(c) => c,
+        Err(RefreshError::Failed(e)) => return Err(e),
+        Err(RefreshError::Required(r)) => {
+            return Err(SourceError::Incomplete {
+                base: ask.cfg.users.base.clone(),
+                reason: format!("the change feed cannot start: {r}"),
+                source: None,
+            })
+        }
+    };
+    let _ = snapshot;
+    if cookies.users.is_none() {
+        warn!(
+            "the server gave no change feed cookie; the next cycle reads the whole directory again"
+        );
+        return Ok(Way::Full {
+            why,
+            fallback: false,
+            capture: None,
+        });
+    }
+    let rebuild = mirror.rebuild().map_err(storage)?;
+    Ok(Way::Full {
+        why,
+        fallback: false,
+        capture: Some((rebuild, cookies)),
+    })
+}
+
+/// After a full read that filled `rebuild`: the new mirror becomes current.
+pub fn finish_full(ask: &Ask<'_>, rebuild: Rebuild, cookies: Cookies) -> Result<u64, SourceError> {
+    // Never a number an earlier mirror had: a target's progress from before cannot match.
+    let seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let meta = MirrorMeta {
+        kind: KIND.into(),
+        basis: basis(ask.cfg, ask.wanted),
+        cookies,
+        seq,
+        users: rebuild.users,
+        groups: rebuild.groups,
+        last_full: Some(ask.now),
+        cookie_at: Some(ask.now),
+    };
+    rebuild.finish(&meta).map_err(storage)?;
+    Ok(seq)
+}
+
+/// What `status` and `plan` say of the feed.
+pub fn status(snapshot: &Snapshot) -> Option<FeedStatus> {
+    let meta = Mirror::of(snapshot).meta().ok().flatten()?;
+    Some(FeedStatus {
+        kind: meta.kind,
+        cookie_at: meta.cookie_at,
+        last_full: meta.last_full,
+        users: meta.users,
+        groups: meta.groups,
+        seq: meta.seq,
+        fallback: snapshot.feed_fallback().ok().flatten(),
+    })
+}
