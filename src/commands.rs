@@ -207,7 +207,10 @@ async fn check(config: &Config, connect: bool) -> u8 {
     }
     let mut failed = false;
     match crate::source::check_connection(&config.ldap).await {
-        Ok(url) => println!("ldap: bound to {url}"),
+        Ok(url) => {
+            println!("ldap: bound to {url}");
+            println!("ldap: {}", feed_mode(&config.ldap).await);
+        }
         Err(e) => {
             failed = true;
             eprintln!("ldap2scim: ldap: {e}");
@@ -286,6 +289,7 @@ fn status(config: &Config, clock: &Clock) -> u8 {
                 state_dir.display()
             );
         }
+        print_feed_status(config, snapshot, clock.now());
         for t in &config.targets {
             print_target_status(snapshot, &t.name.0);
         }
@@ -301,6 +305,77 @@ fn status(config: &Config, clock: &Clock) -> u8 {
         ),
     }
     EXIT_OK
+}
+
+/// Which change feed a cycle would use, as `check --connect` says it.
+async fn feed_mode(ldap: &crate::config::LdapConfig) -> String {
+    use crate::config::{ChangeFeed, Dialect};
+    use crate::source::Advertised;
+    let setting = ldap.change_feed.as_str();
+    if ldap.change_feed == ChangeFeed::None {
+        return format!("change feed: none (ldap.change_feed \"{setting}\"): every cycle reads the whole directory");
+    }
+    let advertised = crate::source::advertised_feed(ldap).await;
+    match (ldap.dialect, ldap.change_feed, advertised) {
+        (Dialect::OpenLdap, _, Ok(Advertised::Syncrepl)) => format!(
+            "change feed: syncrepl (RFC 4533 content synchronisation; ldap.change_feed \"{setting}\"): cycles between full reads read only what changed. The bind account needs read access to entryUUID, entryCSN and the suffix's contextCSN, and no size limit on the sync searches"
+        ),
+        (Dialect::OpenLdap, ChangeFeed::Syncrepl, _) => format!(
+            "change feed: the server does not advertise content synchronisation (RFC 4533) but ldap.change_feed is \"{setting}\": cycles will fail. Enable syncprov (OpenLDAP) or the Content Synchronization plugin (389-DS), or set ldap.change_feed = \"auto\" or \"none\""
+        ),
+        (Dialect::OpenLdap, _, Ok(_)) => format!(
+            "change feed: none: the server does not advertise content synchronisation (RFC 4533) in its root DSE (ldap.change_feed \"{setting}\"); every cycle reads the whole directory"
+        ),
+        (Dialect::ActiveDirectory, _, Ok(Advertised::DirSync)) => format!(
+            "change feed: none: the server offers DirSync, which this version does not use yet (ldap.change_feed \"{setting}\"); every cycle reads the whole directory"
+        ),
+        (_, _, Ok(_)) => format!(
+            "change feed: none (ldap.change_feed \"{setting}\"); every cycle reads the whole directory"
+        ),
+        (_, _, Err(e)) => format!("change feed: the root DSE cannot be read ({e}); every cycle reads the whole directory"),
+    }
+}
+
+/// The change feed: its kind, how old its cookie is, the last full read, the last fallback.
+fn print_feed_status(config: &Config, snapshot: &Snapshot, now: chrono::DateTime<chrono::Utc>) {
+    let age = |t: Option<chrono::DateTime<chrono::Utc>>| match t {
+        Some(t) => format!("{t} ({}s ago)", (now - t).num_seconds().max(0)),
+        None => "never".into(),
+    };
+    match crate::reconcile::feed::status(snapshot) {
+        Some(f) => {
+            println!(
+                "change feed: {} (ldap.change_feed \"{}\"); mirror of {} users and {} groups; cookie from {}; last full read {}",
+                f.kind,
+                config.ldap.change_feed.as_str(),
+                f.users,
+                f.groups,
+                age(f.cookie_at),
+                age(f.last_full),
+            );
+            println!(
+                "next full read: {}",
+                config
+                    .daemon
+                    .full_schedule
+                    .next_after(now)
+                    .map_or("none".to_string(), |t| format!(
+                        "{t} (daemon.full_schedule \"{}\")",
+                        config.daemon.full_schedule
+                    ))
+            );
+        }
+        None => println!(
+            "change feed: none in use (ldap.change_feed \"{}\"); every cycle reads the whole directory",
+            config.ldap.change_feed.as_str()
+        ),
+    }
+    if let Some(fb) = snapshot.feed_fallback().ok().flatten() {
+        println!(
+            "change feed fallback: {} at {}: read the whole directory",
+            fb.reason, fb.at
+        );
+    }
 }
 
 fn print_target_status(snapshot: &Snapshot, target: &str) {

@@ -190,3 +190,223 @@ fn sync_full_reads_everything_and_a_changed_mapping_rebuilds_the_mirror() {
     );
     w.assert_converged();
 }
+
+/// A title for every one of `uids`.
+fn retitle(w: &World, uids: &[String], title: &str) {
+    let ldif: String = uids
+        .iter()
+        .map(|u| {
+            format!(
+                "dn: {}\nchangetype: modify\nreplace: title\ntitle: {title}\n\n",
+                person_dn(u)
+            )
+        })
+        .collect();
+    w.slapd.modify(&ldif);
+}
+
+fn uids(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("p{i:03}")).collect()
+}
+
+#[test]
+fn a_feed_cut_mid_refresh_advances_nothing_and_deprovisions_nothing() {
+    let mut w = World::start(&people(60), "");
+    let relay = TcpRelay::start(w.slapd.port());
+    w.config.set(
+        "ldap",
+        "url",
+        &toml_str(&format!("ldap://127.0.0.1:{}", relay.port())),
+    );
+    w.sync_ok();
+    retitle(&w, &uids(0..60), "Engineer");
+    for uid in uids(50..55) {
+        w.slapd.delete(&person_dn(&uid));
+    }
+    for t in &w.targets {
+        t.proxy.clear();
+    }
+    relay.cut_after(Some(6000));
+    let cut = w.run(&["sync"]);
+    cut.expect_code(1);
+    assert!(relay.cuts() > 0, "the relay cut nothing: {cut}");
+    assert!(
+        cut.stderr.contains("Nothing was changed on any target"),
+        "{cut}"
+    );
+    for t in &w.targets {
+        assert_eq!(
+            t.proxy.writes(),
+            0,
+            "{}: {:?}",
+            t.name(),
+            t.proxy.requests()
+        );
+    }
+    // The cookie did not move: the next delta brings every change, and no more.
+    relay.cut_after(None);
+    assert_delta_plans_like_full(&w);
+    w.sync_ok();
+    w.assert_converged();
+    let states = w.targets[0].user_states();
+    assert_eq!(states["p050"], false, "{states:?}");
+    assert_eq!(states["p049"], true, "{states:?}");
+    assert_eq!(w.targets[0].user("p010")["title"], "Engineer");
+}
+
+/// Sets an option of the syncprov overlay (over ldapi, as root).
+fn syncprov_option(w: &World, attr: &str, value: &str) {
+    w.slapd.modify(&format!(
+        "dn: olcOverlay={{1}}syncprov,olcDatabase={{1}}mdb,cn=config\nchangetype: modify\nreplace: {attr}\n{attr}: {value}\n"
+    ));
+}
+
+#[test]
+fn a_restart_that_loses_the_session_log_carries_the_deletes_in_a_present_phase() {
+    // The delete happens before the restart: the session log that saw it is gone, and the
+    // cookie is older than what the new one covers.
+    let mut w = World::start(&nested_seed(), "");
+    w.sync_ok();
+    w.slapd.delete(&person_dn("p007"));
+    w.slapd.stop();
+    w.slapd.start_again();
+    retitle(&w, &uids(1..2), "Lead");
+    assert_delta_plans_like_full(&w);
+    let synced = w.sync_ok();
+    assert!(synced.stderr.contains("present_phase=true"), "{synced}");
+    w.assert_converged();
+    let states = w.targets[0].user_states();
+    assert_eq!(states["p007"], false, "{states:?}");
+    assert_eq!(w.targets[0].user("p001")["title"], "Lead");
+}
+
+#[test]
+fn a_present_phase_that_removes_too_many_holds_the_deprovisions() {
+    let mut w = World::start(&people(10), "");
+    w.config.set("ldap", "max_shrink", "\"20%\"");
+    w.sync_ok();
+    for uid in uids(5..10) {
+        w.slapd.delete(&person_dn(&uid));
+    }
+    w.slapd.stop();
+    w.slapd.start_again();
+    let held = w.run(&["sync"]);
+    held.expect_code(4);
+    assert!(held.stderr.contains("present_phase=true"), "{held}");
+    let states = w.targets[0].user_states();
+    assert!(
+        states.values().all(|active| *active),
+        "nobody deprovisioned: {states:?}"
+    );
+    // Held again by the next delta, which has nothing new: the hold is not forgotten.
+    w.run(&["sync"]).expect_code(4);
+}
+
+#[test]
+fn feed_deletes_count_against_max_deprovisions() {
+    let w = World::start(&people(10), "max_deprovisions = 1\n");
+    w.sync_ok();
+    for uid in uids(7..10) {
+        w.slapd.delete(&person_dn(&uid));
+    }
+    w.run(&["sync"]).expect_code(4);
+    let states = w.targets[0].user_states();
+    assert!(states.values().all(|active| *active), "{states:?}");
+}
+
+#[test]
+fn e_sync_refresh_required_drops_the_cookie_and_reads_everything() {
+    // When its session log does not cover a cookie (lost in a restart) and no entry is as old
+    // as the cookie (every one changed since), syncprov with the reload hint cannot tell what
+    // is still there: it answers e-syncRefreshRequired ("sync cookie is stale").
+    let mut w = World::start(&nested_seed(), "");
+    syncprov_option(&w, "olcSpReloadHint", "TRUE");
+    w.sync_ok();
+    w.slapd.delete(&person_dn("p007"));
+    let every_dn: Vec<String> = w
+        .slapd
+        .search(w.slapd.base_dn(), "(objectClass=*)", &["1.1"])
+        .lines()
+        .filter_map(|l| l.strip_prefix("dn: ").map(str::to_string))
+        .collect();
+    let touch: String = every_dn
+        .iter()
+        .map(|dn| {
+            format!("dn: {dn}\nchangetype: modify\nreplace: description\ndescription: touched\n\n")
+        })
+        .collect();
+    w.slapd.modify(&touch);
+    w.slapd.stop();
+    w.slapd.start_again();
+    let synced = w.sync_ok();
+    assert!(
+        synced.stderr.contains("e-syncRefreshRequired"),
+        "the fallback is said: {synced}"
+    );
+    assert!(
+        synced.stderr.contains("reading the whole directory"),
+        "{synced}"
+    );
+    let status = w.run(&["status"]);
+    assert!(status.stdout.contains("e-syncRefreshRequired"), "{status}");
+    assert_eq!(w.targets[0].user_states()["p007"], false);
+    // The new cookie works: the next cycle is a delta again.
+    retitle(&w, &uids(1..2), "Lead");
+    let next = w.sync_ok();
+    assert!(
+        next.stderr.contains("directory read from the change feed"),
+        "{next}"
+    );
+    w.assert_converged();
+}
+
+#[test]
+fn a_directory_restored_from_an_older_backup_is_read_in_full() {
+    let mut w = World::start(&nested_seed(), "");
+    w.sync_ok();
+    let backup = w.slapd.dir().join("backup.ldif");
+    let dump = std::process::Command::new("/usr/sbin/slapcat")
+        .arg("-F")
+        .arg(w.slapd.dir().join("slapd.d"))
+        .args(["-n", "1", "-l"])
+        .arg(&backup)
+        .output()
+        .expect("slapcat");
+    assert!(dump.status.success(), "{dump:?}");
+    w.slapd.add(&person(
+        "p100",
+        "New Hire",
+        "Hire",
+        "New",
+        "p100@example.org",
+        "Staff",
+    ));
+    w.sync_ok();
+    assert!(w.targets[0].user_states()["p100"]);
+    // The directory goes back to the backup: the cookie is newer than the server.
+    w.slapd.stop();
+    let data = w.slapd.dir().join("data");
+    for f in std::fs::read_dir(&data).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let restore = std::process::Command::new("/usr/sbin/slapadd")
+        .arg("-F")
+        .arg(w.slapd.dir().join("slapd.d"))
+        .args(["-q", "-w", "-n", "1", "-l"])
+        .arg(&backup)
+        .output()
+        .expect("slapadd");
+    assert!(restore.status.success(), "{restore:?}");
+    w.slapd.start_again();
+    let synced = w.sync_ok();
+    assert!(
+        synced.stderr.contains("reading the whole directory"),
+        "{synced}"
+    );
+    assert_eq!(
+        w.targets[0].user_states()["p100"],
+        false,
+        "the restored directory is the truth"
+    );
+    w.assert_converged();
+}

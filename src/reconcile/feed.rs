@@ -151,6 +151,9 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         Err(RefreshError::Failed(e)) => return Err(e),
     };
     let snapshot = snapshot.expect("a mirror comes from a snapshot");
+    let present_phase = delta.users.present.is_some()
+        || delta.disabled.present.is_some()
+        || delta.groups.present.is_some();
     let caught_up = || {
         ask.targets.iter().all(|t| {
             snapshot.feed_progress(&t.name.0).ok().flatten()
@@ -188,6 +191,20 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             }))
         }
     };
+    if let Some(doubt) = doubt(ask, &copy, &delta).await? {
+        warn!(reason = %doubt, "the change feed and the directory disagree; reading the whole directory");
+        if !ask.dry_run {
+            let _ = snapshot.set_feed_fallback(&doubt, ask.now);
+        }
+        return match full(ask, Some(mirror), doubt, Some(snapshot)).await? {
+            Way::Full { why, capture, .. } => Ok(Way::Full {
+                why,
+                fallback: true,
+                capture,
+            }),
+            other => Ok(other),
+        };
+    }
     let writes = copy.apply(delta).map_err(|e| {
         storage(SnapshotError::Encode {
             path: snapshot.path().to_path_buf(),
@@ -212,7 +229,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
     )?;
     info!(
         changed,
-        users, groups, "directory read from the change feed"
+        users, groups, present_phase, "directory read from the change feed"
     );
     if changed == 0 && caught_up() {
         return Ok(Way::Quiet { users, groups, seq });
@@ -222,6 +239,112 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         changed,
         seq,
     })
+}
+
+/// What the feed says is gone, or has a new DN, is checked against the directory before it
+/// is believed: an entry the feed deletes must be out of scope, an entry it renames must be
+/// the only one with its id. Otherwise (a second entry with an existing entry's id, as a
+/// restore or an import leaves it) the feed is in doubt, and a full read decides, with its
+/// duplicate-id check. Says why, or `None`.
+async fn doubt(
+    ask: &Ask<'_>,
+    copy: &crate::mirror::MirrorCopy,
+    delta: &crate::mirror::Delta,
+) -> Result<Option<String>, SourceError> {
+    use crate::model::dn::normalize_lossy;
+    use std::collections::BTreeMap;
+    fn suspects<T>(
+        held: &BTreeMap<crate::model::DirectoryId, T>,
+        changes: &crate::mirror::Changes<T>,
+        dn_of: impl Fn(&T) -> &str,
+    ) -> Result<Vec<crate::model::DirectoryId>, String> {
+        let mut out: Vec<_> = changes
+            .deleted
+            .iter()
+            .filter(|id| held.contains_key(*id))
+            .cloned()
+            .collect();
+        if let Some(present) = &changes.present {
+            out.extend(held.keys().filter(|id| !present.contains(*id)).cloned());
+        }
+        let mut seen: BTreeMap<&crate::model::DirectoryId, String> = BTreeMap::new();
+        for (id, value) in &changes.changed {
+            let dn = normalize_lossy(dn_of(value));
+            if let Some(other) = seen.insert(id, dn.clone()) {
+                if other != dn {
+                    return Err(format!(
+                        "the change feed sent two entries with id {id} ({other}, {dn})"
+                    ));
+                }
+            }
+            if held
+                .get(id)
+                .is_some_and(|h| normalize_lossy(dn_of(h)) != dn)
+            {
+                out.push(id.clone());
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+    let users = match suspects(&copy.users, &delta.users, |u| &u.dn) {
+        Ok(s) => s,
+        Err(why) => return Ok(Some(why)),
+    };
+    let groups = match suspects(&copy.groups, &delta.groups, |g| &g.dn) {
+        Ok(s) => s,
+        Err(why) => return Ok(Some(why)),
+    };
+    if users.is_empty() && groups.is_empty() {
+        return Ok(None);
+    }
+    let found = source::entries_with_ids(ask.cfg, &users, &groups).await?;
+    let changed_dn = |id: &crate::model::DirectoryId| {
+        delta
+            .users
+            .changed
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, u)| u.dn.clone())
+            .or_else(|| {
+                delta
+                    .groups
+                    .changed
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map(|(_, g)| g.dn.clone())
+            })
+    };
+    for id in users.iter().chain(&groups) {
+        let now: Vec<&String> = found
+            .get(id)
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
+        let expected = changed_dn(id);
+        let agrees = match &expected {
+            // Renamed: only the new DN holds the id.
+            Some(new) => now.len() == 1 && normalize_lossy(now[0]) == normalize_lossy(new),
+            // Gone: nothing in scope holds it.
+            None => now.is_empty(),
+        };
+        if !agrees {
+            let dns: Vec<&str> = now.iter().map(|s| s.as_str()).collect();
+            return Ok(Some(format!(
+                "the change feed says entry {id} {}, but the directory has it at {}",
+                match &expected {
+                    Some(new) => format!("moved to {new}"),
+                    None => "is gone".to_string(),
+                },
+                if dns.is_empty() {
+                    "no DN".to_string()
+                } else {
+                    dns.join(" and ")
+                }
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Stores the delta and the new cookies (never in a dry run).

@@ -985,6 +985,46 @@ pub async fn read_delta(
     Ok((delta, next))
 }
 
+/// For each of `users` and `groups` (ids), the DNs of the entries in scope that carry it now:
+/// how a delta checks what the feed says is gone or renamed before it believes it (a second
+/// entry given an existing entry's id, by a restore or an import, looks like a rename or a
+/// delete of the first one in a feed).
+pub async fn entries_with_ids(
+    cfg: &LdapConfig,
+    users: &[DirectoryId],
+    groups: &[DirectoryId],
+) -> Result<BTreeMap<DirectoryId, Vec<String>>, SourceError> {
+    let mut found: BTreeMap<DirectoryId, Vec<String>> = BTreeMap::new();
+    if users.is_empty() && groups.is_empty() {
+        return Ok(found);
+    }
+    let mut ldap = connect(cfg).await?;
+    let attr = id_attribute(cfg.dialect);
+    let mut scopes = vec![(cfg.users.base.as_str(), cfg.users.filter.as_str(), users)];
+    if let Some(g) = &cfg.groups {
+        scopes.push((g.base.as_str(), g.filter.as_str(), groups));
+    }
+    for (base, filter, ids) in scopes {
+        // Ids are entryUUID text: hex digits and dashes, nothing a filter must escape.
+        let ids: Vec<&DirectoryId> = ids
+            .iter()
+            .filter(|id| id.0.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+            .collect();
+        for chunk in ids.chunks(500) {
+            let any: String = chunk.iter().map(|id| format!("({attr}={id})")).collect();
+            let filter = format!("(&{filter}(|{any}))");
+            paged_search_each(&mut ldap, cfg, base, &filter, &[attr], &mut |mut e| {
+                let id = entry_id(&mut e, cfg.dialect)?;
+                found.entry(id).or_default().push(e.dn);
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    let _ = ldap.unbind().await;
+    Ok(found)
+}
+
 /// An entry's sync state names its id; the entry's own id attribute must agree.
 fn same_id(uuid: &str, id: &DirectoryId, dn: &str) -> Result<(), SourceError> {
     if DirectoryId::new(uuid) == *id {

@@ -24,6 +24,7 @@ mod fake_scim;
 mod hostile;
 mod process;
 mod proxy;
+mod relay;
 mod run;
 mod samba;
 mod scim;
@@ -56,6 +57,8 @@ pub use hostile::{
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]
 pub use proxy::{Fault, Recorded, RecordedRequest, RecordingProxy};
+#[allow(unused_imports)]
+pub use relay::TcpRelay;
 #[allow(unused_imports)]
 pub use run::{ldap2scim, ldap2scim_binary, Daemon, Ldap2scim, Output};
 #[allow(unused_imports)]
