@@ -68,6 +68,11 @@ struct State {
     source_groups: Option<u64>,
     read_seconds: Option<f64>,
     reloads: BTreeMap<&'static str, u64>,
+    /// Directory reads by how they were made (full, delta, quiet).
+    reads: BTreeMap<&'static str, u64>,
+    feed_kind: Option<&'static str>,
+    feed_changes: u64,
+    feed_fallbacks: BTreeMap<&'static str, u64>,
     ever_succeeded: bool,
     last_failed: bool,
     cycle_running: bool,
@@ -123,6 +128,13 @@ impl Metrics {
             s.source_users = Some(outcome.source_users as u64);
             s.source_groups = Some(outcome.source_groups as u64);
             s.read_seconds = Some(outcome.read_duration.as_secs_f64());
+            let read = &outcome.read;
+            *s.reads.entry(read.mode).or_default() += 1;
+            s.feed_kind = read.feed;
+            s.feed_changes += read.changes as u64;
+            if let Some(reason) = read.fallback {
+                *s.feed_fallbacks.entry(reason).or_default() += 1;
+            }
             let mut failing = false;
             for t in &outcome.targets {
                 let m = s.targets.entry(t.name.clone()).or_default();
@@ -377,6 +389,52 @@ fn render(s: &State) -> String {
     );
     if let Some(secs) = s.read_seconds {
         let _ = writeln!(out, "ldap2scim_directory_read_duration_seconds {secs}");
+    }
+    header(
+        &mut out,
+        "ldap2scim_directory_reads_total",
+        "counter",
+        "Directory reads by mode: full (the whole directory), delta (the change feed's changes applied to the mirror), quiet (the feed named no change).",
+    );
+    for (mode, n) in &s.reads {
+        let _ = writeln!(
+            out,
+            "ldap2scim_directory_reads_total{{mode=\"{mode}\"}} {n}"
+        );
+    }
+    header(
+        &mut out,
+        "ldap2scim_change_feed_info",
+        "gauge",
+        "The change feed in use (kind=\"none\" without one).",
+    );
+    let _ = writeln!(
+        out,
+        "ldap2scim_change_feed_info{{kind=\"{}\"}} 1",
+        s.feed_kind.unwrap_or("none")
+    );
+    header(
+        &mut out,
+        "ldap2scim_change_feed_changes_total",
+        "counter",
+        "Directory entries the change feed changed in the mirror.",
+    );
+    let _ = writeln!(
+        out,
+        "ldap2scim_change_feed_changes_total {}",
+        s.feed_changes
+    );
+    header(
+        &mut out,
+        "ldap2scim_change_feed_fallbacks_total",
+        "counter",
+        "Delta reads that fell back to a full read, by reason.",
+    );
+    for (reason, n) in &s.feed_fallbacks {
+        let _ = writeln!(
+            out,
+            "ldap2scim_change_feed_fallbacks_total{{reason=\"{reason}\"}} {n}"
+        );
     }
     header(
         &mut out,

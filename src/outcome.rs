@@ -91,8 +91,9 @@ pub struct ReadWay {
     pub feed: Option<&'static str>,
     /// Why a full read, where the feed could have been used.
     pub why_full: Option<String>,
-    /// A delta was tried and the feed could not go on.
-    pub fallback: bool,
+    /// A delta was tried and the feed could not go on: why, as a metrics label
+    /// (`refresh-required`, `disagreement`).
+    pub fallback: Option<&'static str>,
     /// Entries the delta changed in the mirror.
     pub changes: usize,
 }

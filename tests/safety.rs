@@ -98,7 +98,9 @@ fn slapd_killed_between_two_pages_deprovisions_nothing() {
             &toml_str(&format!("ldap://127.0.0.1:{port}")),
         )
         .set("ldap", "starttls", "false")
-        .set("ldap", "page_size", "50");
+        .set("ldap", "page_size", "50")
+        // The paged full read is what this kills (tests/feed.rs cuts the change feed).
+        .set("ldap", "change_feed", "\"none\"");
     for t in &world.targets {
         t.proxy.clear();
     }
@@ -131,6 +133,16 @@ fn a_size_limited_bind_account_deprovisions_nothing() {
     for t in &world.targets {
         t.proxy.clear();
     }
+    // A full read (a delta of one change stays under the limit, and is right): with the
+    // change feed its first search hits the limit, and so does the paged read without it.
+    let out = world.run(&["sync", "--full"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(
+        out.stderr.contains("sizeLimitExceeded"),
+        "names the failed check:\n{out}"
+    );
+    let mut world = world;
+    world.config.set("ldap", "change_feed", "\"none\"");
     let out = world.run(&["sync"]);
     assert_eq!(out.code, 1, "{out}");
     assert!(
@@ -569,7 +581,9 @@ fn an_entry_whose_id_cannot_be_read_stops_the_cycle() {
     for t in &world.targets {
         t.proxy.clear();
     }
-    let out = world.run(&["sync"]);
+    // An access rule changes no entry, so a change feed has nothing to say: the full read
+    // (daemon.full_schedule, or by hand) is what finds it.
+    let out = world.run(&["sync", "--full"]);
     assert_eq!(out.code, 1, "{out}");
     assert!(
         out.stderr.contains("uid=p003") && out.stderr.contains("has no entryUUID"),

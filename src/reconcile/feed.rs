@@ -25,7 +25,7 @@ pub enum Way {
     Full {
         why: String,
         /// Set when a delta was tried and the feed could not go on (metrics count these).
-        fallback: bool,
+        fallback: Option<&'static str>,
         capture: Option<(Rebuild, Cookies)>,
     },
     /// What the mirror holds after this delta (the mirror is advanced already, unless in a
@@ -142,7 +142,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             return match full(ask, Some(mirror), why, snapshot).await? {
                 Way::Full { why, capture, .. } => Ok(Way::Full {
                     why,
-                    fallback: true,
+                    fallback: Some("refresh-required"),
                     capture,
                 }),
                 other => Ok(other),
@@ -199,12 +199,14 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         return match full(ask, Some(mirror), doubt, Some(snapshot)).await? {
             Way::Full { why, capture, .. } => Ok(Way::Full {
                 why,
-                fallback: true,
+                fallback: Some("disagreement"),
                 capture,
             }),
             other => Ok(other),
         };
     }
+    let mut delta = delta;
+    referring_groups(ask, &copy, &mut delta).await?;
     let writes = copy.apply(delta).map_err(|e| {
         storage(SnapshotError::Encode {
             path: snapshot.path().to_path_buf(),
@@ -347,6 +349,91 @@ async fn doubt(
     Ok(None)
 }
 
+/// Groups that name a renamed, moved or deleted entry as a member are read again: a server's
+/// referential integrity (OpenLDAP refint) rewrites their member values as an internal
+/// operation that its feed does not always send, and a group left naming the old DN would
+/// lose the member in a delta but not in a full read.
+async fn referring_groups(
+    ask: &Ask<'_>,
+    copy: &crate::mirror::MirrorCopy,
+    delta: &mut crate::mirror::Delta,
+) -> Result<(), SourceError> {
+    use crate::model::dn::normalize_lossy;
+    use std::collections::BTreeSet;
+    let mut old_dns: BTreeSet<String> = BTreeSet::new();
+    let new_dn = |id: &crate::model::DirectoryId| {
+        delta
+            .users
+            .changed
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, u)| normalize_lossy(&u.dn))
+            .or_else(|| {
+                delta
+                    .groups
+                    .changed
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map(|(_, g)| normalize_lossy(&g.dn))
+            })
+    };
+    let held = copy
+        .users
+        .iter()
+        .map(|(id, u)| (id, &u.dn))
+        .chain(copy.groups.iter().map(|(id, g)| (id, &g.dn)));
+    for (id, dn) in held {
+        let old = normalize_lossy(dn);
+        let gone = delta.users.deleted.contains(id)
+            || delta.groups.deleted.contains(id)
+            || delta
+                .users
+                .present
+                .as_ref()
+                .is_some_and(|p| !p.contains(id))
+                && copy.users.contains_key(id)
+            || delta
+                .groups
+                .present
+                .as_ref()
+                .is_some_and(|p| !p.contains(id))
+                && copy.groups.contains_key(id);
+        match new_dn(id) {
+            Some(new) if new != old => {
+                old_dns.insert(old);
+            }
+            None if gone => {
+                old_dns.insert(old);
+            }
+            _ => {}
+        }
+    }
+    if old_dns.is_empty() {
+        return Ok(());
+    }
+    let already: BTreeSet<&crate::model::DirectoryId> =
+        delta.groups.changed.iter().map(|(id, _)| id).collect();
+    let again: Vec<crate::model::DirectoryId> = copy
+        .groups
+        .iter()
+        .filter(|(id, _)| !already.contains(id) && !delta.groups.deleted.contains(*id))
+        .filter(|(_, g)| {
+            g.attrs
+                .get("member")
+                .into_iter()
+                .flatten()
+                .any(|m| old_dns.contains(&normalize_lossy(m)))
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    if again.is_empty() {
+        return Ok(());
+    }
+    let read = source::read_groups(ask.cfg, Some(ask.wanted), &again).await?;
+    delta.groups.changed.extend(read);
+    Ok(())
+}
+
 /// Stores the delta and the new cookies (never in a dry run).
 fn advance(
     ask: &Ask<'_>,
@@ -401,7 +488,7 @@ async fn full(
     let (Some(mirror), false) = (mirror, ask.dry_run) else {
         return Ok(Way::Full {
             why,
-            fallback: false,
+            fallback: None,
             capture: None,
         });
     };
@@ -423,14 +510,14 @@ async fn full(
         );
         return Ok(Way::Full {
             why,
-            fallback: false,
+            fallback: None,
             capture: None,
         });
     }
     let rebuild = mirror.rebuild().map_err(storage)?;
     Ok(Way::Full {
         why,
-        fallback: false,
+        fallback: None,
         capture: Some((rebuild, cookies)),
     })
 }

@@ -343,7 +343,9 @@ fn feed_ask<'a>(
     }
 }
 
-/// The feed named no change and every target had applied the mirror: nothing to plan.
+/// The feed named no change and every target had applied the mirror: nothing to plan. Each
+/// target is still asked who we are (its `/ServiceProviderConfig` and one user listed, reads
+/// only), so a revoked credential fails the target in a cycle with nothing to do.
 async fn quiet(
     pass: &Pass<'_>,
     targets: &[&TargetConfig],
@@ -353,35 +355,50 @@ async fn quiet(
     seq: u64,
     read_started: std::time::Instant,
 ) -> Result<Outcome, ReconcileError> {
-    let outcomes = targets
-        .iter()
-        .map(|t| {
-            if let (Some(s), false) = (&snapshot, pass.dry_run) {
-                let run = LastRun {
-                    at: pass.now,
-                    status: TargetStatus::Ok.as_str().into(),
-                    error: None,
-                    applied: 0,
-                    failed: 0,
-                    held: 0,
-                    writes: 0,
-                };
-                if let Err(e) = s.set_last_run(&t.name.0, &run) {
-                    warn!(target = %t.name, error = %e, "cannot record the run status");
-                }
-            }
-            TargetOutcome {
-                name: t.name.0.clone(),
-                status: TargetStatus::Ok,
+    let snapshot_ref = snapshot.as_ref();
+    let outcomes = futures::future::join_all(targets.iter().map(|t| async move {
+        let started = std::time::Instant::now();
+        let checked = match ScimClient::new(t) {
+            Ok(client) => client.check_connection().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            let mut failed = failed_target(pass, t, snapshot_ref, e.into());
+            failed.elapsed = started.elapsed();
+            return failed;
+        }
+        if let (Some(s), false) = (snapshot_ref, pass.dry_run) {
+            let run = LastRun {
+                at: pass.now,
+                status: TargetStatus::Ok.as_str().into(),
                 error: None,
-                plan: Plan::default(),
-                applied: None,
-                names: BTreeMap::new(),
-                elapsed: Default::default(),
-                rebuild: None,
+                applied: 0,
+                failed: 0,
+                held: 0,
+                writes: 0,
+            };
+            if let Err(e) = s.set_last_run(&t.name.0, &run) {
+                warn!(target = %t.name, error = %e, "cannot record the run status");
             }
-        })
-        .collect();
+        }
+        let not_kept = snapshot_ref
+            .and_then(|s| s.not_kept(&t.name.0).ok())
+            .unwrap_or_default();
+        TargetOutcome {
+            name: t.name.0.clone(),
+            status: TargetStatus::Ok,
+            error: None,
+            plan: Plan {
+                not_kept: not_kept.into_iter().collect(),
+                ..Plan::default()
+            },
+            applied: None,
+            names: BTreeMap::new(),
+            elapsed: started.elapsed(),
+            rebuild: None,
+        }
+    }))
+    .await;
     if let (Some(s), false) = (&snapshot, pass.dry_run) {
         s.flush().await?;
     }
@@ -561,9 +578,12 @@ async fn reconcile_target(
         status,
     );
     if let Some(seq) = seq {
-        // Only a clean cycle counts as having applied the mirror: anything failed, held,
-        // waiting or problematic keeps the target planned on the next delta.
+        // Only a cycle that found nothing to do counts as having applied the mirror: one that
+        // applied changes may have left work its changes uncovered (an account made again
+        // loses its memberships), and anything failed, held, waiting or problematic keeps the
+        // target planned on the next delta.
         let clean = status == TargetStatus::Ok
+            && plan.changes.is_empty()
             && plan.problems.is_empty()
             && plan.held.is_empty()
             && report.failures.is_empty()

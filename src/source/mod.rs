@@ -1025,6 +1025,47 @@ pub async fn entries_with_ids(
     Ok(found)
 }
 
+/// The group entries with these ids as they are now (those gone are left out).
+pub async fn read_groups(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    ids: &[DirectoryId],
+) -> Result<Vec<(DirectoryId, MirrorGroup)>, SourceError> {
+    let mut out = Vec::new();
+    let Some(g) = &cfg.groups else {
+        return Ok(out);
+    };
+    let mut ldap = connect(cfg).await?;
+    let attr = id_attribute(cfg.dialect);
+    let attrs = group_attribute_list(cfg.dialect, wanted);
+    let ids: Vec<&DirectoryId> = ids
+        .iter()
+        .filter(|id| id.0.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .collect();
+    for chunk in ids.chunks(500) {
+        let any: String = chunk.iter().map(|id| format!("({attr}={id})")).collect();
+        let filter = format!("(&{}(|{any}))", g.filter);
+        let mut ranged = Vec::new();
+        paged_search_each(&mut ldap, cfg, &g.base, &filter, &attrs, &mut |e| {
+            if range::has_ranges(&e) {
+                ranged.push(e);
+                return Ok(());
+            }
+            let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
+            out.push((id, MirrorGroup { dn, attrs }));
+            Ok(())
+        })
+        .await?;
+        complete_ranges(&mut ldap, &g.base, &mut ranged).await?;
+        for e in ranged {
+            let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
+            out.push((id, MirrorGroup { dn, attrs }));
+        }
+    }
+    let _ = ldap.unbind().await;
+    Ok(out)
+}
+
 /// An entry's sync state names its id; the entry's own id attribute must agree.
 fn same_id(uuid: &str, id: &DirectoryId, dn: &str) -> Result<(), SourceError> {
     if DirectoryId::new(uuid) == *id {
