@@ -22,6 +22,7 @@ use crate::cli::Cli;
 use crate::clock::Clock;
 use crate::config::{self, Config, Schedule};
 use crate::metrics::Metrics;
+use crate::mirror::Cookies;
 use crate::outcome::{Outcome, TargetStatus};
 use crate::reconcile::{self, Pass};
 
@@ -147,7 +148,7 @@ async fn cycle(
     deadline: Option<Instant>,
     clock: Clock,
     full: bool,
-) -> String {
+) -> (String, Option<Cookies>) {
     let started = Instant::now();
     metrics.cycle_started();
     let mut pass = Pass::new(&config, &[], false, &clock);
@@ -163,7 +164,10 @@ async fn cycle(
             crate::audit::record(&config, &outcome, clock.now());
             metrics.cycle_finished(&outcome, elapsed, unix_now());
             log_summary(&outcome, elapsed);
-            summary_status(&outcome, clock.now())
+            (
+                summary_status(&outcome, clock.now()),
+                outcome.read.cookies.clone(),
+            )
         }
         Err(e) => {
             let class = match e {
@@ -178,7 +182,7 @@ async fn cycle(
                 _ => "cycle failed; nothing was changed on any target",
             };
             error!(run_id = %run_id, error = %e, "{what}");
-            format!("last cycle {run_id} failed: {e}")
+            (format!("last cycle {run_id} failed: {e}"), None)
         }
     }
 }
@@ -274,7 +278,7 @@ fn reload(cli: &Cli, current: &Config) -> Result<(Config, Ticks), Vec<String>> {
     }
 }
 
-type CycleFuture = Pin<Box<dyn Future<Output = String>>>;
+type CycleFuture = Pin<Box<dyn Future<Output = (String, Option<Cookies>)>>>;
 
 /// Runs the daemon until SIGTERM/SIGINT; returns the exit code. `clock` decides when cycles
 /// are due.
@@ -353,6 +357,12 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = ticks.next_after(clock.now());
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    // Live mode: a persistent search that says when the directory changed, started after a
+    // cycle that used the change feed (from its cookies), restarted after a reload.
+    let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<Instant>(1);
+    let mut watch: Option<AbortOnDrop> = None;
+    // When the change that started the running cycle was received (for the latency metric).
+    let mut live_since: Option<Instant> = None;
     let mut last_status = String::from("no cycle yet");
     // The next cycle time last logged and sent as STATUS (said once, not at every wake-up).
     let mut announced: Option<DateTime<Utc>> = None;
@@ -377,10 +387,25 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
         let deadline = stop_deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
         tokio::select! {
-            summary = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+            (summary, cookies) = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
                 running = None;
                 announced = None;
                 last_status = summary;
+                if let Some(since) = live_since.take() {
+                    metrics.live_latency(since.elapsed());
+                }
+                if let (Some(cookies), true, None) = (cookies, config.daemon.live, &watch) {
+                    info!(delay = ?config.daemon.live_delay, "live: watching the directory for changes between cycles");
+                    watch = Some(AbortOnDrop(tokio::spawn(live_watch(config.clone(), cookies, live_tx.clone()))));
+                }
+            }
+            Some(first) = live_rx.recv(), if running.is_none() && stop_deadline.is_none() => {
+                // Changes are gathered for daemon.live_delay, then applied in one delta cycle.
+                tokio::time::sleep(config.daemon.live_delay).await;
+                while live_rx.try_recv().is_ok() {}
+                info!(waited_ms = first.elapsed().as_millis() as u64, "live: the directory changed; applying");
+                live_since = Some(first);
+                running = Some(start_cycle(&config, &ticks));
             }
             _ = tokio::time::sleep(wait), if stop_deadline.is_none() => {
                 if running.is_some() {
@@ -417,6 +442,8 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                         info!(targets = new.targets.len(), schedule = %new.daemon.schedule, "SIGHUP: configuration reloaded; it applies from the next cycle");
                         ticks = new_ticks;
                         config = Arc::new(new);
+                        // The watch starts again from the next cycle, with the new settings.
+                        watch = None;
                         next = ticks.next_after(clock.now());
                     }
                     Err(problems) => {
@@ -429,6 +456,33 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                 }
             }
         }
+    }
+}
+
+/// Live mode's watch: persistent searches that signal `tx` on every change, reconnected with
+/// backoff (1 s doubling to 60 s, back to 1 s after a watch that lasted a minute). The cookies
+/// only bound what the server replays on a reconnect: the cycles read from their own.
+async fn live_watch(config: Arc<Config>, cookies: Cookies, tx: tokio::sync::mpsc::Sender<Instant>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let signal = || {
+            let _ = tx.try_send(Instant::now());
+        };
+        let ended = crate::source::watch(&config.ldap, &cookies, &signal).await;
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        match ended {
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "live: the change feed connection ended; reconnecting")
+            }
+            Ok(()) => warn!(retry_in = ?backoff, "live: the change feed ended; reconnecting"),
+        }
+        // A change may have been missed while the watch was down: one delta cycle finds it.
+        let _ = tx.try_send(Instant::now());
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 

@@ -73,6 +73,8 @@ struct State {
     feed_kind: Option<&'static str>,
     feed_changes: u64,
     feed_fallbacks: BTreeMap<&'static str, u64>,
+    /// From a live change's receipt to the end of the cycle that applied it.
+    live_latency: Histogram,
     ever_succeeded: bool,
     last_failed: bool,
     cycle_running: bool,
@@ -184,6 +186,11 @@ impl Metrics {
                 s.ever_succeeded = true;
             }
         });
+    }
+
+    /// A live change was applied this long after the daemon heard of it.
+    pub fn live_latency(&self, elapsed: Duration) {
+        self.with(|s| s.live_latency.observe(elapsed.as_secs_f64()));
     }
 
     /// Ready: a cycle has succeeded and the latest one did not fail.
@@ -436,6 +443,18 @@ fn render(s: &State) -> String {
             "ldap2scim_change_feed_fallbacks_total{{reason=\"{reason}\"}} {n}"
         );
     }
+    header(
+        &mut out,
+        "ldap2scim_live_change_latency_seconds",
+        "histogram",
+        "Live mode: from the directory change's receipt to the end of the cycle that applied it to every target.",
+    );
+    histogram(
+        &mut out,
+        "ldap2scim_live_change_latency_seconds",
+        "",
+        &s.live_latency,
+    );
     header(
         &mut out,
         "ldap2scim_ticks_skipped_total",

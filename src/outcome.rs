@@ -96,6 +96,8 @@ pub struct ReadWay {
     pub fallback: Option<&'static str>,
     /// Entries the delta changed in the mirror.
     pub changes: usize,
+    /// The feed's cookies after this read (the daemon's live watch starts from them).
+    pub cookies: Option<crate::mirror::Cookies>,
 }
 
 /// Test fixture: a pass over 2 users and no groups whose one target `app` is held with

@@ -580,3 +580,89 @@ fn twenty_rounds_of_random_changes_plan_the_same_as_a_delta_and_in_full() {
         }
     }
 }
+
+/// The daemon with a schedule that never comes during a test (the first minute of the year)
+/// and live mode without a gathering delay: only the live watch can apply a change.
+fn live_daemon(w: &mut World) -> Daemon {
+    w.config
+        .set("daemon", "schedule", "\"0 0 1 1 *\"")
+        .set("daemon", "live_delay", "\"0s\"")
+        .set("ldap", "timeout", "\"2s\"");
+    let daemon = Ldap2scim::new(&w.config.path())
+        .args(["run", "--now"])
+        .spawn();
+    let watching = wait_until(std::time::Duration::from_secs(30), || {
+        daemon.stderr().contains("live: watching the directory")
+    });
+    assert!(
+        watching,
+        "the daemon did not start watching:\n{}",
+        daemon.stderr()
+    );
+    daemon
+}
+
+fn title_of(t: &Target, user_name: &str) -> String {
+    t.users()
+        .into_iter()
+        .find(|u| u["userName"] == user_name)
+        .and_then(|u| u["title"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_daemon_applies_directory_changes_as_they_happen() {
+    let mut w = World::start(&nested_seed(), "");
+    let daemon = live_daemon(&mut w);
+    // Longer than ldap.timeout: the persistent search must not time out and reconnect.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    retitle(&w, &uids(1..2), "Live");
+    let applied = wait_until(std::time::Duration::from_secs(20), || {
+        w.targets.iter().all(|t| title_of(t, "p001") == "Live")
+    });
+    assert!(applied, "not applied live:\n{}", daemon.stderr());
+    // A leaver loses the account in every target without waiting for the schedule.
+    w.slapd.delete(&person_dn("p007"));
+    let gone = wait_until(std::time::Duration::from_secs(20), || {
+        w.targets.iter().all(|t| !t.user_states()["p007"])
+    });
+    assert!(gone, "not deprovisioned live:\n{}", daemon.stderr());
+    // A member added to the inner group reaches the outer one.
+    w.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+        group_dn("inner"),
+        person_dn("p005")
+    ));
+    let nested = wait_until(std::time::Duration::from_secs(20), || {
+        w.targets
+            .iter()
+            .all(|t| t.memberships()["outer"].contains("p005"))
+    });
+    assert!(
+        nested,
+        "nested membership not applied live:\n{}",
+        daemon.stderr()
+    );
+    let log = daemon.stop().stderr;
+    assert!(
+        !log.contains("reconnecting"),
+        "no reconnect was needed:\n{log}"
+    );
+}
+
+#[test]
+fn a_dropped_live_connection_reconnects_and_resumes() {
+    let mut w = World::start(&nested_seed(), "");
+    let daemon = live_daemon(&mut w);
+    w.slapd.stop();
+    w.slapd.start_again();
+    retitle(&w, &uids(2..3), "After restart");
+    let applied = wait_until(std::time::Duration::from_secs(30), || {
+        w.targets
+            .iter()
+            .all(|t| title_of(t, "p002") == "After restart")
+    });
+    let log = daemon.stop().stderr;
+    assert!(applied, "not applied after the reconnect:\n{log}");
+    assert!(log.contains("reconnecting"), "{log}");
+}

@@ -34,12 +34,14 @@ pub enum Way {
         directory: Directory,
         changed: usize,
         seq: u64,
+        cookies: Cookies,
     },
     /// Nothing changed and every target applied everything: no target needs a plan.
     Quiet {
         users: usize,
         groups: usize,
         seq: u64,
+        cookies: Cookies,
     },
 }
 
@@ -173,11 +175,12 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         && delta.disabled.present.is_none()
         && delta.groups.present.is_none();
     if untouched && caught_up() {
-        advance(ask, &mirror, &meta, cookies, None)?;
+        advance(ask, &mirror, &meta, cookies.clone(), None)?;
         return Ok(Way::Quiet {
             users: meta.users,
             groups: meta.groups,
             seq: meta.seq,
+            cookies,
         });
     }
     let loading = tokio::task::spawn_blocking(move || mirror.load().map(|copy| (mirror, copy)));
@@ -226,7 +229,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             groups,
             ..meta.clone()
         },
-        cookies,
+        cookies.clone(),
         Some(writes),
     )?;
     info!(
@@ -234,12 +237,18 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         users, groups, present_phase, "directory read from the change feed"
     );
     if changed == 0 && caught_up() {
-        return Ok(Way::Quiet { users, groups, seq });
+        return Ok(Way::Quiet {
+            users,
+            groups,
+            seq,
+            cookies,
+        });
     }
     Ok(Way::Delta {
         directory,
         changed,
         seq,
+        cookies,
     })
 }
 

@@ -150,9 +150,17 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             feed::Way::Classic,
         )
     };
-    if let feed::Way::Quiet { users, groups, seq } = way {
+    if let feed::Way::Quiet {
+        users,
+        groups,
+        seq,
+        cookies,
+    } = way
+    {
         let (snapshot, _) = opening.finish().await?;
-        return quiet(pass, &targets, snapshot, users, groups, seq, read_started).await;
+        let mut outcome = quiet(pass, &targets, snapshot, users, groups, seq, read_started).await?;
+        outcome.read.cookies = Some(cookies);
+        return Ok(outcome);
     }
     // Each target's `/ServiceProviderConfig` is read meanwhile too (a GET, nothing more); a
     // refused credential fails the target.
@@ -181,12 +189,14 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 directory,
                 changed,
                 seq: s,
+                cookies,
             },
         ) => {
             read_way = ReadWay {
                 mode: "delta",
                 feed: Some(feed::KIND),
                 changes: changed,
+                cookies: Some(cookies),
                 ..ReadWay::default()
             };
             seq = Some(s);
@@ -230,6 +240,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             match read {
                 Ok(directory) => {
                     let ask = feed_ask(pass, &wanted, &targets);
+                    read_way.cookies = Some(cookies.clone());
                     seq = Some(feed::finish_full(&ask, rebuild, cookies)?);
                     Ok(directory)
                 }

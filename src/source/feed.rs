@@ -189,6 +189,66 @@ pub async fn refresh_only(
     Ok(out)
 }
 
+/// Keeps a `refreshAndPersist` search of `base` / `filter` open from `cookie`, asking for no
+/// attributes, and calls `changed` for every change the server tells of. Returns when the
+/// search or the connection ends (it never ends on its own while the server keeps it).
+pub async fn persist(
+    ldap: &mut Ldap,
+    base: &str,
+    filter: &str,
+    cookie: Option<&[u8]>,
+    changed: &(dyn Fn() + Sync),
+) -> Result<(), SourceError> {
+    let request = SyncRequest {
+        mode: RefreshMode::RefreshAndPersist,
+        cookie: cookie.map(<[u8]>::to_vec),
+        reload_hint: false,
+    };
+    let mut stream = ldap
+        .with_controls(request.critical())
+        .streaming_search(base, Scope::Subtree, filter, vec!["1.1"])
+        .await
+        .map_err(|e| SourceError::Search {
+            base: base.into(),
+            filter: filter.into(),
+            reason: describe(&e),
+            source: Some(Box::new(e)),
+        })?;
+    loop {
+        match stream.next().await {
+            Ok(Some(re)) if re.is_intermediate() => {
+                if let Ok(SyncInfo::IdSet { ids, .. }) = sync_info(&re) {
+                    if !ids.is_empty() {
+                        changed();
+                    }
+                }
+            }
+            Ok(Some(_)) => changed(),
+            Ok(None) => break,
+            Err(e) => {
+                let _ = stream.finish().await;
+                return Err(SourceError::Incomplete {
+                    base: base.to_string(),
+                    reason: format!("the live change feed ended: {}", describe(&e)),
+                    source: Some(e.into()),
+                });
+            }
+        }
+    }
+    let done = stream.finish().await;
+    Err(SourceError::Incomplete {
+        base: base.to_string(),
+        reason: format!(
+            "the server ended the live change feed: {} (LDAP result code {}){}{}",
+            result_name(done.rc),
+            done.rc,
+            if done.text.is_empty() { "" } else { ": " },
+            done.text
+        ),
+        source: None,
+    })
+}
+
 /// An entry of the refresh, by its sync state control.
 fn entry(re: ResultEntry, out: &mut Refresh, present: &mut BTreeSet<String>) -> Result<(), String> {
     let state =

@@ -911,6 +911,71 @@ pub async fn feed_start(cfg: &LdapConfig) -> Result<Cookies, RefreshError> {
     Ok(cookies)
 }
 
+/// Watches the directory (users, disabled users, groups) with persistent searches from
+/// `cookies`, calling `changed` whenever the server tells of a change, until the connection
+/// or one of the searches ends: always an error, the caller reconnects.
+pub async fn watch(
+    cfg: &LdapConfig,
+    cookies: &Cookies,
+    changed: &(dyn Fn() + Sync),
+) -> Result<(), SourceError> {
+    let ldap = connect(cfg).await?;
+    let users = {
+        let mut ldap = ldap.clone();
+        let cookie = cookie_bytes(&cookies.users);
+        async move {
+            feed::persist(
+                &mut ldap,
+                &cfg.users.base,
+                &cfg.users.filter,
+                cookie.as_deref(),
+                changed,
+            )
+            .await
+        }
+    };
+    let disabled = {
+        let mut ldap = ldap.clone();
+        let cookie = cookie_bytes(&cookies.disabled);
+        async move {
+            match &cfg.users.disabled_filter {
+                Some(df) => {
+                    let filter = format!("(&{}{})", cfg.users.filter, df);
+                    feed::persist(
+                        &mut ldap,
+                        &cfg.users.base,
+                        &filter,
+                        cookie.as_deref(),
+                        changed,
+                    )
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let groups = {
+        let mut ldap = ldap.clone();
+        let cookie = cookie_bytes(&cookies.groups);
+        async move {
+            match &cfg.groups {
+                Some(g) => {
+                    feed::persist(&mut ldap, &g.base, &g.filter, cookie.as_deref(), changed).await
+                }
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let ended = tokio::select! {
+        r = users => r,
+        r = disabled => r,
+        r = groups => r,
+    };
+    let mut ldap = ldap;
+    let _ = ldap.unbind().await;
+    ended
+}
+
 /// Reads what changed since `cookies`, as typed changes, and the cookies to continue from.
 /// The three searches (users, disabled users, groups) run one after the other on one
 /// connection; any that fails fails the whole read.
