@@ -413,6 +413,25 @@ fn pieces(style: &impl Style, outcome: &Outcome) -> String {
     out
 }
 
+/// How the directory was read, when a change feed is in use (nothing otherwise).
+fn read_note(outcome: &Outcome) -> String {
+    let r = &outcome.read;
+    let Some(feed) = r.feed else {
+        return String::new();
+    };
+    match r.mode {
+        "delta" => format!(
+            " (from the {feed} change feed: {} entries changed)",
+            r.changes
+        ),
+        "quiet" => format!(" (from the {feed} change feed: no change)"),
+        _ => match &r.why_full {
+            Some(why) => format!(" (read in full: {})", one_line(why)),
+            None => " (read in full)".to_string(),
+        },
+    }
+}
+
 /// The plain-text report.
 struct Text;
 
@@ -420,8 +439,10 @@ impl Style for Text {
     fn directory(&self, out: &mut String, outcome: &Outcome) {
         let _ = writeln!(
             out,
-            "Directory: {} users, {} groups",
-            outcome.source_users, outcome.source_groups
+            "Directory: {} users, {} groups{}",
+            outcome.source_users,
+            outcome.source_groups,
+            read_note(outcome)
         );
     }
 
@@ -476,8 +497,10 @@ impl Style for Markdown {
     fn directory(&self, out: &mut String, outcome: &Outcome) {
         let _ = writeln!(
             out,
-            "# ldap2scim plan\n\nDirectory: {} users, {} groups.",
-            outcome.source_users, outcome.source_groups
+            "# ldap2scim plan\n\nDirectory: {} users, {} groups{}.",
+            outcome.source_users,
+            outcome.source_groups,
+            read_note(outcome)
         );
     }
 
