@@ -11,6 +11,13 @@
 //!    phase by phase). Twice: the users with their department groups (against wrk), and with
 //!    `g-all` too, whose member PATCHes are server-bound (against the load generator).
 //! 4. The peak RSS of `sync` and `plan` at three directory sizes, and how it grows per user.
+//! 5. The change feed (issue 13), at the full size against the sink: a no-op delta cycle and a
+//!    delta with 1% of the users changed against the same `ldapsearch`, the live latency of
+//!    100 single-attribute changes one every 200 ms against a running daemon, and the daemon's
+//!    RSS after its initial sync and after 1,000 live changes.
+//!
+//! Sections 1 to 4 read the whole directory every cycle (`ldap.change_feed = "none"`), as
+//! before the feed existed, so their figures compare with earlier runs.
 //!
 //! Every server is started by the test harness on 127.0.0.1 and stopped by PID when dropped;
 //! nothing else is contacted. Run it with `scripts/bench.sh` (or `scripts/bench.sh --small`);
@@ -267,6 +274,47 @@ pub struct Report {
     pub noop_real: Option<(Duration, usize, usize, Duration)>,
     /// The body ldap2scim POSTed for its first user (what wrk sends too).
     pub sample_user: Option<Value>,
+    /// Section 5: the change feed at the full size.
+    pub feed: Option<FeedResult>,
+}
+
+/// The change feed at the full size, against the sink (section 5).
+#[derive(Clone, Debug)]
+pub struct FeedResult {
+    pub users: usize,
+    /// The first sync (a full read that builds the mirror).
+    pub initial_sync: CommandRun,
+    /// The second one: every target planned against the mirror once.
+    pub first_delta: CommandRun,
+    /// Median wall time of `sync` with nothing changed, its writes (sink count) and peak RSS.
+    pub noop: Duration,
+    pub noop_writes: usize,
+    pub noop_rss_kib: u64,
+    /// Users changed for the delta measurement.
+    pub changed: usize,
+    /// Median wall time of `plan` after `changed` users changed (the read and plan part), and
+    /// one of its runs (its log says where the time went).
+    pub delta_plan: Duration,
+    pub delta_plan_run: CommandRun,
+    /// The `sync` that applied the change, and the writes it sent.
+    pub delta_sync: CommandRun,
+    pub live: Option<LiveResult>,
+}
+
+/// The daemon in live mode (section 5).
+#[derive(Clone, Debug)]
+pub struct LiveResult {
+    /// Single-attribute changes made one every 200 ms, and how many reached the sink.
+    pub changes: usize,
+    pub arrived: usize,
+    /// From the modify's return to the PATCH's arrival at the sink.
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// The daemon's VmRSS after its initial sync, and after `total_changes` live changes.
+    pub rss_initial_kib: u64,
+    pub rss_after_kib: u64,
+    pub total_changes: usize,
 }
 
 impl Report {
@@ -548,6 +596,9 @@ impl Report {
             mib(peak),
             verdict(peak as f64 * 1024.0 <= 300e6)
         );
+        if let Some(f) = &self.feed {
+            self.render_feed(&mut out, f);
+        }
         if let Some(sample) = &self.sample_user {
             let _ = writeln!(
                 out,
@@ -555,6 +606,262 @@ impl Report {
             );
         }
         out
+    }
+}
+
+impl Report {
+    fn render_feed(&self, out: &mut String, f: &FeedResult) {
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+        let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+        let base = self.baseline();
+        let _ = writeln!(
+            out,
+            "\n### 5. Change feed (syncrepl, {} users, sink target)\n",
+            f.users
+        );
+        let _ = writeln!(out, "| what | figure |\n|---|---|");
+        let _ = writeln!(
+            out,
+            "| initial sync (full read, builds the mirror) | {:.1} s, peak {} |",
+            f.initial_sync.wall.as_secs_f64(),
+            mib(f.initial_sync.peak_rss_kib)
+        );
+        let _ = writeln!(
+            out,
+            "| second sync (every target planned against the mirror once) | {:.1} s, peak {} |",
+            f.first_delta.wall.as_secs_f64(),
+            mib(f.first_delta.peak_rss_kib)
+        );
+        let r = ratio(f.noop, base);
+        let _ = writeln!(
+            out,
+            "| **no-op delta** `sync` (nothing changed) ÷ ldapsearch baseline {} (goal ≤ 0.05) | {} = **{r:.3}** {}; **{} writes** {}; peak {} |",
+            ms(base),
+            ms(f.noop),
+            verdict(r <= 0.05),
+            f.noop_writes,
+            verdict(f.noop_writes == 0),
+            mib(f.noop_rss_kib)
+        );
+        let r = ratio(f.delta_plan, base);
+        let where_ = f
+            .delta_plan_run
+            .stderr
+            .lines()
+            .find(|l| l.contains("directory read from the change feed"))
+            .map(|l| {
+                ["read_ms", "load_ms", "assemble_ms"]
+                    .iter()
+                    .filter_map(|k| {
+                        l.split(&format!("{k}="))
+                            .nth(1)
+                            .and_then(|v| v.split_whitespace().next())
+                            .map(|v| format!("{k} {v}"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| **delta of {} changed users**: `plan` (read and plan) ÷ baseline (goal ≤ 0.1) | {} = **{r:.2}** {} ({where_}) |",
+            f.changed,
+            ms(f.delta_plan),
+            verdict(r <= 0.1)
+        );
+        let _ = writeln!(
+            out,
+            "| the `sync` that applied them | {:.2} s, {} write requests, peak {} |",
+            f.delta_sync.wall.as_secs_f64(),
+            f.delta_sync.writes.map_or("?".into(), |w| w.to_string()),
+            mib(f.delta_sync.peak_rss_kib)
+        );
+        if let Some(l) = &f.live {
+            let _ = writeln!(
+                out,
+                "| **live latency**, {} changes one every 200 ms (`live_delay = \"0s\"`), modify → PATCH at the target: p50 (goal ≤ 0.5 s) / p99 (goal ≤ 2 s) / max | **{:.2} s** {} / **{:.2} s** {} / {:.2} s ({} of {} arrived) |",
+                l.changes,
+                l.p50.as_secs_f64(),
+                verdict(l.p50 <= Duration::from_millis(500)),
+                l.p99.as_secs_f64(),
+                verdict(l.p99 <= Duration::from_secs(2)),
+                l.max.as_secs_f64(),
+                l.arrived,
+                l.changes
+            );
+            let noop_before = self.full().noop_sync.peak_rss_kib;
+            let _ = writeln!(
+                out,
+                "| **daemon RSS** after its initial sync / after {} live changes, against the full-read no-op sync's peak {} (goal: not higher) | {} / **{}** {} |",
+                l.total_changes,
+                mib(noop_before),
+                mib(l.rss_initial_kib),
+                mib(l.rss_after_kib),
+                verdict(l.rss_after_kib <= noop_before)
+            );
+        }
+    }
+}
+
+/// Section 5: the change feed on `slapd` (the full-size directory), against a fresh sink.
+fn measure_feed(slapd: &Slapd, users: usize, reps: usize) -> FeedResult {
+    let sink = Sink::start();
+    let mut config = bench_config(slapd, &sink.url(), sink.token(), 4);
+    config.set("ldap", "change_feed", "\"auto\"");
+    progress(&format!("change feed, {users} users: initial sync"));
+    let initial_sync = expect_ok(command(&config, &["sync"]), "feed: initial sync");
+    let first_delta = expect_ok(command(&config, &["sync"]), "feed: second sync");
+    progress("change feed: no-op deltas");
+    sink.reset_counts();
+    let mut noops = Vec::new();
+    let mut noop_rss_kib = 0;
+    for _ in 0..reps.max(3) {
+        let run = expect_ok(command(&config, &["sync"]), "feed: no-op delta");
+        noop_rss_kib = noop_rss_kib.max(run.peak_rss_kib);
+        noops.push(run.wall);
+    }
+    let noop_writes = sink.writes();
+    let changed = (users / 100).max(1);
+    progress(&format!("change feed: delta of {changed} changed users"));
+    let mut plans = Vec::new();
+    let mut delta_plan_run = None;
+    let mut delta_sync = None;
+    for rep in 0..reps {
+        let ldif: String = (1..=changed)
+            .map(|i| {
+                format!(
+                    "dn: uid=u{i:06},ou=people,{BASE_DN}\nchangetype: modify\nreplace: title\ntitle: Round {rep}\n\n"
+                )
+            })
+            .collect();
+        slapd.modify(&ldif);
+        let plan = command(&config, &["plan"]);
+        assert_eq!(
+            plan.code, 2,
+            "feed: the delta plan has changes:\n{}",
+            plan.stderr
+        );
+        plans.push(plan.wall);
+        delta_plan_run.get_or_insert(plan);
+        let sync = expect_ok(command(&config, &["sync"]), "feed: delta sync");
+        delta_sync.get_or_insert(sync);
+    }
+    let live = measure_live(slapd, users);
+    FeedResult {
+        users,
+        initial_sync,
+        first_delta,
+        noop: median(noops),
+        noop_writes,
+        noop_rss_kib,
+        changed,
+        delta_plan: median(plans),
+        delta_plan_run: delta_plan_run.expect("a delta plan ran"),
+        delta_sync: delta_sync.expect("a delta sync ran"),
+        live: Some(live),
+    }
+}
+
+/// The daemon in live mode against a fresh sink: latency of 100 changes, then RSS.
+fn measure_live(slapd: &Slapd, users: usize) -> LiveResult {
+    let sink = Sink::start();
+    let mut config = bench_config(slapd, &sink.url(), sink.token(), 4);
+    config
+        .set("ldap", "change_feed", "\"auto\"")
+        .set("daemon", "schedule", "\"0 0 1 1 *\"")
+        .set("daemon", "live_delay", "\"0s\"");
+    progress(&format!("live: daemon initial sync of {users} users"));
+    let daemon = Ldap2scim::new(&config.path())
+        .args(["run", "--now"])
+        .timeout(COMMAND_TIMEOUT)
+        .spawn();
+    let started = Instant::now();
+    while !daemon.stderr().contains("live: watching the directory") {
+        assert!(
+            started.elapsed() < COMMAND_TIMEOUT,
+            "live: the daemon never started watching:\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss = || {
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+            .ok()
+            .and_then(|s| kib_field(&s, "VmRSS:"))
+            .unwrap_or(0)
+    };
+    let rss_initial_kib = rss();
+    let changes = 100.min(users);
+    progress(&format!("live: {changes} changes, one every 200 ms"));
+    let mut made = Vec::new();
+    for i in 1..=changes {
+        slapd.modify(&format!(
+            "dn: uid=u{i:06},ou=people,{BASE_DN}\nchangetype: modify\nreplace: title\ntitle: Live\n"
+        ));
+        made.push((format!("u{i:06}"), Instant::now()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let wait = |n: usize| {
+        let t = Instant::now();
+        while sink.patches().len() < n && t.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait(changes);
+    let patches = sink.patches();
+    let mut latencies: Vec<Duration> = made
+        .iter()
+        .filter_map(|(name, at)| {
+            patches
+                .iter()
+                .filter(|(arrived, path)| {
+                    arrived >= at && sink.user_name(path).as_deref() == Some(name)
+                })
+                .map(|(arrived, _)| *arrived - *at)
+                .min()
+        })
+        .collect();
+    latencies.sort();
+    let arrived = latencies.len();
+    let pick = |q: f64| {
+        latencies
+            .get(((arrived as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(Duration::MAX)
+    };
+    let (p50, p99, max) = (
+        pick(0.5),
+        pick(0.99),
+        latencies.last().copied().unwrap_or(Duration::MAX),
+    );
+    // 900 more changes, in batches of 100 every second: 1,000 live changes in all.
+    let total_changes = 1000.min(users);
+    progress("live: 900 more changes");
+    for batch in 0..(total_changes - changes).div_ceil(100) {
+        let ldif: String = (0..100)
+            .map(|k| changes + 1 + batch * 100 + k)
+            .filter(|i| *i <= total_changes)
+            .map(|i| {
+                format!(
+                    "dn: uid=u{i:06},ou=people,{BASE_DN}\nchangetype: modify\nreplace: title\ntitle: Live\n\n"
+                )
+            })
+            .collect();
+        slapd.modify(&ldif);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    wait(total_changes);
+    let rss_after_kib = rss();
+    let _ = daemon.stop();
+    LiveResult {
+        changes,
+        arrived,
+        p50,
+        p99,
+        max,
+        rss_initial_kib,
+        rss_after_kib,
+        total_changes,
     }
 }
 
@@ -599,6 +906,7 @@ pub fn run(options: &Options) -> Report {
         pushes: Vec::new(),
         noop_real: None,
         sample_user: None,
+        feed: None,
     };
     let sizes = options.rss_sizes();
     let largest = *sizes.last().expect("a size");
@@ -626,6 +934,7 @@ pub fn run(options: &Options) -> Report {
             }
             report.noop_sync = median(syncs);
             report.noop_plan = median(plans);
+            report.feed = Some(measure_feed(&slapd, users, options.reps));
         }
         report.sizes.push(result);
     }
@@ -808,7 +1117,9 @@ fn measure_pushes(report: &mut Report, options: &Options) {
 /// ldapsearch pages with), and one target `bench`.
 fn bench_config(slapd: &Slapd, url: &str, token: &str, concurrency: usize) -> TestConfig {
     let mut config = TestConfig::new(slapd);
-    config.set("ldap", "page_size", "1000");
+    config
+        .set("ldap", "page_size", "1000")
+        .set("ldap", "change_feed", "\"none\"");
     config.target(
         "bench",
         url,
@@ -1052,6 +1363,10 @@ struct SinkShared {
     next_id: AtomicUsize,
     sample_user: Mutex<Option<Value>>,
     stopping: AtomicBool,
+    /// Sink id → userName of every user created.
+    user_names: Mutex<std::collections::HashMap<String, String>>,
+    /// When each PATCH of a user arrived, and its path.
+    patches: Mutex<Vec<(Instant, String)>>,
 }
 
 impl Sink {
@@ -1108,6 +1423,26 @@ impl Sink {
     }
 
     /// The first POST /Users body.
+    /// The userName of the user a sink path (`…/Users/sink-…`) names.
+    pub fn user_name(&self, path: &str) -> Option<String> {
+        let id = path.rsplit('/').next()?;
+        let names = self
+            .shared
+            .user_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        names.get(id).cloned()
+    }
+
+    /// The PATCHes of users received so far: (arrival, path).
+    pub fn patches(&self) -> Vec<(Instant, String)> {
+        self.shared
+            .patches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn sample_user(&self) -> Option<Value> {
         self.shared
             .sample_user
@@ -1193,6 +1528,11 @@ fn answer(method: &str, path: &str, body: &[u8], shared: &SinkShared) -> (&'stat
         return ("200 OK", empty.to_string());
     }
     shared.writes.fetch_add(1, Ordering::Relaxed);
+    if method == "PATCH" && path.contains("/Users/") {
+        let arrived = Instant::now();
+        let mut patches = shared.patches.lock().unwrap_or_else(|e| e.into_inner());
+        patches.push((arrived, path.to_string()));
+    }
     match method {
         "POST" => {
             shared.creates.fetch_add(1, Ordering::Relaxed);
@@ -1205,6 +1545,10 @@ fn answer(method: &str, path: &str, body: &[u8], shared: &SinkShared) -> (&'stat
             }
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
             resource["id"] = json!(format!("sink-{id:08}"));
+            if let (true, Some(name)) = (path.ends_with("/Users"), resource["userName"].as_str()) {
+                let mut names = shared.user_names.lock().unwrap_or_else(|e| e.into_inner());
+                names.insert(format!("sink-{id:08}"), name.to_string());
+            }
             ("201 Created", resource.to_string())
         }
         "PUT" => ("200 OK", String::from_utf8_lossy(body).into_owned()),

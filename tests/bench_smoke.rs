@@ -57,4 +57,19 @@ fn the_scale_benchmark_runs_at_a_tiny_size() {
     assert_eq!(writes, 0, "no-op sync against scim2-server wrote");
     assert!(requests > 0, "the no-op sync went through the proxy");
     assert!(report.render().contains("### 4. Peak RSS"));
+
+    let feed = report.feed.as_ref().expect("the change feed was measured");
+    assert_eq!(feed.noop_writes, 0, "a no-op delta sends no write");
+    assert_eq!(
+        feed.delta_sync.writes,
+        Some(feed.changed),
+        "one PATCH per changed user"
+    );
+    let live = feed.live.as_ref().expect("live mode was measured");
+    assert_eq!(
+        live.arrived, live.changes,
+        "every live change reached the sink"
+    );
+    assert!(live.rss_after_kib > 0);
+    assert!(report.render().contains("### 5. Change feed"));
 }

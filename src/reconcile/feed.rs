@@ -126,6 +126,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         (why, _) => return full(ask, mirror, why.unwrap_or_default(), snapshot).await,
     };
     let mirror = mirror.expect("a mirror's meta comes from a mirror");
+    let read_started = std::time::Instant::now();
     let (delta, cookies) = match source::read_delta(
         ask.cfg,
         Some(ask.wanted),
@@ -153,6 +154,10 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         Err(RefreshError::Failed(e)) => return Err(e),
     };
     let snapshot = snapshot.expect("a mirror comes from a snapshot");
+    tracing::debug!(
+        elapsed_ms = read_started.elapsed().as_millis() as u64,
+        "change feed read"
+    );
     let present_phase = delta.users.present.is_some()
         || delta.disabled.present.is_some()
         || delta.groups.present.is_some();
@@ -183,6 +188,8 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             cookies,
         });
     }
+    let read_ms = read_started.elapsed().as_millis() as u64;
+    let load_started = std::time::Instant::now();
     let loading = tokio::task::spawn_blocking(move || mirror.load().map(|copy| (mirror, copy)));
     let (mirror, mut copy) = match loading.await {
         Ok(Ok(loaded)) => loaded,
@@ -218,7 +225,10 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
     })?;
     let changed = writes.changed;
     let (users, groups) = (copy.users.len(), copy.groups.len());
+    let load_ms = load_started.elapsed().as_millis() as u64;
+    let assemble_started = std::time::Instant::now();
     let directory = source::assemble(ask.cfg, copy, ask.now)?;
+    let assemble_ms = assemble_started.elapsed().as_millis() as u64;
     let seq = if changed > 0 { meta.seq + 1 } else { meta.seq };
     advance(
         ask,
@@ -234,7 +244,13 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
     )?;
     info!(
         changed,
-        users, groups, present_phase, "directory read from the change feed"
+        users,
+        groups,
+        present_phase,
+        read_ms,
+        load_ms,
+        assemble_ms,
+        "directory read from the change feed"
     );
     if changed == 0 && caught_up() {
         return Ok(Way::Quiet {

@@ -134,12 +134,40 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     // The read covers every target's mappings: one read serves any subset of targets.
     let wanted = map::needed_attributes(&pass.config.targets);
     let read_started = std::time::Instant::now();
+    // Each target's client is built meanwhile (loading TLS roots takes tens of milliseconds).
+    let clients: Vec<tokio::task::JoinHandle<Result<ScimClient, TargetError>>> = targets
+        .iter()
+        .map(|t| {
+            let t = (*t).clone();
+            tokio::task::spawn_blocking(move || ScimClient::new(&t))
+        })
+        .collect();
     // With a change feed the snapshot opens first: the directory's mirror and its cookies are
     // in it. Nothing is written to a target before the read is complete.
     let (opening, way) = if read.is_none() && feed::configured(&pass.config.ldap) {
         let snapshot = prepare::open_snapshot(&pass.config.daemon.state_dir, pass.dry_run).await?;
         let ask = feed_ask(pass, &wanted, &targets);
         let way = feed::decide(&ask, snapshot.as_ref()).await?;
+        if let feed::Way::Quiet {
+            users,
+            groups,
+            seq,
+            cookies,
+        } = way
+        {
+            let mut outcome = quiet(
+                pass,
+                &targets,
+                snapshot,
+                clients,
+                (users, groups),
+                seq,
+                read_started,
+            )
+            .await?;
+            outcome.read.cookies = Some(cookies);
+            return Ok(outcome);
+        }
         (
             Opening::with_snapshot(snapshot, pass.dry_run, &targets),
             way,
@@ -150,26 +178,18 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             feed::Way::Classic,
         )
     };
-    if let feed::Way::Quiet {
-        users,
-        groups,
-        seq,
-        cookies,
-    } = way
-    {
-        let (snapshot, _) = opening.finish().await?;
-        let mut outcome = quiet(pass, &targets, snapshot, users, groups, seq, read_started).await?;
-        outcome.read.cookies = Some(cookies);
-        return Ok(outcome);
-    }
     // Each target's `/ServiceProviderConfig` is read meanwhile too (a GET, nothing more); a
     // refused credential fails the target.
     let discoveries: Vec<tokio::task::JoinHandle<Connected>> = targets
         .iter()
-        .map(|t| {
-            let client = ScimClient::new(t);
+        .zip(clients)
+        .map(|(t, client)| {
+            let t = (*t).clone();
             tokio::spawn(async move {
-                let client = client?;
+                let client = match client.await {
+                    Ok(built) => built?,
+                    Err(_) => ScimClient::new(&t)?,
+                };
                 let caps = client.discover().await?;
                 Ok((client, caps))
             })
@@ -361,55 +381,60 @@ async fn quiet(
     pass: &Pass<'_>,
     targets: &[&TargetConfig],
     snapshot: Option<Snapshot>,
-    users: usize,
-    groups: usize,
+    clients: Vec<tokio::task::JoinHandle<Result<ScimClient, TargetError>>>,
+    (users, groups): (usize, usize),
     seq: u64,
     read_started: std::time::Instant,
 ) -> Result<Outcome, ReconcileError> {
     let snapshot_ref = snapshot.as_ref();
-    let outcomes = futures::future::join_all(targets.iter().map(|t| async move {
-        let started = std::time::Instant::now();
-        let checked = match ScimClient::new(t) {
-            Ok(client) => client.check_connection().await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = checked {
-            let mut failed = failed_target(pass, t, snapshot_ref, e.into());
-            failed.elapsed = started.elapsed();
-            return failed;
-        }
-        if let (Some(s), false) = (snapshot_ref, pass.dry_run) {
-            let run = LastRun {
-                at: pass.now,
-                status: TargetStatus::Ok.as_str().into(),
-                error: None,
-                applied: 0,
-                failed: 0,
-                held: 0,
-                writes: 0,
+    let outcomes =
+        futures::future::join_all(targets.iter().zip(clients).map(|(t, client)| async move {
+            let started = std::time::Instant::now();
+            let client = match client.await {
+                Ok(built) => built,
+                Err(_) => ScimClient::new(t),
             };
-            if let Err(e) = s.set_last_run(&t.name.0, &run) {
-                warn!(target = %t.name, error = %e, "cannot record the run status");
+            let checked = match client {
+                Ok(client) => client.check_connection().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
+                let mut failed = failed_target(pass, t, snapshot_ref, e.into());
+                failed.elapsed = started.elapsed();
+                return failed;
             }
-        }
-        let not_kept = snapshot_ref
-            .and_then(|s| s.not_kept(&t.name.0).ok())
-            .unwrap_or_default();
-        TargetOutcome {
-            name: t.name.0.clone(),
-            status: TargetStatus::Ok,
-            error: None,
-            plan: Plan {
-                not_kept: not_kept.into_iter().collect(),
-                ..Plan::default()
-            },
-            applied: None,
-            names: BTreeMap::new(),
-            elapsed: started.elapsed(),
-            rebuild: None,
-        }
-    }))
-    .await;
+            if let (Some(s), false) = (snapshot_ref, pass.dry_run) {
+                let run = LastRun {
+                    at: pass.now,
+                    status: TargetStatus::Ok.as_str().into(),
+                    error: None,
+                    applied: 0,
+                    failed: 0,
+                    held: 0,
+                    writes: 0,
+                };
+                if let Err(e) = s.set_last_run(&t.name.0, &run) {
+                    warn!(target = %t.name, error = %e, "cannot record the run status");
+                }
+            }
+            let not_kept = snapshot_ref
+                .and_then(|s| s.not_kept(&t.name.0).ok())
+                .unwrap_or_default();
+            TargetOutcome {
+                name: t.name.0.clone(),
+                status: TargetStatus::Ok,
+                error: None,
+                plan: Plan {
+                    not_kept: not_kept.into_iter().collect(),
+                    ..Plan::default()
+                },
+                applied: None,
+                names: BTreeMap::new(),
+                elapsed: started.elapsed(),
+                rebuild: None,
+            }
+        }))
+        .await;
     if let (Some(s), false) = (&snapshot, pass.dry_run) {
         s.flush().await?;
     }
