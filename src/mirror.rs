@@ -25,6 +25,9 @@ const META_KEY: &[u8] = b"~meta";
 const USER: &str = "u:";
 const DISABLED: &str = "x:";
 const GROUP: &str = "g:";
+/// The server's id of an entry in its feed, where it is not the entry's own id (389-DS names
+/// entries by nsUniqueId in the feed, and by entryUUID in the entry).
+const SYNC: &str = "s:";
 
 /// One user entry as the feed and the full read hand it over.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,15 +83,22 @@ pub struct MirrorCopy {
     pub users: BTreeMap<DirectoryId, MirrorUser>,
     pub disabled: BTreeSet<DirectoryId>,
     pub groups: BTreeMap<DirectoryId, MirrorGroup>,
+    /// The feed's id → the entry's own id, where they differ (identity otherwise).
+    pub sync: BTreeMap<DirectoryId, DirectoryId>,
 }
 
-/// One refresh of one kind of entry, as typed changes.
+/// One refresh of one kind of entry, as typed changes. As the source hands it over,
+/// `deleted` and `present` hold the feed's ids; [`MirrorCopy::resolve`] turns them into the
+/// entries' own ids.
 #[derive(Debug)]
 pub struct Changes<T> {
+    /// By the entry's own id.
     pub changed: Vec<(DirectoryId, T)>,
     pub deleted: BTreeSet<DirectoryId>,
     /// After a present phase: every id still in scope.
     pub present: Option<BTreeSet<DirectoryId>>,
+    /// (feed id, own id) of each changed entry.
+    pub sync: Vec<(DirectoryId, DirectoryId)>,
 }
 
 impl<T> Default for Changes<T> {
@@ -97,6 +107,7 @@ impl<T> Default for Changes<T> {
             changed: Vec::new(),
             deleted: BTreeSet::new(),
             present: None,
+            sync: Vec::new(),
         }
     }
 }
@@ -119,7 +130,46 @@ pub struct Writes {
     pub changed: usize,
 }
 
+impl Writes {
+    /// Adds the feed ids [`MirrorCopy::resolve`] learned.
+    pub fn and_learned(mut self, learned: Vec<(String, Vec<u8>)>) -> Writes {
+        self.puts.extend(learned);
+        self
+    }
+}
+
 impl MirrorCopy {
+    /// Learns the feed ids of the changed entries and turns the feed ids of `deleted` and
+    /// `present` into the entries' own ids (an id the mirror never saw stays as it is, and
+    /// so names no entry). Returns the index entries to store.
+    pub fn resolve(&mut self, delta: &mut Delta) -> Vec<(String, Vec<u8>)> {
+        let mut learned = Vec::new();
+        let pairs = delta
+            .users
+            .sync
+            .iter()
+            .chain(&delta.disabled.sync)
+            .chain(&delta.groups.sync);
+        for (sync, id) in pairs {
+            if sync != id && self.sync.get(sync) != Some(id) {
+                self.sync.insert(sync.clone(), id.clone());
+                learned.push((format!("{SYNC}{sync}"), id.0.clone().into_bytes()));
+            }
+        }
+        let own = |sync: &DirectoryId| self.sync.get(sync).unwrap_or(sync).clone();
+        for changes in [
+            (&mut delta.users.deleted, &mut delta.users.present),
+            (&mut delta.disabled.deleted, &mut delta.disabled.present),
+            (&mut delta.groups.deleted, &mut delta.groups.present),
+        ] {
+            *changes.0 = changes.0.iter().map(own).collect();
+            if let Some(p) = changes.1.as_mut() {
+                *p = p.iter().map(own).collect();
+            }
+        }
+        learned
+    }
+
     /// Applies a delta in memory and returns what the stored mirror must write to match.
     pub fn apply(&mut self, delta: Delta) -> Result<Writes, serde_json::Error> {
         let mut w = Writes::default();
@@ -257,6 +307,11 @@ impl Mirror {
                 copy.groups.insert(id(GROUP), g);
             } else if k.starts_with(DISABLED.as_bytes()) {
                 copy.disabled.insert(id(DISABLED));
+            } else if k.starts_with(SYNC.as_bytes()) {
+                copy.sync.insert(
+                    id(SYNC),
+                    DirectoryId(String::from_utf8_lossy(&v).into_owned()),
+                );
             }
         }
         Ok(copy)
@@ -264,6 +319,16 @@ impl Mirror {
 
     /// Writes a delta and the new record in one batch.
     pub fn commit_delta(&self, writes: Writes, meta: &MirrorMeta) -> Result<(), SnapshotError> {
+        self.commit(writes, Vec::new(), meta)
+    }
+
+    /// Like [`Mirror::commit_delta`], with feed ids learned ([`MirrorCopy::resolve`]).
+    pub fn commit(
+        &self,
+        writes: Writes,
+        learned: Vec<(String, Vec<u8>)>,
+        meta: &MirrorMeta,
+    ) -> Result<(), SnapshotError> {
         let p = self.pointer()?.unwrap_or_default();
         let mut batch = sled::Batch::default();
         for (k, v) in writes.puts {
@@ -271,6 +336,9 @@ impl Mirror {
         }
         for k in writes.removes {
             batch.remove(k.as_bytes());
+        }
+        for (k, v) in learned {
+            batch.insert(k.as_bytes(), v);
         }
         batch.insert(META_KEY, encode(meta, &self.path)?);
         self.tree(p.generation)?
@@ -374,6 +442,15 @@ impl Rebuild {
         self.users += 1;
     }
 
+    /// The feed's id of an entry, where it is not the entry's own id.
+    pub fn sync_id(&mut self, sync: &DirectoryId, id: &DirectoryId) {
+        if sync != id && self.failed.is_none() {
+            if let Err(e) = self.tree.insert(format!("{SYNC}{sync}"), id.0.as_bytes()) {
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+
     /// A group of the full read, its members still DNs.
     pub fn group(&mut self, id: &DirectoryId, dn: &str, attrs: &Attributes) {
         #[derive(Serialize)]
@@ -450,8 +527,8 @@ mod tests {
         let delta = Delta {
             users: Changes {
                 changed: vec![(id("a"), user("uid=a")), (id("d"), user("uid=d"))],
-                deleted: BTreeSet::new(),
                 present: Some([id("a"), id("b"), id("d")].into()),
+                ..Changes::default()
             },
             ..Delta::default()
         };

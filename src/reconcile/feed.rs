@@ -201,6 +201,8 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             }))
         }
     };
+    let mut delta = delta;
+    let learned = copy.resolve(&mut delta);
     if let Some(doubt) = doubt(ask, &copy, &delta).await? {
         warn!(reason = %doubt, "the change feed and the directory disagree; reading the whole directory");
         if !ask.dry_run {
@@ -215,14 +217,16 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             other => Ok(other),
         };
     }
-    let mut delta = delta;
     referring_groups(ask, &copy, &mut delta).await?;
-    let writes = copy.apply(delta).map_err(|e| {
-        storage(SnapshotError::Encode {
-            path: snapshot.path().to_path_buf(),
-            source: e,
-        })
-    })?;
+    let writes = copy
+        .apply(delta)
+        .map_err(|e| {
+            storage(SnapshotError::Encode {
+                path: snapshot.path().to_path_buf(),
+                source: e,
+            })
+        })?
+        .and_learned(learned);
     let changed = writes.changed;
     let (users, groups) = (copy.users.len(), copy.groups.len());
     let load_ms = load_started.elapsed().as_millis() as u64;
@@ -517,7 +521,7 @@ async fn full(
             capture: None,
         });
     };
-    let cookies = match source::feed_start(ask.cfg).await {
+    let (cookies, pairs) = match source::feed_start(ask.cfg).await {
         Ok(c) => c,
         Err(RefreshError::Failed(e)) => return Err(e),
         Err(RefreshError::Required(r)) => {
@@ -539,7 +543,10 @@ async fn full(
             capture: None,
         });
     }
-    let rebuild = mirror.rebuild().map_err(storage)?;
+    let mut rebuild = mirror.rebuild().map_err(storage)?;
+    for (sync, id) in &pairs {
+        rebuild.sync_id(sync, id);
+    }
     Ok(Way::Full {
         why,
         fallback: None,

@@ -883,20 +883,38 @@ fn cookie_text(c: Option<Vec<u8>>) -> Option<String> {
 /// The cookies of the directory as it is now, asked for before a full read (with no
 /// attributes): a delta from them replays whatever changes while the read runs, which is
 /// harmless, and misses nothing.
-pub async fn feed_start(cfg: &LdapConfig) -> Result<Cookies, RefreshError> {
+/// Also returns (feed id, own id) of every entry, where the feed names entries by another id
+/// than their own (389-DS).
+#[allow(clippy::type_complexity)]
+pub async fn feed_start(
+    cfg: &LdapConfig,
+) -> Result<(Cookies, Vec<(DirectoryId, DirectoryId)>), RefreshError> {
     let mut ldap = connect(cfg).await?;
     let timeout = cfg.timeout;
     let mut cookies = Cookies::default();
+    let id_attr = [id_attribute(cfg.dialect)];
+    let mut pairs = Vec::new();
+    let mut learn = |changed: Vec<(String, SearchEntry)>| -> Result<(), SourceError> {
+        for (sync, mut e) in changed {
+            let id = entry_id(&mut e, cfg.dialect)?;
+            let sync = DirectoryId::new(&sync);
+            if sync != id {
+                pairs.push((sync, id));
+            }
+        }
+        Ok(())
+    };
     let users = feed::refresh_only(
         &mut ldap,
         timeout,
         &cfg.users.base,
         &cfg.users.filter,
-        &["1.1"],
+        &id_attr,
         None,
     )
     .await?;
     cookies.users = cookie_text(users.cookie);
+    learn(users.changed)?;
     if let Some(df) = &cfg.users.disabled_filter {
         let filter = format!("(&{}{})", cfg.users.filter, df);
         let d = feed::refresh_only(&mut ldap, timeout, &cfg.users.base, &filter, &["1.1"], None)
@@ -904,11 +922,12 @@ pub async fn feed_start(cfg: &LdapConfig) -> Result<Cookies, RefreshError> {
         cookies.disabled = cookie_text(d.cookie);
     }
     if let Some(g) = &cfg.groups {
-        let r = feed::refresh_only(&mut ldap, timeout, &g.base, &g.filter, &["1.1"], None).await?;
+        let r = feed::refresh_only(&mut ldap, timeout, &g.base, &g.filter, &id_attr, None).await?;
         cookies.groups = cookie_text(r.cookie);
+        learn(r.changed)?;
     }
     let _ = ldap.unbind().await;
-    Ok(cookies)
+    Ok((cookies, pairs))
 }
 
 /// Watches the directory (users, disabled users, groups) with persistent searches from
@@ -1000,20 +1019,17 @@ pub async fn read_delta(
     )
     .await?;
     next.users = cookie_text(users.cookie);
-    delta.users = typed(
-        users.changed,
-        users.deleted,
-        users.present,
-        |uuid, mut e| {
-            let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
-            same_id(&uuid, &user.id, &user.dn)?;
-            Ok(MirrorUser {
+    delta.users = typed(users.changed, users.deleted, users.present, |mut e| {
+        let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
+        Ok((
+            user.id,
+            MirrorUser {
                 dn: user.dn,
                 attrs: user.attrs,
                 invalid_utf8: user.invalid_utf8,
-            })
-        },
-    )?;
+            },
+        ))
+    })?;
     if let Some(df) = &cfg.users.disabled_filter {
         let filter = format!("(&{}{})", cfg.users.filter, df);
         let d = feed::refresh_only(
@@ -1021,12 +1037,14 @@ pub async fn read_delta(
             timeout,
             &cfg.users.base,
             &filter,
-            &["1.1"],
+            &[id_attribute(cfg.dialect)],
             cookie_bytes(&cookies.disabled).as_deref(),
         )
         .await?;
         next.disabled = cookie_text(d.cookie);
-        delta.disabled = typed(d.changed, d.deleted, d.present, |_, _| Ok(()))?;
+        delta.disabled = typed(d.changed, d.deleted, d.present, |mut e| {
+            Ok((entry_id(&mut e, cfg.dialect)?, ()))
+        })?;
     }
     if let Some(g) = &cfg.groups {
         let attrs = group_attribute_list(cfg.dialect, wanted);
@@ -1040,10 +1058,9 @@ pub async fn read_delta(
         )
         .await?;
         next.groups = cookie_text(r.cookie);
-        delta.groups = typed(r.changed, r.deleted, r.present, |uuid, e| {
+        delta.groups = typed(r.changed, r.deleted, r.present, |e| {
             let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
-            same_id(&uuid, &id, &dn)?;
-            Ok(MirrorGroup { dn, attrs })
+            Ok((id, MirrorGroup { dn, attrs }))
         })?;
     }
     let _ = ldap.unbind().await;
@@ -1131,27 +1148,23 @@ pub async fn read_groups(
     Ok(out)
 }
 
-/// An entry's sync state names its id; the entry's own id attribute must agree.
-fn same_id(uuid: &str, id: &DirectoryId, dn: &str) -> Result<(), SourceError> {
-    if DirectoryId::new(uuid) == *id {
-        return Ok(());
-    }
-    Err(SourceError::Incomplete {
-        base: dn.to_string(),
-        reason: format!("the change feed names entry {dn} as {uuid}, but its entryUUID is {id}"),
-        source: None,
-    })
-}
-
+/// A refresh as typed changes: each changed entry by its own id (`convert` reads it), with
+/// the feed id it came under; deleted and present ones by their feed ids, which the mirror
+/// resolves.
 fn typed<T>(
     changed: Vec<(String, SearchEntry)>,
     deleted: std::collections::BTreeSet<String>,
     present: Option<std::collections::BTreeSet<String>>,
-    convert: impl Fn(String, SearchEntry) -> Result<T, SourceError>,
+    convert: impl Fn(SearchEntry) -> Result<(DirectoryId, T), SourceError>,
 ) -> Result<Changes<T>, SourceError> {
+    let mut sync = Vec::with_capacity(changed.len());
     let changed = changed
         .into_iter()
-        .map(|(uuid, e)| Ok((DirectoryId::new(&uuid), convert(uuid, e)?)))
+        .map(|(uuid, e)| {
+            let (id, value) = convert(e)?;
+            sync.push((DirectoryId::new(&uuid), id.clone()));
+            Ok((id, value))
+        })
         .collect::<Result<Vec<_>, SourceError>>()?;
     let ids =
         |set: std::collections::BTreeSet<String>| set.iter().map(|u| DirectoryId::new(u)).collect();
@@ -1159,6 +1172,7 @@ fn typed<T>(
         changed,
         deleted: ids(deleted),
         present: present.map(ids),
+        sync,
     })
 }
 
@@ -1173,6 +1187,7 @@ pub fn assemble(
         users: mirrored,
         disabled,
         groups: mirrored_groups,
+        ..
     } = copy;
     let mut users = Vec::with_capacity(mirrored.len());
     let mut user_dns = Vec::with_capacity(mirrored.len());
