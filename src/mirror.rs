@@ -70,6 +70,9 @@ pub struct MirrorMeta {
     pub last_full: Option<DateTime<Utc>>,
     /// When the cookies last advanced (a full read or a delta).
     pub cookie_at: Option<DateTime<Utc>>,
+    /// The server's root DSE `vendorName` at the last full read (how its feed is read).
+    #[serde(default)]
+    pub vendor: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -364,6 +367,7 @@ impl Mirror {
             failed: None,
             users: 0,
             groups: 0,
+            vendor: String::new(),
         })
     }
 
@@ -405,6 +409,8 @@ pub struct Rebuild {
     failed: Option<String>,
     pub users: usize,
     pub groups: usize,
+    /// The server's `vendorName`, for the record ([`MirrorMeta::vendor`]).
+    pub vendor: String,
 }
 
 impl Rebuild {

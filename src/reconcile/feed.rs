@@ -131,6 +131,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         ask.cfg,
         Some(ask.wanted),
         &meta.cookies,
+        &meta.vendor,
         ask.now,
     )
     .await
@@ -521,7 +522,7 @@ async fn full(
             capture: None,
         });
     };
-    let (cookies, pairs) = match source::feed_start(ask.cfg).await {
+    let (cookies, pairs, vendor) = match source::feed_start(ask.cfg).await {
         Ok(c) => c,
         Err(RefreshError::Failed(e)) => return Err(e),
         Err(RefreshError::Required(r)) => {
@@ -547,6 +548,7 @@ async fn full(
     for (sync, id) in &pairs {
         rebuild.sync_id(sync, id);
     }
+    rebuild.vendor = vendor;
     Ok(Way::Full {
         why,
         fallback: None,
@@ -569,6 +571,7 @@ pub fn finish_full(ask: &Ask<'_>, rebuild: Rebuild, cookies: Cookies) -> Result<
         groups: rebuild.groups,
         last_full: Some(ask.now),
         cookie_at: Some(ask.now),
+        vendor: rebuild.vendor.clone(),
     };
     rebuild.finish(&meta).map_err(storage)?;
     Ok(seq)

@@ -60,6 +60,25 @@ impl From<SourceError> for RefreshError {
     }
 }
 
+/// How a server's refresh is read where it departs from RFC 4533.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quirks {
+    /// 389-DS ends every refresh with `refreshDeletes` FALSE although it sends its deletes one
+    /// by one and names no entry present: taken literally, every unchanged entry would be gone.
+    /// With this set, a refresh from a cookie is a present phase only if it names entries
+    /// present.
+    pub present_only_when_named: bool,
+}
+
+impl Quirks {
+    /// The quirks of the server whose root DSE says `vendor_name`.
+    pub fn of(vendor_name: &str) -> Quirks {
+        Quirks {
+            present_only_when_named: vendor_name.contains("389"),
+        }
+    }
+}
+
 /// Runs one `refreshOnly` sync search of `base` / `filter` from `cookie` (`None`: from the
 /// start, every entry in scope is sent as added).
 pub async fn refresh_only(
@@ -69,6 +88,7 @@ pub async fn refresh_only(
     filter: &str,
     attrs: &[&str],
     cookie: Option<&[u8]>,
+    quirks: Quirks,
 ) -> Result<Refresh, RefreshError> {
     let incomplete = |reason: String| SourceError::Incomplete {
         base: base.to_string(),
@@ -177,7 +197,9 @@ pub async fn refresh_only(
     if done_cookie.is_some() {
         out.cookie = done_cookie;
     }
-    if !refresh_deletes {
+    // Taken as a delete phase, whatever the flag says, where the quirk applies.
+    let deletes_sent = quirks.present_only_when_named && present.is_empty() && cookie.is_some();
+    if !refresh_deletes && !deletes_sent {
         // A present phase: what was not named present (or sent) is gone.
         present.extend(out.changed.iter().map(|(id, _)| id.clone()));
         out.present = Some(present);

@@ -888,8 +888,9 @@ fn cookie_text(c: Option<Vec<u8>>) -> Option<String> {
 #[allow(clippy::type_complexity)]
 pub async fn feed_start(
     cfg: &LdapConfig,
-) -> Result<(Cookies, Vec<(DirectoryId, DirectoryId)>), RefreshError> {
+) -> Result<(Cookies, Vec<(DirectoryId, DirectoryId)>, String), RefreshError> {
     let mut ldap = connect(cfg).await?;
+    let vendor = vendor_name(&mut ldap).await;
     let timeout = cfg.timeout;
     let mut cookies = Cookies::default();
     let id_attr = [id_attribute(cfg.dialect)];
@@ -911,23 +912,60 @@ pub async fn feed_start(
         &cfg.users.filter,
         &id_attr,
         None,
+        feed::Quirks::default(),
     )
     .await?;
     cookies.users = cookie_text(users.cookie);
     learn(users.changed)?;
     if let Some(df) = &cfg.users.disabled_filter {
         let filter = format!("(&{}{})", cfg.users.filter, df);
-        let d = feed::refresh_only(&mut ldap, timeout, &cfg.users.base, &filter, &["1.1"], None)
-            .await?;
+        let d = feed::refresh_only(
+            &mut ldap,
+            timeout,
+            &cfg.users.base,
+            &filter,
+            &["1.1"],
+            None,
+            feed::Quirks::default(),
+        )
+        .await?;
         cookies.disabled = cookie_text(d.cookie);
     }
     if let Some(g) = &cfg.groups {
-        let r = feed::refresh_only(&mut ldap, timeout, &g.base, &g.filter, &id_attr, None).await?;
+        let r = feed::refresh_only(
+            &mut ldap,
+            timeout,
+            &g.base,
+            &g.filter,
+            &id_attr,
+            None,
+            feed::Quirks::default(),
+        )
+        .await?;
         cookies.groups = cookie_text(r.cookie);
         learn(r.changed)?;
     }
     let _ = ldap.unbind().await;
-    Ok((cookies, pairs))
+    Ok((cookies, pairs, vendor))
+}
+
+/// The root DSE's `vendorName` (empty where it says none).
+async fn vendor_name(ldap: &mut Ldap) -> String {
+    let Ok(Ok((entries, _))) = ldap
+        .search("", Scope::Base, "(objectClass=*)", vec!["vendorName"])
+        .await
+        .map(|r| r.non_error())
+    else {
+        return String::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|re| search_entry(re).ok())
+        .flat_map(|e| e.attrs.into_iter())
+        .filter(|(k, _)| k.eq_ignore_ascii_case("vendorName"))
+        .flat_map(|(_, v)| v)
+        .next()
+        .unwrap_or_default()
 }
 
 /// Watches the directory (users, disabled users, groups) with persistent searches from
@@ -1002,8 +1040,10 @@ pub async fn read_delta(
     cfg: &LdapConfig,
     wanted: Option<&[String]>,
     cookies: &Cookies,
+    vendor: &str,
     now: DateTime<Utc>,
 ) -> Result<(Delta, Cookies), RefreshError> {
+    let quirks = feed::Quirks::of(vendor);
     let mut ldap = connect(cfg).await?;
     let timeout = cfg.timeout;
     let mut next = Cookies::default();
@@ -1016,10 +1056,13 @@ pub async fn read_delta(
         &cfg.users.filter,
         &user_attrs,
         cookie_bytes(&cookies.users).as_deref(),
+        quirks,
     )
     .await?;
     next.users = cookie_text(users.cookie);
-    delta.users = typed(users.changed, users.deleted, users.present, |mut e| {
+    let mut users_changed = users.changed;
+    complete_ids(&mut ldap, cfg, &mut users_changed, &user_attrs).await?;
+    delta.users = typed(users_changed, users.deleted, users.present, |mut e| {
         let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
         Ok((
             user.id,
@@ -1039,10 +1082,13 @@ pub async fn read_delta(
             &filter,
             &[id_attribute(cfg.dialect)],
             cookie_bytes(&cookies.disabled).as_deref(),
+            quirks,
         )
         .await?;
         next.disabled = cookie_text(d.cookie);
-        delta.disabled = typed(d.changed, d.deleted, d.present, |mut e| {
+        let mut d_changed = d.changed;
+        complete_ids(&mut ldap, cfg, &mut d_changed, &[id_attribute(cfg.dialect)]).await?;
+        delta.disabled = typed(d_changed, d.deleted, d.present, |mut e| {
             Ok((entry_id(&mut e, cfg.dialect)?, ()))
         })?;
     }
@@ -1055,15 +1101,46 @@ pub async fn read_delta(
             &g.filter,
             &attrs,
             cookie_bytes(&cookies.groups).as_deref(),
+            quirks,
         )
         .await?;
         next.groups = cookie_text(r.cookie);
-        delta.groups = typed(r.changed, r.deleted, r.present, |e| {
+        let mut r_changed = r.changed;
+        complete_ids(&mut ldap, cfg, &mut r_changed, &attrs).await?;
+        delta.groups = typed(r_changed, r.deleted, r.present, |e| {
             let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
             Ok((id, MirrorGroup { dn, attrs }))
         })?;
     }
     let _ = ldap.unbind().await;
+    for (kind, deleted, present, changed) in [
+        (
+            "users",
+            &delta.users.deleted,
+            &delta.users.present,
+            delta.users.changed.len(),
+        ),
+        (
+            "disabled",
+            &delta.disabled.deleted,
+            &delta.disabled.present,
+            delta.disabled.changed.len(),
+        ),
+        (
+            "groups",
+            &delta.groups.deleted,
+            &delta.groups.present,
+            delta.groups.changed.len(),
+        ),
+    ] {
+        debug!(
+            kind,
+            changed,
+            deleted = ?deleted,
+            present = present.as_ref().map(|p| p.len()),
+            "change feed refresh"
+        );
+    }
     Ok((delta, next))
 }
 
@@ -1146,6 +1223,72 @@ pub async fn read_groups(
     }
     let _ = ldap.unbind().await;
     Ok(out)
+}
+
+/// Entries a feed sent without their id attribute (389-DS sends a changed entry's user
+/// attributes only, whatever was asked for) are read again by DN with `attrs`, as a full read
+/// reads them; one gone meanwhile is left out (its delete comes in a later refresh).
+async fn complete_ids(
+    ldap: &mut Ldap,
+    cfg: &LdapConfig,
+    changed: &mut Vec<(String, SearchEntry)>,
+    attrs: &[&str],
+) -> Result<(), SourceError> {
+    let attr = id_attribute(cfg.dialect);
+    let has_id = |e: &SearchEntry| {
+        e.attrs.keys().any(|k| k.eq_ignore_ascii_case(attr))
+            || e.bin_attrs.keys().any(|k| k.eq_ignore_ascii_case(attr))
+    };
+    if changed.iter().all(|(_, e)| has_id(e)) {
+        return Ok(());
+    }
+    let mut out = Vec::with_capacity(changed.len());
+    for (sync, entry) in std::mem::take(changed) {
+        if has_id(&entry) {
+            out.push((sync, entry));
+            continue;
+        }
+        let mut again = None;
+        ldap.with_timeout(cfg.timeout);
+        let search = ldap
+            .search(&entry.dn, Scope::Base, "(objectClass=*)", attrs.to_vec())
+            .await
+            .map_err(|e| SourceError::Search {
+                base: entry.dn.clone(),
+                filter: "(objectClass=*)".into(),
+                reason: describe(&e),
+                source: Some(Box::new(e)),
+            })?;
+        let (entries, res) = (search.0, search.1);
+        match res.rc {
+            0 => {
+                for re in entries {
+                    let e = search_entry(re).map_err(|why| SourceError::Incomplete {
+                        base: entry.dn.clone(),
+                        reason: format!("the server returned an entry that cannot be read ({why})"),
+                        source: None,
+                    })?;
+                    again = Some(e);
+                }
+            }
+            32 => {}
+            rc => {
+                return Err(SourceError::Incomplete {
+                    base: entry.dn.clone(),
+                    reason: format!(
+                        "reading a changed entry again failed with {} (LDAP result code {rc})",
+                        result_name(rc)
+                    ),
+                    source: None,
+                })
+            }
+        }
+        if let Some(e) = again {
+            out.push((sync, e));
+        }
+    }
+    *changed = out;
+    Ok(())
 }
 
 /// A refresh as typed changes: each changed entry by its own id (`convert` reads it), with

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 mod config;
+mod ds389;
 mod fake_ldap;
 mod fake_scim;
 mod hostile;
@@ -45,6 +46,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub use config::{
     bulk_directory, group, group_dn, people, person, person_dn, staff, TestConfig, BASE_DN,
 };
+#[allow(unused_imports)]
+pub use ds389::{Ds389, DS389_PASSWORD};
 #[allow(unused_imports)]
 pub use fake_ldap::{FakeEntry, FakeLdap, FakeLog, RangeFault};
 #[allow(unused_imports)]
