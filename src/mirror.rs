@@ -293,6 +293,59 @@ impl Mirror {
             .collect()
     }
 
+    /// One user entry, if the mirror holds it.
+    pub fn user(&self, id: &DirectoryId) -> Result<Option<MirrorUser>, SnapshotError> {
+        let Some(p) = self.pointer()? else {
+            return Ok(None);
+        };
+        let key = format!("{USER}{id}");
+        match self
+            .tree(p.generation)?
+            .get(&key)
+            .map_err(|e| self.storage(e))?
+        {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| self.corrupt(key.as_bytes(), e)),
+        }
+    }
+
+    /// The entry's own id for a feed id (the same id where the index has none).
+    pub fn own_id(&self, sync: &DirectoryId) -> Result<DirectoryId, SnapshotError> {
+        let Some(p) = self.pointer()? else {
+            return Ok(sync.clone());
+        };
+        Ok(self
+            .tree(p.generation)?
+            .get(format!("{SYNC}{sync}"))
+            .map_err(|e| self.storage(e))?
+            .map_or_else(
+                || sync.clone(),
+                |v| DirectoryId(String::from_utf8_lossy(&v).into_owned()),
+            ))
+    }
+
+    /// Whether the mirror holds `id` as an entry of `kind`.
+    pub fn holds(&self, kind: Kind, id: &DirectoryId) -> Result<bool, SnapshotError> {
+        let Some(p) = self.pointer()? else {
+            return Ok(false);
+        };
+        self.tree(p.generation)?
+            .contains_key(format!("{}{id}", kind.prefix()))
+            .map_err(|e| self.storage(e))
+    }
+
+    /// Whether the mirror holds `id` as disabled.
+    pub fn is_disabled(&self, id: &DirectoryId) -> Result<bool, SnapshotError> {
+        let Some(p) = self.pointer()? else {
+            return Ok(false);
+        };
+        self.tree(p.generation)?
+            .contains_key(format!("{DISABLED}{id}"))
+            .map_err(|e| self.storage(e))
+    }
+
     /// Loads the whole mirror.
     pub fn load(&self) -> Result<MirrorCopy, SnapshotError> {
         let mut copy = MirrorCopy::default();

@@ -93,6 +93,9 @@ pub struct GroupRow {
 pub struct TargetState {
     pub users: BTreeMap<DirectoryId, UserRow>,
     pub groups: BTreeMap<DirectoryId, GroupRow>,
+    /// Set when the rows were narrowed to the users a fast delta touches (the change feed
+    /// named only attribute changes of existing users): how many rows there are in all.
+    pub narrowed_from: Option<RowCounts>,
 }
 
 /// The directory id of each user row, by the row's SCIM id (as text): built once per pass

@@ -666,3 +666,55 @@ fn a_dropped_live_connection_reconnects_and_resumes() {
     assert!(applied, "not applied after the reconnect:\n{log}");
     assert!(log.contains("reconnecting"), "{log}");
 }
+
+#[test]
+fn attribute_changes_of_existing_users_plan_only_those_users_and_the_same_as_in_full() {
+    let w = World::start(&nested_seed(), "");
+    w.sync_ok();
+    // Once every target has applied the mirror (a cycle with nothing to do).
+    w.sync_ok();
+    retitle(&w, &uids(0..4), "Fast");
+    let (delta, full) = delta_and_full_plans(&w);
+    assert_eq!(delta, full, "delta: {delta:#}\nfull: {full:#}");
+    let synced = w.sync_ok();
+    assert!(
+        synced
+            .stderr
+            .contains("only attributes of existing users changed"),
+        "{synced}"
+    );
+    for t in &w.targets {
+        assert_eq!(title_of(t, "p003"), "Fast", "{}", t.name());
+    }
+    // Applied in full: the next cycle is quiet, and both plans are empty.
+    let next = w.sync_ok();
+    assert!(
+        next.stderr.contains("the change feed named no change"),
+        "{next}"
+    );
+    for args in [&["plan"][..], &["plan", "--full"][..]] {
+        assert_eq!(w.run(args).code, 0, "{args:?}");
+    }
+    // An account deleted by hand is made again by the update: its memberships come back in
+    // the next cycle, which plans everything again.
+    let t = &w.targets[1];
+    let id = t.user("p000")["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        scim_delete(
+            &t.server.base_url(),
+            t.server.token(),
+            &format!("/Users/{id}")
+        ),
+        204
+    );
+    retitle(&w, &uids(0..1), "Back");
+    let out = w.sync_ok();
+    assert!(out.stderr.contains("creating it again"), "{out}");
+    let again = w.sync_ok();
+    assert!(
+        !again.stderr.contains("the change feed named no change"),
+        "the target that made an account again is planned in full: {again}"
+    );
+    w.assert_converged();
+    assert!(w.targets[1].memberships()["everyone"].contains("p000"));
+}

@@ -211,6 +211,15 @@ impl Applier<'_> {
                 advance::apply_to(state, m);
             }
         }
+        if matches!(
+            acted.ack,
+            Some(advance::Ack::User {
+                recreated: true,
+                ..
+            })
+        ) {
+            report.recreated += 1;
+        }
         if let Some(answered) = acted.answered {
             report.dropped.extend(answered.dropped);
             report.kept.extend(answered.kept);

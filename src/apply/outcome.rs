@@ -108,6 +108,9 @@ pub struct ApplyReport {
     /// Approved orphans found to be orphans no more when they were read again before the
     /// deprovision (never deprovisioned; each one is also a `skipped` failure).
     pub stale_orphans: Vec<DirectoryId>,
+    /// Updates that found the account deleted on the target by hand and made it again (its
+    /// memberships are for the next plan to restore).
+    pub recreated: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -85,7 +85,13 @@ pub(super) async fn find_orphans(
     adopting: &BTreeMap<DirectoryId, Existing>,
 ) -> Result<(Option<String>, Vec<plan::Change>), TargetFailure> {
     let name = &target.name.0;
-    let lost = snapshot.and_then(|s| s.lost_rows(name, state.users.len(), state.groups.len()));
+    // Rows narrowed for a fast delta are counted as they are in all.
+    let (users, groups) = state
+        .narrowed_from
+        .map_or((state.users.len(), state.groups.len()), |n| {
+            (n.users, n.groups)
+        });
+    let lost = snapshot.and_then(|s| s.lost_rows(name, users, groups));
     let mut orphans = match snapshot {
         Some(s) => s.orphans(name)?,
         None => Default::default(),

@@ -36,6 +36,19 @@ pub enum Way {
         seq: u64,
         cookies: Cookies,
     },
+    /// Only attributes of existing users changed (no DN, no disabled state, no group, no
+    /// entry added or removed), and every target had applied everything before: `directory`
+    /// holds just those users, and each target plans them alone (`affected`); nothing else
+    /// can have changed for any target.
+    Fast {
+        directory: Directory,
+        affected: std::collections::BTreeSet<crate::model::DirectoryId>,
+        changed: usize,
+        seq: u64,
+        cookies: Cookies,
+        users: usize,
+        groups: usize,
+    },
     /// Nothing changed and every target applied everything: no target needs a plan.
     Quiet {
         users: usize,
@@ -189,6 +202,25 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             cookies,
         });
     }
+    let fast_eligible = delta.groups.changed.is_empty()
+        && delta.groups.present.is_none()
+        && delta.users.present.is_none()
+        && none_held(&mirror, crate::mirror::Kind::Groups, &delta.groups.deleted)?
+        && none_held(&mirror, crate::mirror::Kind::Users, &delta.users.deleted)?
+        && delta.disabled.present.is_none()
+        && ask.targets.iter().all(|t| t.scope_groups.is_empty())
+        && disabled_unchanged(&mirror, &delta)?
+        && caught_up();
+    if fast_eligible {
+        if let Some(way) = fast(ask, &mirror, &meta, &delta, cookies.clone())? {
+            info!(
+                changed = delta.users.changed.len(),
+                read_ms = read_started.elapsed().as_millis() as u64,
+                "directory read from the change feed: only attributes of existing users changed"
+            );
+            return Ok(way);
+        }
+    }
     let read_ms = read_started.elapsed().as_millis() as u64;
     let load_started = std::time::Instant::now();
     let loading = tokio::task::spawn_blocking(move || mirror.load().map(|copy| (mirror, copy)));
@@ -231,6 +263,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
     let changed = writes.changed;
     let (users, groups) = (copy.users.len(), copy.groups.len());
     let load_ms = load_started.elapsed().as_millis() as u64;
+    tracing::debug!(load_ms, rss_mib = crate::memory::rss_mib(), "mirror loaded");
     let assemble_started = std::time::Instant::now();
     let directory = source::assemble(ask.cfg, copy, ask.now)?;
     let assemble_ms = assemble_started.elapsed().as_millis() as u64;
@@ -255,6 +288,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         read_ms,
         load_ms,
         assemble_ms,
+        rss_mib = crate::memory::rss_mib(),
         "directory read from the change feed"
     );
     if changed == 0 && caught_up() {
@@ -462,6 +496,130 @@ async fn referring_groups(
     let read = source::read_groups(ask.cfg, Some(ask.wanted), &again).await?;
     delta.groups.changed.extend(read);
     Ok(())
+}
+
+/// Whether none of these feed ids names an entry the mirror holds as `kind`: syncprov names
+/// every modified entry outside a search's filter as deleted from it (a user modified is
+/// "deleted" from the groups search), which for an entry never in it is no change.
+fn none_held(
+    mirror: &Mirror,
+    kind: crate::mirror::Kind,
+    deleted: &std::collections::BTreeSet<crate::model::DirectoryId>,
+) -> Result<bool, SourceError> {
+    for sync in deleted {
+        let id = mirror.own_id(sync).map_err(storage)?;
+        if mirror.holds(kind, &id).map_err(storage)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether the disabled-users refresh changes nobody's state: syncprov names a modified
+/// entry outside the disabled filter as deleted from it (it cannot tell whether it was in
+/// before), which for an entry the mirror holds as enabled is no change.
+fn disabled_unchanged(mirror: &Mirror, delta: &crate::mirror::Delta) -> Result<bool, SourceError> {
+    for (id, ()) in &delta.disabled.changed {
+        if !mirror.is_disabled(id).map_err(storage)? {
+            return Ok(false);
+        }
+    }
+    for sync in &delta.disabled.deleted {
+        let id = mirror.own_id(sync).map_err(storage)?;
+        if mirror.is_disabled(&id).map_err(storage)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The fast path of [`Way::Fast`], if it applies: every changed user is one the mirror holds
+/// under the same DN (a DN change or a new entry goes through the whole mirror). Reads only
+/// those entries from the mirror.
+fn fast(
+    ask: &Ask<'_>,
+    mirror: &Mirror,
+    meta: &MirrorMeta,
+    delta: &crate::mirror::Delta,
+    cookies: Cookies,
+) -> Result<Option<Way>, SourceError> {
+    use crate::mirror::{Changes, Delta, MirrorCopy};
+    use crate::model::dn::normalize_lossy;
+    use crate::model::DirectoryUser;
+    let mut before = MirrorCopy::default();
+    for (id, new) in &delta.users.changed {
+        let Some(old) = mirror.user(id).map_err(storage)? else {
+            return Ok(None);
+        };
+        if normalize_lossy(&old.dn) != normalize_lossy(&new.dn) {
+            return Ok(None);
+        }
+        if mirror.is_disabled(id).map_err(storage)? {
+            before.disabled.insert(id.clone());
+        }
+        before.users.insert(id.clone(), old);
+    }
+    // The feed's ids of these entries are known already (same entries, same DNs), or
+    // identical to their own.
+    let mut copy = before;
+    let writes = copy
+        .apply(Delta {
+            users: Changes {
+                changed: delta.users.changed.clone(),
+                ..Changes::default()
+            },
+            ..Delta::default()
+        })
+        .map_err(|e| {
+            storage(SnapshotError::Encode {
+                path: std::path::PathBuf::new(),
+                source: e,
+            })
+        })?;
+    let changed = writes.changed;
+    let seq = if changed > 0 { meta.seq + 1 } else { meta.seq };
+    let affected: std::collections::BTreeSet<_> = copy.users.keys().cloned().collect();
+    let users = copy
+        .users
+        .into_iter()
+        .map(|(id, u)| DirectoryUser {
+            disabled: copy.disabled.contains(&id),
+            id,
+            dn: u.dn,
+            attrs: u.attrs,
+            invalid_utf8: u.invalid_utf8,
+        })
+        .collect();
+    advance(
+        ask,
+        mirror,
+        &MirrorMeta {
+            seq,
+            ..meta.clone()
+        },
+        cookies.clone(),
+        Some(writes),
+    )?;
+    if changed == 0 {
+        return Ok(Some(Way::Quiet {
+            users: meta.users,
+            groups: meta.groups,
+            seq,
+            cookies,
+        }));
+    }
+    Ok(Some(Way::Fast {
+        directory: Directory {
+            users,
+            groups: Vec::new(),
+        },
+        affected,
+        changed,
+        seq,
+        cookies,
+        users: meta.users,
+        groups: meta.groups,
+    }))
 }
 
 /// Stores the delta and the new cookies (never in a dry run).

@@ -26,7 +26,9 @@ use crate::model::{Directory, DirectoryId, DirectoryUser};
 use crate::outcome::{Outcome, ReadWay, TargetFailure, TargetOutcome, TargetStatus};
 use crate::plan::{self, guard, Plan, PlanInput};
 use crate::scim::{Capabilities, ScimClient, TargetError};
-use crate::snapshot::{FeedProgress, LastRun, ReadStats, RowCounts, Snapshot, SnapshotError};
+use crate::snapshot::{
+    FeedProgress, LastRun, ReadStats, RowCounts, Snapshot, SnapshotError, TargetState,
+};
 use crate::source::{self, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +203,8 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         ..ReadWay::default()
     };
     let mut seq = None;
+    // A fast delta's directory holds only the users it touches: the counts are the mirror's.
+    let mut counts = None;
     let read = match (read, way) {
         (Some(directory), _) => Ok(mapped(directory, &mut mapping)),
         (
@@ -220,6 +224,30 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 ..ReadWay::default()
             };
             seq = Some(s);
+            Ok(mapped(directory, &mut mapping))
+        }
+        (
+            None,
+            feed::Way::Fast {
+                directory,
+                affected,
+                changed,
+                seq: s,
+                cookies,
+                users,
+                groups,
+            },
+        ) => {
+            read_way = ReadWay {
+                mode: "delta",
+                feed: Some(feed::KIND),
+                changes: changed,
+                cookies: Some(cookies),
+                ..ReadWay::default()
+            };
+            seq = Some(s);
+            counts = Some((users, groups));
+            mapping.narrow = Some(affected);
             Ok(mapped(directory, &mut mapping))
         }
         (
@@ -290,7 +318,8 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         }
     };
     let read_duration = read_started.elapsed();
-    let (source_users, source_groups) = (directory.users.len(), directory.groups.len());
+    let (source_users, source_groups) =
+        counts.unwrap_or((directory.users.len(), directory.groups.len()));
     let (snapshot, prepared) = mapping.finish(&targets, directory, opening).await?;
     let last = match &snapshot {
         Some(s) => s.last_read()?,
@@ -501,17 +530,25 @@ async fn reconcile_target(
     let name = target.name.0.clone();
     let (desired, tsnap, mut state) = prepared?;
     let (client, caps) = connected?;
+    // A fast delta plans the users it touches and no group: the plan sees those rows only,
+    // while the apply keeps every group row (an account made again leaves its groups).
+    let narrowed_view = state.narrowed_from.map(|from| TargetState {
+        users: state.users.clone(),
+        groups: Default::default(),
+        narrowed_from: Some(from),
+    });
+    let seen = narrowed_view.as_ref().unwrap_or(&state);
 
     // Observe, and decide what the accounts found mean.
     let (existing_users, existing_groups, mut problems) =
-        find_existing(&client, caps, target, pass, &desired, &state).await?;
+        find_existing(&client, caps, target, pass, &desired, seen).await?;
     let (rebuild, orphans) = find_orphans(
         pass,
         target,
         &client,
         snapshot,
         &desired,
-        &state,
+        seen,
         &existing_users,
     )
     .await?;
@@ -527,7 +564,7 @@ async fn reconcile_target(
     let mut plan = plan::plan(&PlanInput {
         target,
         desired: &desired,
-        state: &state,
+        state: seen,
         existing_users: &existing_users,
         existing_groups: &existing_groups,
         blocked: &blocked,
@@ -535,14 +572,23 @@ async fn reconcile_target(
         now: pass.now,
     });
     plan.problems.append(&mut problems);
-    let names = plan.member_names(&desired, &state);
+    let names = plan.member_names(&desired, seen);
     drop_in_background(desired);
     let approved = snapshot.and_then(|s| s.approved(&name).ok().flatten());
+    // Narrowed rows (a fast delta) leave out the rows nothing touched: the limits count all.
+    let (all_users, all_groups) = state
+        .narrowed_from
+        .map_or((state.users.len(), state.groups.len()), |n| {
+            (n.users, n.groups)
+        });
+    let extra_users = all_users.saturating_sub(state.users.len());
+    let narrowed = narrowed_view.is_some();
+    drop(narrowed_view);
     guard::apply_limits(
         &mut plan,
         target.max_deprovisions,
-        state.users.len(),
-        state.groups.len(),
+        all_users,
+        all_groups,
         hold,
         approved.as_ref(),
         target.rebind,
@@ -578,10 +624,18 @@ async fn reconcile_target(
         progress: pass.progress,
         caps,
     };
-    record_row_counts(s, &name, plan.row_floor(&state));
+    let floor = plan.row_floor(&state);
+    record_row_counts(
+        s,
+        &name,
+        RowCounts {
+            users: floor.users + extra_users,
+            groups: floor.groups,
+        },
+    );
     let report = applier.apply(&mut state, &plan.changes).await;
     let rows = RowCounts {
-        users: state.users.len(),
+        users: state.users.len() + extra_users,
         groups: state.groups.len(),
     };
     // Accounts waiting to be deleted later have work left although nothing changes.
@@ -618,8 +672,10 @@ async fn reconcile_target(
         // applied changes may have left work its changes uncovered (an account made again
         // loses its memberships), and anything failed, held, waiting or problematic keeps the
         // target planned on the next delta.
+        // A fast delta's changes are attribute updates of accounts the target had: once all
+        // of them are acknowledged (none made again), the target has everything.
         let clean = status == TargetStatus::Ok
-            && plan.changes.is_empty()
+            && (plan.changes.is_empty() || narrowed && report.recreated == 0)
             && plan.problems.is_empty()
             && plan.held.is_empty()
             && report.failures.is_empty()

@@ -105,6 +105,8 @@ impl Opening {
 /// keeps no attributes in its desired form; when every target mapped it, the directory
 /// keeps none of its attributes either.
 pub struct StreamingMap {
+    /// With a fast delta: the users it touches, the only ones each target plans.
+    pub narrow: Option<BTreeSet<DirectoryId>>,
     mappers: Vec<Option<map::UserMapper>>,
     mapped: Vec<Vec<Mapped>>,
     cells: Vec<Arc<OnceLock<Loaded>>>,
@@ -113,6 +115,7 @@ pub struct StreamingMap {
 impl StreamingMap {
     pub fn new(targets: &[&TargetConfig], opening: &Opening) -> StreamingMap {
         StreamingMap {
+            narrow: None,
             mappers: targets
                 .iter()
                 .map(|t| t.scope_groups.is_empty().then(|| map::UserMapper::new(t)))
@@ -152,6 +155,7 @@ impl StreamingMap {
         opening: Opening,
     ) -> Result<(Option<Snapshot>, Vec<Prepared>), SnapshotError> {
         let StreamingMap {
+            narrow,
             mappers,
             mapped,
             cells,
@@ -187,6 +191,7 @@ impl StreamingMap {
                 rows,
                 mapper.is_some().then_some(mapped),
                 members,
+                narrow.as_ref(),
             ));
         }
         drop_in_background(directory);
@@ -259,8 +264,16 @@ fn prepare(
     rows: Loaded,
     premapped: Option<Vec<Mapped>>,
     members: Option<Vec<BTreeSet<DirectoryId>>>,
+    narrow: Option<&BTreeSet<DirectoryId>>,
 ) -> Prepared {
     let (tsnap, mut state) = rows?;
+    if let Some(ids) = narrow {
+        state.narrowed_from = Some(crate::snapshot::RowCounts {
+            users: state.users.len(),
+            groups: state.groups.len(),
+        });
+        state.users.retain(|id, _| ids.contains(id));
+    }
     let unchanged =
         |id: &DirectoryId, hash: &str| state.users.get(id).is_some_and(|row| row.hash == hash);
     let desired = match premapped {
