@@ -135,6 +135,18 @@ pub struct ReadStats {
 pub struct FeedProgress {
     pub seq: u64,
     pub settings: String,
+    /// When the first deactivated account becomes due for deletion (`deactivate-then-delete`):
+    /// from then on the target has work although nothing changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<DateTime<Utc>>,
+}
+
+impl FeedProgress {
+    /// Whether a target with this progress has applied mirror `seq` under `settings`, and
+    /// nothing has come due since.
+    pub fn covers(&self, seq: u64, settings: &str, now: DateTime<Utc>) -> bool {
+        self.seq == seq && self.settings == settings && self.due.is_none_or(|d| now < d)
+    }
 }
 
 /// The last time the change feed could not go on, and why.
@@ -748,6 +760,37 @@ impl TargetSnapshot {
                     .insert(DirectoryId(id.to_string()), self.decode(&key, &v)?);
             }
         }
+        Ok(state)
+    }
+
+    /// The rows of `users` only, and every group row: what a fast delta (attribute changes of
+    /// those users) plans and applies. `narrowed_from` counts every user row (keys only).
+    pub fn load_narrow(&self, users: &BTreeSet<DirectoryId>) -> Result<TargetState, SnapshotError> {
+        let mut state = TargetState::default();
+        for id in users {
+            let key = format!("{USER_PREFIX}{id}");
+            if let Some(v) = self.tree.get(&key).map_err(|e| self.storage(e))? {
+                state.users.insert(id.clone(), self.decode(&key, &v)?);
+            }
+        }
+        for item in self.tree.scan_prefix(GROUP_PREFIX) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let key = String::from_utf8_lossy(&k).to_string();
+            if let Some(id) = key.strip_prefix(GROUP_PREFIX) {
+                state
+                    .groups
+                    .insert(DirectoryId(id.to_string()), self.decode(&key, &v)?);
+            }
+        }
+        let mut all_users = 0;
+        for k in self.tree.scan_prefix(USER_PREFIX).keys() {
+            k.map_err(|e| self.storage(e))?;
+            all_users += 1;
+        }
+        state.narrowed_from = Some(RowCounts {
+            users: all_users,
+            groups: state.groups.len(),
+        });
         Ok(state)
     }
 

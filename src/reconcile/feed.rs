@@ -177,11 +177,11 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         || delta.groups.present.is_some();
     let caught_up = || {
         ask.targets.iter().all(|t| {
-            snapshot.feed_progress(&t.name.0).ok().flatten()
-                == Some(FeedProgress {
-                    seq: meta.seq,
-                    settings: target_settings(t),
-                })
+            snapshot
+                .feed_progress(&t.name.0)
+                .ok()
+                .flatten()
+                .is_some_and(|p: FeedProgress| p.covers(meta.seq, &target_settings(t), ask.now))
         })
     };
     let untouched = delta.users.changed.is_empty()

@@ -170,8 +170,12 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             outcome.read.cookies = Some(cookies);
             return Ok(outcome);
         }
+        let narrow = match &way {
+            feed::Way::Fast { affected, .. } => Some(affected.clone()),
+            _ => None,
+        };
         (
-            Opening::with_snapshot(snapshot, pass.dry_run, &targets),
+            Opening::with_snapshot(snapshot, pass.dry_run, &targets, narrow),
             way,
         )
     } else {
@@ -639,11 +643,31 @@ async fn reconcile_target(
         groups: state.groups.len(),
     };
     // Accounts waiting to be deleted later have work left although nothing changes.
-    let waiting = target.deprovision == crate::config::Deprovision::DeactivateThenDelete
-        && state
-            .users
-            .values()
-            .any(|r| matches!(r.state, crate::snapshot::UserState::Deactivated { .. }));
+    // Accounts waiting to be deleted: when the first comes due (a narrowed state has only
+    // some rows; the earlier progress knew the others).
+    let due = (target.deprovision == crate::config::Deprovision::DeactivateThenDelete)
+        .then(|| {
+            state
+                .users
+                .values()
+                .filter_map(|r| match r.state {
+                    crate::snapshot::UserState::Deactivated { since } => {
+                        chrono::Duration::from_std(target.delete_after)
+                            .ok()
+                            .and_then(|d| since.checked_add_signed(d))
+                    }
+                    crate::snapshot::UserState::Active => None,
+                })
+                .min()
+        })
+        .flatten();
+    let due = match (
+        narrowed,
+        s.feed_progress(&name).ok().flatten().and_then(|p| p.due),
+    ) {
+        (true, Some(before)) => Some(due.map_or(before, |d| d.min(before))),
+        _ => due,
+    };
     record_row_counts(s, &name, rows);
     drop_in_background(state);
     let status = if !report.failures.is_empty()
@@ -668,22 +692,20 @@ async fn reconcile_target(
         status,
     );
     if let Some(seq) = seq {
-        // Only a cycle that found nothing to do counts as having applied the mirror: one that
-        // applied changes may have left work its changes uncovered (an account made again
-        // loses its memberships), and anything failed, held, waiting or problematic keeps the
-        // target planned on the next delta.
-        // A fast delta's changes are attribute updates of accounts the target had: once all
-        // of them are acknowledged (none made again), the target has everything.
+        // A cycle whose every change the target acknowledged has applied the mirror, except
+        // where an account had to be made again (its memberships are for the next plan to
+        // restore); anything failed, held, waiting or problematic keeps the target planned
+        // on the next delta.
         let clean = status == TargetStatus::Ok
-            && (plan.changes.is_empty() || narrowed && report.recreated == 0)
+            && report.recreated == 0
             && plan.problems.is_empty()
             && plan.held.is_empty()
             && report.failures.is_empty()
-            && rebuild.is_none()
-            && !waiting;
+            && rebuild.is_none();
         let progress = clean.then(|| FeedProgress {
             seq,
             settings: feed::target_settings(target),
+            due,
         });
         if let Err(e) = s.set_feed_progress(&name, progress.as_ref()) {
             warn!(target = %name, error = %e, "cannot record how far the target applied the directory");

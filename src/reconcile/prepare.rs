@@ -43,7 +43,7 @@ impl Opening {
             let cells = cells.clone();
             tokio::task::spawn_blocking(move || {
                 let snapshot = open(&state_dir, dry_run)?;
-                load(snapshot, dry_run, &names, &cells)
+                load(snapshot, dry_run, &names, &cells, None)
             })
         };
         Opening {
@@ -53,11 +53,13 @@ impl Opening {
         }
     }
 
-    /// Loads the rows of `targets` from a snapshot opened already.
+    /// Loads the rows of `targets` from a snapshot opened already (with `narrow`, only those
+    /// users' rows: a fast delta).
     pub fn with_snapshot(
         snapshot: Option<Snapshot>,
         dry_run: bool,
         targets: &[&TargetConfig],
+        narrow: Option<BTreeSet<DirectoryId>>,
     ) -> Opening {
         let cells: Vec<Arc<OnceLock<Loaded>>> = targets.iter().map(|_| Arc::default()).collect();
         let path = snapshot
@@ -67,7 +69,9 @@ impl Opening {
         let task = {
             let names: Vec<String> = targets.iter().map(|t| t.name.0.clone()).collect();
             let cells = cells.clone();
-            tokio::task::spawn_blocking(move || load(snapshot, dry_run, &names, &cells))
+            tokio::task::spawn_blocking(move || {
+                load(snapshot, dry_run, &names, &cells, narrow.as_ref())
+            })
         };
         Opening { task, cells, path }
     }
@@ -241,12 +245,18 @@ fn load(
     dry_run: bool,
     names: &[String],
     cells: &[Arc<OnceLock<Loaded>>],
+    narrow: Option<&BTreeSet<DirectoryId>>,
 ) -> Result<Option<Snapshot>, SnapshotError> {
     for (name, cell) in names.iter().zip(cells) {
         // A dry run never creates a target's tree: no tree means no rows.
         let snap = snapshot.as_ref().filter(|s| !dry_run || s.has_target(name));
         let loaded = match snap.map(|s| s.target(name)) {
-            Some(Ok(ts)) => ts.load().map(|st| (Some(ts), st)).map_err(Into::into),
+            Some(Ok(ts)) => match narrow {
+                Some(ids) => ts.load_narrow(ids),
+                None => ts.load(),
+            }
+            .map(|st| (Some(ts), st))
+            .map_err(Into::into),
             Some(Err(e)) => Err(e.into()),
             None => Ok((None, TargetState::default())),
         };
@@ -268,10 +278,12 @@ fn prepare(
 ) -> Prepared {
     let (tsnap, mut state) = rows?;
     if let Some(ids) = narrow {
-        state.narrowed_from = Some(crate::snapshot::RowCounts {
-            users: state.users.len(),
-            groups: state.groups.len(),
-        });
+        if state.narrowed_from.is_none() {
+            state.narrowed_from = Some(crate::snapshot::RowCounts {
+                users: state.users.len(),
+                groups: state.groups.len(),
+            });
+        }
         state.users.retain(|id, _| ids.contains(id));
     }
     let unchanged =
