@@ -124,6 +124,24 @@ pub struct Delta {
     pub groups: Changes<MirrorGroup>,
 }
 
+impl Delta {
+    /// The DN a changed user or group has now, if the delta changed it.
+    pub fn changed_dn(&self, id: &DirectoryId) -> Option<&str> {
+        self.users
+            .changed
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, u)| u.dn.as_str())
+            .or_else(|| {
+                self.groups
+                    .changed
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map(|(_, g)| g.dn.as_str())
+            })
+    }
+}
+
 /// The writes a delta makes to the stored mirror, and how many entries it changed.
 #[derive(Debug, Default)]
 pub struct Writes {

@@ -34,6 +34,31 @@ fn assert_delta_plans_like_full(w: &World) {
     );
 }
 
+/// The LDIF of a new hire, `p100`.
+fn new_hire() -> String {
+    person(
+        "p100",
+        "New Hire",
+        "Hire",
+        "New",
+        "p100@example.org",
+        "Staff",
+    )
+}
+
+/// No target received a write since its proxy was last cleared.
+fn assert_no_writes(w: &World) {
+    for t in &w.targets {
+        assert_eq!(
+            t.proxy.writes(),
+            0,
+            "{}: {:?}",
+            t.name(),
+            t.proxy.requests()
+        );
+    }
+}
+
 fn stderr(out: &Output) -> String {
     out.stderr.clone()
 }
@@ -57,15 +82,7 @@ fn delta_cycles_read_only_what_changed_and_plan_what_a_full_read_plans() {
         stderr(&quiet).contains("the change feed named no change"),
         "{quiet}"
     );
-    for t in &w.targets {
-        assert_eq!(
-            t.proxy.writes(),
-            0,
-            "{}: {:?}",
-            t.name(),
-            t.proxy.requests()
-        );
-    }
+    assert_no_writes(&w);
 
     // A title, a new hire, a leaver, a disabled user, a member added to the inner group (a
     // member of the outer one too), a rename.
@@ -73,14 +90,7 @@ fn delta_cycles_read_only_what_changed_and_plan_what_a_full_read_plans() {
         "dn: {}\nchangetype: modify\nreplace: title\ntitle: Staff Engineer\n",
         person_dn("p001")
     ));
-    w.slapd.add(&person(
-        "p100",
-        "New Hire",
-        "Hire",
-        "New",
-        "p100@example.org",
-        "Staff",
-    ));
+    w.slapd.add(&new_hire());
     w.slapd.delete(&person_dn("p007"));
     w.slapd.modify(&format!(
         "dn: {}\nchangetype: modify\nadd: employeeType\nemployeeType: disabled\n",
@@ -149,14 +159,7 @@ fn the_change_feed_setting_none_reads_everything_every_time() {
         !stderr(&again).contains("change feed"),
         "no feed without one: {again}"
     );
-    w.slapd.add(&person(
-        "p100",
-        "New Hire",
-        "Hire",
-        "New",
-        "p100@example.org",
-        "Staff",
-    ));
+    w.slapd.add(&new_hire());
     w.sync_ok();
     w.assert_converged();
 }
@@ -236,15 +239,7 @@ fn a_feed_cut_mid_refresh_advances_nothing_and_deprovisions_nothing() {
         cut.stderr.contains("Nothing was changed on any target"),
         "{cut}"
     );
-    for t in &w.targets {
-        assert_eq!(
-            t.proxy.writes(),
-            0,
-            "{}: {:?}",
-            t.name(),
-            t.proxy.requests()
-        );
-    }
+    assert_no_writes(&w);
     // The cookie did not move: the next delta brings every change, and no more.
     relay.cut_after(None);
     assert_delta_plans_like_full(&w);
@@ -375,14 +370,7 @@ fn a_directory_restored_from_an_older_backup_is_read_in_full() {
         .output()
         .expect("slapcat");
     assert!(dump.status.success(), "{dump:?}");
-    w.slapd.add(&person(
-        "p100",
-        "New Hire",
-        "Hire",
-        "New",
-        "p100@example.org",
-        "Staff",
-    ));
+    w.slapd.add(&new_hire());
     w.sync_ok();
     assert!(w.targets[0].user_states()["p100"]);
     // The directory goes back to the backup: the cookie is newer than the server.

@@ -35,19 +35,8 @@ pub enum Way {
         changed: usize,
         seq: u64,
         cookies: Cookies,
-    },
-    /// Only attributes of existing users changed (no DN, no disabled state, no group, no
-    /// entry added or removed), and every target had applied everything before: `directory`
-    /// holds just those users, and each target plans them alone (`affected`); nothing else
-    /// can have changed for any target.
-    Fast {
-        directory: Directory,
-        affected: std::collections::BTreeSet<crate::model::DirectoryId>,
-        changed: usize,
-        seq: u64,
-        cookies: Cookies,
-        users: usize,
-        groups: usize,
+        /// Set for a fast delta (see [`Narrow`]).
+        narrow: Option<Narrow>,
     },
     /// Nothing changed and every target applied everything: no target needs a plan.
     Quiet {
@@ -56,6 +45,16 @@ pub enum Way {
         seq: u64,
         cookies: Cookies,
     },
+}
+
+/// A fast delta: only attributes of existing users changed (no DN, no disabled state, no
+/// group, no entry added or removed), and every target had applied everything before. The
+/// delta's directory holds just those users, each target plans them alone, and nothing else
+/// can have changed for any target.
+pub struct Narrow {
+    pub users: std::collections::BTreeSet<crate::model::DirectoryId>,
+    /// The mirror's counts (the directory holds only the users touched).
+    pub counts: (usize, usize),
 }
 
 /// A digest of everything the mirror's content depends on.
@@ -156,14 +155,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
                 let _ = mirror.forget();
                 let _ = snapshot.map(|s| s.set_feed_fallback(&why, ask.now));
             }
-            return match full(ask, Some(mirror), why, snapshot).await? {
-                Way::Full { why, capture, .. } => Ok(Way::Full {
-                    why,
-                    fallback: Some("refresh-required"),
-                    capture,
-                }),
-                other => Ok(other),
-            };
+            return fall_back(ask, mirror, why, snapshot, "refresh-required").await;
         }
         Err(RefreshError::Failed(e)) => return Err(e),
     };
@@ -241,14 +233,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         if !ask.dry_run {
             let _ = snapshot.set_feed_fallback(&doubt, ask.now);
         }
-        return match full(ask, Some(mirror), doubt, Some(snapshot)).await? {
-            Way::Full { why, capture, .. } => Ok(Way::Full {
-                why,
-                fallback: Some("disagreement"),
-                capture,
-            }),
-            other => Ok(other),
-        };
+        return fall_back(ask, mirror, doubt, Some(snapshot), "disagreement").await;
     }
     referring_groups(ask, &copy, &mut delta).await?;
     let writes = copy
@@ -304,6 +289,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         changed,
         seq,
         cookies,
+        narrow: None,
     })
 }
 
@@ -366,22 +352,7 @@ async fn doubt(
         return Ok(None);
     }
     let found = source::entries_with_ids(ask.cfg, &users, &groups).await?;
-    let changed_dn = |id: &crate::model::DirectoryId| {
-        delta
-            .users
-            .changed
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, u)| u.dn.clone())
-            .or_else(|| {
-                delta
-                    .groups
-                    .changed
-                    .iter()
-                    .find(|(i, _)| i == id)
-                    .map(|(_, g)| g.dn.clone())
-            })
-    };
+    let changed_dn = |id: &crate::model::DirectoryId| delta.changed_dn(id).map(str::to_string);
     for id in users.iter().chain(&groups) {
         let now: Vec<&String> = found
             .get(id)
@@ -425,22 +396,7 @@ async fn referring_groups(
     use crate::model::dn::normalize_lossy;
     use std::collections::BTreeSet;
     let mut old_dns: BTreeSet<String> = BTreeSet::new();
-    let new_dn = |id: &crate::model::DirectoryId| {
-        delta
-            .users
-            .changed
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, u)| normalize_lossy(&u.dn))
-            .or_else(|| {
-                delta
-                    .groups
-                    .changed
-                    .iter()
-                    .find(|(i, _)| i == id)
-                    .map(|(_, g)| normalize_lossy(&g.dn))
-            })
-    };
+    let new_dn = |id: &crate::model::DirectoryId| delta.changed_dn(id).map(normalize_lossy);
     let held = copy
         .users
         .iter()
@@ -533,7 +489,7 @@ fn disabled_unchanged(mirror: &Mirror, delta: &crate::mirror::Delta) -> Result<b
     Ok(true)
 }
 
-/// The fast path of [`Way::Fast`], if it applies: every changed user is one the mirror holds
+/// The fast path ([`Narrow`]), if it applies: every changed user is one the mirror holds
 /// under the same DN (a DN change or a new entry goes through the whole mirror). Reads only
 /// those entries from the mirror.
 fn fast(
@@ -608,17 +564,18 @@ fn fast(
             cookies,
         }));
     }
-    Ok(Some(Way::Fast {
+    Ok(Some(Way::Delta {
         directory: Directory {
             users,
             groups: Vec::new(),
         },
-        affected,
         changed,
         seq,
         cookies,
-        users: meta.users,
-        groups: meta.groups,
+        narrow: Some(Narrow {
+            users: affected,
+            counts: (meta.users, meta.groups),
+        }),
     }))
 }
 
@@ -648,6 +605,24 @@ fn storage(e: SnapshotError) -> SourceError {
         base: "(the directory's mirror)".into(),
         reason: e.to_string(),
         source: Some(Box::new(e)),
+    }
+}
+
+/// A full read where a delta could not go on, counted under `reason`.
+async fn fall_back(
+    ask: &Ask<'_>,
+    mirror: Mirror,
+    why: String,
+    snapshot: Option<&Snapshot>,
+    reason: &'static str,
+) -> Result<Way, SourceError> {
+    match full(ask, Some(mirror), why, snapshot).await? {
+        Way::Full { why, capture, .. } => Ok(Way::Full {
+            why,
+            fallback: Some(reason),
+            capture,
+        }),
+        other => Ok(other),
     }
 }
 

@@ -171,7 +171,9 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
             return Ok(outcome);
         }
         let narrow = match &way {
-            feed::Way::Fast { affected, .. } => Some(affected.clone()),
+            feed::Way::Delta {
+                narrow: Some(n), ..
+            } => Some(n.users.clone()),
             _ => None,
         };
         (
@@ -218,6 +220,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 changed,
                 seq: s,
                 cookies,
+                narrow,
             },
         ) => {
             read_way = ReadWay {
@@ -228,30 +231,10 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 ..ReadWay::default()
             };
             seq = Some(s);
-            Ok(mapped(directory, &mut mapping))
-        }
-        (
-            None,
-            feed::Way::Fast {
-                directory,
-                affected,
-                changed,
-                seq: s,
-                cookies,
-                users,
-                groups,
-            },
-        ) => {
-            read_way = ReadWay {
-                mode: "delta",
-                feed: Some(feed::KIND),
-                changes: changed,
-                cookies: Some(cookies),
-                ..ReadWay::default()
-            };
-            seq = Some(s);
-            counts = Some((users, groups));
-            mapping.narrow = Some(affected);
+            if let Some(narrow) = narrow {
+                counts = Some(narrow.counts);
+                mapping.narrow = Some(narrow.users);
+            }
             Ok(mapped(directory, &mut mapping))
         }
         (

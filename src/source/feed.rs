@@ -105,12 +105,7 @@ pub async fn refresh_only(
         .with_controls(request.critical())
         .streaming_search(base, Scope::Subtree, filter, attrs.to_vec())
         .await
-        .map_err(|e| SourceError::Search {
-            base: base.into(),
-            filter: filter.into(),
-            reason: describe(&e),
-            source: Some(Box::new(e)),
-        })?;
+        .map_err(|e| SourceError::search(base, filter, e))?;
     let mut out = Refresh::default();
     let mut present = BTreeSet::new();
     let mut seen = 0usize;
@@ -230,12 +225,7 @@ pub async fn persist(
         .with_controls(request.critical())
         .streaming_search(base, Scope::Subtree, filter, vec!["1.1"])
         .await
-        .map_err(|e| SourceError::Search {
-            base: base.into(),
-            filter: filter.into(),
-            reason: describe(&e),
-            source: Some(Box::new(e)),
-        })?;
+        .map_err(|e| SourceError::search(base, filter, e))?;
     loop {
         match stream.next().await {
             Ok(Some(re)) if re.is_intermediate() => {

@@ -89,6 +89,18 @@ pub enum SourceError {
     InvalidMembers { dn: String, attribute: &'static str },
 }
 
+impl SourceError {
+    /// A search of `base` / `filter` that the server or the connection refused to start.
+    fn search(base: &str, filter: &str, e: ldap3::LdapError) -> SourceError {
+        SourceError::Search {
+            base: base.into(),
+            filter: filter.into(),
+            reason: describe(&e),
+            source: Some(Box::new(e)),
+        }
+    }
+}
+
 /// The attribute holding an entry's immutable id.
 fn id_attribute(dialect: Dialect) -> &'static str {
     match dialect {
@@ -687,12 +699,7 @@ async fn paged_search_each(
     let mut stream = ldap
         .streaming_search_with(adapters, base, Scope::Subtree, filter, attrs.to_vec())
         .await
-        .map_err(|e| SourceError::Search {
-            base: base.into(),
-            filter: filter.into(),
-            reason: describe(&e),
-            source: Some(Box::new(e)),
-        })?;
+        .map_err(|e| SourceError::search(base, filter, e))?;
     let mut entries = 0usize;
     let mut rejected = None;
     loop {
@@ -891,7 +898,6 @@ pub async fn feed_start(
 ) -> Result<(Cookies, Vec<(DirectoryId, DirectoryId)>, String), RefreshError> {
     let mut ldap = connect(cfg).await?;
     let vendor = vendor_name(&mut ldap).await;
-    let timeout = cfg.timeout;
     let mut cookies = Cookies::default();
     let id_attr = [id_attribute(cfg.dialect)];
     let mut pairs = Vec::new();
@@ -905,45 +911,27 @@ pub async fn feed_start(
         }
         Ok(())
     };
-    let users = feed::refresh_only(
-        &mut ldap,
-        timeout,
-        &cfg.users.base,
-        &cfg.users.filter,
-        &id_attr,
-        None,
-        feed::Quirks::default(),
-    )
-    .await?;
-    cookies.users = cookie_text(users.cookie);
+    let mut search = Refresher {
+        cfg,
+        quirks: feed::Quirks::default(),
+        ldap: &mut ldap,
+    };
+    let (cookie, users) = search
+        .run(&cfg.users.base, &cfg.users.filter, &id_attr, &None)
+        .await?;
+    cookies.users = cookie;
     learn(users.changed)?;
     if let Some(df) = &cfg.users.disabled_filter {
         let filter = format!("(&{}{})", cfg.users.filter, df);
-        let d = feed::refresh_only(
-            &mut ldap,
-            timeout,
-            &cfg.users.base,
-            &filter,
-            &["1.1"],
-            None,
-            feed::Quirks::default(),
-        )
-        .await?;
-        cookies.disabled = cookie_text(d.cookie);
+        let (cookie, _) = search
+            .run(&cfg.users.base, &filter, &id_attr, &None)
+            .await?;
+        cookies.disabled = cookie;
     }
     if let Some(g) = &cfg.groups {
-        let r = feed::refresh_only(
-            &mut ldap,
-            timeout,
-            &g.base,
-            &g.filter,
-            &id_attr,
-            None,
-            feed::Quirks::default(),
-        )
-        .await?;
-        cookies.groups = cookie_text(r.cookie);
-        learn(r.changed)?;
+        let (cookie, groups) = search.run(&g.base, &g.filter, &id_attr, &None).await?;
+        cookies.groups = cookie;
+        learn(groups.changed)?;
     }
     let _ = ldap.unbind().await;
     Ok((cookies, pairs, vendor))
@@ -1045,24 +1033,24 @@ pub async fn read_delta(
 ) -> Result<(Delta, Cookies), RefreshError> {
     let quirks = feed::Quirks::of(vendor);
     let mut ldap = connect(cfg).await?;
-    let timeout = cfg.timeout;
     let mut next = Cookies::default();
     let mut delta = Delta::default();
     let user_attrs = user_attribute_list(cfg.dialect, wanted);
-    let users = feed::refresh_only(
-        &mut ldap,
-        timeout,
-        &cfg.users.base,
-        &cfg.users.filter,
-        &user_attrs,
-        cookie_bytes(&cookies.users).as_deref(),
+    let mut search = Refresher {
+        cfg,
         quirks,
-    )
-    .await?;
-    next.users = cookie_text(users.cookie);
-    let mut users_changed = users.changed;
-    complete_ids(&mut ldap, cfg, &mut users_changed, &user_attrs).await?;
-    delta.users = typed(users_changed, users.deleted, users.present, |mut e| {
+        ldap: &mut ldap,
+    };
+    let (cookie, users) = search
+        .run(
+            &cfg.users.base,
+            &cfg.users.filter,
+            &user_attrs,
+            &cookies.users,
+        )
+        .await?;
+    next.users = cookie;
+    delta.users = typed(users.changed, users.deleted, users.present, |mut e| {
         let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
         Ok((
             user.id,
@@ -1075,39 +1063,22 @@ pub async fn read_delta(
     })?;
     if let Some(df) = &cfg.users.disabled_filter {
         let filter = format!("(&{}{})", cfg.users.filter, df);
-        let d = feed::refresh_only(
-            &mut ldap,
-            timeout,
-            &cfg.users.base,
-            &filter,
-            &[id_attribute(cfg.dialect)],
-            cookie_bytes(&cookies.disabled).as_deref(),
-            quirks,
-        )
-        .await?;
-        next.disabled = cookie_text(d.cookie);
-        let mut d_changed = d.changed;
-        complete_ids(&mut ldap, cfg, &mut d_changed, &[id_attribute(cfg.dialect)]).await?;
-        delta.disabled = typed(d_changed, d.deleted, d.present, |mut e| {
+        let id_attr = [id_attribute(cfg.dialect)];
+        let (cookie, d) = search
+            .run(&cfg.users.base, &filter, &id_attr, &cookies.disabled)
+            .await?;
+        next.disabled = cookie;
+        delta.disabled = typed(d.changed, d.deleted, d.present, |mut e| {
             Ok((entry_id(&mut e, cfg.dialect)?, ()))
         })?;
     }
     if let Some(g) = &cfg.groups {
         let attrs = group_attribute_list(cfg.dialect, wanted);
-        let r = feed::refresh_only(
-            &mut ldap,
-            timeout,
-            &g.base,
-            &g.filter,
-            &attrs,
-            cookie_bytes(&cookies.groups).as_deref(),
-            quirks,
-        )
-        .await?;
-        next.groups = cookie_text(r.cookie);
-        let mut r_changed = r.changed;
-        complete_ids(&mut ldap, cfg, &mut r_changed, &attrs).await?;
-        delta.groups = typed(r_changed, r.deleted, r.present, |e| {
+        let (cookie, r) = search
+            .run(&g.base, &g.filter, &attrs, &cookies.groups)
+            .await?;
+        next.groups = cookie;
+        delta.groups = typed(r.changed, r.deleted, r.present, |e| {
             let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
             Ok((id, MirrorGroup { dn, attrs }))
         })?;
@@ -1164,14 +1135,7 @@ pub async fn entries_with_ids(
         scopes.push((g.base.as_str(), g.filter.as_str(), groups));
     }
     for (base, filter, ids) in scopes {
-        // Ids are entryUUID text: hex digits and dashes, nothing a filter must escape.
-        let ids: Vec<&DirectoryId> = ids
-            .iter()
-            .filter(|id| id.0.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
-            .collect();
-        for chunk in ids.chunks(500) {
-            let any: String = chunk.iter().map(|id| format!("({attr}={id})")).collect();
-            let filter = format!("(&{filter}(|{any}))");
+        for filter in id_filters(attr, filter, ids) {
             paged_search_each(&mut ldap, cfg, base, &filter, &[attr], &mut |mut e| {
                 let id = entry_id(&mut e, cfg.dialect)?;
                 found.entry(id).or_default().push(e.dn);
@@ -1182,6 +1146,21 @@ pub async fn entries_with_ids(
     }
     let _ = ldap.unbind().await;
     Ok(found)
+}
+
+/// `filter` narrowed to entries with one of `ids`, 500 ids a search. Ids are entryUUID text
+/// (hex digits and dashes), nothing a filter must escape; anything else is left out.
+fn id_filters(attr: &str, filter: &str, ids: &[DirectoryId]) -> Vec<String> {
+    let ids: Vec<&DirectoryId> = ids
+        .iter()
+        .filter(|id| id.0.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .collect();
+    ids.chunks(500)
+        .map(|chunk| {
+            let any: String = chunk.iter().map(|id| format!("({attr}={id})")).collect();
+            format!("(&{filter}(|{any}))")
+        })
+        .collect()
 }
 
 /// The group entries with these ids as they are now (those gone are left out).
@@ -1197,13 +1176,7 @@ pub async fn read_groups(
     let mut ldap = connect(cfg).await?;
     let attr = id_attribute(cfg.dialect);
     let attrs = group_attribute_list(cfg.dialect, wanted);
-    let ids: Vec<&DirectoryId> = ids
-        .iter()
-        .filter(|id| id.0.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
-        .collect();
-    for chunk in ids.chunks(500) {
-        let any: String = chunk.iter().map(|id| format!("({attr}={id})")).collect();
-        let filter = format!("(&{}(|{any}))", g.filter);
+    for filter in id_filters(attr, &g.filter, ids) {
         let mut ranged = Vec::new();
         paged_search_each(&mut ldap, cfg, &g.base, &filter, &attrs, &mut |e| {
             if range::has_ranges(&e) {
@@ -1223,6 +1196,38 @@ pub async fn read_groups(
     }
     let _ = ldap.unbind().await;
     Ok(out)
+}
+
+/// The searches of one delta, on one connection.
+struct Refresher<'a> {
+    cfg: &'a LdapConfig,
+    quirks: feed::Quirks,
+    ldap: &'a mut Ldap,
+}
+
+impl Refresher<'_> {
+    /// One refresh from `cookie`, its entries without their id read again; the cookie to
+    /// continue from, as stored.
+    async fn run(
+        &mut self,
+        base: &str,
+        filter: &str,
+        attrs: &[&str],
+        cookie: &Option<String>,
+    ) -> Result<(Option<String>, feed::Refresh), RefreshError> {
+        let mut r = feed::refresh_only(
+            self.ldap,
+            self.cfg.timeout,
+            base,
+            filter,
+            attrs,
+            cookie_bytes(cookie).as_deref(),
+            self.quirks,
+        )
+        .await?;
+        complete_ids(self.ldap, self.cfg, &mut r.changed, attrs).await?;
+        Ok((cookie_text(r.cookie.take()), r))
+    }
 }
 
 /// Entries a feed sent without their id attribute (389-DS sends a changed entry's user
@@ -1253,12 +1258,7 @@ async fn complete_ids(
         let search = ldap
             .search(&entry.dn, Scope::Base, "(objectClass=*)", attrs.to_vec())
             .await
-            .map_err(|e| SourceError::Search {
-                base: entry.dn.clone(),
-                filter: "(objectClass=*)".into(),
-                reason: describe(&e),
-                source: Some(Box::new(e)),
-            })?;
+            .map_err(|e| SourceError::search(&entry.dn, "(objectClass=*)", e))?;
         let (entries, res) = (search.0, search.1);
         match res.rc {
             0 => {
