@@ -605,6 +605,38 @@ mod tests {
     }
 
     #[test]
+    fn the_change_feed_is_exported_by_read_mode_changes_fallbacks_and_latency() {
+        let mut outcome = crate::outcome::held_orphan_outcome("x");
+        let m = Metrics::default();
+        outcome.read = crate::outcome::ReadWay {
+            mode: "delta",
+            feed: Some("syncrepl"),
+            changes: 3,
+            ..Default::default()
+        };
+        m.cycle_finished(&outcome, Duration::from_secs(1), 0.0);
+        outcome.read = crate::outcome::ReadWay {
+            mode: "full",
+            feed: Some("syncrepl"),
+            fallback: Some("refresh-required"),
+            ..Default::default()
+        };
+        m.cycle_finished(&outcome, Duration::from_secs(1), 0.0);
+        m.live_latency(Duration::from_millis(300));
+        let text = m.render();
+        for line in [
+            "ldap2scim_directory_reads_total{mode=\"delta\"} 1\n",
+            "ldap2scim_directory_reads_total{mode=\"full\"} 1\n",
+            "ldap2scim_change_feed_info{kind=\"syncrepl\"} 1\n",
+            "ldap2scim_change_feed_changes_total 3\n",
+            "ldap2scim_change_feed_fallbacks_total{reason=\"refresh-required\"} 1\n",
+            "ldap2scim_live_change_latency_seconds_bucket{le=\"0.5\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+    }
+
+    #[test]
     fn not_ready_until_a_cycle_succeeds() {
         let m = Metrics::default();
         assert!(!m.ready());
