@@ -719,3 +719,24 @@ fn attribute_changes_of_existing_users_plan_only_those_users_and_the_same_as_in_
     w.assert_converged();
     assert!(w.targets[1].memberships()["everyone"].contains("p000"));
 }
+
+#[test]
+fn an_entry_whose_id_is_rewritten_in_place_is_a_visible_rebind_as_in_a_full_read() {
+    let w = World::start(&nested_seed(), "");
+    w.sync_ok();
+    // The same DN, another entryUUID (a restore that kept the DN, or relax): a full read
+    // sees one entry leave and another arrive with the same userName.
+    w.slapd.modify_relaxed(&format!(
+        "dn: {}\nchangetype: modify\nreplace: entryUUID\nentryUUID: 0f0e0d0c-0b0a-4908-8706-050403020100\n",
+        person_dn("p006")
+    ));
+    assert_delta_plans_like_full(&w);
+    let (delta, _) = delta_and_full_plans(&w);
+    let changes = changes_of(&delta, w.targets[0].name());
+    assert!(
+        changes.contains(&change("rebind", "User", "p006")),
+        "the account moves visibly: {changes:?}"
+    );
+    w.sync_ok();
+    w.assert_converged();
+}

@@ -228,7 +228,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
     };
     let mut delta = delta;
     let learned = copy.resolve(&mut delta);
-    if let Some(doubt) = doubt(ask, &copy, &delta).await? {
+    if let Some(doubt) = doubt(ask, &copy, &mut delta).await? {
         warn!(reason = %doubt, "the change feed and the directory disagree; reading the whole directory");
         if !ask.dry_run {
             let _ = snapshot.set_feed_fallback(&doubt, ask.now);
@@ -301,15 +301,18 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
 async fn doubt(
     ask: &Ask<'_>,
     copy: &crate::mirror::MirrorCopy,
-    delta: &crate::mirror::Delta,
+    delta: &mut crate::mirror::Delta,
 ) -> Result<Option<String>, SourceError> {
     use crate::model::dn::normalize_lossy;
-    use std::collections::BTreeMap;
+    use crate::model::DirectoryId;
+    use std::collections::{BTreeMap, HashSet};
+    type Ids = Vec<DirectoryId>;
+    /// The ids to check, and among them those a new id took the DN of.
     fn suspects<T>(
-        held: &BTreeMap<crate::model::DirectoryId, T>,
+        held: &BTreeMap<DirectoryId, T>,
         changes: &crate::mirror::Changes<T>,
         dn_of: impl Fn(&T) -> &str,
-    ) -> Result<Vec<crate::model::DirectoryId>, String> {
+    ) -> Result<(Ids, Ids), String> {
         let mut out: Vec<_> = changes
             .deleted
             .iter()
@@ -336,15 +339,38 @@ async fn doubt(
                 out.push(id.clone());
             }
         }
+        // A new id at a DN the mirror holds under another id: that entry was replaced (made
+        // again, or its id rewritten in place), and is gone once the directory says so.
+        let new_dns: HashSet<String> = changes
+            .changed
+            .iter()
+            .filter(|(id, _)| !held.contains_key(id))
+            .map(|(_, v)| normalize_lossy(dn_of(v)))
+            .collect();
+        let mut displaced = Vec::new();
+        if !new_dns.is_empty() {
+            let touched: HashSet<&DirectoryId> = changes
+                .changed
+                .iter()
+                .map(|(id, _)| id)
+                .chain(&changes.deleted)
+                .collect();
+            for (id, h) in held {
+                if !touched.contains(id) && new_dns.contains(&normalize_lossy(dn_of(h))) {
+                    displaced.push(id.clone());
+                    out.push(id.clone());
+                }
+            }
+        }
         out.sort();
         out.dedup();
-        Ok(out)
+        Ok((out, displaced))
     }
-    let users = match suspects(&copy.users, &delta.users, |u| &u.dn) {
+    let (users, displaced_users) = match suspects(&copy.users, &delta.users, |u| &u.dn) {
         Ok(s) => s,
         Err(why) => return Ok(Some(why)),
     };
-    let groups = match suspects(&copy.groups, &delta.groups, |g| &g.dn) {
+    let (groups, displaced_groups) = match suspects(&copy.groups, &delta.groups, |g| &g.dn) {
         Ok(s) => s,
         Err(why) => return Ok(Some(why)),
     };
@@ -381,6 +407,9 @@ async fn doubt(
             )));
         }
     }
+    // Verified gone: what the feed left out is a delete, as a full read sees it.
+    delta.users.deleted.extend(displaced_users);
+    delta.groups.deleted.extend(displaced_groups);
     Ok(None)
 }
 

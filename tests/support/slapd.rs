@@ -207,6 +207,12 @@ impl Slapd {
         self.ldap_tool("ldapmodify", &["-a", "-e", "relax"], Some(ldif));
     }
 
+    /// Applies an LDIF of changes as root over ldapi with the Relax Rules control, which lets
+    /// it rewrite operational attributes such as `entryUUID`.
+    pub fn modify_relaxed(&self, ldif: &str) {
+        self.ldap_tool("ldapmodify", &["-e", "relax"], Some(ldif));
+    }
+
     /// The `entryUUID` of one entry.
     pub fn entry_uuid(&self, dn: &str) -> String {
         let ldif = self.ldap_tool(
