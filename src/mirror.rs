@@ -124,7 +124,19 @@ pub struct Delta {
     pub groups: Changes<MirrorGroup>,
 }
 
+impl<T> Changes<T> {
+    /// Whether the refresh named no entry at all (no change, no delete, no present phase).
+    pub fn names_nothing(&self) -> bool {
+        self.changed.is_empty() && self.deleted.is_empty() && self.present.is_none()
+    }
+}
+
 impl Delta {
+    /// Whether none of the three refreshes named any entry.
+    pub fn names_nothing(&self) -> bool {
+        self.users.names_nothing() && self.disabled.names_nothing() && self.groups.names_nothing()
+    }
+
     /// The DN a changed user or group has now, if the delta changed it.
     pub fn changed_dn(&self, id: &DirectoryId) -> Option<&str> {
         self.users
@@ -293,24 +305,6 @@ impl Mirror {
         }
     }
 
-    /// The ids the mirror holds of one kind, without decoding the entries.
-    pub fn ids(&self, kind: Kind) -> Result<BTreeSet<DirectoryId>, SnapshotError> {
-        let Some(p) = self.pointer()? else {
-            return Ok(BTreeSet::new());
-        };
-        let prefix = kind.prefix();
-        self.tree(p.generation)?
-            .scan_prefix(prefix)
-            .keys()
-            .map(|k| {
-                let k = k.map_err(|e| self.storage(e))?;
-                Ok(DirectoryId(
-                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
-                ))
-            })
-            .collect()
-    }
-
     /// One user entry, if the mirror holds it.
     pub fn user(&self, id: &DirectoryId) -> Result<Option<MirrorUser>, SnapshotError> {
         let Some(p) = self.pointer()? else {
@@ -393,16 +387,6 @@ impl Mirror {
 
     /// Writes a delta and the new record in one batch.
     pub fn commit_delta(&self, writes: Writes, meta: &MirrorMeta) -> Result<(), SnapshotError> {
-        self.commit(writes, Vec::new(), meta)
-    }
-
-    /// Like [`Mirror::commit_delta`], with feed ids learned ([`MirrorCopy::resolve`]).
-    pub fn commit(
-        &self,
-        writes: Writes,
-        learned: Vec<(String, Vec<u8>)>,
-        meta: &MirrorMeta,
-    ) -> Result<(), SnapshotError> {
         let p = self.pointer()?.unwrap_or_default();
         let mut batch = sled::Batch::default();
         for (k, v) in writes.puts {
@@ -410,9 +394,6 @@ impl Mirror {
         }
         for k in writes.removes {
             batch.remove(k.as_bytes());
-        }
-        for (k, v) in learned {
-            batch.insert(k.as_bytes(), v);
         }
         batch.insert(META_KEY, encode(meta, &self.path)?);
         self.tree(p.generation)?
@@ -457,7 +438,6 @@ impl Mirror {
 #[derive(Debug, Clone, Copy)]
 pub enum Kind {
     Users,
-    Disabled,
     Groups,
 }
 
@@ -465,7 +445,6 @@ impl Kind {
     fn prefix(self) -> &'static str {
         match self {
             Kind::Users => USER,
-            Kind::Disabled => DISABLED,
             Kind::Groups => GROUP,
         }
     }

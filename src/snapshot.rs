@@ -164,7 +164,6 @@ pub struct FeedStatus {
     pub last_full: Option<DateTime<Utc>>,
     pub users: usize,
     pub groups: usize,
-    pub seq: u64,
     pub fallback: Option<FeedFallback>,
 }
 

@@ -176,16 +176,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
                 .is_some_and(|p: FeedProgress| p.covers(meta.seq, &target_settings(t), ask.now))
         })
     };
-    let untouched = delta.users.changed.is_empty()
-        && delta.users.deleted.is_empty()
-        && delta.disabled.changed.is_empty()
-        && delta.disabled.deleted.is_empty()
-        && delta.groups.changed.is_empty()
-        && delta.groups.deleted.is_empty()
-        && delta.users.present.is_none()
-        && delta.disabled.present.is_none()
-        && delta.groups.present.is_none();
-    if untouched && caught_up() {
+    if delta.names_nothing() && caught_up() {
         advance(ask, &mirror, &meta, cookies.clone(), None)?;
         return Ok(Way::Quiet {
             users: meta.users,
@@ -748,7 +739,6 @@ pub fn status(snapshot: &Snapshot) -> Option<FeedStatus> {
         last_full: meta.last_full,
         users: meta.users,
         groups: meta.groups,
-        seq: meta.seq,
         fallback: snapshot.feed_fallback().ok().flatten(),
     })
 }

@@ -37,13 +37,6 @@ pub struct Refresh {
     pub cookie: Option<Vec<u8>>,
 }
 
-impl Refresh {
-    /// Whether the refresh names no change at all (a present phase may still remove some).
-    pub fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.deleted.is_empty() && self.present.is_none()
-    }
-}
-
 /// Why a refresh gave nothing usable.
 #[derive(Debug)]
 pub enum RefreshError {
