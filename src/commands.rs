@@ -326,12 +326,17 @@ async fn feed_mode(ldap: &crate::config::LdapConfig) -> String {
         (Dialect::OpenLdap, _, Ok(_)) => format!(
             "change feed: none: the server does not advertise content synchronisation (RFC 4533) in its root DSE (ldap.change_feed \"{setting}\"); every cycle reads the whole directory"
         ),
-        (Dialect::ActiveDirectory, _, Ok(Advertised::DirSync)) => format!(
-            "change feed: none: the server offers DirSync, which this version does not use yet (ldap.change_feed \"{setting}\"); every cycle reads the whole directory"
+        (Dialect::ActiveDirectory, ChangeFeed::Auto, Ok(found)) if found != Advertised::DirSync => format!(
+            "change feed: none: the server does not advertise DirSync in its root DSE (ldap.change_feed \"{setting}\"; set \"usn\" to follow uSNChanged); every cycle reads the whole directory"
         ),
-        (_, _, Ok(_)) => format!(
-            "change feed: none (ldap.change_feed \"{setting}\"); every cycle reads the whole directory"
-        ),
+        (Dialect::ActiveDirectory, _, Ok(_)) => match crate::source::ad_feed_mode(ldap).await {
+            Ok((mode, refused)) => format!(
+                "change feed: {} (ldap.change_feed \"{setting}\"){}: cycles between full reads read only what changed. DirSync needs the bind account to hold \"Replicating Directory Changes\" on the domain, or runs in object-security mode on what it may read; usn needs read access to uSNChanged and to CN=Deleted Objects",
+                mode.describe(),
+                refused.map(|why| format!("; DirSync cannot be used: {why}")).unwrap_or_default()
+            ),
+            Err(e) => format!("change feed: cannot be decided ({e}); every cycle reads the whole directory"),
+        },
         (_, _, Err(e)) => format!("change feed: the root DSE cannot be read ({e}); every cycle reads the whole directory"),
     }
 }

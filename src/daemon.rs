@@ -359,7 +359,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     // Live mode: a persistent search that says when the directory changed, started after a
     // cycle that used the change feed (from its cookies), restarted after a reload.
-    let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<Instant>(1);
+    let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<(Instant, bool)>(1);
     let mut watch: Option<AbortOnDrop> = None;
     // When the change that started the running cycle was received (for the latency metric).
     let mut live_since: Option<Instant> = None;
@@ -399,12 +399,17 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                     watch = Some(AbortOnDrop(tokio::spawn(live_watch(config.clone(), cookies, live_tx.clone()))));
                 }
             }
-            Some(first) = live_rx.recv(), if running.is_none() && stop_deadline.is_none() => {
-                // Changes are gathered for daemon.live_delay, then applied in one delta cycle.
-                tokio::time::sleep(config.daemon.live_delay).await;
-                while live_rx.try_recv().is_ok() {}
-                info!(waited_ms = first.elapsed().as_millis() as u64, "live: the directory changed; applying");
-                live_since = Some(first);
+            Some((first, poll)) = live_rx.recv(), if running.is_none() && stop_deadline.is_none() => {
+                if poll {
+                    // Active Directory: the delta cycle is the poll; latency is not known.
+                    tracing::debug!("live: polling the directory for changes");
+                } else {
+                    // Changes are gathered for daemon.live_delay, then applied in one delta cycle.
+                    tokio::time::sleep(config.daemon.live_delay).await;
+                    while live_rx.try_recv().is_ok() {}
+                    info!(waited_ms = first.elapsed().as_millis() as u64, "live: the directory changed; applying");
+                    live_since = Some(first);
+                }
                 running = Some(start_cycle(&config, &ticks));
             }
             _ = tokio::time::sleep(wait), if stop_deadline.is_none() => {
@@ -462,12 +467,27 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
 /// Live mode's watch: persistent searches that signal `tx` on every change, reconnected with
 /// backoff (1 s doubling to 60 s, back to 1 s after a watch that lasted a minute). The cookies
 /// only bound what the server replays on a reconnect: the cycles read from their own.
-async fn live_watch(config: Arc<Config>, cookies: Cookies, tx: tokio::sync::mpsc::Sender<Instant>) {
+async fn live_watch(
+    config: Arc<Config>,
+    cookies: Cookies,
+    tx: tokio::sync::mpsc::Sender<(Instant, bool)>,
+) {
+    if config.ldap.dialect == crate::config::Dialect::ActiveDirectory {
+        // DirSync and uSNChanged have no persistent search: a delta cycle every
+        // daemon.live_interval is the poll (one that finds nothing writes nothing).
+        let mut every = tokio::time::interval(config.daemon.live_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let _ = tx.try_send((Instant::now(), true));
+        }
+    }
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
         let signal = || {
-            let _ = tx.try_send(Instant::now());
+            let _ = tx.try_send((Instant::now(), false));
         };
         let ended = crate::source::watch(&config.ldap, &cookies, &signal).await;
         if started.elapsed() > Duration::from_secs(60) {
@@ -480,7 +500,7 @@ async fn live_watch(config: Arc<Config>, cookies: Cookies, tx: tokio::sync::mpsc
             Ok(()) => warn!(retry_in = ?backoff, "live: the change feed ended; reconnecting"),
         }
         // A change may have been missed while the watch was down: one delta cycle finds it.
-        let _ = tx.try_send(Instant::now());
+        let _ = tx.try_send((Instant::now(), false));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(60));
     }

@@ -56,7 +56,7 @@ pub struct Cookies {
 /// What the mirror was built from and how far it is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MirrorMeta {
-    /// The feed in use (`syncrepl`).
+    /// The feed in use (`syncrepl`, `dirsync`, `usn`).
     pub kind: String,
     /// A digest of what the mirror depends on (servers, bases, filters, attributes asked
     /// for): another basis means the mirror is of another view and a full read is needed.
@@ -73,6 +73,10 @@ pub struct MirrorMeta {
     /// The server's root DSE `vendorName` at the last full read (how its feed is read).
     #[serde(default)]
     pub vendor: String,
+    /// Active Directory: the earliest `accountExpires` still ahead among the users held
+    /// (when it passes, an account turns inactive without any change the feed could name).
+    #[serde(default)]
+    pub expires: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

@@ -354,3 +354,259 @@ fn ad_continuation_references_are_not_chased() {
     assert_eq!(out.code, 1, "{out}");
     assert!(out.stderr.contains("continuation reference"), "{out}");
 }
+
+/// `plan --format json` as a delta (the feed) and with `--full`: the same plan, and the delta
+/// was read from the feed.
+fn assert_delta_plans_like_full(config: &std::path::Path) -> Value {
+    let delta = ldap2scim(config, &["plan", "--format", "json"]);
+    assert!(delta.code == 0 || delta.code == 2, "{delta}");
+    assert!(
+        delta.stderr.contains("directory read from the change feed")
+            || delta.stderr.contains("the change feed named no change"),
+        "the plan did not read from the change feed:\n{delta}"
+    );
+    let full = ldap2scim(config, &["plan", "--full", "--format", "json"]);
+    assert_eq!(delta.code, full.code, "delta:\n{delta}\nfull:\n{full}");
+    let (d, f) = (delta.json(), full.json());
+    assert_eq!(d, f, "delta: {d:#}\nfull: {f:#}");
+    d
+}
+
+/// A sync that read only the feed's changes.
+fn sync_from_the_feed(config: &std::path::Path) {
+    let out = ldap2scim(config, &["sync"]);
+    out.expect_code(0);
+    assert!(
+        out.stderr.contains("directory read from the change feed"),
+        "the sync did not read from the change feed:\n{out}"
+    );
+}
+
+/// Issue 13 on Active Directory: DirSync deltas (a member added to and removed from a nested
+/// group, a user disabled, a user deleted, a user renamed) plan what a full read plans, and
+/// the uSNChanged watermark does the same where it is configured.
+fn ad_feed(test: &str, feed: &str) {
+    let Some(dc) = SambaDc::start_isolated(test) else {
+        return;
+    };
+    dc.add(&format!(
+        "dn: {PEOPLE}\nobjectClass: organizationalUnit\n\n\
+         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n{}{}{}{}{}{}",
+        user("alice", 544, ""),
+        user("bob", 544, ""),
+        user("carol", 544, ""),
+        user("dave", 544, ""),
+        group("Inner", &[dn("user", "alice")]),
+        group("Outer", &[dn("group", "Inner"), dn("user", "bob")]),
+    ));
+    let scim = Scim2Server::start();
+    let target = Target { scim: &scim };
+    let mut config =
+        TestConfig::for_directory(dc.ldap_url(), &dc.ca_file(), dc.admin_dn(), dc.admin_pw());
+    config
+        .set("ldap", "starttls", "true")
+        .set("ldap", "change_feed", &toml_str(feed))
+        .active_directory(PEOPLE, GROUPS);
+    config.target(
+        "app",
+        &scim.base_url(),
+        scim.token(),
+        "[mapping]\ndisplayName = \"{sAMAccountName}\"\n",
+    );
+    let check = ldap2scim(&config.path(), &["check", "--connect"]);
+    check.expect_code(0);
+    let mode = match feed {
+        "usn" => "change feed: usn",
+        _ => "change feed: dirsync (with the replication right",
+    };
+    assert!(check.stdout.contains(mode), "{check}");
+
+    // The first sync reads everything and builds the mirror; then a quiet delta.
+    let first = ldap2scim(&config.path(), &["sync"]);
+    first.expect_code(0);
+    assert!(
+        first.stderr.contains("reading the whole directory"),
+        "{first}"
+    );
+    let quiet = ldap2scim(&config.path(), &["sync"]);
+    quiet.expect_code(0);
+    assert!(
+        quiet.stderr.contains("the change feed named no change"),
+        "{quiet}"
+    );
+    let status = ldap2scim(&config.path(), &["status"]);
+    assert!(
+        status.stdout.contains(&format!("change feed: {feed}")),
+        "{status}"
+    );
+    assert_eq!(target.memberships()["Outer"], set(&["alice", "bob"]));
+
+    // carol joins the inner group: a member delta in the outer one too.
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+        dn("group", "Inner"),
+        dn("user", "carol")
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    assert_eq!(
+        target.memberships()["Outer"],
+        set(&["alice", "bob", "carol"])
+    );
+
+    // alice leaves it again.
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modify\ndelete: member\nmember: {}\n",
+        dn("group", "Inner"),
+        dn("user", "alice")
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    assert_eq!(target.memberships()["Outer"], set(&["bob", "carol"]));
+    assert_eq!(target.memberships()["Inner"], set(&["carol"]));
+
+    // bob is disabled (userAccountControl bit 2).
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: 546\n",
+        dn("user", "bob")
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    assert_eq!(target.user("bob@example.org")["active"], false);
+
+    // dave is deleted: a tombstone in the feed, a deprovision on the target.
+    dc.modify(&format!("dn: {}\nchangetype: delete\n", dn("user", "dave")));
+    let plan = assert_delta_plans_like_full(&config.path());
+    assert_eq!(
+        plan["targets"][0]["summary"]["users_deactivated"], 1,
+        "{plan}"
+    );
+    sync_from_the_feed(&config.path());
+    assert_eq!(target.user("dave@example.org")["active"], false);
+
+    // carol is renamed: same account, the group still has her.
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modrdn\nnewrdn: CN=carol2\ndeleteoldrdn: 1\n",
+        dn("user", "carol")
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    // (bob is deactivated, not removed: he keeps his memberships, as in a full read.)
+    assert_eq!(target.memberships()["Outer"], set(&["bob", "carol"]));
+
+    // A new hire, in the outer group.
+    dc.add(&user("erin", 544, ""));
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+        dn("group", "Outer"),
+        dn("user", "erin")
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    assert_eq!(
+        target.memberships()["Outer"],
+        set(&["bob", "carol", "erin"])
+    );
+    assert_eq!(target.user("erin@example.org")["active"], true);
+
+    // Everything applied: both ways plan nothing.
+    ldap2scim(&config.path(), &["plan"]).expect_code(0);
+    ldap2scim(&config.path(), &["plan", "--full"]).expect_code(0);
+}
+
+#[test]
+fn ad_dirsync_deltas_plan_what_a_full_read_plans() {
+    ad_feed("ad_dirsync_deltas_plan_what_a_full_read_plans", "dirsync");
+}
+
+#[test]
+fn ad_usn_watermark_deltas_plan_what_a_full_read_plans() {
+    ad_feed("ad_usn_watermark_deltas_plan_what_a_full_read_plans", "usn");
+}
+
+/// Live mode on Active Directory: the daemon polls DirSync every daemon.live_interval, and a
+/// leaver, a changed attribute and a new member reach the target without the schedule; the
+/// bind account without the replication right works in DirSync's object-security mode.
+#[test]
+fn ad_live_mode_polls_dirsync_and_applies_changes() {
+    let Some(dc) = SambaDc::start_isolated("ad_live_mode_polls_dirsync_and_applies_changes") else {
+        return;
+    };
+    let pw: Vec<u8> = format!("\"{SYNC_PW}\"")
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    dc.add(&format!(
+        "dn: {PEOPLE}\nobjectClass: organizationalUnit\n\n\
+         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n\
+         dn: CN=svc-sync,CN=Users,DC=example,DC=org\nobjectClass: user\n\
+         sAMAccountName: svc-sync\nuserPrincipalName: svc-sync@example.org\n\
+         unicodePwd:: {}\nuserAccountControl: 512\n\n{}{}{}",
+        ldif_base64(&pw),
+        user("alice", 544, ""),
+        user("bob", 544, ""),
+        group("Staff", &[dn("user", "alice")]),
+    ));
+    let scim = Scim2Server::start();
+    let target = Target { scim: &scim };
+    let mut config = TestConfig::for_directory(
+        dc.ldaps_url(),
+        &dc.ca_file(),
+        "svc-sync@example.org",
+        SYNC_PW,
+    );
+    config
+        .set("ldap", "starttls", "false")
+        .active_directory(PEOPLE, GROUPS)
+        .set("daemon", "schedule", "\"0 0 1 1 *\"")
+        .set("daemon", "live_interval", "\"1s\"")
+        .set("daemon", "live_delay", "\"0s\"");
+    config.target(
+        "app",
+        &scim.base_url(),
+        scim.token(),
+        "[mapping]\ndisplayName = \"{sAMAccountName}\"\ntitle = \"{title}\"\n",
+    );
+    let check = ldap2scim(&config.path(), &["check", "--connect"]);
+    check.expect_code(0);
+    assert!(
+        check
+            .stdout
+            .contains("change feed: dirsync in object-security mode"),
+        "{check}"
+    );
+    let daemon = Ldap2scim::new(&config.path())
+        .args(["run", "--now"])
+        .spawn();
+    let watching = wait_until(std::time::Duration::from_secs(30), || {
+        daemon.stderr().contains("live: watching the directory")
+    });
+    assert!(
+        watching,
+        "the daemon did not start watching:\n{}",
+        daemon.stderr()
+    );
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Live\n\n\
+         dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+        dn("user", "alice"),
+        dn("group", "Staff"),
+        dn("user", "bob")
+    ));
+    let applied = wait_until(std::time::Duration::from_secs(20), || {
+        target.user("alice@example.org")["title"] == "Live"
+            && target.memberships()["Staff"] == set(&["alice", "bob"])
+    });
+    assert!(applied, "not applied live:\n{}", daemon.stderr());
+    dc.modify(&format!("dn: {}\nchangetype: delete\n", dn("user", "bob")));
+    let gone = wait_until(std::time::Duration::from_secs(20), || {
+        target.user("bob@example.org")["active"] == false
+    });
+    assert!(gone, "not deprovisioned live:\n{}", daemon.stderr());
+    let log = daemon.stop().stderr;
+    assert!(
+        log.contains("directory read from the change feed")
+            && !log.contains("reading the whole directory (reason"),
+        "{log}"
+    );
+}

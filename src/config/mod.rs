@@ -97,9 +97,9 @@ pub enum ChangeFeed {
     Auto,
     /// RFC 4533 content synchronisation (OpenLDAP syncprov, 389-DS Content Synchronization).
     Syncrepl,
-    /// Active Directory DirSync (not implemented yet: read as `None`, said in `check --connect`).
+    /// Active Directory DirSync (object-security mode without the replication right).
     DirSync,
-    /// Active Directory `uSNChanged` watermark (not implemented yet: read as `None`).
+    /// Active Directory `uSNChanged` watermark of one DC, with its `invocationId`.
     Usn,
     /// Every cycle reads the whole directory.
     None,

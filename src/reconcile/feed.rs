@@ -14,7 +14,33 @@ use crate::model::Directory;
 use crate::snapshot::{FeedProgress, FeedStatus, Snapshot, SnapshotError};
 use crate::source::{self, Advertised, RefreshError, SourceError};
 
-pub const KIND: &str = "syncrepl";
+/// The feed a mirror was built with, from its cookies: `syncrepl`, `dirsync` or `usn`.
+pub fn kind_of(cookies: &Cookies) -> &'static str {
+    match cookies.users.as_deref() {
+        Some(c) if c.starts_with("usn:") => "usn",
+        Some(c) if c.starts_with("dirsync:") => "dirsync",
+        _ => "syncrepl",
+    }
+}
+
+/// The feed these settings ask for (before the server is asked).
+pub fn kind_for(cfg: &LdapConfig) -> &'static str {
+    match (cfg.dialect, cfg.change_feed) {
+        (Dialect::OpenLdap, _) => "syncrepl",
+        (Dialect::ActiveDirectory, ChangeFeed::Usn) => "usn",
+        (Dialect::ActiveDirectory, _) => "dirsync",
+    }
+}
+
+/// Whether a mirror built with feed `kind` serves these settings (with `auto` or
+/// `"dirsync"`, a DC that refused DirSync is followed by its uSNChanged watermark).
+fn serves(cfg: &LdapConfig, kind: &str) -> bool {
+    match (cfg.dialect, cfg.change_feed) {
+        (Dialect::OpenLdap, _) => kind == "syncrepl",
+        (Dialect::ActiveDirectory, ChangeFeed::Usn) => kind == "usn",
+        (Dialect::ActiveDirectory, _) => kind == "dirsync" || kind == "usn",
+    }
+}
 
 /// What the pass reads the directory from.
 pub enum Way {
@@ -96,8 +122,13 @@ pub fn target_settings(target: &TargetConfig) -> String {
 
 /// Whether the feed is to be used at all, as configured (`auto` is decided by the server).
 pub fn configured(cfg: &LdapConfig) -> bool {
-    matches!(cfg.change_feed, ChangeFeed::Auto | ChangeFeed::Syncrepl)
-        && cfg.dialect == Dialect::OpenLdap
+    match cfg.dialect {
+        Dialect::OpenLdap => matches!(cfg.change_feed, ChangeFeed::Auto | ChangeFeed::Syncrepl),
+        Dialect::ActiveDirectory => matches!(
+            cfg.change_feed,
+            ChangeFeed::Auto | ChangeFeed::DirSync | ChangeFeed::Usn
+        ),
+    }
 }
 
 /// Options the caller decides.
@@ -127,7 +158,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             Some("the snapshot was lost, and the directory's mirror with it".into())
         }
         (None, None) => Some("there is no mirror of the directory yet".into()),
-        (Some(m), None) if m.basis != basis || m.kind != KIND => Some(
+        (Some(m), None) if m.basis != basis || !serves(ask.cfg, &m.kind) => Some(
             "the LDAP settings or the mapped attributes changed since the mirror was built".into(),
         ),
         (Some(m), None) if m.cookies.users.is_none() => Some("the mirror has no cookie".into()),
@@ -164,6 +195,8 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         elapsed_ms = read_started.elapsed().as_millis() as u64,
         "change feed read"
     );
+    let mut delta = delta;
+    prune_present(&mirror, &meta, &mut delta)?;
     let present_phase = delta.users.present.is_some()
         || delta.disabled.present.is_some()
         || delta.groups.present.is_some();
@@ -176,7 +209,10 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
                 .is_some_and(|p: FeedProgress| p.covers(meta.seq, &target_settings(t), ask.now))
         })
     };
-    if delta.names_nothing() && caught_up() {
+    // An AD account whose accountExpires passed is inactive now, though nothing changed: the
+    // whole mirror is planned again (as a full read would see it).
+    let expiring = meta.expires.is_some_and(|t| t <= ask.now);
+    if delta.names_nothing() && caught_up() && !expiring {
         advance(ask, &mirror, &meta, cookies.clone(), None)?;
         return Ok(Way::Quiet {
             users: meta.users,
@@ -193,6 +229,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         && delta.disabled.present.is_none()
         && ask.targets.iter().all(|t| t.scope_groups.is_empty())
         && disabled_unchanged(&mirror, &delta)?
+        && !expiring
         && caught_up();
     if fast_eligible {
         if let Some(way) = fast(ask, &mirror, &meta, &delta, cookies.clone())? {
@@ -217,7 +254,6 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             }))
         }
     };
-    let mut delta = delta;
     let learned = copy.resolve(&mut delta);
     if let Some(doubt) = doubt(ask, &copy, &mut delta).await? {
         warn!(reason = %doubt, "the change feed and the directory disagree; reading the whole directory");
@@ -241,6 +277,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
     let load_ms = load_started.elapsed().as_millis() as u64;
     tracing::debug!(load_ms, rss_mib = crate::memory::rss_mib(), "mirror loaded");
     let assemble_started = std::time::Instant::now();
+    let expires = source::next_expiry(ask.cfg, copy.users.values().map(|u| &u.attrs), ask.now);
     let directory = source::assemble(ask.cfg, copy, ask.now)?;
     let assemble_ms = assemble_started.elapsed().as_millis() as u64;
     let seq = if changed > 0 { meta.seq + 1 } else { meta.seq };
@@ -251,6 +288,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             seq,
             users,
             groups,
+            expires,
             ..meta.clone()
         },
         cookies.clone(),
@@ -267,7 +305,7 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         rss_mib = crate::memory::rss_mib(),
         "directory read from the change feed"
     );
-    if changed == 0 && caught_up() {
+    if changed == 0 && caught_up() && !expiring {
         return Ok(Way::Quiet {
             users,
             groups,
@@ -474,6 +512,34 @@ async fn referring_groups(
     Ok(())
 }
 
+/// A present phase that names every entry the mirror holds deletes nothing: dropped, so the
+/// delta can still be quiet or fast (Active Directory without the replication right lists
+/// the ids in scope every cycle).
+fn prune_present(
+    mirror: &Mirror,
+    meta: &MirrorMeta,
+    delta: &mut crate::mirror::Delta,
+) -> Result<(), SourceError> {
+    use crate::mirror::Kind;
+    for (kind, present, count) in [
+        (Kind::Users, &mut delta.users.present, meta.users),
+        (Kind::Groups, &mut delta.groups.present, meta.groups),
+    ] {
+        let Some(ids) = present else { continue };
+        let mut held = 0usize;
+        for sync in ids.iter() {
+            let id = mirror.own_id(sync).map_err(storage)?;
+            if mirror.holds(kind, &id).map_err(storage)? {
+                held += 1;
+            }
+        }
+        if held == count {
+            *present = None;
+        }
+    }
+    Ok(())
+}
+
 /// Whether none of these feed ids names an entry the mirror holds as `kind`: syncprov names
 /// every modified entry outside a search's filter as deleted from it (a user modified is
 /// "deleted" from the groups search), which for an entry never in it is no change.
@@ -555,11 +621,20 @@ fn fast(
     let changed = writes.changed;
     let seq = if changed > 0 { meta.seq + 1 } else { meta.seq };
     let affected: std::collections::BTreeSet<_> = copy.users.keys().cloned().collect();
+    let expires = meta
+        .expires
+        .into_iter()
+        .chain(source::next_expiry(
+            ask.cfg,
+            copy.users.values().map(|u| &u.attrs),
+            ask.now,
+        ))
+        .min();
     let users = copy
         .users
         .into_iter()
         .map(|(id, u)| DirectoryUser {
-            disabled: copy.disabled.contains(&id),
+            disabled: copy.disabled.contains(&id) || source::inactive(ask.cfg, &u.attrs, ask.now),
             id,
             dn: u.dn,
             attrs: u.attrs,
@@ -571,6 +646,7 @@ fn fast(
         mirror,
         &MirrorMeta {
             seq,
+            expires,
             ..meta.clone()
         },
         cookies.clone(),
@@ -654,8 +730,12 @@ async fn full(
     snapshot: Option<&Snapshot>,
 ) -> Result<Way, SourceError> {
     if ask.cfg.change_feed == ChangeFeed::Auto {
+        let wanted = match ask.cfg.dialect {
+            Dialect::OpenLdap => Advertised::Syncrepl,
+            Dialect::ActiveDirectory => Advertised::DirSync,
+        };
         match source::advertised_feed(ask.cfg).await {
-            Ok(Advertised::Syncrepl) => {}
+            Ok(found) if found == wanted => {}
             Ok(other) => {
                 if let (Some(m), false) = (&mirror, ask.dry_run) {
                     let _ = m.forget();
@@ -710,13 +790,18 @@ async fn full(
 }
 
 /// After a full read that filled `rebuild`: the new mirror becomes current.
-pub fn finish_full(ask: &Ask<'_>, rebuild: Rebuild, cookies: Cookies) -> Result<u64, SourceError> {
+pub fn finish_full(
+    ask: &Ask<'_>,
+    rebuild: Rebuild,
+    cookies: Cookies,
+    expires: Option<DateTime<Utc>>,
+) -> Result<u64, SourceError> {
     // Never a number an earlier mirror had: a target's progress from before cannot match.
     let seq = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
     let meta = MirrorMeta {
-        kind: KIND.into(),
+        kind: kind_of(&cookies).into(),
         basis: basis(ask.cfg, ask.wanted),
         cookies,
         seq,
@@ -725,6 +810,7 @@ pub fn finish_full(ask: &Ask<'_>, rebuild: Rebuild, cookies: Cookies) -> Result<
         last_full: Some(ask.now),
         cookie_at: Some(ask.now),
         vendor: rebuild.vendor.clone(),
+        expires,
     };
     rebuild.finish(&meta).map_err(storage)?;
     Ok(seq)

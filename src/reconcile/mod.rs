@@ -167,6 +167,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 read_started,
             )
             .await?;
+            outcome.read.feed = Some(feed::kind_of(&cookies));
             outcome.read.cookies = Some(cookies);
             return Ok(outcome);
         }
@@ -225,7 +226,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         ) => {
             read_way = ReadWay {
                 mode: "delta",
-                feed: Some(feed::KIND),
+                feed: Some(feed::kind_of(&cookies)),
                 changes: changed,
                 cookies: Some(cookies),
                 ..ReadWay::default()
@@ -245,16 +246,20 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 capture: Some((mut rebuild, cookies)),
             },
         ) => {
-            read_way.feed = Some(feed::KIND);
+            read_way.feed = Some(feed::kind_of(&cookies));
             read_way.why_full = Some(why);
             read_way.fallback = fallback;
+            let mut expires: Option<chrono::DateTime<chrono::Utc>> = None;
             let read = {
                 let (mapping, rebuild) = (&mut mapping, &mut rebuild);
                 let rebuild = std::sync::Mutex::new(rebuild);
+                let (ldap, now, expires) = (&pass.config.ldap, pass.now, &mut expires);
                 let on_user = &mut |u: &mut DirectoryUser| {
                     if let Ok(mut r) = rebuild.lock() {
                         r.user(u);
                     }
+                    let next = source::next_expiry(ldap, std::iter::once(&u.attrs), now);
+                    *expires = (*expires).into_iter().chain(next).min();
                     mapping.on_user(u)
                 };
                 let on_group =
@@ -276,7 +281,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 Ok(directory) => {
                     let ask = feed_ask(pass, &wanted, &targets);
                     read_way.cookies = Some(cookies.clone());
-                    seq = Some(feed::finish_full(&ask, rebuild, cookies)?);
+                    seq = Some(feed::finish_full(&ask, rebuild, cookies, expires)?);
                     Ok(directory)
                 }
                 Err(e) => {
@@ -287,7 +292,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         }
         (None, way) => {
             if let feed::Way::Full { why, fallback, .. } = way {
-                read_way.feed = Some(feed::KIND);
+                read_way.feed = Some(feed::kind_for(&pass.config.ldap));
                 read_way.why_full = Some(why);
                 read_way.fallback = fallback;
             }
@@ -463,7 +468,7 @@ async fn quiet(
         targets: outcomes,
         read: ReadWay {
             mode: "quiet",
-            feed: Some(feed::KIND),
+            feed: Some(feed::kind_for(&pass.config.ldap)),
             ..ReadWay::default()
         },
     })

@@ -327,7 +327,7 @@ impl SyncInfo {
     }
 }
 
-fn tag(bytes: &[u8]) -> Result<StructureTag, String> {
+pub(super) fn tag(bytes: &[u8]) -> Result<StructureTag, String> {
     match parse_tag(bytes) {
         Ok((&[], tag)) => Ok(tag),
         Ok(_) => Err("trailing bytes after the value".into()),
@@ -335,14 +335,14 @@ fn tag(bytes: &[u8]) -> Result<StructureTag, String> {
     }
 }
 
-fn parts(t: StructureTag) -> Result<Vec<StructureTag>, String> {
+pub(super) fn parts(t: StructureTag) -> Result<Vec<StructureTag>, String> {
     match t.payload {
         PL::C(parts) => Ok(parts),
         PL::P(_) => Err("a sequence was expected".into()),
     }
 }
 
-fn bytes(t: StructureTag) -> Result<Vec<u8>, String> {
+pub(super) fn bytes(t: StructureTag) -> Result<Vec<u8>, String> {
     match t.payload {
         PL::P(b) => Ok(b),
         PL::C(_) => Err("a primitive value was expected".into()),

@@ -5,6 +5,7 @@
 //! never a smaller [`Directory`], because a smaller directory would look like people leaving.
 
 mod ad;
+pub mod dirsync;
 mod expand;
 pub mod feed;
 mod range;
@@ -458,6 +459,28 @@ fn ad_inactive(dialect: Dialect, attrs: &Attributes, now: DateTime<Utc>) -> bool
             || ad::account_expired(first("accountexpires"), now))
 }
 
+/// Whether a user with these attributes is inactive by the dialect's own rules (AD's
+/// `userAccountControl` and `accountExpires`), as a read decides it.
+pub fn inactive(cfg: &LdapConfig, attrs: &Attributes, now: DateTime<Utc>) -> bool {
+    ad_inactive(cfg.dialect, attrs, now)
+}
+
+/// Active Directory: the earliest `accountExpires` after `now` among these users' attributes.
+pub fn next_expiry<'a>(
+    cfg: &LdapConfig,
+    users: impl Iterator<Item = &'a Attributes>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    if cfg.dialect != Dialect::ActiveDirectory {
+        return None;
+    }
+    users
+        .filter_map(|a| a.get("accountexpires").and_then(|v| v.first()))
+        .filter_map(|v| ad::account_expires_at(v))
+        .filter(|t| *t > now)
+        .min()
+}
+
 /// The entry's immutable id. In AD this also turns the binary ids into text attributes
 /// (whichever map ldap3 filed them under), so nothing downstream sees raw GUID bytes.
 fn entry_id(entry: &mut SearchEntry, dialect: Dialect) -> Result<DirectoryId, SourceError> {
@@ -833,7 +856,7 @@ pub enum Advertised {
     Nothing,
 }
 
-const DIRSYNC_OID: &str = "1.2.840.113556.1.4.841";
+use dirsync::DIRSYNC_OID;
 
 /// Reads the root DSE's `supportedControl` (for `ldap.change_feed = "auto"` and `check
 /// --connect`).
@@ -842,6 +865,19 @@ pub async fn advertised_feed(cfg: &LdapConfig) -> Result<Advertised, SourceError
     let found = root_dse_feed(&mut ldap).await;
     let _ = ldap.unbind().await;
     found
+}
+
+/// Active Directory: the feed a full read would start (DirSync with the replication right,
+/// in object-security mode, or the uSNChanged watermark), and why DirSync cannot be used
+/// where it cannot.
+pub async fn ad_feed_mode(
+    cfg: &LdapConfig,
+) -> Result<(dirsync::Mode, Option<String>), SourceError> {
+    let mut ldap = connect(cfg).await?;
+    let usn_only = cfg.change_feed == crate::config::ChangeFeed::Usn;
+    let found = dirsync::probe(&mut ldap, cfg, usn_only).await;
+    let _ = ldap.unbind().await;
+    Ok(found)
 }
 
 async fn root_dse_feed(ldap: &mut Ldap) -> Result<Advertised, SourceError> {
@@ -899,6 +935,17 @@ pub async fn feed_start(
     let mut ldap = connect(cfg).await?;
     let vendor = vendor_name(&mut ldap).await;
     let mut cookies = Cookies::default();
+    if cfg.dialect == Dialect::ActiveDirectory {
+        let usn_only = cfg.change_feed == crate::config::ChangeFeed::Usn;
+        let (mode, refused) = dirsync::probe(&mut ldap, cfg, usn_only).await;
+        if let Some(why) = refused {
+            warn!(reason = %why, "DirSync cannot be used; the change feed follows the uSNChanged watermark of this domain controller");
+        }
+        let cookie = dirsync::start(&mut ldap, cfg, mode).await?;
+        let _ = ldap.unbind().await;
+        cookies.users = Some(cookie.to_text());
+        return Ok((cookies, Vec::new(), vendor));
+    }
     let id_attr = [id_attribute(cfg.dialect)];
     let mut pairs = Vec::new();
     let mut learn = |changed: Vec<(String, SearchEntry)>| -> Result<(), SourceError> {
@@ -1031,6 +1078,9 @@ pub async fn read_delta(
     vendor: &str,
     now: DateTime<Utc>,
 ) -> Result<(Delta, Cookies), RefreshError> {
+    if cfg.dialect == Dialect::ActiveDirectory {
+        return ad_delta(cfg, wanted, cookies, now).await;
+    }
     let quirks = feed::Quirks::of(vendor);
     let mut ldap = connect(cfg).await?;
     let mut next = Cookies::default();
@@ -1135,7 +1185,7 @@ pub async fn entries_with_ids(
         scopes.push((g.base.as_str(), g.filter.as_str(), groups));
     }
     for (base, filter, ids) in scopes {
-        for filter in id_filters(attr, filter, ids) {
+        for filter in id_filters(cfg.dialect, filter, ids) {
             paged_search_each(&mut ldap, cfg, base, &filter, &[attr], &mut |mut e| {
                 let id = entry_id(&mut e, cfg.dialect)?;
                 found.entry(id).or_default().push(e.dn);
@@ -1149,15 +1199,25 @@ pub async fn entries_with_ids(
 }
 
 /// `filter` narrowed to entries with one of `ids`, 500 ids a search. Ids are entryUUID text
-/// (hex digits and dashes), nothing a filter must escape; anything else is left out.
-fn id_filters(attr: &str, filter: &str, ids: &[DirectoryId]) -> Vec<String> {
-    let ids: Vec<&DirectoryId> = ids
+/// (hex digits and dashes, nothing a filter must escape) or, in AD, GUID text turned back into
+/// its escaped bytes; anything else is left out.
+fn id_filters(dialect: Dialect, filter: &str, ids: &[DirectoryId]) -> Vec<String> {
+    let attr = id_attribute(dialect);
+    let values: Vec<String> = ids
         .iter()
-        .filter(|id| id.0.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .filter_map(|id| match dialect {
+            Dialect::OpenLdap => {
+                id.0.chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == '-')
+                    .then(|| id.0.clone())
+            }
+            Dialect::ActiveDirectory => dirsync::guid_filter_value(&id.0),
+        })
         .collect();
-    ids.chunks(500)
+    values
+        .chunks(500)
         .map(|chunk| {
-            let any: String = chunk.iter().map(|id| format!("({attr}={id})")).collect();
+            let any: String = chunk.iter().map(|v| format!("({attr}={v})")).collect();
             format!("(&{filter}(|{any}))")
         })
         .collect()
@@ -1169,16 +1229,29 @@ pub async fn read_groups(
     wanted: Option<&[String]>,
     ids: &[DirectoryId],
 ) -> Result<Vec<(DirectoryId, MirrorGroup)>, SourceError> {
+    if cfg.groups.is_none() || ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ldap = connect(cfg).await?;
+    let out = groups_with_ids(&mut ldap, cfg, wanted, ids).await;
+    let _ = ldap.unbind().await;
+    out
+}
+
+async fn groups_with_ids(
+    ldap: &mut Ldap,
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    ids: &[DirectoryId],
+) -> Result<Vec<(DirectoryId, MirrorGroup)>, SourceError> {
     let mut out = Vec::new();
     let Some(g) = &cfg.groups else {
         return Ok(out);
     };
-    let mut ldap = connect(cfg).await?;
-    let attr = id_attribute(cfg.dialect);
     let attrs = group_attribute_list(cfg.dialect, wanted);
-    for filter in id_filters(attr, &g.filter, ids) {
+    for filter in id_filters(cfg.dialect, &g.filter, ids) {
         let mut ranged = Vec::new();
-        paged_search_each(&mut ldap, cfg, &g.base, &filter, &attrs, &mut |e| {
+        paged_search_each(ldap, cfg, &g.base, &filter, &attrs, &mut |e| {
             if range::has_ranges(&e) {
                 ranged.push(e);
                 return Ok(());
@@ -1188,14 +1261,155 @@ pub async fn read_groups(
             Ok(())
         })
         .await?;
-        complete_ranges(&mut ldap, &g.base, &mut ranged).await?;
+        complete_ranges(ldap, &g.base, &mut ranged).await?;
         for e in ranged {
             let (id, dn, attrs) = group_entry(e, cfg.dialect)?;
             out.push((id, MirrorGroup { dn, attrs }));
         }
     }
-    let _ = ldap.unbind().await;
     Ok(out)
+}
+
+/// An Active Directory delta: the objects DirSync (or the uSNChanged watermark) names are read
+/// again under each configured base and filter, as a full read reads them; one no longer
+/// there (deleted, moved out, or no longer matching) is a delete from that scope.
+async fn ad_delta(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    cookies: &Cookies,
+    now: DateTime<Utc>,
+) -> Result<(Delta, Cookies), RefreshError> {
+    use std::collections::BTreeSet;
+    let cookie = cookies
+        .users
+        .as_deref()
+        .and_then(dirsync::Cookie::parse)
+        .ok_or_else(|| {
+            RefreshError::Required(
+                "the stored cookie is not one of an Active Directory feed".into(),
+            )
+        })?;
+    let mut ldap = connect(cfg).await?;
+    let (changed, next) = dirsync::changes(&mut ldap, cfg, &cookie).await?;
+    let next = Cookies {
+        users: Some(next.to_text()),
+        ..Cookies::default()
+    };
+    let mut delta = Delta::default();
+    // Without the replication right (object-security mode, or a watermark an account may
+    // not see tombstones with), a deleted object is not reported: the ids in scope are
+    // listed, as a present phase, and whatever the mirror holds beyond them is deleted.
+    if cookie.mode()
+        != (dirsync::Mode::DirSync {
+            object_security: false,
+        })
+    {
+        let id_attr = [id_attribute(cfg.dialect)];
+        let mut scopes = vec![(&cfg.users.base, &cfg.users.filter, &mut delta.users.present)];
+        if let Some(g) = &cfg.groups {
+            scopes.push((&g.base, &g.filter, &mut delta.groups.present));
+        }
+        for (base, filter, present) in scopes {
+            let mut ids = BTreeSet::new();
+            paged_search_each(&mut ldap, cfg, base, filter, &id_attr, &mut |mut e| {
+                ids.insert(entry_id(&mut e, cfg.dialect)?);
+                Ok(())
+            })
+            .await?;
+            *present = Some(ids);
+        }
+    }
+    if changed.is_empty() {
+        let _ = ldap.unbind().await;
+        return Ok((delta, next));
+    }
+    let follows_groups = |f: &str| f.to_ascii_lowercase().contains("memberof");
+    let filters_follow_groups = follows_groups(&cfg.users.filter)
+        || cfg
+            .users
+            .disabled_filter
+            .as_deref()
+            .is_some_and(follows_groups)
+        || cfg
+            .groups
+            .as_ref()
+            .is_some_and(|g| follows_groups(&g.filter));
+    if filters_follow_groups && changed.iter().any(|c| c.members) {
+        let _ = ldap.unbind().await;
+        return Err(RefreshError::Required(
+            "a group's members changed, and an ldap filter names memberOf, which follows from other entries than the ones the feed names".into(),
+        ));
+    }
+    let all: BTreeSet<DirectoryId> = changed.iter().map(|c| c.id.clone()).collect();
+    let live: Vec<DirectoryId> = changed
+        .iter()
+        .filter(|c| !c.deleted)
+        .map(|c| c.id.clone())
+        .collect();
+    let gone = |found: &BTreeSet<DirectoryId>| all.difference(found).cloned().collect();
+    let user_attrs = user_attribute_list(cfg.dialect, wanted);
+    let mut found = BTreeSet::new();
+    for filter in id_filters(cfg.dialect, &cfg.users.filter, &live) {
+        paged_search_each(
+            &mut ldap,
+            cfg,
+            &cfg.users.base,
+            &filter,
+            &user_attrs,
+            &mut |mut e| {
+                let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
+                found.insert(user.id.clone());
+                delta.users.changed.push((
+                    user.id,
+                    MirrorUser {
+                        dn: user.dn,
+                        attrs: user.attrs,
+                        invalid_utf8: user.invalid_utf8,
+                    },
+                ));
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    delta.users.deleted = gone(&found);
+    if let Some(df) = &cfg.users.disabled_filter {
+        let scope = format!("(&{}{})", cfg.users.filter, df);
+        let id_attr = [id_attribute(cfg.dialect)];
+        let mut found = BTreeSet::new();
+        for filter in id_filters(cfg.dialect, &scope, &live) {
+            paged_search_each(
+                &mut ldap,
+                cfg,
+                &cfg.users.base,
+                &filter,
+                &id_attr,
+                &mut |mut e| {
+                    let id = entry_id(&mut e, cfg.dialect)?;
+                    found.insert(id.clone());
+                    delta.disabled.changed.push((id, ()));
+                    Ok(())
+                },
+            )
+            .await?;
+        }
+        delta.disabled.deleted = gone(&found);
+    }
+    if cfg.groups.is_some() {
+        let groups = groups_with_ids(&mut ldap, cfg, wanted, &live).await?;
+        let found = groups.iter().map(|(id, _)| id.clone()).collect();
+        delta.groups.deleted = gone(&found);
+        delta.groups.changed = groups;
+    }
+    let _ = ldap.unbind().await;
+    debug!(
+        named = changed.len(),
+        tombstones = changed.iter().filter(|c| c.deleted).count(),
+        users = delta.users.changed.len(),
+        groups = delta.groups.changed.len(),
+        "active directory change feed"
+    );
+    Ok((delta, next))
 }
 
 /// The searches of one delta, on one connection.
