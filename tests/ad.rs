@@ -389,15 +389,29 @@ fn ad_feed(test: &str, feed: &str) {
     let Some(dc) = SambaDc::start_isolated(test) else {
         return;
     };
+    // frank is disabled at the first full read; gina lives in a sub-OU; hank is outside the
+    // synced OU but already in Outer.
+    let sub = format!("OU=Sub,{PEOPLE}");
+    let gina = format!("CN=gina,{sub}");
+    let hank = "CN=hank,CN=Users,DC=example,DC=org";
     dc.add(&format!(
         "dn: {PEOPLE}\nobjectClass: organizationalUnit\n\n\
-         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n{}{}{}{}{}{}",
+         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n\
+         dn: {sub}\nobjectClass: organizationalUnit\n\n\
+         dn: {gina}\nobjectClass: user\nsAMAccountName: gina\nuserPrincipalName: gina@example.org\n\
+         sn: Test\nuserAccountControl: 544\n\n\
+         dn: {hank}\nobjectClass: user\nsAMAccountName: hank\nuserPrincipalName: hank@example.org\n\
+         sn: Test\nuserAccountControl: 544\n\n{}{}{}{}{}{}{}",
         user("alice", 544, ""),
         user("bob", 544, ""),
         user("carol", 544, ""),
         user("dave", 544, ""),
-        group("Inner", &[dn("user", "alice")]),
-        group("Outer", &[dn("group", "Inner"), dn("user", "bob")]),
+        user("frank", 546, ""),
+        group("Inner", &[dn("user", "alice"), gina.clone()]),
+        group(
+            "Outer",
+            &[dn("group", "Inner"), dn("user", "bob"), hank.to_string()]
+        ),
     ));
     let scim = Scim2Server::start();
     let target = Target { scim: &scim };
@@ -439,7 +453,41 @@ fn ad_feed(test: &str, feed: &str) {
         status.stdout.contains(&format!("change feed: {feed}")),
         "{status}"
     );
-    assert_eq!(target.memberships()["Outer"], set(&["alice", "bob"]));
+    assert_eq!(
+        target.memberships()["Outer"],
+        set(&["alice", "bob", "gina"])
+    );
+
+    // frank, disabled at the full read, is enabled: created now, as a full read would.
+    dc.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: 544\n",
+        dn("user", "frank")
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    assert_eq!(target.user("frank@example.org")["active"], true);
+
+    // hank moves into the synced OU, already a member of Outer: the group is read again.
+    dc.modify(&format!(
+        "dn: {hank}\nchangetype: modrdn\nnewrdn: CN=hank\ndeleteoldrdn: 1\nnewsuperior: {PEOPLE}\n"
+    ));
+    assert_delta_plans_like_full(&config.path());
+    sync_from_the_feed(&config.path());
+    assert_eq!(
+        target.memberships()["Outer"],
+        set(&["alice", "bob", "gina", "hank"])
+    );
+
+    // The sub-OU is renamed: gina's DN changes without the feed naming her, so a full read
+    // decides, and she keeps her groups.
+    dc.modify(&format!(
+        "dn: {sub}\nchangetype: modrdn\nnewrdn: OU=Sub2\ndeleteoldrdn: 1\n"
+    ));
+    let renamed = ldap2scim(&config.path(), &["sync"]);
+    renamed.expect_code(0);
+    assert!(renamed.stderr.contains("the container"), "{renamed}");
+    ldap2scim(&config.path(), &["plan", "--full"]).expect_code(0);
+    assert_eq!(target.memberships()["Inner"], set(&["alice", "gina"]));
 
     // carol joins the inner group: a member delta in the outer one too.
     dc.modify(&format!(
@@ -451,7 +499,7 @@ fn ad_feed(test: &str, feed: &str) {
     sync_from_the_feed(&config.path());
     assert_eq!(
         target.memberships()["Outer"],
-        set(&["alice", "bob", "carol"])
+        set(&["alice", "bob", "carol", "gina", "hank"])
     );
 
     // alice leaves it again.
@@ -462,8 +510,11 @@ fn ad_feed(test: &str, feed: &str) {
     ));
     assert_delta_plans_like_full(&config.path());
     sync_from_the_feed(&config.path());
-    assert_eq!(target.memberships()["Outer"], set(&["bob", "carol"]));
-    assert_eq!(target.memberships()["Inner"], set(&["carol"]));
+    assert_eq!(
+        target.memberships()["Outer"],
+        set(&["bob", "carol", "gina", "hank"])
+    );
+    assert_eq!(target.memberships()["Inner"], set(&["carol", "gina"]));
 
     // bob is disabled (userAccountControl bit 2).
     dc.modify(&format!(
@@ -492,7 +543,10 @@ fn ad_feed(test: &str, feed: &str) {
     assert_delta_plans_like_full(&config.path());
     sync_from_the_feed(&config.path());
     // (bob is deactivated, not removed: he keeps his memberships, as in a full read.)
-    assert_eq!(target.memberships()["Outer"], set(&["bob", "carol"]));
+    assert_eq!(
+        target.memberships()["Outer"],
+        set(&["bob", "carol", "gina", "hank"])
+    );
 
     // A new hire, in the outer group.
     dc.add(&user("erin", 544, ""));
@@ -505,7 +559,7 @@ fn ad_feed(test: &str, feed: &str) {
     sync_from_the_feed(&config.path());
     assert_eq!(
         target.memberships()["Outer"],
-        set(&["bob", "carol", "erin"])
+        set(&["bob", "carol", "erin", "gina", "hank"])
     );
     assert_eq!(target.user("erin@example.org")["active"], true);
 

@@ -162,6 +162,15 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
             "the LDAP settings or the mapped attributes changed since the mirror was built".into(),
         ),
         (Some(m), None) if m.cookies.users.is_none() => Some("the mirror has no cookie".into()),
+        // AD forgets tombstones after its tombstone lifetime (180 days by default, 60 in old
+        // forests): a feed that old could miss deletes.
+        (Some(m), None)
+            if ask.cfg.dialect == Dialect::ActiveDirectory
+                && m.last_full
+                    .is_some_and(|t| ask.now - t > chrono::Duration::days(30)) =>
+        {
+            Some("the last full read of Active Directory is more than 30 days old".into())
+        }
         _ => None,
     };
     let meta = match (why_full, meta) {
@@ -485,6 +494,36 @@ async fn referring_groups(
             }
             _ => {}
         }
+    }
+    // Entries new to the mirror may have come into scope as members already (moved in from
+    // another part of the tree): their groups are read as they are now.
+    let arrived: Vec<String> = delta
+        .users
+        .changed
+        .iter()
+        .filter(|(id, _)| !copy.users.contains_key(id))
+        .map(|(_, u)| u.dn.clone())
+        .chain(
+            delta
+                .groups
+                .changed
+                .iter()
+                .filter(|(id, _)| !copy.groups.contains_key(id))
+                .map(|(_, g)| g.dn.clone()),
+        )
+        .collect();
+    if !arrived.is_empty() {
+        let named: BTreeSet<crate::model::DirectoryId> = delta
+            .groups
+            .changed
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let read = source::groups_naming(ask.cfg, Some(ask.wanted), &arrived).await?;
+        delta
+            .groups
+            .changed
+            .extend(read.into_iter().filter(|(id, _)| !named.contains(id)));
     }
     if old_dns.is_empty() {
         return Ok(());

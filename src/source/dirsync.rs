@@ -22,9 +22,11 @@ const OBJECT_SECURITY: u32 = 0x1;
 const INCREMENTAL_VALUES: u32 = 0x8000_0000;
 /// What one DirSync answer may carry (the server pages on its own below this).
 const MAX_BYTES: u32 = 1 << 20;
-/// The objects a feed watches: users (and so computers, which a filter leaves out later) and
-/// groups. `objectClass` never changes, and a tombstone keeps it.
-const FILTER: &str = "(|(objectClass=user)(objectClass=group))";
+/// The objects a feed watches: users (and so computers, which a filter leaves out later),
+/// groups, and the OUs and containers whose renames move the others. `objectClass` never
+/// changes, and a tombstone keeps it.
+const FILTER: &str =
+    "(|(objectClass=user)(objectClass=group)(objectClass=organizationalUnit)(objectClass=container))";
 
 /// How the feed reads Active Directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,10 +248,19 @@ async fn dirsync(
         for e in entries {
             out.push(changed(e, nc)?);
         }
-        cookie = next;
         if !more {
-            return Ok((out, cookie));
+            return Ok((out, next));
         }
+        if next == cookie {
+            return Err(RefreshError::Failed(SourceError::Incomplete {
+                base: nc.to_string(),
+                reason:
+                    "the server said there are more DirSync answers, but its cookie did not move"
+                        .into(),
+                source: None,
+            }));
+        }
+        cookie = next;
     }
     Err(RefreshError::Failed(SourceError::Incomplete {
         base: nc.to_string(),
@@ -480,7 +491,35 @@ async fn usn_now(ldap: &mut Ldap, cfg: &LdapConfig) -> Result<(String, u64), Sou
     Ok((id, usn))
 }
 
-async fn naming_context(ldap: &mut Ldap, cfg: &LdapConfig) -> Result<String, SourceError> {
+/// Whether the object at `dn` is an OU or container rather than a user or group (gone
+/// meanwhile: not one).
+pub async fn is_container(
+    ldap: &mut Ldap,
+    cfg: &LdapConfig,
+    dn: &str,
+) -> Result<bool, SourceError> {
+    let filter = "(|(objectClass=organizationalUnit)(objectClass=container))";
+    ldap.with_timeout(cfg.timeout);
+    let found = ldap
+        .search(dn, Scope::Base, filter, vec!["1.1"])
+        .await
+        .map_err(|e| SourceError::search(dn, filter, e))?;
+    let (entries, done) = (found.0, found.1);
+    match done.rc {
+        0 => Ok(entries.iter().any(|e| !e.is_ref() && !e.is_intermediate())),
+        32 => Ok(false),
+        rc => Err(SourceError::Incomplete {
+            base: dn.to_string(),
+            reason: format!(
+                "reading a changed object again failed with {} (LDAP result code {rc})",
+                result_name(rc)
+            ),
+            source: None,
+        }),
+    }
+}
+
+pub async fn naming_context(ldap: &mut Ldap, cfg: &LdapConfig) -> Result<String, SourceError> {
     let dse = root_dse(ldap, cfg, &["defaultNamingContext"]).await?;
     first(&dse, "defaultNamingContext")
         .map(str::to_string)

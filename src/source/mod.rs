@@ -941,6 +941,14 @@ pub async fn feed_start(
         if let Some(why) = refused {
             warn!(reason = %why, "DirSync cannot be used; the change feed follows the uSNChanged watermark of this domain controller");
         }
+        let nc = dirsync::naming_context(&mut ldap, cfg).await?;
+        let under = |base: &str| dn::normalize_lossy(base).ends_with(&dn::normalize_lossy(&nc));
+        if !under(&cfg.users.base) || cfg.groups.as_ref().is_some_and(|g| !under(&g.base)) {
+            // DirSync and uSNChanged follow this domain's naming context only.
+            warn!(naming_context = %nc, "a search base lies outside the domain controller's naming context, which its change feed does not cover");
+            let _ = ldap.unbind().await;
+            return Ok((cookies, Vec::new(), vendor));
+        }
         let cookie = dirsync::start(&mut ldap, cfg, mode).await?;
         let _ = ldap.unbind().await;
         cookies.users = Some(cookie.to_text());
@@ -1238,6 +1246,42 @@ pub async fn read_groups(
     out
 }
 
+/// The groups in scope whose `member` names one of `dns` now, as they are now: how a delta
+/// learns the groups of an entry that came into scope already a member (moved in from
+/// elsewhere: the directory rewrote the member values without the feed naming the group).
+pub async fn groups_naming(
+    cfg: &LdapConfig,
+    wanted: Option<&[String]>,
+    dns: &[String],
+) -> Result<Vec<(DirectoryId, MirrorGroup)>, SourceError> {
+    let Some(g) = &cfg.groups else {
+        return Ok(Vec::new());
+    };
+    if dns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ldap = connect(cfg).await?;
+    let id_attr = [id_attribute(cfg.dialect)];
+    let mut ids = Vec::new();
+    for chunk in dns.chunks(100) {
+        let any: String = chunk
+            .iter()
+            .map(|dn| format!("(member={})", ldap3::ldap_escape(dn.as_str())))
+            .collect();
+        let filter = format!("(&{}(|{any}))", g.filter);
+        paged_search_each(&mut ldap, cfg, &g.base, &filter, &id_attr, &mut |mut e| {
+            ids.push(entry_id(&mut e, cfg.dialect)?);
+            Ok(())
+        })
+        .await?;
+    }
+    ids.sort();
+    ids.dedup();
+    let out = groups_with_ids(&mut ldap, cfg, wanted, &ids).await;
+    let _ = ldap.unbind().await;
+    out
+}
+
 async fn groups_with_ids(
     ldap: &mut Ldap,
     cfg: &LdapConfig,
@@ -1323,8 +1367,11 @@ async fn ad_delta(
         let _ = ldap.unbind().await;
         return Ok((delta, next));
     }
+    // memberOf (in a filter or a mapping) changes with the groups, not with the entries the
+    // feed names: a named object that is not a user in scope (a group, a tombstone, one
+    // moved out) may have changed it for others.
     let follows_groups = |f: &str| f.to_ascii_lowercase().contains("memberof");
-    let filters_follow_groups = follows_groups(&cfg.users.filter)
+    let follow_groups = follows_groups(&cfg.users.filter)
         || cfg
             .users
             .disabled_filter
@@ -1333,11 +1380,12 @@ async fn ad_delta(
         || cfg
             .groups
             .as_ref()
-            .is_some_and(|g| follows_groups(&g.filter));
-    if filters_follow_groups && changed.iter().any(|c| c.members) {
+            .is_some_and(|g| follows_groups(&g.filter))
+        || wanted.is_some_and(|w| w.iter().any(|a| follows_groups(a)));
+    if follow_groups && changed.iter().any(|c| c.members || c.deleted) {
         let _ = ldap.unbind().await;
         return Err(RefreshError::Required(
-            "a group's members changed, and an ldap filter names memberOf, which follows from other entries than the ones the feed names".into(),
+            "a group changed or an object was deleted, and a filter or the mapping names memberOf, which follows from other entries than the ones the feed names".into(),
         ));
     }
     let all: BTreeSet<DirectoryId> = changed.iter().map(|c| c.id.clone()).collect();
@@ -1350,27 +1398,38 @@ async fn ad_delta(
     let user_attrs = user_attribute_list(cfg.dialect, wanted);
     let mut found = BTreeSet::new();
     for filter in id_filters(cfg.dialect, &cfg.users.filter, &live) {
+        let mut entries = Vec::new();
         paged_search_each(
             &mut ldap,
             cfg,
             &cfg.users.base,
             &filter,
             &user_attrs,
-            &mut |mut e| {
-                let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
-                found.insert(user.id.clone());
-                delta.users.changed.push((
-                    user.id,
-                    MirrorUser {
-                        dn: user.dn,
-                        attrs: user.attrs,
-                        invalid_utf8: user.invalid_utf8,
-                    },
-                ));
+            &mut |e| {
+                entries.push(e);
                 Ok(())
             },
         )
         .await?;
+        complete_ranges(&mut ldap, &cfg.users.base, &mut entries).await?;
+        for mut e in entries {
+            let (user, _) = user_entry(&mut e, cfg.dialect, now)?;
+            found.insert(user.id.clone());
+            delta.users.changed.push((
+                user.id,
+                MirrorUser {
+                    dn: user.dn,
+                    attrs: user.attrs,
+                    invalid_utf8: user.invalid_utf8,
+                },
+            ));
+        }
+    }
+    if follow_groups && all.len() != found.len() {
+        let _ = ldap.unbind().await;
+        return Err(RefreshError::Required(
+            "an object named by the feed is no user in scope, and a filter or the mapping names memberOf".into(),
+        ));
     }
     delta.users.deleted = gone(&found);
     if let Some(df) = &cfg.users.disabled_filter {
@@ -1394,12 +1453,32 @@ async fn ad_delta(
             .await?;
         }
         delta.disabled.deleted = gone(&found);
+    } else {
+        // Without a disabled filter nobody is disabled but by AD's own rules, decided from
+        // the attributes as they are now: whatever a full read marked is cleared.
+        delta.disabled.deleted = all.clone();
     }
+    let mut grouped = BTreeSet::new();
     if cfg.groups.is_some() {
         let groups = groups_with_ids(&mut ldap, cfg, wanted, &live).await?;
-        let found = groups.iter().map(|(id, _)| id.clone()).collect();
-        delta.groups.deleted = gone(&found);
+        grouped = groups.iter().map(|(id, _)| id.clone()).collect();
+        delta.groups.deleted = gone(&grouped);
         delta.groups.changed = groups;
+    }
+    // A renamed or moved OU or container changes the DN of everything below it, and AD names
+    // only the container: the mirror's DNs are stale, so a full read decides.
+    let others: Vec<&dirsync::Changed> = changed
+        .iter()
+        .filter(|c| !c.deleted && !found.contains(&c.id) && !grouped.contains(&c.id))
+        .collect();
+    for c in others {
+        if dirsync::is_container(&mut ldap, cfg, &c.dn).await? {
+            let _ = ldap.unbind().await;
+            return Err(RefreshError::Required(format!(
+                "the container {} changed (a rename or move changes the DN of every entry below it, which the feed does not name)",
+                c.dn
+            )));
+        }
     }
     let _ = ldap.unbind().await;
     debug!(
