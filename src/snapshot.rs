@@ -762,9 +762,17 @@ impl TargetSnapshot {
         Ok(state)
     }
 
-    /// The rows of `users` only, and every group row: what a fast delta (attribute changes of
-    /// those users) plans and applies. `narrowed_from` counts every user row (keys only).
-    pub fn load_narrow(&self, users: &BTreeSet<DirectoryId>) -> Result<TargetState, SnapshotError> {
+    /// The rows of `users` only, and (`with_groups`) every group row: what a fast delta
+    /// (attribute changes of those users) plans and applies; its plan sees no group row, so a
+    /// dry run leaves them out. `narrowed_from` counts every row: as `recorded` at the end of
+    /// the last cycle where given (a fast delta follows only cycles that finished), else by
+    /// their keys.
+    pub fn load_narrow(
+        &self,
+        users: &BTreeSet<DirectoryId>,
+        recorded: Option<RowCounts>,
+        with_groups: bool,
+    ) -> Result<TargetState, SnapshotError> {
         let mut state = TargetState::default();
         for id in users {
             let key = format!("{USER_PREFIX}{id}");
@@ -772,23 +780,31 @@ impl TargetSnapshot {
                 state.users.insert(id.clone(), self.decode(&key, &v)?);
             }
         }
-        for item in self.tree.scan_prefix(GROUP_PREFIX) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let key = String::from_utf8_lossy(&k).to_string();
-            if let Some(id) = key.strip_prefix(GROUP_PREFIX) {
-                state
-                    .groups
-                    .insert(DirectoryId(id.to_string()), self.decode(&key, &v)?);
+        if with_groups {
+            for item in self.tree.scan_prefix(GROUP_PREFIX) {
+                let (k, v) = item.map_err(|e| self.storage(e))?;
+                let key = String::from_utf8_lossy(&k).to_string();
+                if let Some(id) = key.strip_prefix(GROUP_PREFIX) {
+                    state
+                        .groups
+                        .insert(DirectoryId(id.to_string()), self.decode(&key, &v)?);
+                }
             }
         }
-        let mut all_users = 0;
-        for k in self.tree.scan_prefix(USER_PREFIX).keys() {
-            k.map_err(|e| self.storage(e))?;
-            all_users += 1;
-        }
-        state.narrowed_from = Some(RowCounts {
-            users: all_users,
-            groups: state.groups.len(),
+        let count = |prefix: &str| -> Result<usize, SnapshotError> {
+            let mut n = 0;
+            for k in self.tree.scan_prefix(prefix).keys() {
+                k.map_err(|e| self.storage(e))?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        state.narrowed_from = Some(match recorded {
+            Some(counts) => counts,
+            None => RowCounts {
+                users: count(USER_PREFIX)?,
+                groups: count(GROUP_PREFIX)?,
+            },
         });
         Ok(state)
     }

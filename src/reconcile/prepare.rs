@@ -252,7 +252,9 @@ fn load(
         let snap = snapshot.as_ref().filter(|s| !dry_run || s.has_target(name));
         let loaded = match snap.map(|s| s.target(name)) {
             Some(Ok(ts)) => match narrow {
-                Some(ids) => ts.load_narrow(ids),
+                Some(ids) => snap
+                    .map_or(Ok(None), |s| s.row_counts(name))
+                    .and_then(|recorded| ts.load_narrow(ids, recorded, !dry_run)),
                 None => ts.load(),
             }
             .map(|st| (Some(ts), st))
