@@ -80,7 +80,7 @@ pub async fn execute(cli: Cli) -> u8 {
             .await
         }
         Command::Check { connect } => check(&config, *connect).await,
-        Command::Status => status(&config, &clock),
+        Command::Status => status(&config, &clock).await,
         Command::Explain { name_or_dn } => explain(&config, name_or_dn, &clock).await,
         Command::Approve { target } => approve(&config, target).await,
     }
@@ -253,7 +253,7 @@ async fn check(config: &Config, connect: bool) -> u8 {
     }
 }
 
-fn status(config: &Config, clock: &Clock) -> u8 {
+async fn status(config: &Config, clock: &Clock) -> u8 {
     let state_dir = &config.daemon.state_dir;
     let holder = crate::lock::holder(state_dir);
     if let Some(h) = &holder {
@@ -290,6 +290,7 @@ fn status(config: &Config, clock: &Clock) -> u8 {
             );
         }
         print_feed_status(config, snapshot, clock.now());
+        print_feed_waiting(config, snapshot, clock.now()).await;
         for t in &config.targets {
             print_target_status(snapshot, &t.name.0);
         }
@@ -338,6 +339,23 @@ async fn feed_mode(ldap: &crate::config::LdapConfig) -> String {
             Err(e) => format!("change feed: cannot be decided ({e}); every cycle reads the whole directory"),
         },
         (_, _, Err(e)) => format!("change feed: the root DSE cannot be read ({e}); every cycle reads the whole directory"),
+    }
+}
+
+/// How many changes wait in the feed since the mirror's cookie: the directory is asked now,
+/// and nothing is stored.
+async fn print_feed_waiting(
+    config: &Config,
+    snapshot: &Snapshot,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    let wanted = crate::map::needed_attributes(&config.targets);
+    match crate::reconcile::feed::waiting(&config.ldap, &wanted, snapshot, now).await {
+        Ok(None) => {}
+        Ok(Some(w)) => println!("change feed: {w}"),
+        Err(e) => {
+            println!("change feed: changes waiting unknown: the directory cannot be asked ({e})")
+        }
     }
 }
 

@@ -495,6 +495,13 @@ fn ad_feed(test: &str, feed: &str) {
         dn("group", "Inner"),
         dn("user", "carol")
     ));
+    let status = ldap2scim(&config.path(), &["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("changes waiting: 0 users and 1 groups"),
+        "{status}"
+    );
     assert_delta_plans_like_full(&config.path());
     sync_from_the_feed(&config.path());
     assert_eq!(

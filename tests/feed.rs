@@ -83,6 +83,13 @@ fn delta_cycles_read_only_what_changed_and_plan_what_a_full_read_plans() {
         "{quiet}"
     );
     assert_no_writes(&w);
+    let status = w.run(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("changes waiting: 0 users and 0 groups"),
+        "{status}"
+    );
 
     // A title, a new hire, a leaver, a disabled user, a member added to the inner group (a
     // member of the outer one too), a rename.
@@ -105,6 +112,17 @@ fn delta_cycles_read_only_what_changed_and_plan_what_a_full_read_plans() {
         "dn: {}\nchangetype: modrdn\nnewrdn: uid=p005b\ndeleteoldrdn: 1\n",
         person_dn("p005")
     ));
+    // `status` asks the directory what waits (the user changes: p001, p100, p007, p006,
+    // p005 renamed; the group changes: inner), and stores nothing.
+    for _ in 0..2 {
+        let status = w.run(&["status"]);
+        assert!(
+            status
+                .stdout
+                .contains("changes waiting: 5 users and 1 groups"),
+            "{status}"
+        );
+    }
     assert_delta_plans_like_full(&w);
     let (delta, _) = delta_and_full_plans(&w);
     let changes = changes_of(&delta, w.targets[0].name());

@@ -855,6 +855,55 @@ pub fn finish_full(
     Ok(seq)
 }
 
+/// What waits in the feed since the mirror's cookie, asked of the directory now (nothing is
+/// stored): `None` without a mirror.
+pub async fn waiting(
+    cfg: &LdapConfig,
+    wanted: &[String],
+    snapshot: &Snapshot,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, SourceError> {
+    use crate::mirror::Kind;
+    let mirror = Mirror::of(snapshot);
+    let Some(meta) = mirror.meta().map_err(storage)? else {
+        return Ok(None);
+    };
+    if !configured(cfg) || !serves(cfg, &meta.kind) || meta.cookies.users.is_none() {
+        return Ok(None);
+    }
+    let delta = match source::read_delta(cfg, Some(wanted), &meta.cookies, &meta.vendor, now).await
+    {
+        Ok((delta, _)) => delta,
+        Err(RefreshError::Required(why)) => {
+            return Ok(Some(format!(
+                "the next cycle reads the whole directory: {why}"
+            )))
+        }
+        Err(RefreshError::Failed(e)) => return Err(e),
+    };
+    let held = |kind: Kind, ids: &std::collections::BTreeSet<crate::model::DirectoryId>| {
+        let mut n = 0usize;
+        for sync in ids {
+            let id = mirror.own_id(sync).map_err(storage)?;
+            if mirror.holds(kind, &id).map_err(storage)? {
+                n += 1;
+            }
+        }
+        Ok::<usize, SourceError>(n)
+    };
+    let users = delta.users.changed.len() + held(Kind::Users, &delta.users.deleted)?;
+    let groups = delta.groups.changed.len() + held(Kind::Groups, &delta.groups.deleted)?;
+    let present = delta.users.present.is_some() || delta.groups.present.is_some();
+    Ok(Some(format!(
+        "changes waiting: {users} users and {groups} groups named since the cookie{}",
+        if present {
+            " (and a list of every id in scope, which finds deletes)"
+        } else {
+            ""
+        }
+    )))
+}
+
 /// What `status` and `plan` say of the feed.
 pub fn status(snapshot: &Snapshot) -> Option<FeedStatus> {
     let meta = Mirror::of(snapshot).meta().ok().flatten()?;
