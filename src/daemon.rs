@@ -359,10 +359,11 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     // Live mode: a persistent search that says when the directory changed, started after a
     // cycle that used the change feed (from its cookies), restarted after a reload.
-    let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<(Instant, bool)>(1);
+    let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<Live>(1);
     let mut watch: Option<AbortOnDrop> = None;
-    // When the change that started the running cycle was received (for the latency metric).
-    let mut live_since: Option<Instant> = None;
+    // When the change that started the running cycle was received, and written where the
+    // entry said (for the latency metric).
+    let mut live_since: Option<(Instant, Option<DateTime<Utc>>)> = None;
     let mut last_status = String::from("no cycle yet");
     // The next cycle time last logged and sent as STATUS (said once, not at every wake-up).
     let mut announced: Option<DateTime<Utc>> = None;
@@ -391,24 +392,32 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                 running = None;
                 announced = None;
                 last_status = summary;
-                if let Some(since) = live_since.take() {
-                    metrics.live_latency(since.elapsed());
+                if let Some((received, written)) = live_since.take() {
+                    // From the write where the entry carries its time (a clock behind the
+                    // directory's counts from receipt), else from receipt.
+                    let from_write = written
+                        .and_then(|w| (Utc::now() - w).to_std().ok())
+                        .filter(|d| *d >= received.elapsed());
+                    metrics.live_latency(from_write.unwrap_or_else(|| received.elapsed()));
                 }
                 if let (Some(cookies), true, None) = (cookies, config.daemon.live, &watch) {
                     info!(delay = ?config.daemon.live_delay, "live: watching the directory for changes between cycles");
                     watch = Some(AbortOnDrop(tokio::spawn(live_watch(config.clone(), cookies, live_tx.clone()))));
                 }
             }
-            Some((first, poll)) = live_rx.recv(), if running.is_none() && stop_deadline.is_none() => {
-                if poll {
+            Some(first) = live_rx.recv(), if running.is_none() && stop_deadline.is_none() => {
+                if first.poll {
                     // Active Directory: the delta cycle is the poll; latency is not known.
                     tracing::debug!("live: polling the directory for changes");
                 } else {
                     // Changes are gathered for daemon.live_delay, then applied in one delta cycle.
                     tokio::time::sleep(config.daemon.live_delay).await;
-                    while live_rx.try_recv().is_ok() {}
-                    info!(waited_ms = first.elapsed().as_millis() as u64, "live: the directory changed; applying");
-                    live_since = Some(first);
+                    let mut written = first.written;
+                    while let Ok(more) = live_rx.try_recv() {
+                        written = written.into_iter().chain(more.written).min();
+                    }
+                    info!(waited_ms = first.at.elapsed().as_millis() as u64, "live: the directory changed; applying");
+                    live_since = Some((first.at, written));
                 }
                 running = Some(start_cycle(&config, &ticks));
             }
@@ -467,11 +476,15 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
 /// Live mode's watch: persistent searches that signal `tx` on every change, reconnected with
 /// backoff (1 s doubling to 60 s, back to 1 s after a watch that lasted a minute). The cookies
 /// only bound what the server replays on a reconnect: the cycles read from their own.
-async fn live_watch(
-    config: Arc<Config>,
-    cookies: Cookies,
-    tx: tokio::sync::mpsc::Sender<(Instant, bool)>,
-) {
+/// One signal of live mode: a change received at `at` (written at `written`, where the entry
+/// said), or an Active Directory poll.
+struct Live {
+    at: Instant,
+    written: Option<DateTime<Utc>>,
+    poll: bool,
+}
+
+async fn live_watch(config: Arc<Config>, cookies: Cookies, tx: tokio::sync::mpsc::Sender<Live>) {
     if config.ldap.dialect == crate::config::Dialect::ActiveDirectory {
         // DirSync and uSNChanged have no persistent search: a delta cycle every
         // daemon.live_interval is the poll (one that finds nothing writes nothing).
@@ -480,14 +493,24 @@ async fn live_watch(
         every.tick().await;
         loop {
             every.tick().await;
-            let _ = tx.try_send((Instant::now(), true));
+            let _ = tx.try_send(Live {
+                at: Instant::now(),
+                written: None,
+                poll: true,
+            });
         }
     }
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let signal = || {
-            let _ = tx.try_send((Instant::now(), false));
+        let signal = |written: Option<DateTime<Utc>>| {
+            // A full channel already wakes the daemon; the earliest write is in it or lost
+            // to the latency metric only.
+            let _ = tx.try_send(Live {
+                at: Instant::now(),
+                written,
+                poll: false,
+            });
         };
         let ended = crate::source::watch(&config.ldap, &cookies, &signal).await;
         if started.elapsed() > Duration::from_secs(60) {
@@ -500,7 +523,11 @@ async fn live_watch(
             Ok(()) => warn!(retry_in = ?backoff, "live: the change feed ended; reconnecting"),
         }
         // A change may have been missed while the watch was down: one delta cycle finds it.
-        let _ = tx.try_send((Instant::now(), false));
+        let _ = tx.try_send(Live {
+            at: Instant::now(),
+            written: None,
+            poll: false,
+        });
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(60));
     }

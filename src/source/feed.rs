@@ -199,15 +199,49 @@ pub async fn refresh_only(
     Ok(out)
 }
 
-/// Keeps a `refreshAndPersist` search of `base` / `filter` open from `cookie`, asking for no
-/// attributes, and calls `changed` for every change the server tells of. Returns when the
-/// search or the connection ends (it never ends on its own while the server keeps it).
+/// When an entry was written, from its `entryCSN` (OpenLDAP, microseconds) or
+/// `modifyTimestamp` (GeneralizedTime, `YYYYmmddHHMMSS[.fff]Z`).
+pub fn written_at(entry: &SearchEntry) -> Option<chrono::DateTime<chrono::Utc>> {
+    let value = |name: &str| {
+        entry
+            .attrs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.first())
+    };
+    value("entryCSN")
+        .or_else(|| value("modifyTimestamp"))
+        .and_then(|v| generalized_time(v))
+}
+
+fn generalized_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let seconds = text.get(..14)?;
+    let at = chrono::NaiveDateTime::parse_from_str(seconds, "%Y%m%d%H%M%S").ok()?;
+    let mut at = at.and_utc();
+    if let Some(fraction) = text[14..].strip_prefix('.') {
+        let digits: String = fraction
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .take(9)
+            .collect();
+        if !digits.is_empty() {
+            let nanos: i64 = format!("{digits:0<9}").parse().ok()?;
+            at += chrono::Duration::nanoseconds(nanos);
+        }
+    }
+    Some(at)
+}
+
+/// Keeps a `refreshAndPersist` search of `base` / `filter` open from `cookie`, asking only for
+/// when each entry was written, and calls `changed` for every change the server tells of
+/// (with that time where the entry carries it). Returns when the search or the connection
+/// ends (it never ends on its own while the server keeps it).
 pub async fn persist(
     ldap: &mut Ldap,
     base: &str,
     filter: &str,
     cookie: Option<&[u8]>,
-    changed: &(dyn Fn() + Sync),
+    changed: &(dyn Fn(Option<chrono::DateTime<chrono::Utc>>) + Sync),
 ) -> Result<(), SourceError> {
     let request = SyncRequest {
         mode: RefreshMode::RefreshAndPersist,
@@ -216,7 +250,12 @@ pub async fn persist(
     };
     let mut stream = ldap
         .with_controls(request.critical())
-        .streaming_search(base, Scope::Subtree, filter, vec!["1.1"])
+        .streaming_search(
+            base,
+            Scope::Subtree,
+            filter,
+            vec!["entryCSN", "modifyTimestamp"],
+        )
         .await
         .map_err(|e| SourceError::search(base, filter, e))?;
     loop {
@@ -224,11 +263,11 @@ pub async fn persist(
             Ok(Some(re)) if re.is_intermediate() => {
                 if let Ok(SyncInfo::IdSet { ids, .. }) = sync_info(&re) {
                     if !ids.is_empty() {
-                        changed();
+                        changed(None);
                     }
                 }
             }
-            Ok(Some(_)) => changed(),
+            Ok(Some(re)) => changed(super::search_entry(re).ok().as_ref().and_then(written_at)),
             Ok(None) => break,
             Err(e) => {
                 let _ = stream.finish().await;
@@ -483,6 +522,22 @@ mod tests {
             "00010203-0405-0607-0809-0a0b0c0d0e0f"
         );
         assert!(uuid_text(&b[..15]).is_err());
+    }
+
+    #[test]
+    fn write_times_come_from_entry_csn_or_modify_timestamp() {
+        let at = |text: &str| generalized_time(text).map(|t| t.to_rfc3339());
+        assert_eq!(
+            at("20261202185401.123456Z#000000#000#000000").as_deref(),
+            Some("2026-12-02T18:54:01.123456+00:00")
+        );
+        assert_eq!(
+            at("20261202185401Z").as_deref(),
+            Some("2026-12-02T18:54:01+00:00")
+        );
+        assert_eq!(at("2026120218"), None);
+        assert_eq!(at("not a time at all"), None);
+        assert_eq!(at("20261302185401Z"), None);
     }
 
     #[test]

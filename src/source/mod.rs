@@ -1017,7 +1017,7 @@ async fn vendor_name(ldap: &mut Ldap) -> String {
 pub async fn watch(
     cfg: &LdapConfig,
     cookies: &Cookies,
-    changed: &(dyn Fn() + Sync),
+    changed: &(dyn Fn(Option<DateTime<Utc>>) + Sync),
 ) -> Result<(), SourceError> {
     let ldap = connect(cfg).await?;
     let users = {
