@@ -538,3 +538,53 @@ fn check_and_explain_tell_the_operator_what_they_need() {
         "{out}"
     );
 }
+
+/// Issue 14: secrets as systemd credentials (`{ credential = "NAME" }`, read from
+/// `$CREDENTIALS_DIRECTORY/NAME`), for the LDAP bind and a target's token.
+#[test]
+fn secrets_come_from_systemd_credentials() {
+    let slapd = Slapd::start(&seed());
+    let scim = Scim2Server::start();
+    let mut config = TestConfig::new(&slapd);
+    config.set(
+        "ldap",
+        "bind_password",
+        "{ credential = \"ldap-password\" }",
+    );
+    config.target(
+        "app",
+        &scim.base_url(),
+        scim.token(),
+        "auth = { bearer = { credential = \"app-token\" } }\n",
+    );
+    let creds = temp_dir("credentials");
+    std::fs::write(creds.path().join("ldap-password"), slapd.bind_pw()).unwrap();
+    std::fs::write(
+        creds.path().join("app-token"),
+        format!("{}\n", scim.token()),
+    )
+    .unwrap();
+    let dir = creds.path().to_str().unwrap().to_string();
+    Ldap2scim::new(&config.path())
+        .args(["sync"])
+        .env("CREDENTIALS_DIRECTORY", &dir)
+        .run()
+        .expect_code(0);
+    assert_eq!(scim_list(&scim.base_url(), scim.token(), "Users").len(), 5);
+    // Outside systemd the configuration says what is missing, and names no secret.
+    let out = Ldap2scim::new(&config.path())
+        .args(["check"])
+        .env("CREDENTIALS_DIRECTORY", "")
+        .run();
+    assert_eq!(out.code, 1, "{out}");
+    assert!(
+        out.stderr.contains("$CREDENTIALS_DIRECTORY is not set")
+            && out.stderr.contains("ldap.bind_password")
+            && out.stderr.contains("auth.bearer"),
+        "{out}"
+    );
+    assert!(
+        !out.stderr.contains(scim.token()) && !out.stderr.contains(slapd.bind_pw()),
+        "{out}"
+    );
+}

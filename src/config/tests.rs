@@ -589,6 +589,49 @@ fn secret_from_a_file_relative_to_the_target_file() {
 }
 
 #[test]
+fn secret_from_a_systemd_credential() {
+    let target =
+        MINIMAL_TARGET.replace("{ env = \"APP_TOKEN\" }", "{ credential = \"app-token\" }");
+    let dir = tree(&[
+        ("config.toml", MINIMAL_MAIN),
+        ("targets.d/app.toml", &target),
+        ("creds/app-token", "from-systemd\n"),
+    ]);
+    let creds = dir.path().join("creds");
+    let creds = creds.to_str().unwrap();
+    let config = load_ok(&dir, &[("CREDENTIALS_DIRECTORY", creds)]);
+    assert!(matches!(&config.targets[0].auth, Auth::Bearer(s) if s.expose() == "from-systemd"));
+
+    // Not under systemd: said, with what to do.
+    let errors = load_err(&dir, &[]);
+    let text = message(&errors, "auth.bearer");
+    assert!(
+        text.contains("$CREDENTIALS_DIRECTORY is not set")
+            && text.contains("LoadCredential=app-token"),
+        "{text}"
+    );
+    // A credential that is not there, and a name that is a path.
+    let missing = MINIMAL_TARGET.replace("{ env = \"APP_TOKEN\" }", "{ credential = \"nope\" }");
+    let dir2 = tree(&[
+        ("config.toml", MINIMAL_MAIN),
+        ("targets.d/app.toml", &missing),
+    ]);
+    let errors = load_err(&dir2, &[("CREDENTIALS_DIRECTORY", creds)]);
+    assert!(
+        message(&errors, "auth.bearer").starts_with("cannot read systemd credential nope"),
+        "{}",
+        message(&errors, "auth.bearer")
+    );
+    let path = MINIMAL_TARGET.replace(
+        "{ env = \"APP_TOKEN\" }",
+        "{ credential = \"../etc/passwd\" }",
+    );
+    let dir3 = tree(&[("config.toml", MINIMAL_MAIN), ("targets.d/app.toml", &path)]);
+    let errors = load_err(&dir3, &[("CREDENTIALS_DIRECTORY", creds)]);
+    assert!(message(&errors, "auth.bearer").contains("not a systemd credential name"));
+}
+
+#[test]
 fn bind_dn_and_password_go_together() {
     let main = MINIMAL_MAIN.replace("[ldap.users]", "bind_dn = \"cn=sync\"\n[ldap.users]");
     let dir = with_main(&main);

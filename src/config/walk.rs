@@ -74,10 +74,10 @@ fn levenshtein(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-pub(super) const SECRET_KEYS: &[&str] = &["env", "file"];
+pub(super) const SECRET_KEYS: &[&str] = &["env", "file", "credential"];
 
 pub(super) const INLINE_SECRET: &str =
-    "secrets are never written inline; use { env = \"VAR\" } or { file = \"/path\" }";
+    "secrets are never written inline; use { env = \"VAR\" }, { file = \"/path\" } or { credential = \"NAME\" }";
 
 /// The problems found so far in one load, shared by every file and section.
 #[derive(Default)]
@@ -361,7 +361,8 @@ impl<'a> Section<'a> {
         (parsed.len() == expected).then_some(parsed)
     }
 
-    /// A secret: `{ env = "VAR" }` or `{ file = "PATH" }`, never an inline string.
+    /// A secret: `{ env = "VAR" }`, `{ file = "PATH" }` or `{ credential = "NAME" }` (a
+    /// systemd credential in `$CREDENTIALS_DIRECTORY`), never an inline string.
     pub(super) fn secret(&self, name: &str) -> Option<Secret> {
         match self.value(name)? {
             Value::String(_) => {
@@ -373,7 +374,7 @@ impl<'a> Section<'a> {
                 self.error(
                     name,
                     format!(
-                        "expected a secret {{ env = \"VAR\" }} or {{ file = \"/path\" }}, found {}",
+                        "expected a secret {{ env = \"VAR\" }}, {{ file = \"/path\" }} or {{ credential = \"NAME\" }}, found {}",
                         describe(other)
                     ),
                 );
@@ -381,8 +382,8 @@ impl<'a> Section<'a> {
             }
         }
         let spec = self.table(name, SECRET_KEYS)?;
-        match (spec.has("env"), spec.has("file")) {
-            (true, false) => {
+        match (spec.has("env"), spec.has("file"), spec.has("credential")) {
+            (true, false, false) => {
                 let var = spec.non_empty_string("env")?;
                 match (self.src.env)(var) {
                     Some(value) if !value.is_empty() => Some(Secret::new(value)),
@@ -396,20 +397,28 @@ impl<'a> Section<'a> {
                     }
                 }
             }
-            (false, true) => {
+            (false, true, false) => {
                 let path = self.src.resolve(spec.non_empty_string("file")?);
-                match fs::read_to_string(&path) {
-                    Ok(content) if !content.trim().is_empty() => {
-                        Some(Secret::new(content.trim_end().to_owned()))
+                self.secret_file(name, &path, "secret file")
+            }
+            (false, false, true) => {
+                let credential = spec.non_empty_string("credential")?;
+                if credential.contains('/') || credential == "." || credential == ".." {
+                    self.error(
+                        name,
+                        format!("\"{credential}\" is not a systemd credential name (a file name in $CREDENTIALS_DIRECTORY, without /)"),
+                    );
+                    return None;
+                }
+                match (self.src.env)("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+                    Some(dir) => {
+                        let path = std::path::Path::new(&dir).join(credential);
+                        self.secret_file(name, &path, &format!("systemd credential {credential}"))
                     }
-                    Ok(_) => {
-                        self.error(name, format!("secret file {} is empty", path.display()));
-                        None
-                    }
-                    Err(e) => {
+                    None => {
                         self.error(
                             name,
-                            format!("cannot read secret file {}: {e}", path.display()),
+                            format!("the systemd credential {credential} cannot be read: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential={credential}:/path or SetCredentialEncrypted=, or use {{ file = \"/path\" }})"),
                         );
                         None
                     }
@@ -418,8 +427,25 @@ impl<'a> Section<'a> {
             _ => {
                 self.error(
                     name,
-                    "a secret names exactly one source: { env = \"VAR\" } or { file = \"/path\" }",
+                    "a secret names exactly one source: { env = \"VAR\" }, { file = \"/path\" } or { credential = \"NAME\" }",
                 );
+                None
+            }
+        }
+    }
+
+    /// A secret's file (trailing newline dropped), or the error naming it.
+    fn secret_file(&self, name: &str, path: &std::path::Path, what: &str) -> Option<Secret> {
+        match fs::read_to_string(path) {
+            Ok(content) if !content.trim().is_empty() => {
+                Some(Secret::new(content.trim_end().to_owned()))
+            }
+            Ok(_) => {
+                self.error(name, format!("{what} {} is empty", path.display()));
+                None
+            }
+            Err(e) => {
+                self.error(name, format!("cannot read {what} {}: {e}", path.display()));
                 None
             }
         }
