@@ -737,3 +737,97 @@ fn a_target_that_dies_mid_cycle_is_skipped_for_the_rest_of_it() {
         );
     }
 }
+
+/// Issue 14: a target behind an egress proxy (a real tinyproxy on loopback) is reached through
+/// it: `proxy` in the target file, or `HTTPS_PROXY`/`HTTP_PROXY` as usual, with `NO_PROXY`
+/// honoured; a proxy that is down fails that target and sends nothing around it. LDAP never
+/// goes through it.
+#[test]
+fn a_target_behind_an_egress_proxy_is_reached_through_it() {
+    let slapd = Slapd::start(&people(4));
+    let scim = Scim2Server::start();
+    let proxy = Tinyproxy::start();
+    let scim_port = scim
+        .base_url()
+        .split(':')
+        .nth(2)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let through = |p: &Tinyproxy| {
+        p.requests()
+            .iter()
+            .filter(|r| r.contains(&format!("127.0.0.1:{scim_port}")))
+            .count()
+    };
+
+    // A proxy that is down: the target fails, nothing reaches it some other way.
+    let mut config = TestConfig::new(&slapd);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    config.target(
+        "app",
+        &scim.base_url(),
+        scim.token(),
+        &format!("proxy = {}\n", toml_str(&dead)),
+    );
+    let out = ldap2scim(&config.path(), &["sync"]);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(
+        out.stderr.contains(&format!("through the proxy {dead}")),
+        "{out}"
+    );
+    assert!(scim_list(&scim.base_url(), scim.token(), "Users").is_empty());
+
+    // Through the proxy: every request goes through it.
+    config.target(
+        "app",
+        &scim.base_url(),
+        scim.token(),
+        &format!("proxy = {}\n", toml_str(&proxy.url())),
+    );
+    ldap2scim(&config.path(), &["sync"]).expect_code(0);
+    assert_eq!(scim_list(&scim.base_url(), scim.token(), "Users").len(), 4);
+    let proxied = through(&proxy);
+    assert!(
+        proxied >= 5,
+        "the proxy forwarded {proxied} requests: {:?}",
+        proxy.requests()
+    );
+    assert!(
+        proxy
+            .requests()
+            .iter()
+            .all(|r| !r.contains(&format!(":{}", slapd.port()))),
+        "LDAP went through the proxy: {:?}",
+        proxy.requests()
+    );
+
+    // HTTP_PROXY from the environment, with no proxy in the file; NO_PROXY bypasses it.
+    config.target("app", &scim.base_url(), scim.token(), "");
+    let before = through(&proxy);
+    Ldap2scim::new(&config.path())
+        .args(["plan"])
+        .env("HTTP_PROXY", &proxy.url())
+        .env("http_proxy", &proxy.url())
+        .env("NO_PROXY", "")
+        .env("no_proxy", "")
+        .run()
+        .expect_code(0);
+    assert!(
+        through(&proxy) > before,
+        "HTTP_PROXY was not used: {:?}",
+        proxy.requests()
+    );
+    let before = through(&proxy);
+    Ldap2scim::new(&config.path())
+        .args(["plan"])
+        .env("HTTP_PROXY", &proxy.url())
+        .env("http_proxy", &proxy.url())
+        .env("NO_PROXY", "127.0.0.1")
+        .env("no_proxy", "127.0.0.1")
+        .run()
+        .expect_code(0);
+    assert_eq!(through(&proxy), before, "NO_PROXY was not honoured");
+}

@@ -221,6 +221,9 @@ pub struct TargetConfig {
     pub allow_plaintext: bool,
     /// A private CA for this target's TLS (verified as strictly as the system roots).
     pub ca_file: Option<PathBuf>,
+    /// An egress proxy for this target's requests (`HTTPS_PROXY` / `NO_PROXY` otherwise, as
+    /// usual); LDAP never goes through it.
+    pub proxy: Option<String>,
     /// The largest response body accepted, in bytes (default 32 MiB).
     pub max_response_size: u64,
     /// The longest directory value pushed, in bytes (default 64 KiB); a longer one is a

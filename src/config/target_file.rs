@@ -41,6 +41,7 @@ const TARGET_KEYS: &[&str] = &[
     "mapping",
     "allow_plaintext",
     "ca_file",
+    "proxy",
     "max_response_size",
     "max_value_length",
     "rebind",
@@ -152,6 +153,7 @@ fn target_config(
     let mapping = mapping(&t, dialect, &mapping_keys_in_file_order(&text));
     let allow_plaintext = t.bool("allow_plaintext").unwrap_or(false);
     let ca_file = t.parsed("ca_file", |text| readable_file(src.resolve(text)));
+    let proxy = t.parsed("proxy", super::values::check_proxy_url);
     let max_response_size = t.parsed("max_response_size", parse_size);
     let max_value_length = t.parsed("max_value_length", parse_size);
     let rebind = t.choice("rebind", REBINDS);
@@ -220,6 +222,7 @@ fn target_config(
         mapping,
         allow_plaintext,
         ca_file,
+        proxy,
         max_response_size: max_response_size.unwrap_or(DEFAULT_MAX_RESPONSE_SIZE),
         max_value_length: max_value_length
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX))

@@ -632,6 +632,27 @@ fn secret_from_a_systemd_credential() {
 }
 
 #[test]
+fn a_target_proxy_is_an_http_url_without_credentials() {
+    let with = |proxy: &str| MINIMAL_TARGET.to_string() + &format!("proxy = \"{proxy}\"\n");
+    let dir = with_target(&with("http://proxy.corp:3128"));
+    let config = load_ok(&dir, &[("APP_TOKEN", "t")]);
+    assert_eq!(
+        config.targets[0].proxy.as_deref(),
+        Some("http://proxy.corp:3128/")
+    );
+    let dir = with_target(&with("http://user:hunter2@proxy.corp:3128"));
+    let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
+    let text = message(&errors, "proxy");
+    assert!(
+        text.contains("carries credentials") && !text.contains("hunter2"),
+        "{text}"
+    );
+    let dir = with_target(&with("socks5://proxy.corp:1080"));
+    let errors = load_err(&dir, &[("APP_TOKEN", "t")]);
+    assert!(message(&errors, "proxy").contains("it must start with http:// or https://"));
+}
+
+#[test]
 fn bind_dn_and_password_go_together() {
     let main = MINIMAL_MAIN.replace("[ldap.users]", "bind_dn = \"cn=sync\"\n[ldap.users]");
     let dir = with_main(&main);

@@ -57,6 +57,21 @@ pub(super) fn check_http_url(text: &str) -> Result<String, String> {
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
+/// An egress proxy: `http://` or `https://` with a host, no credentials in it.
+pub(super) fn check_proxy_url(text: &str) -> Result<String, String> {
+    let url = parse_url(text, &["http", "https"]).map_err(|e| {
+        if e.contains("carries credentials") {
+            format!(
+                "the proxy url \"{}\" carries credentials (user:password@); proxies that need a login are not supported",
+                redact_userinfo(text)
+            )
+        } else {
+            e
+        }
+    })?;
+    Ok(url.as_str().to_owned())
+}
+
 /// Parses a URL once with the `url` crate (which lowercases the scheme and host): one of
 /// `schemes`, with a host, and without inline credentials.
 fn parse_url(text: &str, schemes: &[&str]) -> Result<url::Url, String> {

@@ -37,6 +37,7 @@ pub(crate) fn target() -> TargetConfig {
         mapping: vec![],
         allow_plaintext: false,
         ca_file: None,
+        proxy: None,
         max_response_size: 32 << 20,
         max_value_length: 64 << 10,
         rebind: crate::config::Rebind::Allow,

@@ -218,7 +218,12 @@ impl ScimClient {
                 let outcome = Outcome::Transport {
                     sent: !e.is_connect(),
                 };
-                let failure = self.redact(&transport_reason(&e));
+                let mut failure = self.redact(&transport_reason(&e));
+                if let (true, Some(proxy)) = (e.is_connect(), &self.proxy) {
+                    failure = format!(
+                        "{failure} (through the proxy {proxy}, the target's proxy setting)"
+                    );
+                }
                 return match classify(&outcome, self.profile, self.clock.now()) {
                     Decision::Retry(after) => Next::Again {
                         after,

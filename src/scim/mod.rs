@@ -81,6 +81,8 @@ pub struct ScimClient {
     clock: Clock,
     /// The next instant a request may start (rate limit and adaptive slow-down).
     pacer: Mutex<Instant>,
+    /// The target's `proxy`, named when a connection fails.
+    proxy: Option<String>,
     /// The configured minimum spacing between requests (`rate_limit`).
     interval: Duration,
     /// Extra spacing learnt from 429s: doubles on each, decays on success.
@@ -135,6 +137,13 @@ impl ScimClient {
             if let Some(roots) = &roots {
                 builder = builder.tls_certs_only(roots.iter().cloned());
             }
+            // Without `proxy`, reqwest follows HTTPS_PROXY / HTTP_PROXY / NO_PROXY itself.
+            if let Some(proxy) = &cfg.proxy {
+                let proxy = reqwest::Proxy::all(proxy.as_str())
+                    .map_err(|e| client_error(format!("proxy {proxy}: {e}"), Some(Box::new(e))))?
+                    .no_proxy(reqwest::NoProxy::from_env());
+                builder = builder.proxy(proxy);
+            }
             builder
                 .build()
                 .map_err(|e| client_error(e.to_string(), Some(Box::new(e))))
@@ -168,6 +177,7 @@ impl ScimClient {
             profile: cfg.profile,
             clock: Clock::system(),
             pacer: Mutex::new(Instant::now()),
+            proxy: cfg.proxy.clone(),
             interval,
             slowdown: std::sync::Mutex::new(Duration::ZERO),
             page_size: AtomicUsize::new(DEFAULT_PAGE_SIZE),

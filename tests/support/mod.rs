@@ -30,6 +30,7 @@ mod run;
 mod samba;
 mod scim;
 mod slapd;
+mod tinyproxy;
 mod world;
 
 use std::collections::hash_map::RandomState;
@@ -73,6 +74,8 @@ pub use scim::{
 };
 #[allow(unused_imports)]
 pub use slapd::Slapd;
+#[allow(unused_imports)]
+pub use tinyproxy::Tinyproxy;
 #[allow(unused_imports)]
 pub use world::{change, changes_of, Target, World};
 
