@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian machine (run as root):
-#   apt: slapd, ldap-utils, openssl, samba (AD DC), 389-ds-base, tinyproxy-bin (no service is started: policy-rc.d / no_configuration)
+#   apt: slapd, ldap-utils, openssl, samba (AD DC), 389-ds-base, tinyproxy-bin, prometheus (promtool) (no service is started: policy-rc.d / no_configuration)
 #   .deps/venv-scim2: scim2-server from PyPI
 #   .deps/betterauth: Better Auth and its SCIM plugin from npm (SQLite storage)
 # Idempotent: a second run only checks.
@@ -18,7 +18,8 @@ done
 # come from util-linux.
 # 389 Directory Server for the change feed's second RFC 4533 server (tests/ds389.rs).
 # tinyproxy (the executable only, no service) for targets behind an egress proxy (tests/targets.rs).
-for bin in samba:samba samba-tool:samba-ad-provision unshare:util-linux flock:util-linux dscreate:389-ds-base tinyproxy:tinyproxy-bin; do
+# promtool (Debian's prometheus package; its service is not started) tests contrib/prometheus.
+for bin in samba:samba samba-tool:samba-ad-provision unshare:util-linux flock:util-linux dscreate:389-ds-base tinyproxy:tinyproxy-bin promtool:prometheus; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${bin%%:*}" ] || need_apt+=("${bin#*:}")
 done
 [ -n "$(find /usr/lib -path '*/samba/ldb/samba_dsdb.so' -print -quit 2>/dev/null)" ] || need_apt+=(samba-dsdb-modules)

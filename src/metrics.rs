@@ -157,8 +157,10 @@ impl Metrics {
                 if t.rebuild.is_some() {
                     m.rebuilds += 1;
                 }
-                if t.error.is_some() {
-                    *m.errors.entry("plan").or_default() += 1;
+                if let Some(e) = &t.error {
+                    // A refused credential (401) is its own class: it needs a person to act.
+                    let refused = matches!(e, crate::outcome::TargetFailure::Scim(s) if s.status() == Some(401));
+                    *m.errors.entry(if refused { "auth" } else { "plan" }).or_default() += 1;
                 }
                 if let Some(a) = &t.applied {
                     m.throttled += a.throttled as u64;
@@ -280,7 +282,7 @@ fn render(s: &State) -> String {
         &mut out,
         "ldap2scim_errors_total",
         "counter",
-        "Target errors, by class (plan: the target could not be planned; others: a change failed).",
+        "Target errors, by class (auth: the target refused the credential, 401; plan: the target could not be planned otherwise; others: a change failed).",
     );
     per_target_by(&mut out, t, "ldap2scim_errors_total", "class", |m| {
         &m.errors
@@ -586,6 +588,78 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 2\n"), "{out}");
         assert!(out.contains("x_count 2\n"), "{out}");
+    }
+
+    /// Every series the shipped alerting rules and Grafana dashboard name is one the daemon
+    /// exports (a histogram's `_bucket`, `_sum` and `_count` by its own name), and every
+    /// `class` label value they match on is one it counts.
+    #[test]
+    fn contrib_rules_and_dashboard_name_only_exported_metrics() {
+        let exported: std::collections::BTreeSet<String> = Metrics::default()
+            .render()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        assert!(exported.len() > 20, "{exported:?}");
+        for (file, text) in [
+            (
+                "contrib/prometheus/ldap2scim.rules.yml",
+                include_str!("../contrib/prometheus/ldap2scim.rules.yml"),
+            ),
+            (
+                "contrib/prometheus/ldap2scim.rules.test.yml",
+                include_str!("../contrib/prometheus/ldap2scim.rules.test.yml"),
+            ),
+            (
+                "contrib/grafana/ldap2scim.json",
+                include_str!("../contrib/grafana/ldap2scim.json"),
+            ),
+        ] {
+            let mut named = 0;
+            for (i, _) in text.match_indices("ldap2scim_") {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|b| exported.contains(*b))
+                    .unwrap_or(&name);
+                assert!(
+                    exported.contains(base),
+                    "{file} names {name}, which is not exported"
+                );
+                named += 1;
+            }
+            assert!(named > 5, "{file}");
+        }
+        // The class the token alert matches on is the one a refused credential counts in.
+        let mut outcome = crate::outcome::held_orphan_outcome("-");
+        outcome.targets[0].status = TargetStatus::Error;
+        outcome.targets[0].error = Some(
+            crate::scim::TargetError::Rejected {
+                target: "app".into(),
+                method: "GET".into(),
+                path: "/ServiceProviderConfig".into(),
+                status: 401,
+                scim_type: None,
+                detail: "invalid token".into(),
+            }
+            .into(),
+        );
+        let m = Metrics::default();
+        m.cycle_finished(&outcome, Duration::from_secs(1), 0.0);
+        let text = m.render();
+        assert!(
+            text.contains("ldap2scim_errors_total{target=\"app\",class=\"auth\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            include_str!("../contrib/prometheus/ldap2scim.rules.yml").contains("class=\"auth\"")
+        );
     }
 
     #[test]

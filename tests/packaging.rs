@@ -152,6 +152,26 @@ fn cargo_deb_builds_a_package_with_the_binary_unit_config_and_man_pages() {
     assert!(root
         .join("usr/share/doc/ldap2scim/examples/targets.d/example-app.toml")
         .is_file());
+    for (shipped, source) in [
+        (
+            "usr/share/ldap2scim/prometheus/ldap2scim.rules.yml",
+            "contrib/prometheus/ldap2scim.rules.yml",
+        ),
+        (
+            "usr/share/ldap2scim/prometheus/ldap2scim.rules.test.yml",
+            "contrib/prometheus/ldap2scim.rules.test.yml",
+        ),
+        (
+            "usr/share/ldap2scim/grafana/ldap2scim.json",
+            "contrib/grafana/ldap2scim.json",
+        ),
+    ] {
+        assert_eq!(
+            std::fs::read(root.join(shipped)).unwrap(),
+            std::fs::read(repo_dir().join(source)).unwrap(),
+            "{shipped}"
+        );
+    }
 
     let man_dir = root.join("usr/share/man/man1");
     let page = |name: &str| -> String {
@@ -184,4 +204,27 @@ fn cargo_deb_builds_a_package_with_the_binary_unit_config_and_man_pages() {
         conffiles.lines().any(|l| l == "/etc/ldap2scim/config.toml"),
         "{conffiles}"
     );
+}
+
+/// The shipped alerting rules pass their own `promtool test rules` cases (one firing and one
+/// quiet evaluation per alert), and `promtool check rules`.
+#[test]
+fn the_prometheus_rules_pass_promtool() {
+    assert!(
+        have("promtool", "--version"),
+        "promtool is not installed (scripts/install-deps.sh installs Debian's prometheus package)"
+    );
+    let dir = repo_dir().join("contrib/prometheus");
+    let check = run(Command::new("promtool").current_dir(&dir).args([
+        "check",
+        "rules",
+        "ldap2scim.rules.yml",
+    ]));
+    assert!(check.contains("SUCCESS: 8 rules found"), "{check}");
+    let test = run(Command::new("promtool").current_dir(&dir).args([
+        "test",
+        "rules",
+        "ldap2scim.rules.test.yml",
+    ]));
+    assert!(test.contains("SUCCESS"), "{test}");
 }
