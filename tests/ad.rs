@@ -48,6 +48,37 @@ fn dn(kind: &str, name: &str) -> String {
     }
 }
 
+/// The two OUs, and svc-sync in CN=Users (outside the synced OU) with a password and no
+/// replication right: the bind account of [`bind_as_svc_sync`].
+fn ous_and_bind_account() -> String {
+    let pw: Vec<u8> = format!("\"{SYNC_PW}\"")
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    format!(
+        "dn: {PEOPLE}\nobjectClass: organizationalUnit\n\n\
+         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n\
+         dn: CN=svc-sync,CN=Users,DC=example,DC=org\nobjectClass: user\n\
+         sAMAccountName: svc-sync\nuserPrincipalName: svc-sync@example.org\n\
+         unicodePwd:: {}\nuserAccountControl: 512\n\n",
+        ldif_base64(&pw)
+    )
+}
+
+/// A configuration binding as svc-sync over LDAPS, in the AD dialect.
+fn bind_as_svc_sync(dc: &SambaDc) -> TestConfig {
+    let mut config = TestConfig::for_directory(
+        dc.ldaps_url(),
+        &dc.ca_file(),
+        "svc-sync@example.org",
+        SYNC_PW,
+    );
+    config
+        .set("ldap", "starttls", "false")
+        .active_directory(PEOPLE, GROUPS);
+    config
+}
+
 /// The directory of this test:
 /// - alice (enabled), bob (disabled, 514), carol (expired in 2000), dave (accountExpires
 ///   "never"), erin (expires in 2100): all password-less with userAccountControl 544 (fast);
@@ -56,18 +87,7 @@ fn dn(kind: &str, name: &str) -> String {
 ///   dave}: Engineering and AllStaff contain each other (a cycle);
 /// - svc-sync in CN=Users (outside the synced OU), with a password: ldap2scim's bind account.
 fn seed() -> String {
-    let pw: Vec<u8> = format!("\"{SYNC_PW}\"")
-        .encode_utf16()
-        .flat_map(u16::to_le_bytes)
-        .collect();
-    let mut ldif = format!(
-        "dn: {PEOPLE}\nobjectClass: organizationalUnit\n\n\
-         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n\
-         dn: CN=svc-sync,CN=Users,DC=example,DC=org\nobjectClass: user\n\
-         sAMAccountName: svc-sync\nuserPrincipalName: svc-sync@example.org\n\
-         unicodePwd:: {}\nuserAccountControl: 512\n\n",
-        ldif_base64(&pw)
-    );
+    let mut ldif = ous_and_bind_account();
     ldif.push_str(&user("alice", 544, ""));
     ldif.push_str(&user("bob", 514, ""));
     ldif.push_str(&user("carol", 544, &format!("accountExpires: {Y2000}\n")));
@@ -223,15 +243,7 @@ fn ad_sync_end_to_end() {
 
     let scim = Scim2Server::start();
     let target = Target { scim: &scim };
-    let mut config = TestConfig::for_directory(
-        dc.ldaps_url(),
-        &dc.ca_file(),
-        "svc-sync@example.org",
-        SYNC_PW,
-    );
-    config
-        .set("ldap", "starttls", "false")
-        .active_directory(PEOPLE, GROUPS);
+    let mut config = bind_as_svc_sync(&dc);
     config.target(
         "app",
         &scim.base_url(),
@@ -593,32 +605,17 @@ fn ad_live_mode_polls_dirsync_and_applies_changes() {
     let Some(dc) = SambaDc::start_isolated("ad_live_mode_polls_dirsync_and_applies_changes") else {
         return;
     };
-    let pw: Vec<u8> = format!("\"{SYNC_PW}\"")
-        .encode_utf16()
-        .flat_map(u16::to_le_bytes)
-        .collect();
     dc.add(&format!(
-        "dn: {PEOPLE}\nobjectClass: organizationalUnit\n\n\
-         dn: {GROUPS}\nobjectClass: organizationalUnit\n\n\
-         dn: CN=svc-sync,CN=Users,DC=example,DC=org\nobjectClass: user\n\
-         sAMAccountName: svc-sync\nuserPrincipalName: svc-sync@example.org\n\
-         unicodePwd:: {}\nuserAccountControl: 512\n\n{}{}{}",
-        ldif_base64(&pw),
+        "{}{}{}{}",
+        ous_and_bind_account(),
         user("alice", 544, ""),
         user("bob", 544, ""),
         group("Staff", &[dn("user", "alice")]),
     ));
     let scim = Scim2Server::start();
     let target = Target { scim: &scim };
-    let mut config = TestConfig::for_directory(
-        dc.ldaps_url(),
-        &dc.ca_file(),
-        "svc-sync@example.org",
-        SYNC_PW,
-    );
+    let mut config = bind_as_svc_sync(&dc);
     config
-        .set("ldap", "starttls", "false")
-        .active_directory(PEOPLE, GROUPS)
         .set("daemon", "schedule", "\"0 0 1 1 *\"")
         .set("daemon", "live_interval", "\"1s\"")
         .set("daemon", "live_delay", "\"0s\"");
@@ -636,17 +633,7 @@ fn ad_live_mode_polls_dirsync_and_applies_changes() {
             .contains("change feed: dirsync in object-security mode"),
         "{check}"
     );
-    let daemon = Ldap2scim::new(&config.path())
-        .args(["run", "--now"])
-        .spawn();
-    let watching = wait_until(std::time::Duration::from_secs(30), || {
-        daemon.stderr().contains("live: watching the directory")
-    });
-    assert!(
-        watching,
-        "the daemon did not start watching:\n{}",
-        daemon.stderr()
-    );
+    let daemon = Daemon::watching(&config.path());
     dc.modify(&format!(
         "dn: {}\nchangetype: modify\nreplace: title\ntitle: Live\n\n\
          dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",

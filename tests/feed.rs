@@ -607,18 +607,7 @@ fn live_daemon(w: &mut World) -> Daemon {
         .set("daemon", "schedule", "\"0 0 1 1 *\"")
         .set("daemon", "live_delay", "\"0s\"")
         .set("ldap", "timeout", "\"2s\"");
-    let daemon = Ldap2scim::new(&w.config.path())
-        .args(["run", "--now"])
-        .spawn();
-    let watching = wait_until(std::time::Duration::from_secs(30), || {
-        daemon.stderr().contains("live: watching the directory")
-    });
-    assert!(
-        watching,
-        "the daemon did not start watching:\n{}",
-        daemon.stderr()
-    );
-    daemon
+    Daemon::watching(&w.config.path())
 }
 
 fn title_of(t: &Target, user_name: &str) -> String {

@@ -146,6 +146,20 @@ pub struct Daemon {
 
 impl Daemon {
     /// Its process id.
+    /// `run --now` with `config`, once it watches the directory live (after its first cycle).
+    pub fn watching(config: &Path) -> Daemon {
+        let daemon = Ldap2scim::new(config).args(["run", "--now"]).spawn();
+        let watching = super::wait_until(Duration::from_secs(30), || {
+            daemon.stderr().contains("live: watching the directory")
+        });
+        assert!(
+            watching,
+            "the daemon did not start watching:\n{}",
+            daemon.stderr()
+        );
+        daemon
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
