@@ -335,17 +335,7 @@ async fn dirsync_once(
             )))
         }
     }
-    let mut out = Vec::with_capacity(entries.len());
-    for re in entries {
-        if re.is_ref() || re.is_intermediate() {
-            continue;
-        }
-        out.push(search_entry(re).map_err(|why| {
-            failed(format!(
-                "the server returned an entry that cannot be read ({why})"
-            ))
-        })?);
-    }
+    let out = readable(entries).map_err(failed)?;
     let answer = done
         .ctrls
         .iter()
@@ -355,6 +345,19 @@ async fn dirsync_once(
     let (more, next) = parse_response(answer)
         .map_err(|why| failed(format!("a malformed DirSync control: {why}")))?;
     Ok((out, more, next))
+}
+
+/// The entries of an answer (references and intermediate messages left out), or why one
+/// cannot be read.
+fn readable(entries: Vec<ldap3::ResultEntry>) -> Result<Vec<SearchEntry>, String> {
+    entries
+        .into_iter()
+        .filter(|re| !re.is_ref() && !re.is_intermediate())
+        .map(|re| {
+            search_entry(re)
+                .map_err(|why| format!("the server returned an entry that cannot be read ({why})"))
+        })
+        .collect()
 }
 
 /// One returned object as a change.
@@ -436,16 +439,8 @@ async fn changed_since(
             )))
         }
     }
-    let mut out = Vec::with_capacity(entries.len());
-    for re in entries {
-        if re.is_ref() || re.is_intermediate() {
-            continue;
-        }
-        let e = search_entry(re).map_err(|why| {
-            failed(format!(
-                "the server returned an entry that cannot be read ({why})"
-            ))
-        })?;
+    let mut out = Vec::new();
+    for e in readable(entries).map_err(failed)? {
         out.push(changed(e, &nc)?);
     }
     Ok(out)
