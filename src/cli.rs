@@ -66,6 +66,11 @@ pub enum Command {
         /// Read the whole directory instead of what the change feed says changed.
         #[arg(long)]
         full: bool,
+        /// Only this user or group, by DN, uid, mail, cn, userPrincipalName or directory id
+        /// (repeatable): provisioned, updated or deprovisioned with every guard, nothing else
+        /// touched. A leaver no longer in the directory is found by its userName on the target.
+        #[arg(long = "only", value_name = "DN-OR-NAME")]
+        only: Vec<String>,
     },
     /// The dry-run report: changes nothing anywhere (0 no changes, 2 changes pending, 1 error).
     Plan {
@@ -75,6 +80,9 @@ pub enum Command {
         /// Read the whole directory instead of what the change feed says changed.
         #[arg(long)]
         full: bool,
+        /// Only this user or group (repeatable), as for `sync --only`.
+        #[arg(long = "only", value_name = "DN-OR-NAME")]
+        only: Vec<String>,
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
         /// Write the report to FILE instead of stdout.

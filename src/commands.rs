@@ -62,10 +62,15 @@ pub async fn execute(cli: Cli) -> u8 {
     };
     match &cli.command {
         Command::Run { now } => crate::daemon::run(&cli, config, *now, clock).await,
-        Command::Sync { targets, full } => sync(&config, targets, *full, &clock).await,
+        Command::Sync {
+            targets,
+            full,
+            only,
+        } => sync(&config, targets, *full, only, &clock).await,
         Command::Plan {
             targets,
             full,
+            only,
             format,
             out,
         } => {
@@ -73,6 +78,7 @@ pub async fn execute(cli: Cli) -> u8 {
                 &config,
                 targets,
                 *full,
+                only,
                 report_format(*format),
                 out.as_deref(),
                 &clock,
@@ -107,7 +113,13 @@ fn report_format(format: ReportFormat) -> Format {
 }
 
 /// One reconcile now. The caller holds the state directory lock.
-pub async fn sync(config: &Config, targets: &[String], full: bool, clock: &Clock) -> u8 {
+pub async fn sync(
+    config: &Config,
+    targets: &[String],
+    full: bool,
+    entries: &[String],
+    clock: &Clock,
+) -> u8 {
     let bars = ProgressBars::for_terminal();
     let hook = |target: &str, done: usize, total: usize| {
         if let Some(b) = &bars {
@@ -116,6 +128,7 @@ pub async fn sync(config: &Config, targets: &[String], full: bool, clock: &Clock
     };
     let mut pass = Pass::new(config, targets, false, clock);
     pass.full = full.then_some(FULL_BY_HAND);
+    pass.entries = entries;
     if bars.is_some() {
         pass.progress = Some(&hook);
     }
@@ -151,12 +164,14 @@ async fn plan(
     config: &Config,
     targets: &[String],
     full: bool,
+    entries: &[String],
     format: Format,
     out: Option<&std::path::Path>,
     clock: &Clock,
 ) -> u8 {
     let mut pass = Pass::new(config, targets, true, clock);
     pass.full = full.then_some(FULL_BY_HAND);
+    pass.entries = entries;
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),
@@ -510,9 +525,15 @@ async fn explain(config: &Config, needle: &str, clock: &Clock) -> u8 {
             Entry::User(u) => crate::map::map_user(u, t)
                 .map(|m| crate::scim::resource::user_resource(&m.attrs.unpack()))
                 .unwrap_or_else(|e| json!({"error": e})),
-            Entry::Group(g) => {
-                json!({"displayName": g.attrs.get("cn").and_then(|v| v.first()), "externalId": g.id.0, "members": g.members.len()})
+            Entry::Group(g) if !crate::map::group_selected(t, g) => {
+                json!({"skipped": "not chosen by this target's groups_filter"})
             }
+            Entry::Group(g) => match crate::map::mapped_group_name(t, g) {
+                Ok(name) => {
+                    json!({"displayName": name, "externalId": g.id.0, "members": g.members.len()})
+                }
+                Err(e) => json!({"error": e}),
+            },
         })
         .collect();
     let outcome = match reconcile::run_on(&pass, directory).await {

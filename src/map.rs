@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde_json::Value;
 
-use crate::config::{GroupScope, TargetConfig, Template};
+use crate::config::template::Entry;
+use crate::config::{GroupScope, GroupsFilter, TargetConfig, Template};
 use crate::model::dn;
 use crate::model::{Directory, DirectoryGroup, DirectoryId, DirectoryUser};
 
@@ -255,6 +256,7 @@ fn assemble(
     // A user that could not be mapped is still in the directory: it keeps its place in its
     // groups (the planner keeps what the target already has, and never deprovisions it).
     let unmapped: HashSet<&DirectoryId> = out.problems.iter().map(|(id, _, _)| id).collect();
+    let mut group_problems = Vec::new();
     if target.groups != GroupScope::None {
         for (i, group) in dir.groups.iter().enumerate() {
             // The directory's own set when it was handed over, else a copy; filtered in place.
@@ -275,18 +277,71 @@ fn assemble(
             if target.groups == GroupScope::Scoped && members.is_empty() {
                 continue;
             }
+            if !group_selected(target, group) {
+                continue;
+            }
+            let display_name = match mapped_group_name(target, group) {
+                Ok(name) => name,
+                Err(reason) => {
+                    // Kept as it is on the target, never deleted for it.
+                    group_problems.push((group.id.clone(), group.dn.clone(), reason));
+                    continue;
+                }
+            };
             out.groups.insert(
                 group.id.clone(),
                 DesiredGroup {
                     id: group.id.clone(),
                     dn: group.dn.clone(),
-                    display_name: group_display_name(group),
+                    display_name,
                     members,
                 },
             );
         }
     }
+    out.problems.append(&mut group_problems);
     out
+}
+
+/// Whether `groups_filter` lets the group go to the target (no filter: every group).
+pub fn group_selected(target: &TargetConfig, group: &DirectoryGroup) -> bool {
+    match &target.groups_filter {
+        None => true,
+        Some(GroupsFilter::Ldap(filter)) => filter.matches(&group.dn, &group.attrs),
+        Some(GroupsFilter::Names(patterns)) => {
+            let name = group_display_name(group).to_lowercase();
+            patterns
+                .iter()
+                .any(|p| crate::plan::glob_match(&p.to_lowercase(), &name))
+        }
+    }
+}
+
+/// The group's SCIM displayName on the target: `[group_mapping] displayName` rendered over
+/// the group entry, else its `cn`. A template that fails or renders empty is the group's
+/// problem (the group is left as it is on the target).
+pub fn mapped_group_name(target: &TargetConfig, group: &DirectoryGroup) -> Result<String, String> {
+    let Some(template) = &target.group_display_name else {
+        return Ok(group_display_name(group));
+    };
+    let name = template
+        .render(&Entry::new(&group.dn, &group.attrs))
+        .map_err(|why| {
+            format!("the template of group_mapping.displayName ({template}) fails for it: {why} ({UNTIL_FIXED})")
+        })?;
+    if name.is_empty() {
+        return Err(format!(
+            "its group_mapping.displayName ({template}) renders empty ({UNTIL_FIXED})"
+        ));
+    }
+    if name.len() > target.max_value_length {
+        return Err(format!(
+            "its displayName is {} bytes long, more than this target's max_value_length ({} bytes) ({UNTIL_FIXED})",
+            name.len(),
+            target.max_value_length
+        ));
+    }
+    Ok(name)
 }
 
 fn group_display_name(g: &DirectoryGroup) -> String {
@@ -344,18 +399,23 @@ fn map_compiled(
     // Exactly what `SharedAttrs::pack` writes for the map {path: value} (unit-tested).
     let mut json = Vec::with_capacity(256);
     let mut user_name = None;
+    let entry = Entry::new(&user.dn, &user.attrs);
     for (path, key, slot) in mapping {
         let rendered;
         let value: &str = match slot {
             Slot::Template(template) => {
                 // A value that is not text would render as if the attribute were absent, and
                 // an absent attribute is pushed as a removal.
-                if let Some(attr) = template.unreadable_attribute(user) {
+                if let Some(attr) = template.unreadable_attribute(&user.invalid_utf8) {
                     return Err(format!(
                         "its attribute {attr} (mapped to {path}) has a value that is not valid UTF-8; fix the value in the directory ({UNTIL_FIXED})"
                     ));
                 }
-                rendered = template.render(user);
+                rendered = template.render(&entry).map_err(|why| {
+                    format!(
+                        "the template of {path} ({template}) fails for it: {why} ({UNTIL_FIXED})"
+                    )
+                })?;
                 if rendered.is_empty() {
                     continue;
                 }
@@ -407,9 +467,20 @@ pub fn needed_attributes<'a>(targets: impl IntoIterator<Item = &'a TargetConfig>
     let mut names: Vec<String> = targets
         .into_iter()
         .flat_map(|t| {
+            let group_names = t
+                .group_display_name
+                .iter()
+                .flat_map(|tpl| tpl.attributes().map(str::to_owned));
+            let filter = match &t.groups_filter {
+                Some(GroupsFilter::Ldap(filter)) => filter.attributes(),
+                _ => Vec::new(),
+            };
             t.mapping
                 .iter()
                 .flat_map(|(_, tpl)| tpl.attributes().map(str::to_owned))
+                .chain(group_names)
+                .chain(filter)
+                .collect::<Vec<_>>()
         })
         .collect();
     names.sort_by_key(|n| n.to_ascii_lowercase());

@@ -15,7 +15,7 @@ mod main_file;
 mod mapping;
 mod schedule;
 mod target_file;
-mod template;
+pub mod template;
 mod values;
 mod walk;
 
@@ -231,6 +231,19 @@ pub struct TargetConfig {
     pub max_value_length: usize,
     /// What happens when an owned account would move to another directory entry.
     pub rebind: Rebind,
+    /// Which groups go to this target (`None`: every group `groups` allows).
+    pub groups_filter: Option<GroupsFilter>,
+    /// `[group_mapping] displayName`: the group's SCIM name (default: its `cn`).
+    pub group_display_name: Option<Template>,
+}
+
+/// `groups_filter`: which directory groups a target gets.
+#[derive(Clone, Debug)]
+pub enum GroupsFilter {
+    /// An LDAP filter, evaluated over the group entry as read.
+    Ldap(crate::model::filter::Filter),
+    /// Glob patterns (`*`, `?`, case-insensitive) over the group's directory name (`cn`).
+    Names(Vec<String>),
 }
 
 /// `rebind`: an account ldap2scim manages for one directory entry is claimed by another one

@@ -17,10 +17,11 @@ use super::values::{
 };
 use super::walk::{describe, parse_choice, EnvLookup, Problems, Section, Source};
 use super::{
-    Auth, ClientAuth, Deprovision, Dialect, GroupScope, Limit, MatchRule, Profile, RateLimit,
-    Rebind, TargetConfig, TargetName,
+    Auth, ClientAuth, Deprovision, Dialect, GroupScope, GroupsFilter, Limit, MatchRule, Profile,
+    RateLimit, Rebind, TargetConfig, TargetName, Template,
 };
 use crate::model::dn;
+use crate::model::filter::Filter;
 
 const TARGET_KEYS: &[&str] = &[
     "url",
@@ -45,7 +46,10 @@ const TARGET_KEYS: &[&str] = &[
     "max_response_size",
     "max_value_length",
     "rebind",
+    "groups_filter",
+    "group_mapping",
 ];
+const GROUP_MAPPING_KEYS: &[&str] = &["displayName"];
 const AUTH_KEYS: &[&str] = &["bearer", "basic", "oauth2"];
 const BASIC_KEYS: &[&str] = &["username", "password"];
 const OAUTH2_KEYS: &[&str] = &[
@@ -157,6 +161,10 @@ fn target_config(
     let max_response_size = t.parsed("max_response_size", parse_size);
     let max_value_length = t.parsed("max_value_length", parse_size);
     let rebind = t.choice("rebind", REBINDS);
+    let groups_filter = groups_filter(&t);
+    let group_display_name = t
+        .table("group_mapping", GROUP_MAPPING_KEYS)
+        .and_then(|g| g.parsed("displayName", Template::parse));
     if !allow_plaintext {
         let cleartext = |text: &str| {
             url::Url::parse(text).is_ok_and(|u| u.scheme() == "http" && !super::is_loopback_url(&u))
@@ -228,7 +236,48 @@ fn target_config(
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
             .unwrap_or(DEFAULT_MAX_VALUE_LENGTH),
         rebind: rebind.unwrap_or(Rebind::Allow),
+        groups_filter,
+        group_display_name,
     })
+}
+
+/// `groups_filter`: an LDAP filter (`"(cn=app-*)"`), or name patterns (one string or an
+/// array, `*` and `?`) over the group's directory name.
+fn groups_filter(t: &Section<'_>) -> Option<GroupsFilter> {
+    let value = t.value("groups_filter")?;
+    if let Some(text) = value.as_str() {
+        if text.trim_start().starts_with('(') {
+            return t.parsed("groups_filter", |text| {
+                Filter::parse(text)
+                    .map(GroupsFilter::Ldap)
+                    .map_err(|why| format!("invalid LDAP filter \"{text}\": {why}"))
+            });
+        }
+        return t
+            .non_empty_string("groups_filter")
+            .map(|pattern| GroupsFilter::Names(vec![pattern.to_owned()]));
+    }
+    if value.is_array() {
+        let patterns = t.strings("groups_filter")?;
+        if patterns.is_empty() {
+            t.error(
+                "groups_filter",
+                "an empty list would send no group; remove the key to send every group",
+            );
+            return None;
+        }
+        return Some(GroupsFilter::Names(
+            patterns.into_iter().map(|(_, p)| p.to_owned()).collect(),
+        ));
+    }
+    t.error(
+        "groups_filter",
+        format!(
+            "expected an LDAP filter or name patterns (a string or an array of strings), found {}",
+            describe(value)
+        ),
+    );
+    None
 }
 
 fn target_name(file: &Path) -> Result<TargetName, String> {

@@ -394,7 +394,7 @@ userName = "{mail}"
 title = ""
 "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department" = "{departmentNumber}"
 "phoneNumbers[type eq \"mobile\"].value" = "{mobile}"
-nickName = "{{{uid}}}"
+nickName = "{{ uid | upper }}"
 "#
     );
     let dir = with_target(&target);
@@ -417,7 +417,7 @@ nickName = "{{{uid}}}"
                 "{departmentNumber}"
             ),
             ("phoneNumbers[type eq \"mobile\"].value", "{mobile}"),
-            ("nickName", "{{{uid}}}"),
+            ("nickName", "{{ uid | upper }}"),
         ]
     );
 }

@@ -3,6 +3,7 @@
 
 pub mod action;
 pub mod dn;
+pub mod filter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

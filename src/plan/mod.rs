@@ -6,6 +6,7 @@
 
 pub mod adopt;
 pub mod guard;
+pub mod only;
 pub mod orphans;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -21,6 +22,7 @@ pub use crate::model::action::{Action, HeldKey, ResourceKind};
 pub use crate::model::AttrChange;
 use crate::model::{DirectoryId, ScimId};
 use crate::snapshot::{RowCounts, TargetState, UserState};
+pub use only::Selection;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -643,7 +645,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
     for (id, row) in &state.groups {
-        if !desired.groups.contains_key(id) && !is_protected(target, &row.display_name) {
+        // A group whose name template fails for it is still in the directory: kept.
+        if !desired.groups.contains_key(id)
+            && !unmapped.contains(id)
+            && !is_protected(target, &row.display_name)
+        {
             group_deletes.push(Change::DeleteGroup {
                 id: id.clone(),
                 scim_id: row.scim_id.clone(),

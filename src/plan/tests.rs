@@ -41,6 +41,8 @@ pub(crate) fn target() -> TargetConfig {
         max_response_size: 32 << 20,
         max_value_length: 64 << 10,
         rebind: crate::config::Rebind::Allow,
+        groups_filter: None,
+        group_display_name: None,
     }
 }
 

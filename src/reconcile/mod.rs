@@ -60,6 +60,10 @@ pub struct Pass<'a> {
     /// Read the whole directory although a change feed could say what changed; says why
     /// (`--full`, the full schedule).
     pub full: Option<&'static str>,
+    /// `--only`: just these users or groups (DN or name); empty = every entry. Such a pass
+    /// reads the whole directory without the change feed and records no feed progress, no
+    /// held set and no read size: it is not a cycle, only a few entries brought up to date.
+    pub entries: &'a [String],
 }
 
 impl<'a> Pass<'a> {
@@ -74,7 +78,13 @@ impl<'a> Pass<'a> {
             deadline: None,
             progress: None,
             full: None,
+            entries: &[],
         }
+    }
+
+    /// Whether this pass touches only some entries (`--only`).
+    pub fn partial(&self) -> bool {
+        !self.entries.is_empty()
     }
 }
 
@@ -134,7 +144,15 @@ pub async fn run_on(pass: &Pass<'_>, directory: Directory) -> Result<Outcome, Re
 async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, ReconcileError> {
     let targets = select_targets(pass.config, pass.only)?;
     // The read covers every target's mappings: one read serves any subset of targets.
-    let wanted = map::needed_attributes(&pass.config.targets);
+    let mut wanted = map::needed_attributes(&pass.config.targets);
+    if pass.partial() {
+        // `--only` finds entries by name as `explain` does.
+        wanted.extend(
+            crate::model::LOOKUP_ATTRIBUTES
+                .iter()
+                .map(|a| a.to_string()),
+        );
+    }
     let read_started = std::time::Instant::now();
     // Each target's client is built meanwhile (loading TLS roots takes tens of milliseconds).
     let clients: Vec<tokio::task::JoinHandle<Result<ScimClient, TargetError>>> = targets
@@ -146,7 +164,8 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         .collect();
     // With a change feed the snapshot opens first: the directory's mirror and its cookies are
     // in it. Nothing is written to a target before the read is complete.
-    let (opening, way) = if read.is_none() && feed::configured(&pass.config.ldap) {
+    let (opening, way) = if read.is_none() && feed::configured(&pass.config.ldap) && !pass.partial()
+    {
         let snapshot = prepare::open_snapshot(&pass.config.daemon.state_dir, pass.dry_run).await?;
         let ask = feed_ask(pass, &wanted, &targets);
         let way = feed::decide(&ask, snapshot.as_ref()).await?;
@@ -205,6 +224,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         })
         .collect();
     let mut mapping = StreamingMap::new(&targets, &opening);
+    mapping.keep_attributes = pass.partial();
     let mut read_way = ReadWay {
         mode: "full",
         ..ReadWay::default()
@@ -312,6 +332,9 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     let read_duration = read_started.elapsed();
     let (source_users, source_groups) =
         counts.unwrap_or((directory.users.len(), directory.groups.len()));
+    let selection = pass
+        .partial()
+        .then(|| plan::Selection::resolve(&directory, pass.entries));
     let (snapshot, prepared) = mapping.finish(&targets, directory, opening).await?;
     let last = match &snapshot {
         Some(s) => s.last_read()?,
@@ -328,7 +351,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     }
 
     // Each target waits only for its own discovery: a dead target's retries delay no other.
-    let (snapshot_ref, hold_ref) = (snapshot.as_ref(), hold.as_ref());
+    let (snapshot_ref, hold_ref, selection) = (snapshot.as_ref(), hold.as_ref(), &selection);
     let outcomes = futures::future::join_all(targets.iter().zip(prepared).zip(discoveries).map(
         |((t, prepared), discovery)| async move {
             let connected = match discovery.await {
@@ -337,8 +360,12 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 Err(_) => ScimClient::new(t).map(|client| (client, Capabilities::default())),
             };
             let started = std::time::Instant::now();
-            let result =
-                reconcile_target(pass, t, snapshot_ref, hold_ref, prepared, connected, seq).await;
+            let read = ReadFacts {
+                hold: hold_ref,
+                seq,
+                selection: selection.as_ref(),
+            };
+            let result = reconcile_target(pass, t, snapshot_ref, read, prepared, connected).await;
             let mut outcome =
                 result.unwrap_or_else(|error| failed_target(pass, t, snapshot_ref, error));
             outcome.elapsed = started.elapsed();
@@ -352,10 +379,11 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         // held nothing, or whose held changes an operator approved on every target (a pass
         // over some targets only cannot lift the hold for the others).
         let all_clear = pass.only.is_empty()
+            && !pass.partial()
             && outcomes
                 .iter()
                 .all(|t| t.plan.held.is_empty() && t.error.is_none());
-        if hold.is_none() || all_clear {
+        if (hold.is_none() || all_clear) && !pass.partial() {
             s.set_last_read(&ReadStats {
                 users: source_users,
                 groups: source_groups,
@@ -510,15 +538,30 @@ fn failed_target(
 }
 
 /// Observe, decide, act for one target.
+/// What the pass's read means for every target.
+#[derive(Clone, Copy)]
+struct ReadFacts<'r> {
+    /// Every deprovision is held (the read shrank too much).
+    hold: Option<&'r guard::SourceHold>,
+    /// The mirror's position the read reached (with a change feed).
+    seq: Option<u64>,
+    /// `--only`: the entries the pass touches.
+    selection: Option<&'r plan::Selection>,
+}
+
 async fn reconcile_target(
     pass: &Pass<'_>,
     target: &TargetConfig,
     snapshot: Option<&Snapshot>,
-    hold: Option<&guard::SourceHold>,
+    read: ReadFacts<'_>,
     prepared: Prepared,
     connected: Connected,
-    seq: Option<u64>,
 ) -> Result<TargetOutcome, TargetFailure> {
+    let ReadFacts {
+        hold,
+        seq,
+        selection,
+    } = read;
     let name = target.name.0.clone();
     let (desired, tsnap, mut state) = prepared?;
     let (client, caps) = connected?;
@@ -564,6 +607,10 @@ async fn reconcile_target(
         now: pass.now,
     });
     plan.problems.append(&mut problems);
+    if let Some(selection) = selection {
+        // Only the chosen entries' changes are planned, and the limits count only those.
+        selection.narrow(&mut plan, seen);
+    }
     let names = plan.member_names(&desired, seen);
     drop_in_background(desired);
     let approved = snapshot.and_then(|s| s.approved(&name).ok().flatten());
@@ -586,6 +633,9 @@ async fn reconcile_target(
         target.rebind,
     );
     guard::add_orphans(&mut plan, orphans, hold, approved.as_ref());
+    if let Some(selection) = selection {
+        selection.narrow_held(&mut plan, &state);
+    }
     let (Some(s), Some(tsnap), false) = (snapshot, &tsnap, pass.dry_run) else {
         let status = if plan.held.is_empty() {
             TargetStatus::Ok

@@ -111,6 +111,8 @@ impl Opening {
 pub struct StreamingMap {
     /// With a fast delta: the users it touches, the only ones each target plans.
     pub narrow: Option<BTreeSet<DirectoryId>>,
+    /// Keep every user's attributes after mapping (`--only` finds its entries by name).
+    pub keep_attributes: bool,
     mappers: Vec<Option<map::UserMapper>>,
     mapped: Vec<Vec<Mapped>>,
     cells: Vec<Arc<OnceLock<Loaded>>>,
@@ -120,6 +122,7 @@ impl StreamingMap {
     pub fn new(targets: &[&TargetConfig], opening: &Opening) -> StreamingMap {
         StreamingMap {
             narrow: None,
+            keep_attributes: false,
             mappers: targets
                 .iter()
                 .map(|t| t.scope_groups.is_empty().then(|| map::UserMapper::new(t)))
@@ -143,7 +146,7 @@ impl StreamingMap {
             }
             out.push(mapped);
         }
-        if self.mappers.iter().all(Option::is_some) {
+        if self.mappers.iter().all(Option::is_some) && !self.keep_attributes {
             user.attrs = Default::default();
         }
     }
@@ -160,6 +163,7 @@ impl StreamingMap {
     ) -> Result<(Option<Snapshot>, Vec<Prepared>), SnapshotError> {
         let StreamingMap {
             narrow,
+            keep_attributes: _,
             mappers,
             mapped,
             cells,

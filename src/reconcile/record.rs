@@ -46,7 +46,10 @@ pub(super) fn record_cycle(
         .chain(report.stale_orphans.iter().cloned())
         .collect();
     warn_on("the deprovisioned orphans", s.forget_orphans(name, &done));
-    warn_on("held changes", s.set_held(name, &guard::held_keys(plan)));
+    // A partial pass (`--only`) saw some entries only: the held set stays the last cycle's.
+    if !pass.partial() {
+        warn_on("held changes", s.set_held(name, &guard::held_keys(plan)));
+    }
     let shown: Vec<HeldChange> = plan
         .held
         .iter()
@@ -58,10 +61,12 @@ pub(super) fn record_cycle(
             from_external_id: c.from_id().map(|f| f.0.clone()),
         })
         .collect();
-    warn_on(
-        "what the held changes are",
-        s.set_held_changes(name, &shown),
-    );
+    if !pass.partial() {
+        warn_on(
+            "what the held changes are",
+            s.set_held_changes(name, &shown),
+        );
+    }
     if !report.dropped.is_empty() || !report.kept.is_empty() {
         let mut next = not_kept.clone();
         next.extend(report.dropped.iter().cloned());
@@ -76,7 +81,7 @@ pub(super) fn record_cycle(
     }
     // An approval releases one held set, in the sync right after it: never later
     // deprovisions that happen to have the same action and id.
-    if approved {
+    if approved && !pass.partial() {
         let _ = s.clear_approved(name);
     }
     let run = LastRun {

@@ -170,10 +170,19 @@ fn user_attribute_list(dialect: Dialect, wanted: Option<&[String]>) -> Vec<&str>
     }
 }
 
-fn group_attribute_list(dialect: Dialect, wanted: Option<&[String]>) -> Vec<&'static str> {
+/// The group attributes a read asks for: the name, the members and the id, and what
+/// `wanted` names (a group name template or a `groups_filter` may read any attribute).
+fn group_attribute_list(dialect: Dialect, wanted: Option<&[String]>) -> Vec<&str> {
     match wanted {
         None => vec!["*", id_attribute(dialect)],
-        Some(_) => vec!["cn", "member", id_attribute(dialect)],
+        Some(w) => ["cn", "member", id_attribute(dialect)]
+            .into_iter()
+            .chain(
+                w.iter()
+                    .map(String::as_str)
+                    .filter(|a| !["cn", "member"].iter().any(|b| a.eq_ignore_ascii_case(b))),
+            )
+            .collect(),
     }
 }
 

@@ -1,0 +1,147 @@
+//! Issue 14, operator features: `sync --only` / `plan --only` for one new hire or one leaver
+//! with nothing else touched, against slapd (with its change feed), scim2-server and Better
+//! Auth.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use support::*;
+
+fn seed() -> String {
+    [
+        person(
+            "alice",
+            "Alice L",
+            "L",
+            "Alice",
+            "alice@example.org",
+            "Engineer",
+        ),
+        person("bob", "Bob B", "B", "Bob", "bob@example.org", "Builder"),
+        group("eng", &[&person_dn("alice"), &person_dn("bob")]),
+    ]
+    .concat()
+}
+
+fn writes(t: &Target) -> Vec<String> {
+    t.proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+#[test]
+fn sync_only_provisions_one_new_hire_and_deprovisions_one_leaver_with_nothing_else_touched() {
+    let world = World::start(&seed(), "");
+    world.sync_ok();
+    // Meanwhile: a new hire in eng, a title change for bob, and alice leaves.
+    world.slapd.add(&person(
+        "nina",
+        "Nina N",
+        "N",
+        "Nina",
+        "nina@example.org",
+        "Analyst",
+    ));
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+        group_dn("eng"),
+        person_dn("nina")
+    ));
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Architect\n",
+        person_dn("bob")
+    ));
+
+    let out = world.run(&["plan", "--only", "nina", "--format", "json"]);
+    assert_eq!(out.code, 2, "{out}");
+    let plan = out.json();
+    for t in &world.targets {
+        assert_eq!(
+            changes_of(&plan, t.name()),
+            vec![
+                change("create", "User", "nina"),
+                change("add-members", "Group", "eng"),
+            ],
+            "{}: {plan:#}",
+            t.name()
+        );
+        t.proxy.clear();
+    }
+    // By DN, as an operator pastes it from the directory.
+    world
+        .run(&["sync", "--only", &person_dn("nina")])
+        .expect_code(0);
+    for t in &world.targets {
+        let w = writes(t);
+        assert!(
+            w.len() == 2 && w[0].starts_with("POST") && w[1].starts_with("PATCH"),
+            "{}: {w:?}",
+            t.name()
+        );
+        assert!(t.user_states()["nina"]);
+        assert_eq!(
+            t.memberships()["eng"],
+            ["alice", "bob", "nina"].map(String::from).into()
+        );
+        assert_ne!(t.user("bob")["title"], "Architect", "{}", t.name());
+    }
+
+    // A leaver is no longer in the directory: found by its userName on each target.
+    world.slapd.delete(&person_dn("alice"));
+    let out = world.run(&["plan", "--only", "alice", "--format", "json"]);
+    assert_eq!(out.code, 2, "{out}");
+    let plan = out.json();
+    for t in &world.targets {
+        let changes = changes_of(&plan, t.name());
+        assert!(
+            changes.contains(&change("deactivate", "User", "alice"))
+                && changes
+                    .iter()
+                    .all(|(_, _, name)| name == "alice" || name == "eng"),
+            "{}: {changes:?}",
+            t.name()
+        );
+        t.proxy.clear();
+    }
+    world.run(&["sync", "--only", "alice"]).expect_code(0);
+    for t in &world.targets {
+        assert!(!t.user_states()["alice"], "{}", t.name());
+        assert_ne!(t.user("bob")["title"], "Architect", "{}", t.name());
+    }
+
+    // A name found nowhere: said, nothing written, exit 3.
+    for t in &world.targets {
+        t.proxy.clear();
+    }
+    let out = world.run(&["sync", "--only", "nobody@example.org"]);
+    assert_eq!(out.code, 3, "{out}");
+    assert!(
+        out.stdout.contains("nobody@example.org") || out.stderr.contains("nobody@example.org"),
+        "{out}"
+    );
+    for t in &world.targets {
+        assert!(writes(t).is_empty(), "{}: {:?}", t.name(), writes(t));
+    }
+
+    // The partial passes advanced no feed: the next cycle still brings bob's change, and
+    // nothing of what --only did is done twice.
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let changes: BTreeSet<_> = changes_of(&plan, t.name()).into_iter().collect();
+        assert_eq!(
+            changes,
+            [change("update", "User", "bob")].into(),
+            "{}",
+            t.name()
+        );
+    }
+    world.sync_ok();
+    for t in &world.targets {
+        assert_eq!(t.user("bob")["title"], "Architect", "{}", t.name());
+    }
+    world.assert_converged();
+}
