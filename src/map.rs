@@ -364,7 +364,8 @@ pub fn map_user(user: &DirectoryUser, target: &TargetConfig) -> Result<DesiredUs
 type Compiled = Vec<(String, String, Slot)>;
 
 enum Slot {
-    Template(Template),
+    /// A template; `true` for the manager's, whose value (a DN) is kept normalized.
+    Template(Template, bool),
     /// The directory id, whatever the mapping says.
     ExternalId,
     /// Enabled or not, whatever the mapping says.
@@ -374,7 +375,10 @@ enum Slot {
 fn compile_mapping(target: &TargetConfig) -> Compiled {
     let mut slots: BTreeMap<&str, Slot> = BTreeMap::new();
     for (path, template) in &target.mapping {
-        slots.insert(path, Slot::Template(template.clone()));
+        slots.insert(
+            path,
+            Slot::Template(template.clone(), path == crate::config::MANAGER_PATH),
+        );
     }
     slots.insert("externalId", Slot::ExternalId);
     slots.insert("active", Slot::Active);
@@ -403,7 +407,7 @@ fn map_compiled(
     for (path, key, slot) in mapping {
         let rendered;
         let value: &str = match slot {
-            Slot::Template(template) => {
+            Slot::Template(template, is_manager) => {
                 // A value that is not text would render as if the attribute were absent, and
                 // an absent attribute is pushed as a removal.
                 if let Some(attr) = template.unreadable_attribute(&user.invalid_utf8) {
@@ -411,14 +415,19 @@ fn map_compiled(
                         "its attribute {attr} (mapped to {path}) has a value that is not valid UTF-8; fix the value in the directory ({UNTIL_FIXED})"
                     ));
                 }
-                rendered = template.render(&entry).map_err(|why| {
+                let mut text = template.render(&entry).map_err(|why| {
                     format!(
                         "the template of {path} ({template}) fails for it: {why} ({UNTIL_FIXED})"
                     )
                 })?;
-                if rendered.is_empty() {
+                if text.is_empty() {
                     continue;
                 }
+                if *is_manager {
+                    // Compared by DN (case, spacing and escapes aside), resolved when sent.
+                    text = dn::normalize_lossy(&text);
+                }
+                rendered = text;
                 if rendered.len() > max_value_length {
                     return Err(format!(
                         "its {path} value is {} bytes long, more than this target's max_value_length ({max_value_length} bytes); shorten it in the directory or raise max_value_length ({UNTIL_FIXED})",
@@ -460,6 +469,76 @@ fn map_compiled(
         active: !user.disabled,
         attrs,
     })
+}
+
+/// Users by DN (normalized), to resolve manager references: built from a whole read (or the
+/// whole mirror) when some target maps the manager.
+#[derive(Debug, Default)]
+pub struct Managers(std::collections::HashMap<String, DirectoryId>);
+
+impl Managers {
+    pub fn insert(&mut self, user_dn: &str, id: &DirectoryId) {
+        self.0.insert(dn::normalize_lossy(user_dn), id.clone());
+    }
+
+    /// The directory id of the user with this (normalized) DN.
+    pub fn id_of(&self, normalized_dn: &str) -> Option<&DirectoryId> {
+        self.0.get(normalized_dn)
+    }
+}
+
+/// A user whose manager is not on the target: the field is left empty, and the plan says so.
+#[derive(Debug, Clone)]
+pub struct ManagerNote {
+    pub user: DirectoryId,
+    pub manager_dn: String,
+    /// The manager is not in the directory read at all (else: outside the target's scope).
+    pub unknown: bool,
+}
+
+/// The manager DN a user's attributes carry (`None` without one).
+pub fn manager_dn(attrs: &SharedAttrs) -> Option<String> {
+    if !attrs.json().contains(":User:manager\"") {
+        return None;
+    }
+    attrs
+        .unpack()
+        .get(crate::config::MANAGER_PATH)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// Takes the manager out of every desired user whose manager is not a user of this target
+/// (not in the directory, or outside the target's scope): its field is left empty rather
+/// than pointing at an account the target does not have, and the hash says so, so the link
+/// is made once the manager comes into scope.
+pub fn unlink_absent_managers(desired: &mut Desired, managers: &Managers) -> Vec<ManagerNote> {
+    let mut notes = Vec::new();
+    for (id, user) in desired.users.iter() {
+        let Some(manager) = manager_dn(&user.attrs) else {
+            continue;
+        };
+        let found = managers.id_of(&manager);
+        let present = found.is_some_and(|m| {
+            desired.users.contains_key(m) || desired.problems.iter().any(|(p, _, _)| p == m)
+        });
+        if !present {
+            notes.push(ManagerNote {
+                user: id.clone(),
+                manager_dn: manager,
+                unknown: found.is_none(),
+            });
+        }
+    }
+    for note in &notes {
+        if let Some(user) = desired.users.get_mut(&note.user) {
+            let mut attrs = user.attrs.unpack();
+            attrs.remove(crate::config::MANAGER_PATH);
+            user.attrs = SharedAttrs::pack(&attrs);
+            user.hash = packed_hash(&user.attrs);
+        }
+    }
+    notes
 }
 
 /// Every directory attribute some target's mapping names, for the directory read.

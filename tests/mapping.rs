@@ -329,3 +329,103 @@ fn group_names_by_template_and_groups_filter_choose_what_each_target_gets() {
     world.run(&["sync"]);
     assert_eq!(group_names(scim2), ["Sales team"].map(String::from).into());
 }
+
+fn with_manager(uid: &str, manager: Option<&str>) -> String {
+    let mut ldif = person(
+        uid,
+        &format!("{uid} person"),
+        "P",
+        uid,
+        &format!("{uid}@example.org"),
+        "",
+    );
+    if let Some(m) = manager {
+        ldif = ldif.replacen("\n\n", &format!("\nmanager: {m}\n\n"), 1);
+    }
+    ldif
+}
+
+const MANAGER_MAPPING: &str = r#"
+[mapping]
+"urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager" = "{manager}"
+"#;
+
+fn manager_of(t: &Target, uid: &str) -> Option<String> {
+    t.user(uid)[ENTERPRISE]["manager"]["value"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn id_of(t: &Target, uid: &str) -> String {
+    t.user(uid)["id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn managers_are_linked_by_scim_id_even_when_created_in_the_same_cycle() {
+    // boss ← alice ← bob: a chain created in one cycle; eve's manager is not in the directory.
+    let ghost = person_dn("ghost");
+    let seed = [
+        // The reports come first in the directory: the order of creates is the apply's.
+        with_manager("bob", Some(&person_dn("alice").to_uppercase())),
+        with_manager("alice", Some(&person_dn("boss"))),
+        with_manager("boss", None),
+        with_manager("eve", Some(&ghost)),
+    ]
+    .concat();
+    let world = World::start(&seed, MANAGER_MAPPING);
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let target = plan["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["target"] == t.name())
+            .unwrap();
+        let problems = target["problems"].as_array().unwrap();
+        assert!(
+            problems.len() == 1
+                && problems[0]["name"] == "eve"
+                && problems[0]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("is not in the directory read"),
+            "{target:#}"
+        );
+    }
+    world.sync_ok();
+    let scim2 = &world.targets[0];
+    assert_eq!(
+        manager_of(scim2, "alice"),
+        Some(id_of(scim2, "boss")),
+        "{:#} {:?}",
+        scim2.user("alice"),
+        scim2.proxy.requests()
+    );
+    assert_eq!(manager_of(scim2, "bob"), Some(id_of(scim2, "alice")));
+    assert_eq!(manager_of(scim2, "boss"), None);
+    assert_eq!(manager_of(scim2, "eve"), None, "never a dangling reference");
+    world.assert_converged();
+
+    // A manager change is an update; a manager that appears links its reports.
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: manager\nmanager: {}\n",
+        person_dn("bob"),
+        person_dn("boss")
+    ));
+    world.slapd.add(&with_manager("ghost", None));
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let changes = changes_of(&plan, t.name());
+        for expected in [
+            change("update", "User", "bob"),
+            change("create", "User", "ghost"),
+            change("update", "User", "eve"),
+        ] {
+            assert!(changes.contains(&expected), "{}: {changes:?}", t.name());
+        }
+    }
+    world.sync_ok();
+    assert_eq!(manager_of(scim2, "bob"), Some(id_of(scim2, "boss")));
+    assert_eq!(manager_of(scim2, "eve"), Some(id_of(scim2, "ghost")));
+    world.assert_converged();
+}

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::advance::Ack;
 use super::outcome::ApplyError;
 use super::{Applier, Rows};
-use crate::config::{MatchRule, TargetConfig};
+use crate::config::{MatchRule, TargetConfig, MANAGER_PATH};
 use crate::map::FlatAttrs;
 use crate::model::{DirectoryId, ScimId};
 use crate::plan::{AttrChange, Change};
@@ -103,7 +103,7 @@ impl Applier<'_> {
                 user_name,
                 attrs,
             } => {
-                let flat = attrs.unpack();
+                let flat = self.outgoing(attrs, state);
                 let (scim_id, etag, owned, answered) =
                     self.create_user(rows, id, user_name, &flat).await?;
                 let ack = Ack::User {
@@ -127,7 +127,7 @@ impl Applier<'_> {
                 ..
             } => {
                 // Exactly the plan's attribute changes are sent (none: no write at all).
-                let flat = attrs.unpack();
+                let flat = self.outgoing(attrs, state);
                 let (etag, answered) = self.send_changes(scim_id, changes, &flat).await?;
                 let ack = Ack::User {
                     scim_id: scim_id.clone(),
@@ -153,7 +153,7 @@ impl Applier<'_> {
                 ..
             } => {
                 let prev = state.users.get(id);
-                let flat = attrs.unpack();
+                let flat = self.outgoing(attrs, state);
                 match self
                     .write_user(
                         scim_id,
@@ -469,6 +469,40 @@ impl Applier<'_> {
             obj.insert("id".into(), json!(scim_id.0));
         }
         Ok((self.client.put("Users", scim_id, &body).await?, Value::Null))
+    }
+
+    /// A user's attributes as sent: the manager's DN becomes `{"value": <its SCIM id>}` on
+    /// this target, or is left out while the target has no account for it (a manager made
+    /// later in this apply is linked: creates run manager first).
+    fn outgoing(&self, attrs: &crate::map::SharedAttrs, state: &TargetState) -> FlatAttrs {
+        let mut flat = attrs.unpack();
+        if let Some(scim_id) = self.manager_link(&flat, state) {
+            let value = scim_id.map(|id| json!({ "value": id.0 }));
+            match value {
+                Some(v) => {
+                    flat.insert(MANAGER_PATH.to_owned(), v);
+                }
+                None => {
+                    flat.remove(MANAGER_PATH);
+                }
+            }
+        }
+        flat
+    }
+
+    /// `None` without a manager; `Some(None)` when the manager has no account here (yet).
+    pub(super) fn manager_link(
+        &self,
+        flat: &FlatAttrs,
+        state: &TargetState,
+    ) -> Option<Option<ScimId>> {
+        let manager = flat.get(MANAGER_PATH)?.as_str()?;
+        let scim_id = self
+            .managers
+            .and_then(|m| m.id_of(manager))
+            .and_then(|id| state.users.get(id))
+            .map(|row| row.scim_id.clone());
+        Some(scim_id)
     }
 
     /// Sends `changes` to a user (nothing when there are none) and reads what the answer

@@ -71,6 +71,8 @@ pub struct Applier<'a> {
     pub progress: Option<Progress<'a>>,
     /// What the target said it supports (`/ServiceProviderConfig`).
     pub caps: Capabilities,
+    /// Users by DN, to send a manager as its SCIM id here.
+    pub managers: Option<&'a crate::map::Managers>,
 }
 
 impl Applier<'_> {
@@ -87,6 +89,7 @@ impl Applier<'_> {
         let done = std::sync::atomic::AtomicUsize::new(0);
         let breaker = &Breaker::default();
         let mut paths = SharedPaths::default();
+        let changes = self.managers_first(changes);
         // Consecutive changes of the same kind form a phase; phases run in plan order, the
         // changes inside one run concurrently.
         let mut i = 0;
@@ -96,35 +99,39 @@ impl Applier<'_> {
                 warn!(target = %self.target.name, left = report.not_started, "stop requested or the next cycle is due; the remaining changes wait for the next cycle");
                 break;
             }
-            let kind = std::mem::discriminant(&changes[i]);
+            let kind = std::mem::discriminant(changes[i]);
             let mut j = i;
-            while j < changes.len() && std::mem::discriminant(&changes[j]) == kind {
+            while j < changes.len() && std::mem::discriminant(changes[j]) == kind {
                 j += 1;
             }
             let phase = &changes[i..j];
-            let results: Vec<Option<Finished<'_>>> = {
-                let st: &TargetState = state;
-                let done = &done;
-                // The rows by SCIM id, built at most once per phase (when a 409 needs them).
-                let ix = &std::sync::OnceLock::new();
-                stream::iter(phase.iter().map(|c| async move {
-                    if stopping() {
-                        return None;
-                    }
-                    let finished = self.run(Rows { state: st, ix }, c, breaker).await;
-                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    if let Some(p) = self.progress {
-                        p(&self.target.name.0, n, total);
-                    }
-                    Some(finished)
-                }))
-                .buffer_unordered(self.target.concurrency.max(1))
-                .collect()
-                .await
-            };
-            report.not_started += results.iter().filter(|r| r.is_none()).count();
-            for finished in results.into_iter().flatten() {
-                self.record(state, &mut report, &mut paths, finished);
+            // Creates run in waves, managers before the people who report to them, so that a
+            // manager made in this apply is linked at once.
+            for wave in self.waves(phase) {
+                let results: Vec<Option<Finished<'_>>> = {
+                    let st: &TargetState = state;
+                    let done = &done;
+                    // The rows by SCIM id, built at most once per wave (when a 409 needs them).
+                    let ix = &std::sync::OnceLock::new();
+                    stream::iter(wave.into_iter().map(|c| async move {
+                        if stopping() {
+                            return None;
+                        }
+                        let finished = self.run(Rows { state: st, ix }, c, breaker).await;
+                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if let Some(p) = self.progress {
+                            p(&self.target.name.0, n, total);
+                        }
+                        Some(finished)
+                    }))
+                    .buffer_unordered(self.target.concurrency.max(1))
+                    .collect()
+                    .await
+                };
+                report.not_started += results.iter().filter(|r| r.is_none()).count();
+                for finished in results.into_iter().flatten() {
+                    self.record(state, &mut report, &mut paths, finished);
+                }
             }
             i = j;
         }
@@ -132,6 +139,90 @@ impl Applier<'_> {
         report.retries = counters.retries.load(Ordering::Relaxed) - retries0;
         report.throttled = counters.throttled.load(Ordering::Relaxed) - throttled0;
         report
+    }
+
+    /// The plan's changes in apply order: as planned, except that a user change other than
+    /// a create whose manager this apply creates waits until after the last create (so it
+    /// can name the manager's new id).
+    fn managers_first<'c>(&self, changes: &'c [Change]) -> Vec<&'c Change> {
+        let Some(managers) = self.managers else {
+            return changes.iter().collect();
+        };
+        let created: std::collections::HashSet<&crate::model::DirectoryId> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::CreateUser { .. }))
+            .map(Change::id)
+            .collect();
+        let Some(last_create) = changes
+            .iter()
+            .rposition(|c| matches!(c, Change::CreateUser { .. }))
+        else {
+            return changes.iter().collect();
+        };
+        let waits = |c: &Change| {
+            !matches!(c, Change::CreateUser { .. })
+                && change_attrs(c)
+                    .and_then(crate::map::manager_dn)
+                    .and_then(|dn| managers.id_of(&dn))
+                    .is_some_and(|m| created.contains(m))
+        };
+        let mut order = Vec::with_capacity(changes.len());
+        let mut waiting = Vec::new();
+        for (i, c) in changes.iter().enumerate() {
+            if i < last_create && waits(c) {
+                waiting.push(c);
+            } else {
+                order.push(c);
+            }
+            if i == last_create {
+                order.append(&mut waiting);
+            }
+        }
+        order
+    }
+
+    /// A phase as waves: one wave, except for user creates when managers are mapped, where
+    /// a create whose manager is created in the same phase goes in a later wave than the
+    /// manager's (a chain of managers gives a wave per level; a loop is cut at 64).
+    fn waves<'c>(&self, phase: &[&'c Change]) -> Vec<Vec<&'c Change>> {
+        let Some(managers) = self.managers else {
+            return vec![phase.to_vec()];
+        };
+        if !matches!(phase.first(), Some(Change::CreateUser { .. })) {
+            return vec![phase.to_vec()];
+        }
+        let creating: std::collections::HashMap<&crate::model::DirectoryId, usize> =
+            phase.iter().enumerate().map(|(i, c)| (c.id(), i)).collect();
+        let manager_of: Vec<Option<usize>> = phase
+            .iter()
+            .map(|c| match c {
+                Change::CreateUser { attrs, .. } => crate::map::manager_dn(attrs)
+                    .and_then(|dn| managers.id_of(&dn))
+                    .and_then(|m| creating.get(m).copied()),
+                _ => None,
+            })
+            .collect();
+        let depth = |mut i: usize| {
+            let mut d = 0usize;
+            while let Some(m) = manager_of[i] {
+                d += 1;
+                if d >= 64 || m == i {
+                    break;
+                }
+                i = m;
+            }
+            d
+        };
+        let mut waves: Vec<Vec<&Change>> = Vec::new();
+        for (i, c) in phase.iter().copied().enumerate() {
+            let d = depth(i);
+            if waves.len() <= d {
+                waves.resize_with(d + 1, Vec::new);
+            }
+            waves[d].push(c);
+        }
+        waves.retain(|w| !w.is_empty());
+        waves
     }
 
     /// Sends one change (unless the breaker tripped) and makes the row updates its
@@ -151,12 +242,30 @@ impl Applier<'_> {
                 },
             };
         }
+        // A manager with no account here yet is left out of what is sent: the row then says
+        // so (its hash is of what the target holds), and a later plan links it.
+        let unlinked = change_attrs(change).filter(|attrs| {
+            self.managers.is_some() && self.manager_link(&attrs.unpack(), rows.state) == Some(None)
+        });
         let mut acted = self.act(rows, change).await;
         breaker.record(acted.error.as_ref());
-        let updates = match &acted.ack {
+        let mut updates = match &acted.ack {
             Some(ack) => advance::advance(rows.state, change, ack, self.now),
             None => Vec::new(),
         };
+        if let Some(attrs) = unlinked {
+            let mut held = attrs.unpack();
+            held.remove(crate::config::MANAGER_PATH);
+            let held = crate::map::SharedAttrs::pack(&held);
+            for u in &mut updates {
+                if let Update::PutUser(id, row) = u {
+                    if id == change.id() {
+                        row.hash = crate::map::packed_hash(&held);
+                        row.attrs = held.clone();
+                    }
+                }
+            }
+        }
         // Durable before it counts: an update sled could not write is not made in memory
         // either (the next cycle sees the row as it was, and plans the change again), nor
         // learnt from. A group's members are the exception: the target has them as the
@@ -341,5 +450,17 @@ fn changed_paths(c: &Change) -> Vec<String> {
             members.iter().map(|m| format!("member:{m}")).collect()
         }
         _ => Vec::new(),
+    }
+}
+
+/// The attributes a user change sends.
+fn change_attrs(change: &Change) -> Option<&crate::map::SharedAttrs> {
+    match change {
+        Change::CreateUser { attrs, .. }
+        | Change::AdoptUser { attrs, .. }
+        | Change::Rebind { attrs, .. }
+        | Change::UpdateUser { attrs, .. }
+        | Change::DeactivateUser { attrs, .. } => Some(attrs),
+        _ => None,
     }
 }

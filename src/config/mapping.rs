@@ -144,7 +144,7 @@ fn check_mapping_path(path: &str) -> Result<(), String> {
             .is_some_and(|part| NAME_PARTS.contains(&part))
         || path
             .strip_prefix(ENTERPRISE_PREFIX)
-            .is_some_and(|part| ENTERPRISE_PARTS.contains(&part))
+            .is_some_and(|part| ENTERPRISE_PARTS.contains(&part) || part == "manager")
         || TYPED_MULTI_VALUED.iter().any(|attribute| {
             path.strip_prefix(attribute)
                 .and_then(|rest| rest.strip_prefix("[type eq \""))
@@ -163,6 +163,7 @@ fn check_mapping_path(path: &str) -> Result<(), String> {
         .chain(
             ENTERPRISE_PARTS
                 .iter()
+                .chain(&["manager"])
                 .map(|part| format!("{ENTERPRISE_PREFIX}{part}")),
         )
         .collect();
@@ -190,6 +191,7 @@ mod tests {
             "emails[type eq \"home\"].value",
             "phoneNumbers[type eq \"work\"].value",
             "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:costCenter",
+            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager",
         ] {
             assert_eq!(check_mapping_path(good), Ok(()), "{good}");
         }
@@ -197,7 +199,7 @@ mod tests {
             "emails[type eq \"\"].value",
             "emails[type eq \"work 2\"].value",
             "addresses[type eq \"work\"].value",
-            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager",
+            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:managr",
             "name",
         ] {
             assert!(check_mapping_path(bad).is_err(), "{bad:?} accepted");

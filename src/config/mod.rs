@@ -237,6 +237,17 @@ pub struct TargetConfig {
     pub group_display_name: Option<Template>,
 }
 
+/// The mapping path of the enterprise extension's manager: its template renders the
+/// manager's DN, sent as the manager's SCIM id on the target.
+pub const MANAGER_PATH: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager";
+
+impl TargetConfig {
+    /// Whether the mapping links users to their managers.
+    pub fn maps_manager(&self) -> bool {
+        self.mapping.iter().any(|(path, _)| path == MANAGER_PATH)
+    }
+}
+
 /// `groups_filter`: which directory groups a target gets.
 #[derive(Clone, Debug)]
 pub enum GroupsFilter {

@@ -679,6 +679,40 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     p
 }
 
+/// Says, for each user this plan creates or changes, that its manager is not on the target
+/// (the field is left empty until it is). Reported, not a failure.
+pub fn note_absent_managers(plan: &mut Plan, notes: &[crate::map::ManagerNote], desired: &Desired) {
+    if notes.is_empty() {
+        return;
+    }
+    let changed: HashSet<&DirectoryId> = plan
+        .changes
+        .iter()
+        .filter(|c| c.resource() == ResourceKind::User)
+        .map(Change::id)
+        .collect();
+    for note in notes.iter().filter(|n| changed.contains(&n.user)) {
+        let name = desired
+            .users
+            .get(&note.user)
+            .map_or_else(|| note.user.0.clone(), |u| u.user_name.clone());
+        let why = if note.unknown {
+            "is not in the directory read"
+        } else {
+            "is outside this target's scope"
+        };
+        plan.problems.push(Problem {
+            external_id: note.user.0.clone(),
+            name,
+            reason: format!(
+                "its manager {} {why}: the manager field is left empty until the manager is provisioned here",
+                note.manager_dn
+            ),
+            fails: false,
+        });
+    }
+}
+
 fn grace_over(since: DateTime<Utc>, grace: Duration, now: DateTime<Utc>) -> bool {
     chrono::Duration::from_std(grace)
         .map(|g| since + g <= now)

@@ -237,6 +237,8 @@ pub async fn decide(ask: &Ask<'_>, snapshot: Option<&Snapshot>) -> Result<Way, S
         && none_held(&mirror, crate::mirror::Kind::Users, &delta.users.deleted)?
         && delta.disabled.present.is_none()
         && ask.targets.iter().all(|t| t.scope_groups.is_empty())
+        // A manager is resolved by DN among every user: the whole mirror is needed.
+        && ask.targets.iter().all(|t| !t.maps_manager())
         && disabled_unchanged(&mirror, &delta)?
         && !expiring
         && caught_up();

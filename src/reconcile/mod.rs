@@ -335,7 +335,18 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     let selection = pass
         .partial()
         .then(|| plan::Selection::resolve(&directory, pass.entries));
-    let (snapshot, prepared) = mapping.finish(&targets, directory, opening).await?;
+    let managers = mapping.managers.take();
+    let (snapshot, mut prepared) = mapping.finish(&targets, directory, opening).await?;
+    // Managers outside a target's scope are left out of its users (and said in its plan).
+    let mut manager_notes: Vec<Vec<map::ManagerNote>> = Vec::with_capacity(targets.len());
+    for (t, p) in targets.iter().zip(prepared.iter_mut()) {
+        manager_notes.push(match (&managers, p) {
+            (Some(managers), Ok((desired, _, _))) if t.maps_manager() => {
+                map::unlink_absent_managers(desired, managers)
+            }
+            _ => Vec::new(),
+        });
+    }
     let last = match &snapshot {
         Some(s) => s.last_read()?,
         None => None,
@@ -352,26 +363,35 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
 
     // Each target waits only for its own discovery: a dead target's retries delay no other.
     let (snapshot_ref, hold_ref, selection) = (snapshot.as_ref(), hold.as_ref(), &selection);
-    let outcomes = futures::future::join_all(targets.iter().zip(prepared).zip(discoveries).map(
-        |((t, prepared), discovery)| async move {
-            let connected = match discovery.await {
-                Ok(c) => c,
-                // Only a panic ends the task early: connect again here.
-                Err(_) => ScimClient::new(t).map(|client| (client, Capabilities::default())),
-            };
-            let started = std::time::Instant::now();
-            let read = ReadFacts {
-                hold: hold_ref,
-                seq,
-                selection: selection.as_ref(),
-            };
-            let result = reconcile_target(pass, t, snapshot_ref, read, prepared, connected).await;
-            let mut outcome =
-                result.unwrap_or_else(|error| failed_target(pass, t, snapshot_ref, error));
-            outcome.elapsed = started.elapsed();
-            outcome
-        },
-    ))
+    let managers_ref = managers.as_ref();
+    let outcomes = futures::future::join_all(
+        targets
+            .iter()
+            .zip(prepared)
+            .zip(manager_notes)
+            .zip(discoveries)
+            .map(|(((t, prepared), notes), discovery)| async move {
+                let connected = match discovery.await {
+                    Ok(c) => c,
+                    // Only a panic ends the task early: connect again here.
+                    Err(_) => ScimClient::new(t).map(|client| (client, Capabilities::default())),
+                };
+                let started = std::time::Instant::now();
+                let read = ReadFacts {
+                    hold: hold_ref,
+                    seq,
+                    selection: selection.as_ref(),
+                    managers: managers_ref,
+                    manager_notes: notes,
+                };
+                let result =
+                    reconcile_target(pass, t, snapshot_ref, read, prepared, connected).await;
+                let mut outcome =
+                    result.unwrap_or_else(|error| failed_target(pass, t, snapshot_ref, error));
+                outcome.elapsed = started.elapsed();
+                outcome
+            }),
+    )
     .await;
 
     if let (Some(s), false) = (&snapshot, pass.dry_run) {
@@ -538,8 +558,7 @@ fn failed_target(
 }
 
 /// Observe, decide, act for one target.
-/// What the pass's read means for every target.
-#[derive(Clone, Copy)]
+/// What the pass's read means for a target.
 struct ReadFacts<'r> {
     /// Every deprovision is held (the read shrank too much).
     hold: Option<&'r guard::SourceHold>,
@@ -547,6 +566,10 @@ struct ReadFacts<'r> {
     seq: Option<u64>,
     /// `--only`: the entries the pass touches.
     selection: Option<&'r plan::Selection>,
+    /// Users by DN, when some target maps the manager.
+    managers: Option<&'r map::Managers>,
+    /// This target's users whose manager it does not have.
+    manager_notes: Vec<map::ManagerNote>,
 }
 
 async fn reconcile_target(
@@ -561,6 +584,8 @@ async fn reconcile_target(
         hold,
         seq,
         selection,
+        managers,
+        manager_notes,
     } = read;
     let name = target.name.0.clone();
     let (desired, tsnap, mut state) = prepared?;
@@ -607,6 +632,7 @@ async fn reconcile_target(
         now: pass.now,
     });
     plan.problems.append(&mut problems);
+    plan::note_absent_managers(&mut plan, &manager_notes, &desired);
     if let Some(selection) = selection {
         // Only the chosen entries' changes are planned, and the limits count only those.
         selection.narrow(&mut plan, seen);
@@ -665,6 +691,7 @@ async fn reconcile_target(
         deadline: pass.deadline,
         progress: pass.progress,
         caps,
+        managers,
     };
     let floor = plan.row_floor(&state);
     record_row_counts(

@@ -113,6 +113,8 @@ pub struct StreamingMap {
     pub narrow: Option<BTreeSet<DirectoryId>>,
     /// Keep every user's attributes after mapping (`--only` finds its entries by name).
     pub keep_attributes: bool,
+    /// Users by DN, when some target maps the manager (see [`map::Managers`]).
+    pub managers: Option<map::Managers>,
     mappers: Vec<Option<map::UserMapper>>,
     mapped: Vec<Vec<Mapped>>,
     cells: Vec<Arc<OnceLock<Loaded>>>,
@@ -123,6 +125,10 @@ impl StreamingMap {
         StreamingMap {
             narrow: None,
             keep_attributes: false,
+            managers: targets
+                .iter()
+                .any(|t| t.maps_manager())
+                .then(map::Managers::default),
             mappers: targets
                 .iter()
                 .map(|t| t.scope_groups.is_empty().then(|| map::UserMapper::new(t)))
@@ -134,6 +140,9 @@ impl StreamingMap {
 
     /// Called by the directory read for each user as it arrives.
     pub fn on_user(&mut self, user: &mut DirectoryUser) {
+        if let Some(managers) = &mut self.managers {
+            managers.insert(&user.dn, &user.id);
+        }
         for ((mapper, out), cell) in self.mappers.iter().zip(&mut self.mapped).zip(&self.cells) {
             let Some(mapper) = mapper else { continue };
             let mut mapped = mapper.map(user);
@@ -164,6 +173,7 @@ impl StreamingMap {
         let StreamingMap {
             narrow,
             keep_attributes: _,
+            managers: _,
             mappers,
             mapped,
             cells,
