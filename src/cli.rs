@@ -58,7 +58,8 @@ pub enum Command {
         #[arg(long)]
         now: bool,
     },
-    /// One reconcile now, then exit (0 converged, 1 error, 3 a target failed, 4 changes held).
+    /// One reconcile now, then exit (0 converged, 1 error, 3 a target failed, 4 changes held,
+    /// 5 with --plan: some saved changes were stale).
     Sync {
         /// Only this target (repeatable).
         #[arg(long = "target", value_name = "NAME")]
@@ -66,11 +67,24 @@ pub enum Command {
         /// Read the whole directory instead of what the change feed says changed.
         #[arg(long)]
         full: bool,
-        /// Only this user or group, by DN, uid, mail, cn, userPrincipalName or directory id
-        /// (repeatable): provisioned, updated or deprovisioned with every guard, nothing else
-        /// touched. A leaver no longer in the directory is found by its userName on the target.
+        /// Only this user or group (repeatable): a user by DN, uid, mail, cn, userPrincipalName,
+        /// sAMAccountName or directory id, a group by DN, cn or id; provisioned, updated or
+        /// deprovisioned with every guard, nothing else touched. A leaver no longer in the
+        /// directory is found by its userName (a group by its name) on each target.
         #[arg(long = "only", value_name = "DN-OR-NAME")]
         only: Vec<String>,
+        /// Apply exactly the changes of a plan saved with `plan --out FILE` whose fingerprints
+        /// still match; the others are reported stale and not applied (exit 5).
+        #[arg(long = "plan", value_name = "FILE", conflicts_with_all = ["only", "full"])]
+        saved_plan: Option<PathBuf>,
+        /// With --plan: refuse a plan older than this ("24h", "90m", "7d").
+        #[arg(
+            long = "max-age",
+            value_name = "DURATION",
+            default_value = "24h",
+            requires = "saved_plan"
+        )]
+        max_age: String,
     },
     /// The dry-run report: changes nothing anywhere (0 no changes, 2 changes pending, 1 error).
     Plan {
@@ -83,9 +97,11 @@ pub enum Command {
         /// Only this user or group (repeatable), as for `sync --only`.
         #[arg(long = "only", value_name = "DN-OR-NAME")]
         only: Vec<String>,
-        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
-        format: ReportFormat,
-        /// Write the report to FILE instead of stdout.
+        /// text (default), json, or markdown; json when --out is given without it.
+        #[arg(long, value_enum)]
+        format: Option<ReportFormat>,
+        /// Write the report to FILE instead of stdout. In json (the default with --out) it is
+        /// a saved plan: every change carries a fingerprint, for `sync --plan FILE`.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },

@@ -21,6 +21,8 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_CHANGES_PENDING: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 pub const EXIT_HELD: u8 = 4;
+/// `sync --plan`: some saved changes were stale (the rest applied).
+pub const EXIT_STALE: u8 = 5;
 
 fn fail(msg: impl std::fmt::Display) -> u8 {
     eprintln!("ldap2scim: error: {msg}");
@@ -63,9 +65,16 @@ pub async fn execute(cli: Cli) -> u8 {
     match &cli.command {
         Command::Run { now } => crate::daemon::run(&cli, config, *now, clock).await,
         Command::Sync {
+            saved_plan: Some(file),
+            max_age,
+            targets,
+            ..
+        } => sync_saved(&config, targets, file, max_age, &clock).await,
+        Command::Sync {
             targets,
             full,
             only,
+            ..
         } => sync(&config, targets, *full, only, &clock).await,
         Command::Plan {
             targets,
@@ -74,12 +83,17 @@ pub async fn execute(cli: Cli) -> u8 {
             format,
             out,
         } => {
+            let format = format.unwrap_or(if out.is_some() {
+                ReportFormat::Json
+            } else {
+                ReportFormat::Text
+            });
             plan(
                 &config,
                 targets,
                 *full,
                 only,
-                report_format(*format),
+                report_format(format),
                 out.as_deref(),
                 &clock,
             )
@@ -153,6 +167,56 @@ pub async fn sync(
     }
 }
 
+/// `sync --plan FILE`: exactly the saved plan's changes that still match. The caller holds
+/// the state directory lock.
+pub async fn sync_saved(
+    config: &Config,
+    targets: &[String],
+    file: &std::path::Path,
+    max_age: &str,
+    clock: &Clock,
+) -> u8 {
+    let max_age = match crate::config::parse_duration(max_age) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("--max-age {max_age:?}: {e}")),
+    };
+    let saved = match crate::plan::SavedPlan::read(file, config, clock.now(), max_age) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    // The saved plan's targets (or those of them --target names).
+    let names: Vec<String> = saved
+        .targets
+        .keys()
+        .filter(|n| targets.is_empty() || targets.contains(n))
+        .cloned()
+        .collect();
+    if names.is_empty() {
+        return fail(format!(
+            "the plan file {} names no target to apply (--target)",
+            file.display()
+        ));
+    }
+    let mut pass = Pass::new(config, &names, false, clock);
+    pass.saved = Some(&saved);
+    let outcome = match reconcile::run(&pass).await {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    crate::audit::record(config, &outcome, clock.now());
+    print!("{}", report::sync_lines(&outcome));
+    let _ = std::io::stdout().flush();
+    if any_target_is(&outcome, TargetStatus::Error) {
+        EXIT_ERROR
+    } else if outcome.targets.iter().any(|t| !t.plan.stale.is_empty()) {
+        EXIT_STALE
+    } else if any_target_is(&outcome, TargetStatus::Held) {
+        EXIT_HELD
+    } else {
+        EXIT_OK
+    }
+}
+
 fn any_target_is(outcome: &Outcome, status: TargetStatus) -> bool {
     outcome.targets.iter().any(|t| t.status == status)
 }
@@ -172,11 +236,25 @@ async fn plan(
     let mut pass = Pass::new(config, targets, true, clock);
     pass.full = full.then_some(FULL_BY_HAND);
     pass.entries = entries;
+    // A json report written to a file is a saved plan.
+    let saving = out.is_some() && format == Format::Json;
+    pass.fingerprints = saving;
     let outcome = match reconcile::run(&pass).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
-    let rendered = report::render(&outcome, format);
+    let rendered = if saving {
+        let mut json = report::to_json(&outcome);
+        match crate::plan::saved::header(config, pass.now) {
+            Ok(header) => json["saved"] = header,
+            Err(e) => return fail(e),
+        }
+        let mut text = serde_json::to_string_pretty(&json).expect("a report serializes");
+        text.push('\n');
+        text
+    } else {
+        report::render(&outcome, format)
+    };
     match out {
         Some(path) => {
             if let Err(e) = std::fs::write(path, rendered) {

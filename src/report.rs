@@ -186,7 +186,18 @@ pub fn to_json(outcome: &Outcome) -> Value {
                 obj.insert("snapshot_warning".into(), json!(w));
             }
             obj.insert("summary".into(), Summary::of(t).to_json());
-            obj.insert("changes".into(), Value::Array(t.plan.changes.iter().map(|c| change_json(t, c)).collect()));
+            let changes = t.plan.changes.iter().enumerate().map(|(i, c)| {
+                let mut json = change_json(t, c);
+                if let Some(fp) = t.plan.fingerprints.get(i) {
+                    json["fingerprint"] = json!(fp);
+                }
+                json
+            });
+            obj.insert("changes".into(), Value::Array(changes.collect()));
+            if !t.plan.stale.is_empty() {
+                let stale: Vec<Value> = t.plan.stale.iter().map(|s| json!({"action": s.action, "resource": s.resource, "external_id": s.external_id, "name": s.name})).collect();
+                obj.insert("stale".into(), Value::Array(stale));
+            }
             obj.insert("held".into(), Value::Array(t.plan.held.iter().map(|c| change_json(t, c)).collect()));
             if let Some(r) = &t.plan.held_reason {
                 obj.insert("held_reason".into(), json!(r));
@@ -600,6 +611,15 @@ pub fn sync_lines(outcome: &Outcome) -> String {
         if let Some(r) = &t.rebuild {
             let _ = writeln!(out, "  warning: {r}");
         }
+        for s in &t.plan.stale {
+            let _ = writeln!(
+                out,
+                "  stale: {} {} {}: the directory, the snapshot or the target changed since the plan was saved; not applied (plan again)",
+                one_line(&s.action),
+                one_line(&s.resource),
+                one_line(&s.name)
+            );
+        }
         if let Some(r) = &t.plan.held_reason {
             let _ = writeln!(out, "  held: {}", one_line(r));
         }
@@ -666,6 +686,8 @@ mod tests {
             ),
             problems: vec![],
             not_kept: vec![],
+            fingerprints: vec![],
+            stale: vec![],
         };
         let names = BTreeMap::from([
             (id("u1"), "jdoe@example.org".to_string()),

@@ -145,3 +145,117 @@ fn sync_only_provisions_one_new_hire_and_deprovisions_one_leaver_with_nothing_el
     }
     world.assert_converged();
 }
+
+#[test]
+fn a_saved_plan_is_applied_exactly_and_a_stale_change_is_refused() {
+    let world = World::start(&seed(), "");
+    let file = world.config.dir().join("first.json");
+    let out = world.run(&["plan", "--out", file.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{out}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert!(saved["saved"]["configuration"].is_string(), "{saved:#}");
+    for t in saved["targets"].as_array().unwrap() {
+        for c in t["changes"].as_array().unwrap() {
+            assert!(c["fingerprint"].is_string(), "{c}");
+        }
+    }
+    // A review takes time: meanwhile the directory gets a new hire the plan does not have.
+    world.slapd.add(&person(
+        "erin",
+        "Erin E",
+        "E",
+        "Erin",
+        "erin@example.org",
+        "",
+    ));
+    let out = world.run(&["sync", "--plan", file.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out}");
+    for t in &world.targets {
+        assert_eq!(
+            t.user_states().into_keys().collect::<BTreeSet<_>>(),
+            ["alice", "bob"].map(String::from).into(),
+            "{}: exactly the saved changes",
+            t.name()
+        );
+        assert_eq!(
+            t.memberships()["eng"],
+            ["alice", "bob"].map(String::from).into()
+        );
+    }
+    world.sync_ok();
+
+    // Second review: carol and dave join, bob's title changes; before the apply, dave's
+    // entry changes again: his create is stale, the rest is applied.
+    world.slapd.add(&person(
+        "carol",
+        "Carol C",
+        "C",
+        "Carol",
+        "carol@example.org",
+        "",
+    ));
+    world.slapd.add(&person(
+        "dave",
+        "Dave D",
+        "D",
+        "Dave",
+        "dave@example.org",
+        "",
+    ));
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Architect\n",
+        person_dn("bob")
+    ));
+    let file = world.config.dir().join("second.json");
+    world
+        .run(&["plan", "--format", "json", "--out", file.to_str().unwrap()])
+        .expect_code(2);
+    let path = file.to_str().unwrap();
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: mail\nmail: dave.d@example.org\n",
+        person_dn("dave")
+    ));
+    for t in &world.targets {
+        t.proxy.clear();
+    }
+    // Older than --max-age, or from another configuration: refused, nothing written.
+    let out = world.run(&["sync", "--plan", path, "--max-age", "0s"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("--max-age"), "{out}");
+    let target_file = world.config.target_path(world.targets[0].name());
+    let original = std::fs::read_to_string(&target_file).unwrap();
+    std::fs::write(&target_file, format!("{original}\nrate_limit = \"50/s\"\n")).unwrap();
+    let out = world.run(&["sync", "--plan", path]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("another configuration"), "{out}");
+    std::fs::write(&target_file, original).unwrap();
+    for t in &world.targets {
+        assert!(writes(t).is_empty(), "{}: {:?}", t.name(), writes(t));
+    }
+
+    let out = world.run(&["sync", "--plan", path]);
+    assert_eq!(out.code, 5, "{out}");
+    assert!(out.stdout.contains("stale: create User dave"), "{out}");
+    for t in &world.targets {
+        let users = t.user_states();
+        assert!(
+            users.contains_key("carol") && !users.contains_key("dave"),
+            "{}: {users:?}",
+            t.name()
+        );
+        assert_eq!(t.user("bob")["title"], "Architect", "{}", t.name());
+    }
+    // What is left is exactly the stale change.
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        assert_eq!(
+            changes_of(&plan, t.name()),
+            vec![change("create", "User", "dave")],
+            "{}",
+            t.name()
+        );
+    }
+    world.sync_ok();
+    world.assert_converged();
+}

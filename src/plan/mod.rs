@@ -8,6 +8,7 @@ pub mod adopt;
 pub mod guard;
 pub mod only;
 pub mod orphans;
+pub mod saved;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub use crate::model::AttrChange;
 use crate::model::{DirectoryId, ScimId};
 use crate::snapshot::{RowCounts, TargetState, UserState};
 pub use only::Selection;
+pub use saved::{SavedChange, SavedPlan};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -259,6 +261,10 @@ pub struct Plan {
     /// Attribute paths this target does not keep (absent from its answers after we sent
     /// them): not planned again while the target does not have them.
     pub not_kept: Vec<String>,
+    /// `plan --out`: each change's fingerprint, in the order of `changes`.
+    pub fingerprints: Vec<String>,
+    /// `sync --plan`: the saved plan's changes that no longer match what would be done now.
+    pub stale: Vec<SavedChange>,
 }
 
 impl Plan {

@@ -64,6 +64,10 @@ pub struct Pass<'a> {
     /// reads the whole directory without the change feed and records no feed progress, no
     /// held set and no read size: it is not a cycle, only a few entries brought up to date.
     pub entries: &'a [String],
+    /// `sync --plan`: apply exactly the changes of this saved plan that still match.
+    pub saved: Option<&'a plan::SavedPlan>,
+    /// `plan --out`: give every change its fingerprint.
+    pub fingerprints: bool,
 }
 
 impl<'a> Pass<'a> {
@@ -79,12 +83,16 @@ impl<'a> Pass<'a> {
             progress: None,
             full: None,
             entries: &[],
+            saved: None,
+            fingerprints: false,
         }
     }
 
-    /// Whether this pass touches only some entries (`--only`).
+    /// Whether this pass touches only some entries (`--only`, `sync --plan`), or plans for a
+    /// saved plan (`plan --out`): then it reads the whole directory, never the change feed,
+    /// and records no feed progress, held set or read size.
     pub fn partial(&self) -> bool {
-        !self.entries.is_empty()
+        !self.entries.is_empty() || self.saved.is_some() || self.fingerprints
     }
 }
 
@@ -145,7 +153,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     let targets = select_targets(pass.config, pass.only)?;
     // The read covers every target's mappings: one read serves any subset of targets.
     let mut wanted = map::needed_attributes(&pass.config.targets);
-    if pass.partial() {
+    if !pass.entries.is_empty() {
         // `--only` finds entries by name as `explain` does.
         wanted.extend(
             crate::model::LOOKUP_ATTRIBUTES
@@ -224,7 +232,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         })
         .collect();
     let mut mapping = StreamingMap::new(&targets, &opening);
-    mapping.keep_attributes = pass.partial();
+    mapping.keep_attributes = !pass.entries.is_empty();
     let mut read_way = ReadWay {
         mode: "full",
         ..ReadWay::default()
@@ -332,9 +340,8 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     let read_duration = read_started.elapsed();
     let (source_users, source_groups) =
         counts.unwrap_or((directory.users.len(), directory.groups.len()));
-    let selection = pass
-        .partial()
-        .then(|| plan::Selection::resolve(&directory, pass.entries));
+    let selection =
+        (!pass.entries.is_empty()).then(|| plan::Selection::resolve(&directory, pass.entries));
     let managers = mapping.managers.take();
     let (snapshot, mut prepared) = mapping.finish(&targets, directory, opening).await?;
     // Managers outside a target's scope are left out of its users (and said in its plan).
@@ -633,6 +640,12 @@ async fn reconcile_target(
     });
     plan.problems.append(&mut problems);
     plan::note_absent_managers(&mut plan, &manager_notes, &desired);
+    if let Some(saved) = pass.saved {
+        // Exactly what was reviewed: a change planned now that the saved plan does not have
+        // with the same fingerprint is not applied; a saved one not planned now is stale.
+        plan.stale = saved.narrow(&name, &mut plan.changes, seen);
+        plan.problems.retain(|p| saved.names(&name, &p.external_id));
+    }
     if let Some(selection) = selection {
         // Only the chosen entries' changes are planned, and the limits count only those.
         selection.narrow(&mut plan, seen);
@@ -661,6 +674,18 @@ async fn reconcile_target(
     guard::add_orphans(&mut plan, orphans, hold, approved.as_ref());
     if let Some(selection) = selection {
         selection.narrow_held(&mut plan, &state);
+    }
+    if let Some(saved) = pass.saved {
+        // Orphans an approval released are not in a saved plan unless it named them.
+        saved.retain_saved(&name, &mut plan.changes, &state);
+        saved.retain_saved(&name, &mut plan.held, &state);
+    }
+    if pass.fingerprints {
+        plan.fingerprints = plan
+            .changes
+            .iter()
+            .map(|c| plan::saved::fingerprint(c, &state))
+            .collect();
     }
     let (Some(s), Some(tsnap), false) = (snapshot, &tsnap, pass.dry_run) else {
         let status = if plan.held.is_empty() {
