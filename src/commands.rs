@@ -43,6 +43,26 @@ fn load_config(cli: &Cli) -> Result<Config, u8> {
 }
 
 pub async fn execute(cli: Cli) -> u8 {
+    // While the daemon holds the state directory, it answers these itself.
+    if matches!(
+        cli.command,
+        Command::Plan { .. }
+            | Command::Explain { .. }
+            | Command::Status
+            | Command::Approve { .. }
+            | Command::Sync { .. }
+    ) {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let config_path = cli.config.clone();
+        let forwarded =
+            tokio::task::spawn_blocking(move || crate::control::forward(&config_path, &args))
+                .await
+                .ok()
+                .flatten();
+        if let Some(code) = forwarded {
+            return code;
+        }
+    }
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(code) => return code,
@@ -50,6 +70,12 @@ pub async fn execute(cli: Cli) -> u8 {
     let clock = Clock::from_env();
     // Commands that write the snapshot hold the state directory for as long as they run.
     let _lock = match &cli.command {
+        // The daemon's own child works under the daemon's lock.
+        Command::Sync { .. } | Command::Approve { .. }
+            if crate::control::inside_daemon(&config.daemon.state_dir) =>
+        {
+            None
+        }
         Command::Run { .. } | Command::Sync { .. } | Command::Approve { .. } => {
             match StateLock::acquire_at(
                 &config.daemon.state_dir,
@@ -561,8 +587,11 @@ async fn explain(config: &Config, needle: &str, clock: &Clock) -> u8 {
     // `sync` holds the state directory, its rows cannot be shown (and opening them would get
     // in that process's way). Holding the lock for the read keeps a cycle from starting
     // meanwhile.
+    // The daemon's own child works under the daemon's lock, between its cycles.
+    let inside = crate::control::inside_daemon(&config.daemon.state_dir);
     let _lock = match StateLock::acquire_at(&config.daemon.state_dir, "explain", clock) {
-        Ok(lock) => lock,
+        Ok(lock) => Some(lock),
+        Err(LockError::Busy { .. }) if inside => None,
         Err(LockError::Busy { dir, holder }) => {
             return fail(format!(
                 "state directory {} (daemon.state_dir) is in use by ldap2scim ({holder}): explain cannot read the snapshot while it runs. Try again when it has finished, or stop it",

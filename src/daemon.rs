@@ -318,6 +318,26 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
         },
         None => None,
     };
+    // The control socket: commands run by hand are answered here, between cycles.
+    let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<crate::control::Job>(16);
+    let control = match crate::control::bind(&config.daemon.state_dir) {
+        Ok((listener, path)) => {
+            info!(socket = %path.display(), "serving the control socket (plan, explain, status, approve and sync run by hand are answered here)");
+            Some(ControlSocket {
+                _server: AbortOnDrop(tokio::spawn(crate::control::serve(listener, jobs_tx))),
+                state_dir: config.daemon.state_dir.clone(),
+                path,
+            })
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot serve the control socket; commands run by hand wait until the daemon stops");
+            None
+        }
+    };
+    let socket_path = control.as_ref().map(|c| c.path.clone());
+    // A command being answered, and whether a cycle waits for it to end.
+    let mut answering: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = None;
+    let mut cycle_waits = false;
     let notifier = Notifier::from_env();
     let mut config = Arc::new(config);
     let stop = Arc::new(AtomicBool::new(false));
@@ -372,7 +392,7 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
             error!("the schedule has no future run; stopping");
             return 1;
         };
-        if running.is_none() && stop_deadline.is_some() {
+        if running.is_none() && answering.is_none() && stop_deadline.is_some() {
             info!("stopped cleanly");
             return 0;
         }
@@ -405,7 +425,21 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                     watch = Some(AbortOnDrop(tokio::spawn(live_watch(config.clone(), cookies, live_tx.clone()))));
                 }
             }
-            Some(first) = live_rx.recv(), if running.is_none() && stop_deadline.is_none() => {
+            Some((request, reply)) = jobs_rx.recv(), if running.is_none() && answering.is_none() && stop_deadline.is_none() => {
+                let (config_path, socket) = (cli.config.clone(), socket_path.clone().unwrap_or_default());
+                answering = Some(Box::pin(async move {
+                    let answer = crate::control::run_child(&config_path, &socket, request).await;
+                    let _ = reply.send(answer);
+                }));
+            }
+            () = async { answering.as_mut().expect("guarded").await }, if answering.is_some() => {
+                answering = None;
+                if cycle_waits && stop_deadline.is_none() {
+                    cycle_waits = false;
+                    running = Some(start_cycle(&config, &ticks));
+                }
+            }
+            Some(first) = live_rx.recv(), if running.is_none() && answering.is_none() && stop_deadline.is_none() => {
                 if first.poll {
                     // Active Directory: the delta cycle is the poll; latency is not known.
                     tracing::debug!("live: polling the directory for changes");
@@ -422,7 +456,10 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                 running = Some(start_cycle(&config, &ticks));
             }
             _ = tokio::time::sleep(wait), if stop_deadline.is_none() => {
-                if running.is_some() {
+                if running.is_none() && answering.is_some() {
+                    info!(due = %due, "a command run by hand is being answered; the cycle starts when it is done");
+                    cycle_waits = true;
+                } else if running.is_some() {
                     metrics.tick_skipped();
                     warn!(due = %due, skipped = metrics.ticks_skipped(), "a cycle is still running; this scheduled cycle is skipped");
                 } else {
@@ -470,6 +507,19 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                 }
             }
         }
+    }
+}
+
+/// The control socket while the daemon runs; its pointer and socket go when it stops.
+struct ControlSocket {
+    _server: AbortOnDrop,
+    state_dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        crate::control::unbind(&self.state_dir, &self.path);
     }
 }
 

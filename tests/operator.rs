@@ -259,3 +259,86 @@ fn a_saved_plan_is_applied_exactly_and_a_stale_change_is_refused() {
     world.sync_ok();
     world.assert_converged();
 }
+
+#[test]
+fn a_running_daemon_answers_plan_explain_status_approve_and_sync_without_any_secret() {
+    let mut world = World::start(&seed(), "");
+    // The bind password only the daemon's environment has.
+    world
+        .config
+        .set("ldap", "bind_password", "{ env = \"L2S_TEST_BIND_PW\" }")
+        .set("daemon", "schedule", &toml_str("0 0 1 1 *"));
+    let daemon = Ldap2scim::new(&world.config.path())
+        .env("L2S_TEST_BIND_PW", world.slapd.bind_pw())
+        .args(["run", "--now"])
+        .spawn();
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || daemon
+            .stderr()
+            .contains("next cycle scheduled")),
+        "{}",
+        daemon.stderr()
+    );
+    let socket = std::fs::read_to_string(world.config.state_dir().join("control")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(socket.trim())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the control socket is owner-only: {mode:o}"
+        );
+    }
+    // Run by hand without the secret: answered by the daemon.
+    let status = world.run(&["status"]);
+    assert_eq!(status.code, 0, "{status}");
+    assert!(status.stdout.contains("held by ldap2scim"), "{status}");
+    world.run(&["plan"]).expect_code(0);
+
+    world.slapd.add(&person(
+        "nina",
+        "Nina N",
+        "N",
+        "Nina",
+        "nina@example.org",
+        "Analyst",
+    ));
+    // The live watch may apply it first; either way the answers agree with the targets.
+    let out = world.run(&["explain", "nina"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("nina@example.org"), "{out}");
+    let file = world.config.dir().join("by-daemon.json");
+    let out = world.run(&["plan", "--out", file.to_str().unwrap()]);
+    assert!(out.code == 0 || out.code == 2, "{out}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert!(saved["saved"]["configuration"].is_string(), "{saved:#}");
+    world.run(&["sync", "--only", "nina"]).expect_code(0);
+    for t in &world.targets {
+        assert!(t.user_states()["nina"], "{}", t.name());
+    }
+    world
+        .run(&["approve", "--target", world.targets[0].name()])
+        .expect_code(0);
+    world.run(&["sync"]).expect_code(0);
+    // A bad command is answered with the same exit code and message as alone.
+    let out = world.run(&["explain", "nobody-at-all"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("matches no user or group"), "{out}");
+    let stopped = daemon.stop();
+    assert_eq!(stopped.code, 0, "{stopped}");
+    assert!(!world.config.state_dir().join("control").exists());
+    // Without the daemon, the same command needs the secret.
+    let out = world.run(&["status"]);
+    assert!(
+        out.code == 0 || out.stderr.contains("L2S_TEST_BIND_PW"),
+        "{out}"
+    );
+    let out = world.run(&["plan"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("L2S_TEST_BIND_PW"), "{out}");
+    world.targets.clear();
+}

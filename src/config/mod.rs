@@ -30,7 +30,7 @@ use std::time::Duration;
 pub use crate::model::Dialect;
 pub use crate::scim::profile::Profile;
 
-pub use main_file::{load, load_with_env};
+pub use main_file::{load, load_with_env, DEFAULT_STATE_DIR};
 pub use schedule::Schedule;
 pub use template::Template;
 pub use values::{parse_duration, parse_size};
