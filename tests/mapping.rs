@@ -15,7 +15,7 @@ fn people() -> String {
     let dn = person_dn;
     [
         format!(
-            "dn: {}\nobjectClass: inetOrgPerson\nuid: alice\ncn: Alice Liddell\nsn: Liddell\ngivenName: Alice\nmail: Alice@Example.org\nmail: alice.home@example.net\ntelephoneNumber: +1 555 0100\nmobile: +1 (555) 0199\nemployeeNumber: 1001\ndepartmentNumber: R&D\ndepartmentNumber: Tools\no: Example Corp\nou: Platform\ntitle:   senior engineer \n\n",
+            "dn: {}\nobjectClass: inetOrgPerson\nuid: alice\ncn: Alice Liddell\nsn: Liddell\ngivenName: Alice\nmail: Alice@Example.org\nmail: alice.home@example.net\ntelephoneNumber: +1 555 0100\nmobile: +1 (555) 0199\nemployeeNumber: 1001\ndepartmentNumber: R&D\ndepartmentNumber: Tools\no: Example Corp\nou: Platform\ntitle:   senior engineer \nstreet: 1 Main St\nl: Springfield\npostalCode: 12345\n\n",
             dn("alice")
         ),
         // No mail: the work email falls back to uid@fallback; no title: "Staff".
@@ -45,6 +45,10 @@ title = "{% if title %}{{ title | trim | title }}{% else %}Staff{% endif %}"
 "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:organization" = "{{ o | default('Example') }}"
 "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:division" = "{ou}"
 "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:costCenter" = "{{ 'CC-' ~ employeeNumber[:2] }}"
+"addresses[type eq \"work\"].streetAddress" = "{street}"
+"addresses[type eq \"work\"].locality" = "{l}"
+"addresses[type eq \"work\"].postalCode" = "{postalCode}"
+"addresses[type eq \"work\"].country" = "{{ c | default('US') }}"
 "#;
 
 fn typed<'a>(user: &'a Value, attr: &str, ty: &str) -> Option<&'a str> {
@@ -101,6 +105,14 @@ fn expressions_multi_valued_attributes_and_the_enterprise_extension_reach_both_s
     assert_eq!(enterprise["organization"], "Example Corp");
     assert_eq!(enterprise["division"], "Platform");
     assert_eq!(enterprise["costCenter"], "CC-10");
+    let address = alice["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["type"] == "work"))
+        .unwrap_or_else(|| panic!("no work address: {alice:#}"));
+    assert_eq!(address["streetAddress"], "1 Main St");
+    assert_eq!(address["locality"], "Springfield");
+    assert_eq!(address["postalCode"], "12345");
+    assert_eq!(address["country"], "US");
     let bob = scim2.user("bob");
     assert_eq!(bob["title"], "Staff");
     assert_eq!(

@@ -58,6 +58,15 @@ const ENTERPRISE_PARTS: &[&str] = &[
     "department",
 ];
 const TYPED_MULTI_VALUED: &[&str] = &["emails", "phoneNumbers"];
+/// The sub-attributes of an address (RFC 7643 §4.1.2).
+const ADDRESS_PARTS: &[&str] = &[
+    "formatted",
+    "streetAddress",
+    "locality",
+    "region",
+    "postalCode",
+    "country",
+];
 
 /// Dialect defaults merged with the target's `[mapping]`: a key overrides a default, `""`
 /// removes it, new keys follow the defaults in file order.
@@ -145,6 +154,14 @@ fn check_mapping_path(path: &str) -> Result<(), String> {
         || path
             .strip_prefix(ENTERPRISE_PREFIX)
             .is_some_and(|part| ENTERPRISE_PARTS.contains(&part) || part == "manager")
+        || path
+            .strip_prefix("addresses[type eq \"")
+            .and_then(|rest| rest.split_once("\"]."))
+            .is_some_and(|(kind, sub)| {
+                !kind.is_empty()
+                    && kind.chars().all(|c| c.is_ascii_alphabetic())
+                    && ADDRESS_PARTS.contains(&sub)
+            })
         || TYPED_MULTI_VALUED.iter().any(|attribute| {
             path.strip_prefix(attribute)
                 .and_then(|rest| rest.strip_prefix("[type eq \""))
@@ -171,9 +188,10 @@ fn check_mapping_path(path: &str) -> Result<(), String> {
     Err(match nearest(path, &candidates) {
         Some(near) => format!("unsupported SCIM attribute path \"{path}\"; did you mean \"{near}\"?"),
         None => format!(
-            "unsupported SCIM attribute path \"{path}\"; supported: {}, name.<{}>, emails[type eq \"work\"].value, phoneNumbers[type eq \"work\"].value, {ENTERPRISE_PREFIX}<{}>",
+            "unsupported SCIM attribute path \"{path}\"; supported: {}, name.<{}>, emails[type eq \"work\"].value, phoneNumbers[type eq \"work\"].value, addresses[type eq \"work\"].<{}>, {ENTERPRISE_PREFIX}<{}|manager>",
             SIMPLE_PATHS.join(", "),
             NAME_PARTS.join("|"),
+            ADDRESS_PARTS.join("|"),
             ENTERPRISE_PARTS.join("|"),
         ),
     })
@@ -192,6 +210,8 @@ mod tests {
             "phoneNumbers[type eq \"work\"].value",
             "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:costCenter",
             "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager",
+            "addresses[type eq \"work\"].streetAddress",
+            "addresses[type eq \"home\"].postalCode",
         ] {
             assert_eq!(check_mapping_path(good), Ok(()), "{good}");
         }
@@ -199,6 +219,7 @@ mod tests {
             "emails[type eq \"\"].value",
             "emails[type eq \"work 2\"].value",
             "addresses[type eq \"work\"].value",
+            "addresses[type eq \"\"].locality",
             "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:managr",
             "name",
         ] {

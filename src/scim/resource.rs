@@ -28,6 +28,12 @@ pub fn split_typed(path: &str) -> Option<(&str, &str)> {
     Some((attr, ty))
 }
 
+/// The sub-attribute of a typed path: `value` of `emails[type eq "work"].value`, `locality`
+/// of `addresses[type eq "work"].locality`.
+pub fn typed_sub(path: &str) -> &str {
+    path.rsplit_once("].").map_or("value", |(_, sub)| sub)
+}
+
 /// The top-level SCIM attribute a flat path belongs to (the unit a PATCH replaces).
 pub fn top_level(path: &str) -> &str {
     if let Some((attr, _)) = split_typed(path) {
@@ -43,13 +49,23 @@ pub fn top_level(path: &str) -> &str {
 /// no path under it has a value).
 pub fn top_level_value(attrs: &FlatAttrs, top: &str) -> Option<Value> {
     let mut complex = Map::new();
-    let mut multi: Vec<Value> = Vec::new();
+    // One item per type, its sub-attributes together (an address's street and locality).
+    let mut multi: Vec<(String, Map<String, Value>)> = Vec::new();
     let mut scalar = None;
     for (path, value) in attrs {
         if let Some((attr, ty)) = split_typed(path) {
             if attr == top {
-                let primary = multi.is_empty();
-                multi.push(json!({"type": ty, "value": value, "primary": primary}));
+                let item = match multi.iter_mut().position(|(t, _)| t == ty) {
+                    Some(i) => &mut multi[i].1,
+                    None => {
+                        let mut item = Map::new();
+                        item.insert("type".into(), json!(ty));
+                        item.insert("primary".into(), json!(multi.is_empty()));
+                        multi.push((ty.to_owned(), item));
+                        &mut multi.last_mut().expect("just pushed").1
+                    }
+                };
+                item.insert(typed_sub(path).to_owned(), value.clone());
             }
         } else if path == top {
             scalar = Some(value.clone());
@@ -60,7 +76,12 @@ pub fn top_level_value(attrs: &FlatAttrs, top: &str) -> Option<Value> {
         }
     }
     if !multi.is_empty() {
-        Some(Value::Array(multi))
+        Some(Value::Array(
+            multi
+                .into_iter()
+                .map(|(_, item)| Value::Object(item))
+                .collect(),
+        ))
     } else if !complex.is_empty() {
         Some(Value::Object(complex))
     } else {
@@ -130,6 +151,27 @@ pub fn flatten_user(r: &Value) -> FlatAttrs {
                             out.insert(typed_path(k, ""), val.clone());
                         }
                         None => {}
+                    }
+                }
+            }
+            ("addresses", Value::Array(items)) => {
+                let untyped = items
+                    .iter()
+                    .filter(|i| i["type"].as_str().is_none())
+                    .count();
+                for item in items {
+                    let Some(fields) = item.as_object() else {
+                        continue;
+                    };
+                    let ty = match item["type"].as_str() {
+                        Some(t) => t,
+                        None if untyped == 1 => "",
+                        None => continue,
+                    };
+                    for (sub, val) in fields {
+                        if sub != "type" && sub != "primary" {
+                            out.insert(format!("addresses[type eq \"{ty}\"].{sub}"), val.clone());
+                        }
                     }
                 }
             }
@@ -221,6 +263,37 @@ pub fn group_put_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_one_item_of_its_sub_attributes_and_flattens_back() {
+        let mut attrs = FlatAttrs::new();
+        attrs.insert("userName".into(), json!("jdoe"));
+        attrs.insert(
+            "addresses[type eq \"work\"].locality".into(),
+            json!("Springfield"),
+        );
+        attrs.insert(
+            "addresses[type eq \"work\"].postalCode".into(),
+            json!("12345"),
+        );
+        attrs.insert("addresses[type eq \"home\"].country".into(), json!("DE"));
+        let r = user_resource(&attrs);
+        assert_eq!(
+            r["addresses"],
+            json!([
+                {"type": "home", "primary": true, "country": "DE"},
+                {"type": "work", "primary": false, "locality": "Springfield", "postalCode": "12345"},
+            ])
+        );
+        let back = flatten_user(&r);
+        for (path, value) in &attrs {
+            assert_eq!(back.get(path), Some(value), "{path}");
+        }
+        assert_eq!(
+            top_level("addresses[type eq \"work\"].locality"),
+            "addresses"
+        );
+    }
 
     #[test]
     fn flat_attributes_build_a_scim_user() {
