@@ -52,7 +52,10 @@ pub async fn execute(cli: Cli) -> u8 {
             | Command::Approve { .. }
             | Command::Sync { .. }
     ) {
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let args: Vec<String> = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let config_path = cli.config.clone();
         let forwarded =
             tokio::task::spawn_blocking(move || crate::control::forward(&config_path, &args))

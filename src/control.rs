@@ -50,7 +50,8 @@ pub type Job = (Request, tokio::sync::oneshot::Sender<Reply>);
 /// directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     match std::env::var_os("RUNTIME_DIRECTORY") {
-        // systemd may list several, separated by ':'.
+        // systemd may list several, separated by ':'. Two instances sharing one runtime
+        // directory get a socket each (named after their state directory).
         Some(dirs) if !dirs.is_empty() => {
             let first = dirs
                 .to_string_lossy()
@@ -58,7 +59,8 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
                 .next()
                 .unwrap_or("")
                 .to_owned();
-            PathBuf::from(first).join("control.sock")
+            let tag = crate::model::bytes_hash(state_dir.to_string_lossy().as_bytes());
+            PathBuf::from(first).join(format!("control-{}.sock", &tag[..8]))
         }
         _ => state_dir.join("control.sock"),
     }
@@ -156,11 +158,25 @@ pub async fn run_child(config: &Path, socket: &Path, request: Request) -> Reply 
         let _ = std::fs::remove_file(path);
     }
     match output {
-        Ok(out) => Reply {
-            code: out.status.code().map_or(1, |c| c as u8),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        },
+        Ok(out) => {
+            use std::os::unix::process::ExitStatusExt;
+            let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            let code = match (out.status.code(), out.status.signal()) {
+                (Some(c), _) => c as u8,
+                (None, Some(sig)) => {
+                    stderr.push_str(&format!(
+                        "ldap2scim: error: the command was ended by signal {sig} (the daemon is stopping?)\n"
+                    ));
+                    128u8.saturating_add(sig as u8)
+                }
+                (None, None) => 1,
+            };
+            Reply {
+                code,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr,
+            }
+        }
         Err(e) => refusal(&format!("cannot start the command ({e})")),
     }
 }

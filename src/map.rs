@@ -223,6 +223,13 @@ impl UserMapper {
         }
     }
 
+    /// Whether the target maps managers.
+    pub fn maps_manager(&self) -> bool {
+        self.mapping
+            .iter()
+            .any(|(_, _, slot)| matches!(slot, Slot::Template(_, true)))
+    }
+
     pub fn map(&self, user: &DirectoryUser) -> Result<DesiredUser, String> {
         map_compiled(user, &self.mapping, self.max_value_length)
     }
@@ -237,12 +244,16 @@ fn assemble(
     mut taken: Option<Vec<BTreeSet<DirectoryId>>>,
 ) -> Desired {
     let mut out = Desired::default();
+    let maps_manager = target.maps_manager();
     let mut users = Vec::with_capacity(mapped.len());
     for (user, result) in dir.users.iter().zip(mapped) {
         match result {
             None => {}
             Some(Ok(mut u)) => {
-                if !u.attrs.is_empty() && unchanged(&u.id, &u.hash) {
+                if !u.attrs.is_empty()
+                    && unchanged(&u.id, &u.hash)
+                    && !keeps_attributes(maps_manager, &u)
+                {
                     u.attrs = no_attrs();
                 }
                 users.push((u.id.clone(), u))
@@ -277,6 +288,15 @@ fn assemble(
             if target.groups == GroupScope::Scoped && members.is_empty() {
                 continue;
             }
+            if let Some(attr) = unreadable_group_attribute(target, group) {
+                // Which group it is, or whether it is chosen, cannot be told: kept as it is.
+                group_problems.push((
+                    group.id.clone(),
+                    group.dn.clone(),
+                    format!("its attribute {attr} (read by groups_filter or group_mapping) has a value that is not valid UTF-8; fix the value in the directory ({UNTIL_FIXED})"),
+                ));
+                continue;
+            }
             if !group_selected(target, group) {
                 continue;
             }
@@ -301,6 +321,22 @@ fn assemble(
     }
     out.problems.append(&mut group_problems);
     out
+}
+
+/// An attribute the target's group name template or `groups_filter` reads whose value
+/// in this group is not text.
+fn unreadable_group_attribute(target: &TargetConfig, group: &DirectoryGroup) -> Option<String> {
+    let unreadable = group.attrs.get(crate::model::UNREADABLE_ATTRIBUTES)?;
+    let mut read: Vec<String> = match &target.groups_filter {
+        Some(GroupsFilter::Ldap(filter)) => filter.attributes(),
+        Some(GroupsFilter::Names(_)) => vec!["cn".to_owned()],
+        None => Vec::new(),
+    };
+    match &target.group_display_name {
+        Some(t) => read.extend(t.attributes().map(str::to_ascii_lowercase)),
+        None => read.push("cn".to_owned()),
+    }
+    read.into_iter().find(|a| unreadable.contains(a))
 }
 
 /// Whether `groups_filter` lets the group go to the target (no filter: every group).
@@ -508,37 +544,76 @@ pub fn manager_dn(attrs: &SharedAttrs) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Takes the manager out of every desired user whose manager is not a user of this target
-/// (not in the directory, or outside the target's scope): its field is left empty rather
-/// than pointing at an account the target does not have, and the hash says so, so the link
-/// is made once the manager comes into scope.
-pub fn unlink_absent_managers(desired: &mut Desired, managers: &Managers) -> Vec<ManagerNote> {
+/// Resolves every desired user's manager on this target (`state`: its snapshot rows): a
+/// manager with an account there becomes `{"value": <its SCIM id>}`, so a manager whose
+/// account changed (made again, re-bound) is an update of its reports; a manager that is
+/// not a user of this target (not in the directory, outside its scope) is left out, so the
+/// field is empty rather than pointing at an account the target does not have, and said in
+/// the plan. A manager being created in this cycle keeps its DN: the apply sends its new id
+/// once it is made.
+///
+/// Users with a manager keep their attributes through mapping for this (see
+/// [`keeps_attributes`]); those that turn out unchanged give them up here.
+pub fn resolve_managers(
+    desired: &mut Desired,
+    managers: &Managers,
+    state: &crate::snapshot::TargetState,
+) -> Vec<ManagerNote> {
     let mut notes = Vec::new();
+    let mut resolved: Vec<(DirectoryId, Option<Value>)> = Vec::new();
+    let problems: HashSet<&DirectoryId> = desired.problems.iter().map(|(p, _, _)| p).collect();
     for (id, user) in desired.users.iter() {
         let Some(manager) = manager_dn(&user.attrs) else {
             continue;
         };
         let found = managers.id_of(&manager);
-        let present = found.is_some_and(|m| {
-            desired.users.contains_key(m) || desired.problems.iter().any(|(p, _, _)| p == m)
-        });
-        if !present {
-            notes.push(ManagerNote {
-                user: id.clone(),
-                manager_dn: manager,
-                unknown: found.is_none(),
-            });
+        let present = found.filter(|m| desired.users.contains_key(*m) || problems.contains(m));
+        match present {
+            None => {
+                notes.push(ManagerNote {
+                    user: id.clone(),
+                    manager_dn: manager,
+                    unknown: found.is_none(),
+                });
+                resolved.push((id.clone(), None));
+            }
+            Some(m) => {
+                if let Some(row) = state.users.get(m) {
+                    resolved.push((
+                        id.clone(),
+                        Some(serde_json::json!({ "value": row.scim_id.0 })),
+                    ));
+                }
+            }
         }
     }
-    for note in &notes {
-        if let Some(user) = desired.users.get_mut(&note.user) {
-            let mut attrs = user.attrs.unpack();
-            attrs.remove(crate::config::MANAGER_PATH);
-            user.attrs = SharedAttrs::pack(&attrs);
-            user.hash = packed_hash(&user.attrs);
+    for (id, value) in resolved {
+        let Some(user) = desired.users.get_mut(&id) else {
+            continue;
+        };
+        let mut attrs = user.attrs.unpack();
+        match value {
+            Some(v) => attrs.insert(crate::config::MANAGER_PATH.to_owned(), v),
+            None => attrs.remove(crate::config::MANAGER_PATH),
+        };
+        user.attrs = SharedAttrs::pack(&attrs);
+        user.hash = packed_hash(&user.attrs);
+        if state
+            .users
+            .get(&id)
+            .is_some_and(|row| row.hash == user.hash)
+        {
+            user.attrs = no_attrs();
         }
     }
     notes
+}
+
+/// Whether a mapped user keeps its attributes although its hash matches its row: a user
+/// with a manager, on a target that maps managers (the hash is of the manager's DN; whether
+/// the manager's account is still the same is only known once every user is read).
+pub fn keeps_attributes(target_maps_manager: bool, user: &DesiredUser) -> bool {
+    target_maps_manager && user.attrs.json().contains(":User:manager\"")
 }
 
 /// Every directory attribute some target's mapping names, for the directory read.
@@ -731,6 +806,60 @@ mod tests {
         u.attrs
             .insert("mail".into(), vec!["jdoe@example.org".into()]);
         assert!(map_user(&u, &target).is_ok());
+    }
+
+    #[test]
+    fn a_group_whose_chosen_or_named_by_attribute_is_not_utf8_is_a_problem_kept() {
+        let mut target = crate::plan::tests::target();
+        target.groups = GroupScope::All;
+        target.group_display_name = Some(Template::parse("{{ description }}").unwrap());
+        let group = |unreadable: &[&str]| {
+            let mut attrs = crate::model::Attributes::new();
+            attrs.insert("cn".into(), vec!["eng".into()]);
+            if !unreadable.is_empty() {
+                attrs.insert(
+                    crate::model::UNREADABLE_ATTRIBUTES.into(),
+                    unreadable.iter().map(|a| a.to_string()).collect(),
+                );
+            } else {
+                attrs.insert("description".into(), vec!["Engineering".into()]);
+            }
+            DirectoryGroup {
+                id: DirectoryId::new("G1"),
+                dn: "cn=eng,ou=groups,dc=x".into(),
+                attrs,
+                members: BTreeSet::new(),
+            }
+        };
+        let dir = Directory {
+            users: vec![],
+            groups: vec![group(&["description"])],
+        };
+        let d = desired(&dir, &target).unwrap();
+        assert!(d.groups.is_empty());
+        assert!(
+            d.problems.len() == 1 && d.problems[0].2.contains("description"),
+            "{:?}",
+            d.problems
+        );
+        // Unreadable, but read by nothing of this target: no one's business.
+        let dir = Directory {
+            users: vec![],
+            groups: vec![group(&["jpegphoto"])],
+        };
+        target.group_display_name = None;
+        let d = desired(&dir, &target).unwrap();
+        assert!(d.problems.is_empty() && d.groups.len() == 1, "{d:?}");
+        let dir = Directory {
+            users: vec![],
+            groups: vec![group(&[])],
+        };
+        target.group_display_name = Some(Template::parse("{{ description }}").unwrap());
+        let d = desired(&dir, &target).unwrap();
+        assert_eq!(
+            d.groups[&DirectoryId::new("G1")].display_name,
+            "Engineering"
+        );
     }
 
     #[test]

@@ -267,6 +267,15 @@ fn a_leaver_during_a_lost_snapshot_is_an_orphan_deprovisioned_only_through_appro
             .expect("the orphan is listed");
         assert!(listed < out.stdout.find("approved 1").unwrap(), "{out}");
     }
+    // A pass for one other entry (`--only`) releases none of them, and keeps the approval.
+    world.run(&["sync", "--only", "p000"]).expect_code(0);
+    for t in &world.targets {
+        assert!(
+            t.user_states()["p002"],
+            "{}: --only p000 deprovisioned the orphan",
+            t.name()
+        );
+    }
     world.sync_ok();
     for t in &world.targets {
         let states = t.user_states();

@@ -440,4 +440,39 @@ fn managers_are_linked_by_scim_id_even_when_created_in_the_same_cycle() {
     assert_eq!(manager_of(scim2, "bob"), Some(id_of(scim2, "boss")));
     assert_eq!(manager_of(scim2, "eve"), Some(id_of(scim2, "ghost")));
     world.assert_converged();
+
+    // The manager's account deleted by hand and made again: its reports follow the new id.
+    let old_boss = id_of(scim2, "boss");
+    let code = scim_delete(
+        &scim2.server.base_url(),
+        scim2.server.token(),
+        &format!("/Users/{old_boss}"),
+    );
+    assert!(code == 204 || code == 200, "{code}");
+    world.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: title\ntitle: Chief\n",
+        person_dn("boss")
+    ));
+    world.run(&["sync"]);
+    world.sync_ok();
+    let new_boss = id_of(scim2, "boss");
+    assert_ne!(new_boss, old_boss);
+    assert_eq!(manager_of(scim2, "alice"), Some(new_boss.clone()));
+    assert_eq!(manager_of(scim2, "bob"), Some(new_boss));
+    world.assert_converged();
+
+    // A manager who leaves: the field is emptied on the reports (never a dangling id).
+    world.slapd.delete(&person_dn("ghost"));
+    let (_, plan) = world.plan_json();
+    for t in &world.targets {
+        let changes = changes_of(&plan, t.name());
+        assert!(
+            changes.contains(&change("update", "User", "eve")),
+            "{}: {changes:?}",
+            t.name()
+        );
+    }
+    world.sync_ok();
+    assert_eq!(manager_of(scim2, "eve"), None);
+    world.assert_converged();
 }

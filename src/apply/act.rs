@@ -518,8 +518,10 @@ impl Applier<'_> {
         }
         let ops = patch_ops(changes, flat);
         let (etag, body) = self.write_user(scim_id, ops, flat, None).await?;
+        // What was sent: a manager without an account here was left out.
         let sent: FlatAttrs = changes
             .iter()
+            .filter(|c| c.path != MANAGER_PATH || flat.contains_key(&c.path))
             .filter_map(|c| c.to.clone().map(|v| (c.path.clone(), v)))
             .collect();
         Ok((etag, answered(&sent, &body)))

@@ -95,7 +95,7 @@ impl Applier<'_> {
         let mut i = 0;
         while i < changes.len() {
             if stopping() {
-                report.not_started = changes.len() - i;
+                report.not_started += changes.len() - i;
                 warn!(target = %self.target.name, left = report.not_started, "stop requested or the next cycle is due; the remaining changes wait for the next cycle");
                 break;
             }
@@ -242,10 +242,13 @@ impl Applier<'_> {
                 },
             };
         }
-        // A manager with no account here yet is left out of what is sent: the row then says
-        // so (its hash is of what the target holds), and a later plan links it.
-        let unlinked = change_attrs(change).filter(|attrs| {
-            self.managers.is_some() && self.manager_link(&attrs.unpack(), rows.state) == Some(None)
+        // A manager made earlier in this apply is sent as its new id, and the row records
+        // that (as the next plan resolves it, so nothing is planned again); one still without
+        // an account here is left out, and the row keeps the plan's form.
+        let linked = change_attrs(change).and_then(|attrs| {
+            let flat = attrs.unpack();
+            let sid = self.managers.and(self.manager_link(&flat, rows.state))??;
+            Some((flat, sid))
         });
         let mut acted = self.act(rows, change).await;
         breaker.record(acted.error.as_ref());
@@ -253,15 +256,17 @@ impl Applier<'_> {
             Some(ack) => advance::advance(rows.state, change, ack, self.now),
             None => Vec::new(),
         };
-        if let Some(attrs) = unlinked {
-            let mut held = attrs.unpack();
-            held.remove(crate::config::MANAGER_PATH);
-            let held = crate::map::SharedAttrs::pack(&held);
+        if let Some((mut flat, sid)) = linked {
+            flat.insert(
+                crate::config::MANAGER_PATH.to_owned(),
+                serde_json::json!({ "value": sid.0 }),
+            );
+            let sent = crate::map::SharedAttrs::pack(&flat);
             for u in &mut updates {
                 if let Update::PutUser(id, row) = u {
                     if id == change.id() {
-                        row.hash = crate::map::packed_hash(&held);
-                        row.attrs = held.clone();
+                        row.hash = crate::map::packed_hash(&sent);
+                        row.attrs = sent.clone();
                     }
                 }
             }

@@ -78,7 +78,7 @@ impl Filter {
             }
         };
         let wanted = |attr: &str, value: &str| {
-            if DN_ATTRIBUTES.contains(&attr) {
+            if DN_ATTRIBUTES.contains(&attr) || attr == "entrydn" || attr == "distinguishedname" {
                 dn::normalize_lossy(value)
             } else {
                 value.to_lowercase()
@@ -318,6 +318,7 @@ mod tests {
             ("(owner=*)", false),
             ("(!(owner=*))", true),
             ("(gidNumber>=1000)", true),
+            ("(entryDN=CN=App-Sales, ou=groups,dc=x)", true),
             ("(gidNumber<=999)", false),
             ("(cn~=app-sales)", true),
         ] {

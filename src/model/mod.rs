@@ -89,6 +89,10 @@ impl fmt::Display for ScimId {
 /// Directory attributes of one entry: lowercased attribute name → values, in directory order.
 pub type Attributes = BTreeMap<String, Vec<String>>;
 
+/// Where a group entry's attributes list those that came back with a value that is not
+/// valid UTF-8 (lowercased; not otherwise in the map). No directory attribute has this name.
+pub const UNREADABLE_ATTRIBUTES: &str = "ldap2scim;unreadable";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryUser {
     pub id: DirectoryId,

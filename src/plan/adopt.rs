@@ -42,9 +42,14 @@ pub fn align_typed_items(found: &FlatAttrs, want: &FlatAttrs) -> FlatAttrs {
             if want.contains_key(path) {
                 return None;
             }
+            // The same sub-attribute (an address's locality is not its country).
+            let sub = crate::scim::resource::typed_sub(path);
             let wanted: Vec<&String> = want
                 .keys()
-                .filter(|p| split_typed(p).is_some_and(|(a, _)| a == attr))
+                .filter(|p| {
+                    split_typed(p).is_some_and(|(a, _)| a == attr)
+                        && crate::scim::resource::typed_sub(p) == sub
+                })
                 .collect();
             if let Some(same) = wanted.iter().find(|p| {
                 split_typed(p).is_some_and(|(_, t)| !ty.is_empty() && t.eq_ignore_ascii_case(ty))
@@ -53,7 +58,10 @@ pub fn align_typed_items(found: &FlatAttrs, want: &FlatAttrs) -> FlatAttrs {
             }
             let items_found = found
                 .keys()
-                .filter(|p| split_typed(p).is_some_and(|(a, _)| a == attr))
+                .filter(|p| {
+                    split_typed(p).is_some_and(|(a, _)| a == attr)
+                        && crate::scim::resource::typed_sub(p) == sub
+                })
                 .count();
             (ty.is_empty()
                 && items_found == 1

@@ -90,9 +90,14 @@ impl Selection {
         }
     }
 
-    /// Held changes (and orphans) of the chosen entries only.
+    /// After the limits: held changes, and the orphans an approval released into the
+    /// changes, of the chosen entries only.
     pub fn narrow_held(&self, plan: &mut Plan, state: &TargetState) {
         let (ids, users, _) = self.on_target(state);
+        plan.changes = std::mem::take(&mut plan.changes)
+            .into_iter()
+            .filter_map(|c| keep(c, &ids, &users))
+            .collect();
         plan.held = std::mem::take(&mut plan.held)
             .into_iter()
             .filter_map(|c| keep(c, &ids, &users))

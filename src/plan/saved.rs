@@ -174,12 +174,38 @@ impl SavedPlan {
         })
     }
 
-    /// Keeps, of the changes planned now for `target`, those the saved plan has with the
-    /// same fingerprint; returns the saved changes that matched none (stale).
-    pub fn narrow(
+    /// Before the limits: keeps the changes planned now for `target` that the saved plan
+    /// names (same action, resource and entry), so the limits count only those. Fingerprints
+    /// are compared afterwards, by [`finish`](Self::finish), on the changes as the limits
+    /// leave them (a member change may be split when something is held, as it was when the
+    /// plan was saved).
+    pub fn narrow(&self, target: &str, changes: &mut Vec<Change>) {
+        let saved = self
+            .targets
+            .get(target)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let named: BTreeSet<(String, String, &str)> = saved
+            .iter()
+            .map(|s| (s.action.clone(), s.resource.clone(), s.external_id.as_str()))
+            .collect();
+        changes.retain(|c| {
+            named.contains(&(
+                c.action().to_string(),
+                c.resource().to_string(),
+                c.id().0.as_str(),
+            ))
+        });
+    }
+
+    /// After the limits and the orphans: keeps exactly the changes (and held changes) the
+    /// saved plan has with the same fingerprint; returns the saved changes that match none
+    /// of them (stale).
+    pub fn finish(
         &self,
         target: &str,
         changes: &mut Vec<Change>,
+        held: &mut Vec<Change>,
         state: &TargetState,
     ) -> Vec<SavedChange> {
         let saved = self
@@ -190,14 +216,16 @@ impl SavedPlan {
         let wanted: BTreeSet<(&str, &str, &str, &str)> =
             saved.iter().map(SavedChange::key).collect();
         let mut matched: BTreeSet<SavedChange> = BTreeSet::new();
-        changes.retain(|c| {
-            let now = SavedChange::of(c, fingerprint(c, state));
-            let keep = wanted.contains(&now.key());
-            if keep {
-                matched.insert(now);
-            }
-            keep
-        });
+        for list in [changes, held] {
+            list.retain(|c| {
+                let now = SavedChange::of(c, fingerprint(c, state));
+                let keep = wanted.contains(&now.key());
+                if keep {
+                    matched.insert(now);
+                }
+                keep
+            });
+        }
         let matched: BTreeSet<(&str, &str, &str, &str)> =
             matched.iter().map(SavedChange::key).collect();
         saved
@@ -209,19 +237,6 @@ impl SavedPlan {
 }
 
 impl SavedPlan {
-    /// Keeps only changes the saved plan has for `target`, with the same fingerprint (what
-    /// the limits and the orphans added after [`narrow`](Self::narrow) must not bring in).
-    pub fn retain_saved(&self, target: &str, changes: &mut Vec<Change>, state: &TargetState) {
-        let saved = self
-            .targets
-            .get(target)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let wanted: BTreeSet<(&str, &str, &str, &str)> =
-            saved.iter().map(SavedChange::key).collect();
-        changes.retain(|c| wanted.contains(&SavedChange::of(c, fingerprint(c, state)).key()));
-    }
-
     /// Whether the saved plan names a change about the directory id `id` on `target`.
     pub fn names(&self, target: &str, id: &str) -> bool {
         self.targets

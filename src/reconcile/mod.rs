@@ -348,8 +348,8 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
     let mut manager_notes: Vec<Vec<map::ManagerNote>> = Vec::with_capacity(targets.len());
     for (t, p) in targets.iter().zip(prepared.iter_mut()) {
         manager_notes.push(match (&managers, p) {
-            (Some(managers), Ok((desired, _, _))) if t.maps_manager() => {
-                map::unlink_absent_managers(desired, managers)
+            (Some(managers), Ok((desired, _, state))) if t.maps_manager() => {
+                map::resolve_managers(desired, managers, state)
             }
             _ => Vec::new(),
         });
@@ -643,7 +643,7 @@ async fn reconcile_target(
     if let Some(saved) = pass.saved {
         // Exactly what was reviewed: a change planned now that the saved plan does not have
         // with the same fingerprint is not applied; a saved one not planned now is stale.
-        plan.stale = saved.narrow(&name, &mut plan.changes, seen);
+        saved.narrow(&name, &mut plan.changes);
         plan.problems.retain(|p| saved.names(&name, &p.external_id));
     }
     if let Some(selection) = selection {
@@ -676,9 +676,9 @@ async fn reconcile_target(
         selection.narrow_held(&mut plan, &state);
     }
     if let Some(saved) = pass.saved {
-        // Orphans an approval released are not in a saved plan unless it named them.
-        saved.retain_saved(&name, &mut plan.changes, &state);
-        saved.retain_saved(&name, &mut plan.held, &state);
+        // Exactly what was reviewed, as the limits leave it (orphans an approval released
+        // are not in a saved plan unless it named them).
+        plan.stale = saved.finish(&name, &mut plan.changes, &mut plan.held, &state);
     }
     if pass.fingerprints {
         plan.fingerprints = plan

@@ -149,7 +149,9 @@ impl StreamingMap {
             // With the rows loaded, an unchanged user drops its attributes now; otherwise they
             // wait (packed, a few hundred bytes) until `map::desired_premapped` can tell.
             if let (Ok(u), Some(Ok((_, state)))) = (&mut mapped, cell.get()) {
-                if state.users.get(&u.id).is_some_and(|row| row.hash == u.hash) {
+                if state.users.get(&u.id).is_some_and(|row| row.hash == u.hash)
+                    && !map::keeps_attributes(mapper.maps_manager(), u)
+                {
                     u.attrs = map::no_attrs();
                 }
             }

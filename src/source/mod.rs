@@ -408,7 +408,18 @@ fn group_entry(
             attribute: "member",
         });
     }
-    Ok((id, entry.dn, lowercase_attrs(entry.attrs)))
+    // Other attributes that are not text are named, so a group name template or a
+    // `groups_filter` that reads one makes the group a problem rather than a guess.
+    let unreadable: Vec<String> = entry
+        .bin_attrs
+        .keys()
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    let mut attrs = lowercase_attrs(entry.attrs);
+    if !unreadable.is_empty() {
+        attrs.insert(crate::model::UNREADABLE_ATTRIBUTES.to_owned(), unreadable);
+    }
+    Ok((id, entry.dn, attrs))
 }
 
 /// One user entry in the model (with its normalized DN, for group expansion).
