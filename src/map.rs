@@ -213,6 +213,7 @@ pub struct UserMapper {
     mapping: Compiled,
     /// The target's `max_value_length`, in bytes.
     max_value_length: usize,
+    maps_manager: bool,
 }
 
 impl UserMapper {
@@ -220,14 +221,13 @@ impl UserMapper {
         UserMapper {
             mapping: compile_mapping(target),
             max_value_length: target.max_value_length,
+            maps_manager: target.maps_manager(),
         }
     }
 
     /// Whether the target maps managers.
     pub fn maps_manager(&self) -> bool {
-        self.mapping
-            .iter()
-            .any(|(_, _, slot)| matches!(slot, Slot::Template(_, true)))
+        self.maps_manager
     }
 
     pub fn map(&self, user: &DirectoryUser) -> Result<DesiredUser, String> {
