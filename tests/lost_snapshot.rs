@@ -26,15 +26,6 @@ fn assert_p002_waits_as_the_only_orphan(world: &World) {
     }
 }
 
-fn target_json<'a>(plan: &'a Value, target: &str) -> &'a Value {
-    plan["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["target"] == target)
-        .expect("target in plan")
-}
-
 /// (action, name) of a target's held changes.
 fn held_of(plan: &Value, target: &str) -> Vec<(String, String)> {
     target_json(plan, target)["held"]

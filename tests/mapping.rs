@@ -61,12 +61,7 @@ fn expressions_multi_valued_attributes_and_the_enterprise_extension_reach_both_s
     let (out, plan) = world.plan_json();
     assert_eq!(out.code, 2, "{out}");
     for t in &world.targets {
-        let target = plan["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["target"] == t.name())
-            .unwrap();
+        let target = target_json(&plan, t.name());
         let problems = target["problems"].as_array().unwrap();
         assert_eq!(problems.len(), 1, "{}: {target:#}", t.name());
         let reason = problems[0]["reason"].as_str().unwrap();
@@ -315,12 +310,7 @@ fn group_names_by_template_and_groups_filter_choose_what_each_target_gets() {
         group_dn("app-sales")
     ));
     let (out, plan) = world.plan_json();
-    let target = plan["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["target"] == scim2.name())
-        .unwrap();
+    let target = target_json(&plan, scim2.name());
     assert!(
         changes_of(&plan, scim2.name()).is_empty(),
         "{out}\n{target:#}"
@@ -387,12 +377,7 @@ fn managers_are_linked_by_scim_id_even_when_created_in_the_same_cycle() {
     let world = World::start(&seed, MANAGER_MAPPING);
     let (_, plan) = world.plan_json();
     for t in &world.targets {
-        let target = plan["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["target"] == t.name())
-            .unwrap();
+        let target = target_json(&plan, t.name());
         let problems = target["problems"].as_array().unwrap();
         assert!(
             problems.len() == 1

@@ -24,6 +24,11 @@ fn seed() -> String {
     .concat()
 }
 
+/// The new hire of these tests.
+fn nina() -> String {
+    person("nina", "Nina N", "N", "Nina", "nina@example.org", "Analyst")
+}
+
 fn writes(t: &Target) -> Vec<String> {
     t.proxy
         .requests()
@@ -38,14 +43,7 @@ fn sync_only_provisions_one_new_hire_and_deprovisions_one_leaver_with_nothing_el
     let world = World::start(&seed(), "");
     world.sync_ok();
     // Meanwhile: a new hire in eng, a title change for bob, and alice leaves.
-    world.slapd.add(&person(
-        "nina",
-        "Nina N",
-        "N",
-        "Nina",
-        "nina@example.org",
-        "Analyst",
-    ));
+    world.slapd.add(&nina());
     world.slapd.modify(&format!(
         "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
         group_dn("eng"),
@@ -298,14 +296,7 @@ fn a_running_daemon_answers_plan_explain_status_approve_and_sync_without_any_sec
     assert!(status.stdout.contains("held by ldap2scim"), "{status}");
     world.run(&["plan"]).expect_code(0);
 
-    world.slapd.add(&person(
-        "nina",
-        "Nina N",
-        "N",
-        "Nina",
-        "nina@example.org",
-        "Analyst",
-    ));
+    world.slapd.add(&nina());
     // The live watch may apply it first; either way the answers agree with the targets.
     let out = world.run(&["explain", "nina"]);
     assert_eq!(out.code, 0, "{out}");

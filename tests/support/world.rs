@@ -157,6 +157,16 @@ impl World {
     }
 }
 
+/// One target's part of a `plan --format json` report.
+pub fn target_json<'a>(plan: &'a Value, target: &str) -> &'a Value {
+    plan["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .expect("target in plan")
+}
+
 pub fn changes_of(plan: &Value, target: &str) -> Vec<(String, String, String)> {
     let t = plan["targets"]
         .as_array()
