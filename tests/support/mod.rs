@@ -77,7 +77,7 @@ pub use slapd::Slapd;
 #[allow(unused_imports)]
 pub use tinyproxy::Tinyproxy;
 #[allow(unused_imports)]
-pub use world::{change, changes_of, Target, World};
+pub use world::{change, changes_of, target_json, Target, World};
 
 /// The repository root (the crate's manifest directory).
 pub fn repo_dir() -> PathBuf {
