@@ -307,6 +307,19 @@ fn a_running_daemon_answers_plan_explain_status_approve_and_sync_without_any_sec
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert!(saved["saved"]["configuration"].is_string(), "{saved:#}");
+    // The caller's plan file travels to the daemon; the live watch may have applied nina
+    // meanwhile, which makes its create stale (5), never an error.
+    let out = world.run(&["sync", "--plan", file.to_str().unwrap()]);
+    assert!(out.code == 0 || out.code == 5, "{out}");
+    let leftovers: Vec<_> = std::fs::read_dir(world.config.state_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("plan-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the daemon's copy of the plan is removed"
+    );
     world.run(&["sync", "--only", "nina"]).expect_code(0);
     for t in &world.targets {
         assert!(t.user_states()["nina"], "{}", t.name());
