@@ -159,7 +159,7 @@ impl Metrics {
                 }
                 if let Some(e) = &t.error {
                     // A refused credential (401) is its own class: it needs a person to act.
-                    let refused = matches!(e, crate::outcome::TargetFailure::Scim(s) if s.status() == Some(401));
+                    let refused = matches!(e, crate::outcome::TargetFailure::Scim(s) if s.refuses_credential());
                     *m.errors.entry(if refused { "auth" } else { "plan" }).or_default() += 1;
                 }
                 if let Some(a) = &t.applied {

@@ -25,6 +25,9 @@ pub enum FailureClass {
     Snapshot,
     #[serde(rename = "skipped")]
     Skipped,
+    /// The credential was refused (a 401, or the token endpoint's client error).
+    #[serde(rename = "auth")]
+    Auth,
 }
 
 impl FailureClass {
@@ -37,6 +40,7 @@ impl FailureClass {
             FailureClass::Client => "client",
             FailureClass::Snapshot => "snapshot",
             FailureClass::Skipped => "skipped",
+            FailureClass::Auth => "auth",
         }
     }
 }
@@ -131,6 +135,7 @@ pub enum ApplyError {
 impl ApplyError {
     pub fn class(&self) -> FailureClass {
         match self {
+            ApplyError::Target(e) if e.refuses_credential() => FailureClass::Auth,
             ApplyError::Target(TargetError::Rejected { status, .. }) if *status < 500 => {
                 FailureClass::Http4xx
             }

@@ -59,6 +59,23 @@ impl TargetError {
             _ => None,
         }
     }
+
+    /// Whether the target (or its OAuth2 token endpoint) refused ldap2scim's credential: a
+    /// 401 on any request, or a token endpoint answering 401 or one of RFC 6749's client
+    /// errors (`invalid_client`, `unauthorized_client`, `invalid_grant`). It needs a person
+    /// (a renewed secret), not a retry.
+    pub fn refuses_credential(&self) -> bool {
+        match self {
+            TargetError::Rejected { status, .. } => *status == 401,
+            TargetError::Unavailable { path, reason, .. } if path == super::auth::TOKEN_PATH => {
+                reason.contains("answered HTTP 401")
+                    || ["invalid_client", "unauthorized_client", "invalid_grant"]
+                        .iter()
+                        .any(|e| reason.contains(&format!("answered HTTP 400: {e}")))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// At most `max` characters of `text`.
@@ -242,5 +259,53 @@ mod tests {
             "target t: cannot build the HTTP client: url x: bad"
         );
         assert!(client.source().is_none());
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    fn token_failure(reason: &str) -> TargetError {
+        TargetError::Unavailable {
+            target: "app".into(),
+            method: "POST".into(),
+            path: super::super::auth::TOKEN_PATH.into(),
+            attempts: 1,
+            reason: reason.into(),
+            cause: None,
+        }
+    }
+
+    #[test]
+    fn a_refused_credential_is_a_401_anywhere_or_a_token_client_error() {
+        let rejected = |status| TargetError::Rejected {
+            target: "app".into(),
+            method: "PATCH".into(),
+            path: "/Users/1".into(),
+            status,
+            scim_type: None,
+            detail: String::new(),
+        };
+        assert!(rejected(401).refuses_credential());
+        assert!(!rejected(403).refuses_credential());
+        assert!(
+            token_failure("the token endpoint answered HTTP 401: invalid_client")
+                .refuses_credential()
+        );
+        assert!(
+            token_failure("the token endpoint answered HTTP 400: invalid_client")
+                .refuses_credential()
+        );
+        assert!(
+            token_failure("the token endpoint answered HTTP 400: invalid_grant")
+                .refuses_credential()
+        );
+        assert!(
+            !token_failure("the token endpoint answered HTTP 400: invalid_scope")
+                .refuses_credential()
+        );
+        assert!(!token_failure("the token endpoint answered HTTP 503").refuses_credential());
+        assert!(!token_failure("connection refused").refuses_credential());
     }
 }
