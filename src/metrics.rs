@@ -139,7 +139,18 @@ impl Metrics {
             }
             let mut failing = false;
             for t in &outcome.targets {
-                let m = s.targets.entry(t.name.clone()).or_default();
+                let m = s.targets.entry(t.name.clone()).or_insert_with(|| {
+                    // Every series the alert rules read exists at 0 from a target's first
+                    // cycle on: `increase()` then counts its first step too.
+                    let mut m = TargetMetrics::default();
+                    for result in ["ok", "held", "error"] {
+                        m.cycles.insert(result, 0);
+                    }
+                    for class in ERROR_CLASSES {
+                        m.errors.insert(class, 0);
+                    }
+                    m
+                });
                 let status = match t.status {
                     TargetStatus::Ok => "ok",
                     TargetStatus::Held => "held",
@@ -207,6 +218,20 @@ impl Metrics {
 }
 
 /// `user-create`, `group-add-members`, …
+/// The `class` values of `ldap2scim_errors_total`: a target's own failure (`plan`, `auth`)
+/// and an apply failure's class.
+const ERROR_CLASSES: [&str; 9] = [
+    "plan",
+    "auth",
+    "http_4xx",
+    "http_5xx",
+    "transport",
+    "malformed",
+    "client",
+    "snapshot",
+    "skipped",
+];
+
 fn change_kind(resource: &str, action: &str) -> String {
     format!("{}-{}", resource.to_ascii_lowercase(), action)
 }
@@ -659,6 +684,24 @@ mod tests {
         );
         assert!(
             include_str!("../contrib/prometheus/ldap2scim.rules.yml").contains("class=\"auth\"")
+        );
+    }
+
+    #[test]
+    fn the_series_the_alerts_read_exist_at_zero_from_a_targets_first_cycle() {
+        let outcome = crate::outcome::held_orphan_outcome("-");
+        let m = Metrics::default();
+        m.cycle_finished(&outcome, Duration::from_secs(1), 0.0);
+        let text = m.render();
+        for series in [
+            "ldap2scim_errors_total{target=\"app\",class=\"auth\"} 0\n",
+            "ldap2scim_errors_total{target=\"app\",class=\"http_5xx\"} 0\n",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        assert!(
+            text.contains("target=\"app\",result=\"error\"} 0\n"),
+            "{text}"
         );
     }
 
