@@ -85,7 +85,6 @@ impl SavedChange {
 /// A plan file, read and checked.
 #[derive(Debug, Clone)]
 pub struct SavedPlan {
-    pub created_at: DateTime<Utc>,
     /// Target name → its changes.
     pub targets: BTreeMap<String, Vec<SavedChange>>,
 }
@@ -168,10 +167,7 @@ impl SavedPlan {
             }
             targets.insert(name, changes);
         }
-        Ok(SavedPlan {
-            created_at,
-            targets,
-        })
+        Ok(SavedPlan { targets })
     }
 
     /// Before the limits: keeps the changes planned now for `target` that the saved plan
