@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian machine (run as root):
-#   apt: slapd, ldap-utils, openssl, samba (AD DC), 389-ds-base, tinyproxy-bin, prometheus (promtool) (no service is started: policy-rc.d / no_configuration)
+#   apt: slapd, ldap-utils, openssl, samba (AD DC), 389-ds-base, tinyproxy-bin, prometheus (promtool), postgresql (no service is started and no cluster created: policy-rc.d / no_configuration / create_main_cluster = false)
 #   .deps/venv-scim2: scim2-server from PyPI
 #   .deps/betterauth: Better Auth and its SCIM plugin from npm (SQLite storage)
 # Idempotent: a second run only checks.
@@ -23,6 +23,9 @@ for bin in samba:samba samba-tool:samba-ad-provision unshare:util-linux flock:ut
   command -v "${bin%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${bin%%:*}" ] || need_apt+=("${bin#*:}")
 done
 [ -n "$(find /usr/lib -path '*/samba/ldb/samba_dsdb.so' -print -quit 2>/dev/null)" ] || need_apt+=(samba-dsdb-modules)
+# PostgreSQL server binaries (any major) for tests/support/postgres.rs, which runs initdb and
+# postgres from /usr/lib/postgresql/<major>/bin itself; `postgresql` pulls the current major.
+[ -n "$(find /usr/lib/postgresql -maxdepth 3 -path '/usr/lib/postgresql/*/bin/postgres' -print -quit 2>/dev/null)" ] || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   case " ${need_apt[*]} " in
   *" samba "* | *" samba-ad-provision "* | *" samba-dsdb-modules "*)
@@ -36,6 +39,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod +x /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  # Installing postgresql must not create (nor start) the `main` cluster: the tests make their
+  # own. ucf keeps this file when postgresql-common installs its version.
+  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf
   fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null

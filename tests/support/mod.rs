@@ -6,6 +6,7 @@
 //! (`cargo test`) or as processes (`cargo nextest`):
 //!
 //! - [`Slapd`]: a fresh OpenLDAP slapd (StartTLS, LDAPS, ldapi, memberOf, syncprov);
+//! - [`Postgres`]: a fresh PostgreSQL server (superuser `postgres`, trust auth on loopback);
 //! - [`Scim2Server`] and [`BetterAuth`]: two independent SCIM 2.0 servers, behind the
 //!   [`ScimServer`] trait; [`all_scim_servers`] starts both;
 //! - [`RecordingProxy`]: an HTTP reverse proxy that records requests and injects faults;
@@ -23,6 +24,7 @@ mod ds389;
 mod fake_ldap;
 mod fake_scim;
 mod hostile;
+mod postgres;
 mod process;
 mod proxy;
 mod relay;
@@ -57,6 +59,8 @@ pub use fake_scim::{FakeRequest, FakeScim, FakeScimOptions};
 pub use hostile::{
     list_response, Body, HostileServer, HttpRequest, HttpResponse, ThrowawayCa, SCIM_PREFIX,
 };
+#[allow(unused_imports)]
+pub use postgres::Postgres;
 #[allow(unused_imports)]
 pub use process::{is_reaped, Process};
 #[allow(unused_imports)]

@@ -63,6 +63,8 @@ struct Shared {
     /// Queued faults, each for any method (`None`) or one method only.
     faults: Mutex<VecDeque<(Option<String>, Fault)>>,
     records: Mutex<Vec<RecordedRequest>>,
+    /// When each request was read in full, with its method: a write's arrival.
+    arrivals: Mutex<Vec<(std::time::Instant, String)>>,
     stopping: AtomicBool,
 }
 
@@ -96,6 +98,7 @@ impl RecordingProxy {
             prefix: prefix.trim_end_matches('/').to_string(),
             faults: Mutex::new(VecDeque::new()),
             records: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
         });
         let accept_shared = Arc::clone(&shared);
@@ -125,6 +128,15 @@ impl RecordingProxy {
     /// The proxy's port.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// When each write (not `GET`/`HEAD`) arrived, whether or not it was answered.
+    pub fn write_arrivals(&self) -> Vec<std::time::Instant> {
+        lock(&self.shared.arrivals)
+            .iter()
+            .filter(|(_, m)| m != "GET" && m != "HEAD")
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// Every request handled so far, in the order they were answered.
@@ -209,6 +221,7 @@ fn handle(client: TcpStream, shared: &Shared) {
         Ok(Some(request)) => request,
         _ => return,
     };
+    lock(&shared.arrivals).push((std::time::Instant::now(), request.method.clone()));
     let fault = next_fault(shared, &request.method);
     let record = |status: u16| {
         let path = request
