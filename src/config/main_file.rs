@@ -19,8 +19,8 @@ use super::values::{
 };
 use super::walk::{describe, ConfigErrors, EnvLookup, Problems, Section, Source};
 use super::{
-    ChangeFeed, Config, DaemonConfig, Dialect, GroupsConfig, LdapConfig, LdapServer, LdapTransport,
-    UsersConfig,
+    ChangeFeed, Config, DaemonConfig, Dialect, GroupsConfig, HaConfig, LdapConfig, LdapServer,
+    LdapTransport, UsersConfig,
 };
 
 /// Loads and validates the main file at `path` and every target file, reading secrets from the
@@ -43,7 +43,10 @@ pub fn load_with_env(path: &Path, env: &EnvLookup<'_>) -> Result<Config, ConfigE
     }
 }
 
-const ROOT_KEYS: &[&str] = &["daemon", "ldap"];
+const ROOT_KEYS: &[&str] = &["daemon", "ldap", "ha"];
+const HA_KEYS: &[&str] = &["lease", "lease_ttl", "instance"];
+const LEASE_KEYS: &[&str] = &["postgres"];
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 const DAEMON_KEYS: &[&str] = &[
     "schedule",
     "timezone",
@@ -118,6 +121,7 @@ fn read_config(path: &Path, env: &EnvLookup<'_>, problems: &Problems) -> Option<
     let root = Section::root(&main, &table, ROOT_KEYS);
 
     let daemon = daemon_config(&root);
+    let ha = ha_config(&root);
     let (dialect, ldap) = ldap_config(&root);
     // A targets_dir that was itself wrong has been reported; listing it would only add noise.
     let targets = if problems.contains(&main.path, "daemon.targets_dir") {
@@ -131,7 +135,67 @@ fn read_config(path: &Path, env: &EnvLookup<'_>, problems: &Problems) -> Option<
         daemon,
         ldap: ldap?,
         targets: targets?,
+        ha: ha?,
     })
+}
+
+/// `[ha]`: absent is `Some(None)`; `None` when it was wrong (reported).
+fn ha_config(root: &Section<'_>) -> Option<Option<HaConfig>> {
+    if !root.has("ha") {
+        return Some(None);
+    }
+    let h = root.table("ha", HA_KEYS)?;
+    let dsn = h.required("lease", |s, name| {
+        let lease = s.table(name, LEASE_KEYS)?;
+        lease.required("postgres", |l, name| l.secret(name))
+    });
+    let ttl = h.parsed("lease_ttl", |text| {
+        parse_duration(text).and_then(|t| {
+            if t < Duration::from_secs(2) {
+                Err("must be at least 2s: writes stop half a lease before it ends, and it is renewed every third".to_owned())
+            } else {
+                Ok(t)
+            }
+        })
+    });
+    let bad_ttl = h.has("lease_ttl") && ttl.is_none();
+    let instance = match h.has("instance") {
+        true => Some(h.parsed("instance", |text| {
+            let t = text.trim();
+            if t.is_empty() || t.len() > 200 || t.chars().any(char::is_control) {
+                Err("must be a name of 1 to 200 printable characters".to_owned())
+            } else {
+                Ok(t.to_owned())
+            }
+        })?),
+        false => None,
+    };
+    let instance = match instance {
+        Some(i) => i,
+        None => match host_name() {
+            Some(h) => h,
+            None => {
+                h.error("instance", "the host name cannot be read; set ha.instance");
+                return None;
+            }
+        },
+    };
+    if bad_ttl {
+        return None;
+    }
+    Some(Some(HaConfig {
+        dsn: dsn?,
+        lease_ttl: ttl.unwrap_or(DEFAULT_LEASE_TTL),
+        instance,
+    }))
+}
+
+/// The kernel's host name.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
 }
 
 fn daemon_config(root: &Section<'_>) -> DaemonConfig {

@@ -46,6 +46,19 @@ pub struct Config {
     pub ldap: LdapConfig,
     /// Sorted by name.
     pub targets: Vec<TargetConfig>,
+    /// `[ha]`: an active/standby pair; only the holder of the lease writes.
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`: the lease in PostgreSQL that makes one of two instances the writer.
+#[derive(Clone, Debug)]
+pub struct HaConfig {
+    /// `ha.lease.postgres`: the libpq connection string (a secret: it may hold a password).
+    pub dsn: Secret,
+    /// `ha.lease_ttl`: how long a lease lasts unless renewed.
+    pub lease_ttl: Duration,
+    /// `ha.instance`: this instance's name (default: the host name).
+    pub instance: String,
 }
 
 #[derive(Clone, Debug)]

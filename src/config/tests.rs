@@ -898,3 +898,51 @@ fn percentages_limits_and_rates() {
         }
     }
 }
+
+#[test]
+fn ha_is_optional_and_reads_its_lease_secret() {
+    let none = load_ok(&with_main(MINIMAL_MAIN), &[("APP_TOKEN", "t")]);
+    assert!(none.ha.is_none());
+
+    let main = format!(
+        "{MINIMAL_MAIN}\n[ha]\nlease = {{ postgres = {{ env = \"HA_DSN\" }} }}\nlease_ttl = \"10s\"\ninstance = \"sync-a\"\n"
+    );
+    let dsn = "host=db user=l password=s3cret";
+    let config = load_ok(&with_main(&main), &[("APP_TOKEN", "t"), ("HA_DSN", dsn)]);
+    let ha = config.ha.expect("[ha]");
+    assert_eq!(ha.dsn.expose(), dsn);
+    assert_eq!(ha.lease_ttl, Duration::from_secs(10));
+    assert_eq!(ha.instance, "sync-a");
+    assert!(!format!("{ha:?}").contains("s3cret"));
+
+    // Defaults: a 30 s lease, the host name.
+    let main = format!("{MINIMAL_MAIN}\n[ha]\nlease = {{ postgres = {{ env = \"HA_DSN\" }} }}\n");
+    let ha = load_ok(&with_main(&main), &[("APP_TOKEN", "t"), ("HA_DSN", dsn)])
+        .ha
+        .unwrap();
+    assert_eq!(ha.lease_ttl, Duration::from_secs(30));
+    assert_eq!(Some(ha.instance), super::main_file::host_name());
+}
+
+#[test]
+fn ha_errors_name_their_keys() {
+    let main = format!(
+        "{MINIMAL_MAIN}\n[ha]\nlease = {{ postgres = \"host=db password=hunter2\" }}\nlease_ttl = \"1s\"\ninstance = \"\"\nleader = true\n"
+    );
+    let errors = load_err(&with_main(&main), &[("APP_TOKEN", "t")]);
+    let all = ConfigErrors(errors.clone()).to_string();
+    assert!(!all.contains("hunter2"), "{all}");
+    for key in [
+        "ha.lease.postgres",
+        "ha.lease_ttl",
+        "ha.instance",
+        "ha.leader",
+    ] {
+        message(&errors, key);
+    }
+    assert!(message(&errors, "ha.lease_ttl").contains("at least 2s"));
+
+    let main = format!("{MINIMAL_MAIN}\n[ha]\nlease_ttl = \"30s\"\n");
+    let errors = load_err(&with_main(&main), &[("APP_TOKEN", "t")]);
+    assert_eq!(message(&errors, "ha.lease"), "required key is missing");
+}
