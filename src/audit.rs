@@ -98,6 +98,10 @@ impl AuditLog {
             if let Some(from) = &r.from_external_id {
                 line["from_external_id"] = json!(from);
             }
+            // With `[ha]`: the lease epoch the write was made under.
+            if let Some(epoch) = outcome.epoch {
+                line["epoch"] = json!(epoch);
+            }
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
             lines += 1;
@@ -169,6 +173,7 @@ mod tests {
             ..ApplyReport::default()
         };
         Outcome {
+            epoch: None,
             run_id: "abcd1234".into(),
             read_duration: Default::default(),
             source_users: records,

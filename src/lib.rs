@@ -15,6 +15,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod ha;
 pub mod lock;
 pub mod map;
 pub mod memory;

@@ -78,6 +78,8 @@ pub struct Outcome {
     pub targets: Vec<TargetOutcome>,
     /// How the directory was read: in full, or from the change feed.
     pub read: ReadWay,
+    /// `[ha]`: the lease's epoch every write of this pass was made under.
+    pub epoch: Option<i64>,
 }
 
 /// How a pass read the directory.
@@ -116,6 +118,7 @@ pub(crate) fn held_orphan_outcome(rebuild: &str) -> Outcome {
         ..Plan::default()
     };
     Outcome {
+        epoch: None,
         run_id: "r1".into(),
         read_duration: std::time::Duration::ZERO,
         source_users: 2,

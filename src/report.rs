@@ -694,6 +694,7 @@ mod tests {
             (id("u2"), "ann".to_string()),
         ]);
         Outcome {
+            epoch: None,
             run_id: "r1".into(),
             read_duration: Default::default(),
             source_users: 3,

@@ -445,6 +445,15 @@ impl Snapshot {
         })
     }
 
+    /// `[ha]`: the last sequence number of the lease database's ledger applied here.
+    pub fn ledger_seq(&self) -> Result<i64, SnapshotError> {
+        Ok(self.get_meta("ha/ledger_seq")?.unwrap_or(0))
+    }
+
+    pub fn set_ledger_seq(&self, seq: i64) -> Result<(), SnapshotError> {
+        self.put_meta("ha/ledger_seq", &seq)
+    }
+
     pub fn last_read(&self) -> Result<Option<ReadStats>, SnapshotError> {
         get_json(&self.meta()?, "last_read", &self.path)
     }
@@ -835,6 +844,22 @@ impl TargetSnapshot {
         batch.remove(format!("{USER_PREFIX}{id}").as_bytes());
         batch.remove(format!("{ATTRS_PREFIX}{id}").as_bytes());
         self.tree.apply_batch(batch).map_err(|e| self.storage(e))
+    }
+
+    /// How many user and group rows there are (a scan of their keys).
+    pub fn count_rows(&self) -> Result<RowCounts, SnapshotError> {
+        let count = |prefix: &str| -> Result<usize, SnapshotError> {
+            let mut n = 0;
+            for k in self.tree.scan_prefix(prefix).keys() {
+                k.map_err(|e| self.storage(e))?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        Ok(RowCounts {
+            users: count(USER_PREFIX)?,
+            groups: count(GROUP_PREFIX)?,
+        })
     }
 
     /// Fills in `attrs` of the given users' rows (those a plan may diff attribute by attribute).

@@ -73,6 +73,9 @@ pub struct Applier<'a> {
     pub caps: Capabilities,
     /// Users by DN, to send a manager as its SCIM id here.
     pub managers: Option<&'a crate::map::Managers>,
+    /// `[ha]`: the lease (changes stop when it is not ours) and the ledger every
+    /// acknowledged row update is recorded in.
+    pub ha: Option<&'a crate::ha::Writer>,
 }
 
 impl Applier<'_> {
@@ -116,6 +119,13 @@ impl Applier<'_> {
                     stream::iter(wave.into_iter().map(|c| async move {
                         if stopping() {
                             return None;
+                        }
+                        // The ledger first gets what it is still owed (the database was away).
+                        if let Some(ha) = self.ha {
+                            if let Err(e) = ha.ha.settle().await {
+                                warn!(target = %self.target.name, error = %e, "ha: the ledger is behind; this change waits for the next cycle");
+                                return None;
+                            }
                         }
                         let finished = self.run(Rows { state: st, ix }, c, breaker).await;
                         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -277,7 +287,14 @@ impl Applier<'_> {
         // confirmed batches left them, and later changes of this apply (a PUT of the whole
         // list, on a target without PATCH) must start from that, not from the old row.
         let updates = match write(self.snapshot, &updates) {
-            Ok(()) => updates,
+            Ok(()) => {
+                if let Some(ha) = self.ha {
+                    if let Err(e) = ha.ha.record(ha.epoch, &self.target.name.0, &updates).await {
+                        warn!(target = %self.target.name, error = %e, "ha: an acknowledged change is not in the ledger yet; it is sent before the next write");
+                    }
+                }
+                updates
+            }
             Err(e) => {
                 acted.error.get_or_insert(e.into());
                 acted.answered = None;
@@ -373,6 +390,7 @@ impl Applier<'_> {
     /// A stop was requested, or the deadline passed: start nothing new.
     fn should_stop(&self) -> bool {
         self.stop.is_some_and(|s| s.load(Ordering::Relaxed))
+            || self.ha.is_some_and(|w| !w.current())
             || self
                 .deadline
                 .is_some_and(|d| std::time::Instant::now() >= d)

@@ -68,6 +68,9 @@ pub struct Pass<'a> {
     pub saved: Option<&'a plan::SavedPlan>,
     /// `plan --out`: give every change its fingerprint.
     pub fingerprints: bool,
+    /// `[ha]`: writes only while this instance holds the lease; every acknowledged row goes
+    /// to the ledger too.
+    pub ha: Option<&'a crate::ha::Writer>,
 }
 
 impl<'a> Pass<'a> {
@@ -85,6 +88,7 @@ impl<'a> Pass<'a> {
             entries: &[],
             saved: None,
             fingerprints: false,
+            ha: None,
         }
     }
 
@@ -167,7 +171,8 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         .iter()
         .map(|t| {
             let t = (*t).clone();
-            tokio::task::spawn_blocking(move || ScimClient::new(&t))
+            let fence = pass.ha.cloned();
+            tokio::task::spawn_blocking(move || ScimClient::new(&t).map(|c| c.with_fence(fence)))
         })
         .collect();
     // With a change feed the snapshot opens first: the directory's mirror and its cookies are
@@ -221,10 +226,11 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         .zip(clients)
         .map(|(t, client)| {
             let t = (*t).clone();
+            let fence = pass.ha.cloned();
             tokio::spawn(async move {
                 let client = match client.await {
                     Ok(built) => built?,
-                    Err(_) => ScimClient::new(&t)?,
+                    Err(_) => ScimClient::new(&t)?.with_fence(fence),
                 };
                 let caps = client.discover().await?;
                 Ok((client, caps))
@@ -381,7 +387,9 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
                 let connected = match discovery.await {
                     Ok(c) => c,
                     // Only a panic ends the task early: connect again here.
-                    Err(_) => ScimClient::new(t).map(|client| (client, Capabilities::default())),
+                    Err(_) => ScimClient::new(t).map(|client| {
+                        (client.with_fence(pass.ha.cloned()), Capabilities::default())
+                    }),
                 };
                 let started = std::time::Instant::now();
                 let read = ReadFacts {
@@ -426,6 +434,7 @@ async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, R
         source_groups,
         targets: outcomes,
         read: read_way,
+        epoch: pass.ha.map(|w| w.epoch),
     })
 }
 
@@ -521,6 +530,7 @@ async fn quiet(
         source_users: users,
         source_groups: groups,
         targets: outcomes,
+        epoch: pass.ha.map(|w| w.epoch),
         read: ReadWay {
             mode: "quiet",
             feed: Some(feed::kind_for(&pass.config.ldap)),
@@ -717,6 +727,7 @@ async fn reconcile_target(
         progress: pass.progress,
         caps,
         managers,
+        ha: pass.ha,
     };
     let floor = plan.row_floor(&state);
     record_row_counts(
@@ -727,7 +738,13 @@ async fn reconcile_target(
             groups: floor.groups,
         },
     );
-    let report = applier.apply(&mut state, &plan.changes).await;
+    // With `[ha]` every log line of the writes names the epoch they were made under.
+    let span = match pass.ha {
+        Some(w) => tracing::info_span!("write", epoch = w.epoch),
+        None => tracing::Span::none(),
+    };
+    let report =
+        tracing::Instrument::instrument(applier.apply(&mut state, &plan.changes), span).await;
     let rows = RowCounts {
         users: state.users.len() + extra_users,
         groups: state.groups.len(),

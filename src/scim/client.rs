@@ -137,6 +137,17 @@ impl ScimClient {
             }
             let (authorized, oauth_token) = self.authorize(req).await?;
             req = authorized;
+            // The fence, as late as can be: no write starts unless the lease is ours for
+            // longer than the request may take (its timeout is cut to fit).
+            if let (true, Some(w)) = (method != Method::GET, &self.fence) {
+                let limit = w.ha.write_timeout(self.timeout);
+                match w.fence(limit) {
+                    Ok(_) => req = req.timeout(limit),
+                    Err(reason) => {
+                        return Err(self.unavailable(&method, path, attempt - 1, reason, None))
+                    }
+                }
+            }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if method != Method::GET {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);

@@ -92,6 +92,10 @@ pub struct ScimClient {
     filter_supported: AtomicBool,
     oauth_token: Mutex<Option<(String, Instant)>>,
     counters: Counters,
+    /// `[ha]`: a write starts only while the lease is ours for longer than it can take.
+    fence: Option<crate::ha::Writer>,
+    /// The target's request timeout (`timeout`).
+    timeout: Duration,
 }
 
 /// What one client did, for metrics and reports.
@@ -184,7 +188,15 @@ impl ScimClient {
             filter_supported: AtomicBool::new(true),
             oauth_token: Mutex::new(None),
             counters: Counters::default(),
+            fence: None,
+            timeout: cfg.timeout,
         })
+    }
+
+    /// Writes only while `ha` holds the lease (with a request timeout it leaves room for).
+    pub fn with_fence(mut self, ha: Option<crate::ha::Writer>) -> Self {
+        self.fence = ha;
+        self
     }
 
     pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
