@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::cli::{Cli, Command, ReportFormat};
 use crate::clock::Clock;
 use crate::config::{self, Config};
+use crate::ha::{Ha, Writer};
 use crate::lock::{LockError, StateLock};
 use crate::model::{DirectoryId, Entry};
 use crate::outcome::{Outcome, TargetStatus};
@@ -169,13 +170,19 @@ pub async fn sync(
             b.update(target, done, total);
         }
     };
+    let lease = match HandLease::take(config).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
     let mut pass = Pass::new(config, targets, false, clock);
     pass.full = full.then_some(FULL_BY_HAND);
     pass.entries = entries;
+    pass.ha = lease.writer();
     if bars.is_some() {
         pass.progress = Some(&hook);
     }
     let result = reconcile::run(&pass).await;
+    lease.end().await;
     if let Some(b) = &bars {
         b.finish();
     }
@@ -226,9 +233,16 @@ pub async fn sync_saved(
             file.display()
         ));
     }
+    let lease = match HandLease::take(config).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
     let mut pass = Pass::new(config, &names, false, clock);
     pass.saved = Some(&saved);
-    let outcome = match reconcile::run(&pass).await {
+    pass.ha = lease.writer();
+    let result = reconcile::run(&pass).await;
+    lease.end().await;
+    let outcome = match result {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -243,6 +257,67 @@ pub async fn sync_saved(
         EXIT_HELD
     } else {
         EXIT_OK
+    }
+}
+
+/// `[ha]` for a `sync` run by hand: the lease, renewed while the pass runs. The daemon's own
+/// child works under the daemon's lease and epoch; any other `sync` takes the lease (with a
+/// new epoch) only if it ended, or if a process of this instance held it (we hold the state
+/// directory's lock, so that process is gone). Rows the other instance acknowledged are
+/// applied to the snapshot first.
+struct HandLease {
+    held: Option<(
+        std::sync::Arc<Ha>,
+        Writer,
+        tokio::task::JoinHandle<()>,
+        bool,
+    )>,
+}
+
+impl HandLease {
+    async fn take(config: &Config) -> Result<HandLease, u8> {
+        let Some(cfg) = &config.ha else {
+            return Ok(HandLease { held: None });
+        };
+        let joined = crate::control::inside_daemon(&config.daemon.state_dir);
+        let ha = Ha::new(cfg.clone(), joined);
+        ha.step(!joined).await;
+        let Some(writer) = Writer::now(&ha) else {
+            let why = ha
+                .fence(std::time::Duration::ZERO)
+                .err()
+                .unwrap_or_default();
+            return Err(fail(format!("ha: {why}; nothing was written (run sync on the instance that holds the lease, or wait for it to end)")));
+        };
+        let keeper = tokio::spawn(ha.clone().keep(false));
+        let caught_up = match crate::snapshot::Snapshot::open(&config.daemon.state_dir) {
+            Ok(snapshot) => ha.catch_up(&snapshot).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = caught_up {
+            keeper.abort();
+            if !joined {
+                ha.release().await;
+            }
+            return Err(fail(format!("ha: the ledger could not be applied to this instance's snapshot ({e}); nothing was written")));
+        }
+        Ok(HandLease {
+            held: Some((ha, writer, keeper, joined)),
+        })
+    }
+
+    fn writer(&self) -> Option<&Writer> {
+        self.held.as_ref().map(|(_, w, _, _)| w)
+    }
+
+    /// Stops renewing; a lease this command took is released.
+    async fn end(&self) {
+        if let Some((ha, _, keeper, joined)) = &self.held {
+            keeper.abort();
+            if !joined {
+                ha.release().await;
+            }
+        }
     }
 }
 
@@ -368,6 +443,24 @@ async fn check(config: &Config, connect: bool) -> u8 {
             }
         }
     }
+    if let Some(cfg) = &config.ha {
+        match Ha::new(cfg.clone(), true).pair_status().await {
+            Ok(p) => println!(
+                "ha: the lease database answered (tables ready); the lease is {} (epoch {}); this instance is {}",
+                if p.remaining > 0.0 && !p.holder.is_empty() {
+                    format!("held by {}", p.holder)
+                } else {
+                    "free".to_string()
+                },
+                p.epoch,
+                cfg.instance
+            ),
+            Err(e) => {
+                failed = true;
+                eprintln!("ldap2scim: ha: the lease database (ha.lease.postgres) cannot be used: {e}");
+            }
+        }
+    }
     if failed {
         EXIT_ERROR
     } else {
@@ -404,6 +497,9 @@ async fn status(config: &Config, clock: &Clock) -> u8 {
             None
         }
     };
+    if let Some(ha) = &config.ha {
+        print_pair_status(ha, snapshot.as_ref()).await;
+    }
     if let Some(snapshot) = &snapshot {
         if let Some(why) = snapshot.lost() {
             println!(
@@ -428,6 +524,72 @@ async fn status(config: &Config, clock: &Clock) -> u8 {
         ),
     }
     EXIT_OK
+}
+
+/// `[ha]`: who holds the lease, its epoch and expiry, and both instances as the lease
+/// database last heard of them.
+async fn print_pair_status(cfg: &crate::config::HaConfig, snapshot: Option<&Snapshot>) {
+    let ha = Ha::new(cfg.clone(), true);
+    let me = &cfg.instance;
+    match ha.pair_status().await {
+        Err(e) => println!(
+            "ha: the lease database cannot be reached ({e}): no instance writes until it answers (this instance is {me})"
+        ),
+        Ok(p) => {
+            let holder = if p.holder.is_empty() {
+                "nobody".to_string()
+            } else if &p.holder == me {
+                format!("{} (this instance)", p.holder)
+            } else {
+                p.holder.clone()
+            };
+            if p.remaining > 0.0 {
+                println!(
+                    "ha: lease held by {holder}, epoch {}, expires {} (in {:.0}s; lease_ttl {})",
+                    p.epoch,
+                    p.expires_at.format("%Y-%m-%d %H:%M:%SZ"),
+                    p.remaining,
+                    humantime(cfg.lease_ttl)
+                );
+            } else {
+                println!(
+                    "ha: the lease is free (last held by {holder}, epoch {}, ended {}): the next instance to ask takes it",
+                    p.epoch,
+                    p.expires_at.format("%Y-%m-%d %H:%M:%SZ")
+                );
+            }
+            for (name, role, epoch, seen, ago) in &p.instances {
+                let this = if name == me { " (this instance)" } else { "" };
+                let role = if name == &p.holder && p.remaining > 0.0 {
+                    "active".to_string()
+                } else if *ago > 2.0 * cfg.lease_ttl.as_secs_f64() {
+                    format!("not heard from lately (it last said {role}; stopped?)")
+                } else if role == "active" {
+                    "standby".to_string()
+                } else {
+                    role.clone()
+                };
+                println!(
+                    "ha: instance {name}{this}: {role}, epoch {epoch}, last seen {} ({ago:.0}s ago)",
+                    seen.format("%Y-%m-%d %H:%M:%SZ")
+                );
+            }
+            let applied = snapshot.and_then(|s| s.ledger_seq().ok()).unwrap_or(0);
+            println!(
+                "ha: ledger: {} rows, up to seq {}; this instance's snapshot has applied up to {applied} (its own writes are in it already)",
+                p.ledger_rows, p.ledger_seq
+            );
+        }
+    }
+}
+
+fn humantime(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    if s.is_multiple_of(60) && s > 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{:.0}s", d.as_secs_f64())
+    }
 }
 
 /// Which change feed a cycle would use, as `check --connect` says it.

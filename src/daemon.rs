@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::cli::Cli;
 use crate::clock::Clock;
 use crate::config::{self, Config, Schedule};
+use crate::ha::{Ha, Role, Writer};
 use crate::metrics::Metrics;
 use crate::mirror::Cookies;
 use crate::outcome::{Outcome, TargetStatus};
@@ -138,9 +139,13 @@ impl Notifier {
 
 /// Why a full read, when the full schedule asks for one.
 pub const FULL_BY_SCHEDULE: &str = "the full schedule (daemon.full_schedule) is due";
+/// Why the first cycle after this instance took the lease (`[ha]`) reads in full.
+pub const FULL_BY_PROMOTION: &str =
+    "this instance just took the lease ([ha]): its mirror is not the last writer's";
 
 /// One cycle: a reconcile pass, its audit records, its metrics and one log line per target.
 /// Returns the one-line summary for `STATUS=`.
+#[allow(clippy::too_many_arguments)]
 async fn cycle(
     config: Arc<Config>,
     stop: Arc<AtomicBool>,
@@ -148,15 +153,33 @@ async fn cycle(
     deadline: Option<Instant>,
     clock: Clock,
     full: bool,
+    writer: Option<Writer>,
+    promoted: bool,
 ) -> (String, Option<Cookies>) {
     let started = Instant::now();
     metrics.cycle_started();
     let mut pass = Pass::new(&config, &[], false, &clock);
     pass.stop = Some(&stop);
     pass.deadline = deadline;
-    pass.full = full.then_some(FULL_BY_SCHEDULE);
+    pass.full = if promoted {
+        Some(FULL_BY_PROMOTION)
+    } else {
+        full.then_some(FULL_BY_SCHEDULE)
+    };
     let run_id = pass.run_id.clone();
-    info!(run_id = %run_id, "cycle started");
+    // `[ha]`: first the rows the other instance acknowledged, then the cycle, under the epoch.
+    if let Some(w) = &writer {
+        if let Err(e) = catch_up(&config, &w.ha).await {
+            metrics.cycle_failed("ha", started.elapsed());
+            error!(run_id = %run_id, epoch = w.epoch, error = %e, "cycle not started: the ledger could not be applied to this instance's snapshot; nothing was changed on any target");
+            return (format!("last cycle {run_id} failed: ha: {e}"), None);
+        }
+        pass.ha = Some(w);
+    }
+    match &writer {
+        Some(w) => info!(run_id = %run_id, epoch = w.epoch, "cycle started"),
+        None => info!(run_id = %run_id, "cycle started"),
+    }
     let result = reconcile::run(&pass).await;
     let elapsed = started.elapsed();
     match result {
@@ -183,6 +206,47 @@ async fn cycle(
             };
             error!(run_id = %run_id, error = %e, "{what}");
             (format!("last cycle {run_id} failed: {e}"), None)
+        }
+    }
+}
+
+/// The ledger's rows since the last catch-up, applied to this instance's snapshot.
+async fn catch_up(config: &Config, ha: &Ha) -> Result<usize, String> {
+    let snapshot =
+        crate::snapshot::Snapshot::open(&config.daemon.state_dir).map_err(|e| e.to_string())?;
+    ha.catch_up(&snapshot).await
+}
+
+/// A standby's turn: its snapshot brought up to the ledger; nothing is written anywhere else.
+async fn standby_cycle(
+    config: Arc<Config>,
+    ha: Arc<Ha>,
+    metrics: Metrics,
+) -> (String, Option<Cookies>) {
+    let result = catch_up(&config, &ha).await;
+    metrics.standby_caught_up(result.is_ok());
+    let who = match ha.role() {
+        Role::Standby { holder, epoch, .. } => format!("{holder} holds the lease (epoch {epoch})"),
+        Role::Unreachable { reason } => format!("the lease database cannot be reached ({reason})"),
+        _ => "the lease is not known yet".into(),
+    };
+    match result {
+        Ok(_) => (
+            format!(
+                "standby ({}): {who}; snapshot up to the ledger",
+                ha.instance()
+            ),
+            None,
+        ),
+        Err(e) => {
+            warn!(error = %e, "ha: standby: the ledger could not be applied to this instance's snapshot; trying again");
+            (
+                format!(
+                    "standby ({}): {who}; ledger not applied: {e}",
+                    ha.instance()
+                ),
+                None,
+            )
         }
     }
 }
@@ -302,6 +366,13 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
         }
     };
     let metrics = Metrics::default();
+    // `[ha]`: the lease, kept in the background; cycles write only while it is ours.
+    let ha = config.ha.clone().map(|c| Ha::new(c, false));
+    let _keeper = ha
+        .as_ref()
+        .map(|ha| AbortOnDrop(tokio::spawn(ha.clone().keep(true))));
+    let (_no_ha, no_ha_rx) = tokio::sync::watch::channel("none");
+    let mut ha_rx = ha.as_ref().map_or(no_ha_rx, |h| h.watch());
     let _endpoint = match config.daemon.listen {
         Some(addr) => match crate::metrics::bind(addr).await {
             Ok(listener) => {
@@ -351,7 +422,20 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     // A cycle is a full read when the full schedule had a time since the previous cycle
     // started (with a change feed the others are deltas).
     let last_started = std::cell::Cell::new(clock.now());
+    // `[ha]`: whether the last cycle ran as the writer (the first after a promotion reads in full).
+    let was_active = std::cell::Cell::new(false);
     let start_cycle = |config: &Arc<Config>, ticks: &Ticks| -> CycleFuture {
+        let writer = match &ha {
+            Some(ha) => match Writer::now(ha) {
+                Some(w) => Some(w),
+                None => {
+                    was_active.set(false);
+                    return Box::pin(standby_cycle(config.clone(), ha.clone(), metrics.clone()));
+                }
+            },
+            None => None,
+        };
+        let promoted = writer.is_some() && !was_active.replace(writer.is_some());
         let now = clock.now();
         let deadline = ticks.cycle_deadline(now);
         let full = config
@@ -367,6 +451,8 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
             deadline,
             clock,
             full,
+            writer,
+            promoted,
         ))
     };
     if run_now {
@@ -376,7 +462,15 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
         tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = ticks.next_after(clock.now());
+    // `[ha]`: how often a standby applies the ledger.
+    let mut standby_tick =
+        tokio::time::interval(config.ha.as_ref().map_or(Duration::from_secs(3600), |h| {
+            (h.lease_ttl / 3).max(Duration::from_millis(500))
+        }));
+    standby_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    // `[ha]`: the role changed while the daemon was busy; a cycle starts once it is not.
+    let mut role_changed = false;
     // Live mode: a persistent search that says when the directory changed, started after a
     // cycle that used the change feed (from its cookies), restarted after a reload.
     let (live_tx, mut live_rx) = tokio::sync::mpsc::channel::<Live>(1);
@@ -393,6 +487,9 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
             return 1;
         };
         if running.is_none() && answering.is_none() && stop_deadline.is_some() {
+            if let Some(ha) = &ha {
+                ha.release().await;
+            }
             info!("stopped cleanly");
             return 0;
         }
@@ -420,6 +517,9 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                         .filter(|d| *d >= received.elapsed());
                     metrics.live_latency(from_write.unwrap_or_else(|| received.elapsed()));
                 }
+                if std::mem::take(&mut role_changed) && answering.is_none() && stop_deadline.is_none() {
+                    running = Some(start_cycle(&config, &ticks));
+                }
                 if let (Some(cookies), true, None) = (cookies, config.daemon.live, &watch) {
                     info!(delay = ?config.daemon.live_delay, "live: watching the directory for changes between cycles");
                     watch = Some(AbortOnDrop(tokio::spawn(live_watch(config.clone(), cookies, live_tx.clone()))));
@@ -434,6 +534,9 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
             }
             () = async { answering.as_mut().expect("guarded").await }, if answering.is_some() => {
                 answering = None;
+                if std::mem::take(&mut role_changed) && stop_deadline.is_none() {
+                    cycle_waits = true;
+                }
                 if cycle_waits && stop_deadline.is_none() {
                     cycle_waits = false;
                     running = Some(start_cycle(&config, &ticks));
@@ -468,6 +571,26 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
                 next = ticks.next_after(clock.now().max(due));
             }
             _ = watchdog.tick(), if notifier.watchdog_every.is_some() => notifier.notify("WATCHDOG=1"),
+            Ok(()) = ha_rx.changed(), if ha.is_some() => {
+                let role = *ha_rx.borrow_and_update();
+                let h = ha.as_ref().expect("guarded");
+                let epoch = match h.role() {
+                    Role::Active { epoch, .. } | Role::Standby { epoch, .. } => epoch,
+                    _ => 0,
+                };
+                metrics.ha(role, epoch);
+                notifier.status(&format!("ha: {} is {role} (epoch {epoch}); {last_status}", h.instance()));
+                // Promoted: the work the other instance left is finished at once; a standby
+                // brings its snapshot up to the ledger as the other instance writes.
+                if running.is_none() && answering.is_none() && stop_deadline.is_none() {
+                    running = Some(start_cycle(&config, &ticks));
+                } else {
+                    role_changed = true;
+                }
+            }
+            _ = standby_tick.tick(), if ha.as_ref().is_some_and(|h| h.epoch().is_none()) && running.is_none() && answering.is_none() && stop_deadline.is_none() => {
+                running = Some(start_cycle(&config, &ticks));
+            }
             _ = tokio::time::sleep_until(deadline), if stop_deadline.is_some() => {
                 warn!(bound = ?STOP_BOUND, "the cycle in flight did not finish in time; exiting anyway (acknowledged changes are already in the snapshot)");
                 return 0;

@@ -78,6 +78,8 @@ struct State {
     ever_succeeded: bool,
     last_failed: bool,
     cycle_running: bool,
+    /// `[ha]`: this instance's role, the lease's epoch, and whether the lease database answers.
+    ha: Option<(&'static str, i64, bool)>,
 }
 
 /// Shared between the cycle and the HTTP endpoint.
@@ -206,9 +208,33 @@ impl Metrics {
         self.with(|s| s.live_latency.observe(elapsed.as_secs_f64()));
     }
 
-    /// Ready: a cycle has succeeded and the latest one did not fail.
+    /// Ready: a cycle has succeeded and the latest one did not fail (and, with `[ha]`, the
+    /// lease database answers).
     pub fn ready(&self) -> bool {
-        self.with(|s| s.ever_succeeded && !s.last_failed)
+        self.with(|s| ready(s))
+    }
+
+    /// `[ha]`: the role (`active`, `standby`, `unreachable`, `unknown`) and the lease's epoch.
+    pub fn ha(&self, role: &'static str, epoch: i64) {
+        self.with(|s| s.ha = Some((role, epoch, role != "unreachable")));
+    }
+
+    /// `[ha]`: a standby brought its snapshot up to the ledger (`ok`), or could not.
+    pub fn standby_caught_up(&self, ok: bool) {
+        self.with(|s| {
+            s.ever_succeeded |= ok;
+            s.last_failed = !ok;
+        });
+    }
+
+    /// Why `/readyz` says not ready.
+    fn not_ready_reason(&self) -> &'static str {
+        self.with(|s| match s.ha {
+            Some((_, _, false)) => {
+                "not ready: the lease database ([ha]) cannot be reached; nothing is written\n"
+            }
+            _ => "not ready: no successful cycle yet, or the last cycle failed\n",
+        })
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -511,12 +537,35 @@ fn render(s: &State) -> String {
         "gauge",
         "1 when /readyz answers 200.",
     );
-    let _ = writeln!(
-        out,
-        "ldap2scim_ready {}",
-        u8::from(s.ever_succeeded && !s.last_failed)
-    );
+    let _ = writeln!(out, "ldap2scim_ready {}", u8::from(ready(s)));
+    if let Some((role, epoch, db_up)) = s.ha {
+        header(
+            &mut out,
+            "ldap2scim_ha_active",
+            "gauge",
+            "1 while this instance holds the lease and may write ([ha]).",
+        );
+        let _ = writeln!(out, "ldap2scim_ha_active {}", u8::from(role == "active"));
+        header(
+            &mut out,
+            "ldap2scim_ha_epoch",
+            "gauge",
+            "The lease's epoch as this instance last saw it ([ha]).",
+        );
+        let _ = writeln!(out, "ldap2scim_ha_epoch {epoch}");
+        header(
+            &mut out,
+            "ldap2scim_ha_lease_database_up",
+            "gauge",
+            "1 while the lease database answers ([ha]); at 0 nothing is written.",
+        );
+        let _ = writeln!(out, "ldap2scim_ha_lease_database_up {}", u8::from(db_up));
+    }
     out
+}
+
+fn ready(s: &State) -> bool {
+    s.ever_succeeded && !s.last_failed && s.ha.is_none_or(|(_, _, up)| up)
 }
 
 /// Binds `addr` (so a port in use is an error at start) and returns the listener.
@@ -573,7 +622,7 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
         ("GET" | "HEAD", "/readyz") => (
             "503 Service Unavailable",
             "text/plain; charset=utf-8",
-            "not ready: no successful cycle yet, or the last cycle failed\n".into(),
+            metrics.not_ready_reason().into(),
         ),
         ("GET" | "HEAD", _) => (
             "404 Not Found",
@@ -620,7 +669,10 @@ mod tests {
     /// `class` label value they match on is one it counts.
     #[test]
     fn contrib_rules_and_dashboard_name_only_exported_metrics() {
-        let exported: std::collections::BTreeSet<String> = Metrics::default()
+        // With `[ha]` set, so its series are exported too.
+        let metrics = Metrics::default();
+        metrics.ha("active", 1);
+        let exported: std::collections::BTreeSet<String> = metrics
             .render()
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
