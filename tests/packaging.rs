@@ -220,7 +220,7 @@ fn the_prometheus_rules_pass_promtool() {
         "rules",
         "ldap2scim.rules.yml",
     ]));
-    assert!(check.contains("SUCCESS: 10 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 12 rules found"), "{check}");
     let test = run(Command::new("promtool").current_dir(&dir).args([
         "test",
         "rules",
