@@ -280,7 +280,10 @@ impl HandLease {
             return Ok(HandLease { held: None });
         };
         let joined = crate::control::inside_daemon(&config.daemon.state_dir);
-        let ha = Ha::new(cfg.clone(), joined);
+        let ha = match Ha::open(cfg.clone(), joined, &config.daemon.state_dir) {
+            Ok(ha) => ha,
+            Err(e) => return Err(fail(format!("ha: {e}; nothing was written"))),
+        };
         ha.step(!joined).await;
         let Some(writer) = Writer::now(&ha) else {
             let why = ha
@@ -290,10 +293,7 @@ impl HandLease {
             return Err(fail(format!("ha: {why}; nothing was written (run sync on the instance that holds the lease, or wait for it to end)")));
         };
         let keeper = tokio::spawn(ha.clone().keep(false));
-        let caught_up = match crate::snapshot::Snapshot::open(&config.daemon.state_dir) {
-            Ok(snapshot) => ha.catch_up(&snapshot).await,
-            Err(e) => Err(e.to_string()),
-        };
+        let caught_up = crate::daemon::catch_up(config, &ha, !joined).await;
         if let Err(e) = caught_up {
             keeper.abort();
             if !joined {

@@ -161,7 +161,9 @@ async fn cycle(
     let mut pass = Pass::new(&config, &[], false, &clock);
     pass.stop = Some(&stop);
     pass.deadline = deadline;
-    pass.full = if promoted {
+    // With a change feed the standby kept its own mirror up to date: a new holder's targets
+    // are planned against it in full (their progress is the last writer's, not ours).
+    pass.full = if promoted && !reconcile::feed::configured(&config.ldap) {
         Some(FULL_BY_PROMOTION)
     } else {
         full.then_some(FULL_BY_SCHEDULE)
@@ -169,7 +171,7 @@ async fn cycle(
     let run_id = pass.run_id.clone();
     // `[ha]`: first the rows the other instance acknowledged, then the cycle, under the epoch.
     if let Some(w) = &writer {
-        if let Err(e) = catch_up(&config, &w.ha).await {
+        if let Err(e) = catch_up(&config, &w.ha, promoted).await {
             metrics.cycle_failed("ha", started.elapsed());
             error!(run_id = %run_id, epoch = w.epoch, error = %e, "cycle not started: the ledger could not be applied to this instance's snapshot; nothing was changed on any target");
             return (format!("last cycle {run_id} failed: ha: {e}"), None);
@@ -210,11 +212,17 @@ async fn cycle(
     }
 }
 
-/// The ledger's rows since the last catch-up, applied to this instance's snapshot.
-async fn catch_up(config: &Config, ha: &Ha) -> Result<usize, String> {
+/// The ledger's rows since the last catch-up, applied to this instance's snapshot; a new
+/// holder (`seed`) then gives the ledger the rows it lacks.
+pub(crate) async fn catch_up(config: &Config, ha: &Ha, seed: bool) -> Result<usize, String> {
     let snapshot =
         crate::snapshot::Snapshot::open(&config.daemon.state_dir).map_err(|e| e.to_string())?;
-    ha.catch_up(&snapshot).await
+    let applied = ha.catch_up(&snapshot).await?;
+    if seed {
+        let targets: Vec<&str> = config.targets.iter().map(|t| t.name.0.as_str()).collect();
+        ha.seed(&snapshot, &targets).await?;
+    }
+    Ok(applied)
 }
 
 /// A standby's turn: its snapshot brought up to the ledger; nothing is written anywhere else.
@@ -222,8 +230,19 @@ async fn standby_cycle(
     config: Arc<Config>,
     ha: Arc<Ha>,
     metrics: Metrics,
+    clock: Clock,
 ) -> (String, Option<Cookies>) {
-    let result = catch_up(&config, &ha).await;
+    let mut result = catch_up(&config, &ha, false).await;
+    // With a change feed, the standby's mirror follows the directory too (no target is planned).
+    if result.is_ok() && reconcile::feed::configured(&config.ldap) {
+        let mut pass = Pass::new(&config, &[], false, &clock);
+        pass.mirror_only = true;
+        if let Err(e) = reconcile::run(&pass).await {
+            result = Err(format!(
+                "the directory's mirror could not be brought up to date: {e}"
+            ));
+        }
+    }
     metrics.standby_caught_up(result.is_ok());
     let who = match ha.role() {
         Role::Standby { holder, epoch, .. } => format!("{holder} holds the lease (epoch {epoch})"),
@@ -367,12 +386,24 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     };
     let metrics = Metrics::default();
     // `[ha]`: the lease, kept in the background; cycles write only while it is ours.
-    let ha = config.ha.clone().map(|c| Ha::new(c, false));
-    let _keeper = ha
-        .as_ref()
-        .map(|ha| AbortOnDrop(tokio::spawn(ha.clone().keep(true))));
+    let ha = match config
+        .ha
+        .clone()
+        .map(|c| Ha::open(c, false, &config.daemon.state_dir))
+    {
+        Some(Ok(ha)) => Some(ha),
+        Some(Err(e)) => {
+            eprintln!("ldap2scim: error: ha: {e}");
+            return 1;
+        }
+        None => None,
+    };
+    // Subscribed before the keeper starts, so its first role is seen.
     let (_no_ha, no_ha_rx) = tokio::sync::watch::channel("none");
     let mut ha_rx = ha.as_ref().map_or(no_ha_rx, |h| h.watch());
+    let mut keeper = ha
+        .as_ref()
+        .map(|ha| AbortOnDrop(tokio::spawn(ha.clone().keep(true))));
     let _endpoint = match config.daemon.listen {
         Some(addr) => match crate::metrics::bind(addr).await {
             Ok(listener) => {
@@ -422,20 +453,25 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
     // A cycle is a full read when the full schedule had a time since the previous cycle
     // started (with a change feed the others are deltas).
     let last_started = std::cell::Cell::new(clock.now());
-    // `[ha]`: whether the last cycle ran as the writer (the first after a promotion reads in full).
-    let was_active = std::cell::Cell::new(false);
+    // `[ha]`: the epoch the last cycle wrote under (the first under a new one reads in full).
+    let last_epoch = std::cell::Cell::new(None::<i64>);
     let start_cycle = |config: &Arc<Config>, ticks: &Ticks| -> CycleFuture {
         let writer = match &ha {
             Some(ha) => match Writer::now(ha) {
                 Some(w) => Some(w),
                 None => {
-                    was_active.set(false);
-                    return Box::pin(standby_cycle(config.clone(), ha.clone(), metrics.clone()));
+                    return Box::pin(standby_cycle(
+                        config.clone(),
+                        ha.clone(),
+                        metrics.clone(),
+                        clock,
+                    ));
                 }
             },
             None => None,
         };
-        let promoted = writer.is_some() && !was_active.replace(writer.is_some());
+        let epoch = writer.as_ref().map(|w| w.epoch);
+        let promoted = epoch.is_some() && last_epoch.replace(epoch) != epoch;
         let now = clock.now();
         let deadline = ticks.cycle_deadline(now);
         let full = config
@@ -488,6 +524,8 @@ pub async fn run(cli: &Cli, config: Config, run_now: bool, clock: Clock) -> u8 {
         };
         if running.is_none() && answering.is_none() && stop_deadline.is_some() {
             if let Some(ha) = &ha {
+                // The keeper first, so it cannot take the lease again after the release.
+                keeper.take();
                 ha.release().await;
             }
             info!("stopped cleanly");

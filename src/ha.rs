@@ -35,9 +35,10 @@ CREATE TABLE IF NOT EXISTS ldap2scim_lease (
     id integer PRIMARY KEY CHECK (id = 1),
     holder text NOT NULL DEFAULT '',
     epoch bigint NOT NULL DEFAULT 0,
-    expires_at timestamptz NOT NULL DEFAULT '-infinity',
+    expires_at timestamptz NOT NULL DEFAULT 'epoch',
     renewed_at timestamptz
 );
+ALTER TABLE ldap2scim_lease ADD COLUMN IF NOT EXISTS holder_token text NOT NULL DEFAULT '';
 INSERT INTO ldap2scim_lease (id) VALUES (1) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS ldap2scim_instances (
     instance text PRIMARY KEY,
@@ -65,11 +66,13 @@ CREATE INDEX IF NOT EXISTS ldap2scim_ledger_seq_idx ON ldap2scim_ledger (seq);
 COMMIT;
 ";
 
-/// Takes the lease when it has ended (or, `$3`, when this instance held it: a process of ours
-/// that is gone, since we hold the state directory's lock), with a new epoch.
+/// Takes the lease when it has ended (or, `$3`, when a process of this instance on this
+/// state directory held it, by name and token: that process is gone, since we hold the state
+/// directory's lock), with a new epoch.
 const TAKE: &str = "UPDATE ldap2scim_lease
-    SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2), renewed_at = now()
-    WHERE id = 1 AND (expires_at <= now() OR ($3 AND holder = $1))
+    SET holder = $1, holder_token = $4, epoch = epoch + 1,
+        expires_at = now() + make_interval(secs => $2), renewed_at = now()
+    WHERE id = 1 AND (expires_at <= now() OR ($3 AND holder = $1 AND holder_token = $4))
     RETURNING epoch, expires_at, extract(epoch FROM expires_at - now())::float8";
 
 const RENEW: &str = "UPDATE ldap2scim_lease
@@ -78,8 +81,8 @@ const RENEW: &str = "UPDATE ldap2scim_lease
     RETURNING epoch, expires_at, extract(epoch FROM expires_at - now())::float8";
 
 const READ: &str =
-    "SELECT holder, epoch, expires_at, extract(epoch FROM expires_at - now())::float8
-    FROM ldap2scim_lease WHERE id = 1";
+    "SELECT holder, epoch, expires_at, extract(epoch FROM expires_at - now())::float8,
+    holder_token FROM ldap2scim_lease WHERE id = 1";
 
 /// Ends our lease early (a clean stop), so the standby need not wait for it to expire.
 const RELEASE: &str = "UPDATE ldap2scim_lease SET expires_at = now()
@@ -90,17 +93,41 @@ const HEARTBEAT: &str = "INSERT INTO ldap2scim_instances (instance, role, epoch,
     ON CONFLICT (instance) DO UPDATE SET role = EXCLUDED.role, epoch = EXCLUDED.epoch, seen_at = now()";
 
 /// One ledger row, written only while the lease is ours (the lease row is locked for the
-/// statement, so sequence numbers are handed out in commit order).
+/// statement, so sequence numbers are handed out in commit order), under the epoch the change
+/// was made in (`$11`: the current one, or an earlier one of ours for a row the database could
+/// not take at the time); a row of a later epoch for the same entry is never overwritten.
+/// Returns (the lease was ours, the row was written).
 const RECORD: &str = "WITH l AS (
         SELECT epoch FROM ldap2scim_lease
-        WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() FOR UPDATE)
-    INSERT INTO ldap2scim_ledger (target, kind, directory_id, scim_id, state, hash, row_data, attrs, epoch, instance, seq)
-    SELECT $3, $4, $5, $6, $7, $8, $9, $10, l.epoch, $1, nextval('ldap2scim_ledger_seq') FROM l
-    ON CONFLICT (target, kind, directory_id) DO UPDATE SET
-        scim_id = EXCLUDED.scim_id, state = EXCLUDED.state, hash = EXCLUDED.hash,
-        row_data = EXCLUDED.row_data, attrs = EXCLUDED.attrs, epoch = EXCLUDED.epoch,
-        instance = EXCLUDED.instance, seq = EXCLUDED.seq, at = now()
-    RETURNING seq";
+        WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() FOR UPDATE),
+    ins AS (
+        INSERT INTO ldap2scim_ledger (target, kind, directory_id, scim_id, state, hash, row_data, attrs, epoch, instance, seq)
+        SELECT $3, $4, $5, $6, $7, $8, $9, $10, $11, $1, nextval('ldap2scim_ledger_seq') FROM l
+        ON CONFLICT (target, kind, directory_id) DO UPDATE SET
+            scim_id = EXCLUDED.scim_id, state = EXCLUDED.state, hash = EXCLUDED.hash,
+            row_data = EXCLUDED.row_data, attrs = EXCLUDED.attrs, epoch = EXCLUDED.epoch,
+            instance = EXCLUDED.instance, seq = EXCLUDED.seq, at = now()
+        WHERE ldap2scim_ledger.epoch <= EXCLUDED.epoch
+        RETURNING seq)
+    SELECT (SELECT count(*) FROM l), (SELECT count(*) FROM ins)";
+
+/// Live rows of a target in the ledger: (users, groups).
+const SEED_COUNT: &str = "SELECT count(*) FILTER (WHERE kind = 'user' AND row_data IS NOT NULL),
+    count(*) FILTER (WHERE kind = 'group' AND row_data IS NOT NULL)
+    FROM ldap2scim_ledger WHERE target = $1";
+
+/// Rows of our snapshot the ledger lacks (a row it has stays as it is), under our lease.
+const SEED: &str = "WITH l AS (
+        SELECT epoch FROM ldap2scim_lease
+        WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() FOR UPDATE),
+    ins AS (
+        INSERT INTO ldap2scim_ledger (target, kind, directory_id, scim_id, state, hash, row_data, attrs, epoch, instance, seq)
+        SELECT $3, u.kind, u.id, u.scim_id, u.state, u.hash, u.row_data, u.attrs, $2, $1, nextval('ldap2scim_ledger_seq')
+        FROM l, unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[])
+            AS u(kind, id, scim_id, state, hash, row_data, attrs)
+        ON CONFLICT (target, kind, directory_id) DO NOTHING
+        RETURNING seq)
+    SELECT (SELECT count(*) FROM l), (SELECT count(*) FROM ins)";
 
 const CATCH_UP: &str = "SELECT seq, target, kind, directory_id, row_data, attrs, instance, epoch
     FROM ldap2scim_ledger WHERE seq > $1 ORDER BY seq LIMIT 5000";
@@ -114,6 +141,9 @@ pub enum Role {
     Active {
         epoch: i64,
         valid_until: Instant,
+        /// The same deadline by the wall clock, which (unlike the monotonic one) goes on
+        /// while the machine is suspended: a write needs both.
+        valid_until_wall: std::time::SystemTime,
         expires_at: DateTime<Utc>,
     },
     /// Another instance holds it (or held it: `expires_at` may be past).
@@ -149,6 +179,11 @@ pub struct Ha {
     /// This process answers a command for the daemon that holds the lease: it uses the
     /// daemon's epoch and never takes the lease itself.
     joined: bool,
+    /// Tells this state directory's processes from another instance given the same name.
+    token: String,
+    /// The epoch we last held: renewed first after a failed step (a database hiccup does
+    /// not give the lease up while it is still ours).
+    held: Mutex<Option<i64>>,
 }
 
 /// One row of the ledger, as written.
@@ -215,7 +250,46 @@ pub struct PairStatus {
 }
 
 impl Ha {
+    /// A lease user with a token of its own (it never takes over a lease by name).
     pub fn new(cfg: HaConfig, joined: bool) -> Arc<Ha> {
+        Ha::with_token(cfg, joined, random_token())
+    }
+
+    /// A lease user for the processes of `state_dir`, whose token is kept there (`ha.token`):
+    /// a restarted daemon takes over its predecessor's lease at once, another machine with the
+    /// same `ha.instance` never does.
+    pub fn open(
+        cfg: HaConfig,
+        joined: bool,
+        state_dir: &std::path::Path,
+    ) -> Result<Arc<Ha>, String> {
+        let path = state_dir.join("ha.token");
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => {
+                crate::lock::private_dir(state_dir).map_err(|e| e.to_string())?;
+                let token = random_token();
+                let write = || -> std::io::Result<()> {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let tmp = state_dir.join("ha.token.tmp");
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&tmp)?;
+                    std::io::Write::write_all(&mut f, token.as_bytes())?;
+                    f.sync_all()?;
+                    std::fs::rename(&tmp, &path)
+                };
+                write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                token
+            }
+        };
+        Ok(Ha::with_token(cfg, joined, token))
+    }
+
+    fn with_token(cfg: HaConfig, joined: bool, token: String) -> Arc<Ha> {
         let (changed, _) = tokio::sync::watch::channel("unknown");
         Arc::new(Ha {
             cfg,
@@ -224,6 +298,8 @@ impl Ha {
             changed,
             backlog: tokio::sync::Mutex::new(Vec::new()),
             joined,
+            token,
+            held: Mutex::new(None),
         })
     }
 
@@ -261,6 +337,11 @@ impl Ha {
                 Role::Unknown => {}
             }
         }
+        match &role {
+            Role::Active { epoch, .. } => *self.held.lock().expect("held lock") = Some(*epoch),
+            Role::Standby { .. } => *self.held.lock().expect("held lock") = None,
+            _ => {}
+        }
         *current = role;
         drop(current);
         if before != after || epoch_changed {
@@ -278,9 +359,17 @@ impl Ha {
     pub fn fence(&self, timeout: Duration) -> Result<i64, String> {
         match self.role() {
             Role::Active {
-                epoch, valid_until, ..
+                epoch,
+                valid_until,
+                valid_until_wall,
+                ..
             } => {
-                let left = valid_until.saturating_duration_since(Instant::now());
+                let wall_left = valid_until_wall
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                let left = valid_until
+                    .saturating_duration_since(Instant::now())
+                    .min(wall_left);
                 if left > timeout {
                     Ok(epoch)
                 } else {
@@ -386,9 +475,10 @@ impl Ha {
                 )
             }
         };
-        let sent = Instant::now();
-        let current = self.role();
-        if let Role::Active { epoch, .. } = current {
+        let sent = (Instant::now(), std::time::SystemTime::now());
+        // Ours until the database says otherwise, after a failed step too.
+        let held = *self.held.lock().expect("held lock");
+        if let Some(epoch) = held {
             let rows = tokio::time::timeout(
                 bound,
                 client.query(RENEW, &[&self.cfg.instance, &ttl, &epoch]),
@@ -409,11 +499,14 @@ impl Ha {
                 .map_err(|e| describe(&e))?;
             let row = rows.first().ok_or("the lease row is missing")?;
             let holder: String = row.get(0);
+            let token: String = row.get(4);
             let left: f64 = row.get(3);
-            if holder == self.cfg.instance && left > 0.0 {
+            if holder == self.cfg.instance && token == self.token && left > 0.0 {
+                let left = Duration::from_secs_f64(left);
                 return Ok(Role::Active {
                     epoch: row.get(1),
-                    valid_until: sent + Duration::from_secs_f64(left),
+                    valid_until: sent.0 + left,
+                    valid_until_wall: sent.1 + left,
                     expires_at: row.get(2),
                 });
             }
@@ -421,7 +514,7 @@ impl Ha {
         }
         let rows = tokio::time::timeout(
             bound,
-            client.query(TAKE, &[&self.cfg.instance, &ttl, &startup]),
+            client.query(TAKE, &[&self.cfg.instance, &ttl, &startup, &self.token]),
         )
         .await
         .map_err(timed("lease request"))?
@@ -434,6 +527,10 @@ impl Ha {
             .map_err(timed("lease read"))?
             .map_err(|e| describe(&e))?;
         let row = rows.first().ok_or("the lease row is missing")?;
+        let (holder, token, left): (String, String, f64) = (row.get(0), row.get(4), row.get(3));
+        if startup && holder == self.cfg.instance && token != self.token && left > 0.0 {
+            tracing::error!(instance = %self.cfg.instance, "ha: another instance with this name (ha.instance) holds the lease from another state directory; give each instance its own ha.instance");
+        }
         Ok(standby(row))
     }
 
@@ -454,7 +551,7 @@ impl Ha {
     }
 
     /// Keeps the lease: renews it every third of its time while we hold it, and otherwise
-    /// asks for it every sixth (so a standby takes over soon after it ends).
+    /// asks for it every tenth (so a standby takes over soon after it ends).
     pub async fn keep(self: Arc<Self>, mut startup: bool) {
         loop {
             let role = self.step(startup).await;
@@ -462,7 +559,7 @@ impl Ha {
             self.heartbeat().await;
             let every = match role {
                 Role::Active { .. } => self.cfg.lease_ttl / 3,
-                _ => (self.cfg.lease_ttl / 6).max(Duration::from_millis(250)),
+                _ => (self.cfg.lease_ttl / 10).max(Duration::from_millis(200)),
             };
             tokio::time::sleep(every).await;
         }
@@ -471,7 +568,12 @@ impl Ha {
     /// Ends our lease now (a clean stop), so the standby takes over at once.
     pub async fn release(&self) {
         let Some(epoch) = self.epoch() else { return };
+        // Whatever the ledger is still owed goes first.
+        if let Err(e) = self.settle().await {
+            warn!(epoch, error = %e, "ha: acknowledged row updates did not reach the ledger before the stop; the other instance finds those accounts on the targets");
+        }
         self.set_role(Role::Unknown);
+        *self.held.lock().expect("held lock") = None;
         if let Ok(client) = self.connect().await {
             match tokio::time::timeout(
                 self.query_bound(),
@@ -517,14 +619,6 @@ impl Ha {
                 backlog.len()
             ));
         };
-        // Rows of an epoch that is over stay out: the ledger may hold newer rows of the other
-        // instance for the same entries. A create among them is found by its externalId
-        // when the other instance makes it again (the target answers 409).
-        let before = backlog.len();
-        backlog.retain(|r| r.epoch == epoch);
-        if backlog.len() < before {
-            warn!(instance = %self.cfg.instance, epoch, dropped = before - backlog.len(), "ha: row updates acknowledged under an earlier epoch never reached the ledger; the other instance finds those accounts on the targets");
-        }
         let client = match self.connect().await {
             Ok(c) => c,
             Err(e) => {
@@ -535,7 +629,7 @@ impl Ha {
         while let Some(r) = backlog.first() {
             let sent = tokio::time::timeout(
                 self.query_bound(),
-                client.query(
+                client.query_one(
                     RECORD,
                     &[
                         &self.cfg.instance,
@@ -548,16 +642,19 @@ impl Ha {
                         &r.hash,
                         &r.row,
                         &r.attrs,
+                        &r.epoch,
                     ],
                 ),
             )
             .await;
             match sent {
-                Ok(Ok(rows)) if !rows.is_empty() => {
+                Ok(Ok(row)) if row.get::<_, i64>(0) > 0 => {
+                    // Written, or a later epoch's row for the entry is there already.
                     backlog.remove(0);
                 }
                 Ok(Ok(_)) => {
                     warn!(instance = %self.cfg.instance, epoch, "ha: the ledger refused a row: the lease is no longer ours; writes stopped");
+                    *self.held.lock().expect("held lock") = None;
                     self.set_role(Role::Unknown);
                     return Err(format!("the lease (epoch {epoch}) is no longer ours"));
                 }
@@ -660,6 +757,93 @@ impl Ha {
         Ok(applied)
     }
 
+    /// Gives the ledger the rows of `snapshot` it does not have (a ledger started after the
+    /// pair was set up, or an instance that wrote without it): with them a standby that
+    /// starts from nothing needs no target listed. Run by a new holder once it caught up.
+    /// Returns how many rows it wrote.
+    pub async fn seed(&self, snapshot: &Snapshot, targets: &[&str]) -> Result<usize, String> {
+        let Some(epoch) = self.epoch() else {
+            return Ok(0);
+        };
+        let client = self.connect().await?;
+        let snap_err = |e: SnapshotError| e.to_string();
+        let mut written = 0;
+        for &target in targets {
+            if !snapshot.has_target(target) {
+                continue;
+            }
+            let tsnap = snapshot.target(target).map_err(snap_err)?;
+            let here = tsnap.count_rows().map_err(snap_err)?;
+            let there =
+                tokio::time::timeout(self.query_bound(), client.query_one(SEED_COUNT, &[&target]))
+                    .await
+                    .map_err(|_| "counting the ledger's rows timed out".to_string())?
+                    .map_err(|e| describe(&e))?;
+            let (users, groups): (i64, i64) = (there.get(0), there.get(1));
+            if users as usize >= here.users && groups as usize >= here.groups {
+                continue;
+            }
+            let mut state = tsnap.load().map_err(snap_err)?;
+            let ids: Vec<DirectoryId> = state.users.keys().cloned().collect();
+            tsnap.load_attrs(&mut state, &ids).map_err(snap_err)?;
+            let rows: Vec<LedgerRow> = state
+                .users
+                .into_iter()
+                .map(|(id, row)| Update::PutUser(id, row))
+                .chain(
+                    state
+                        .groups
+                        .into_iter()
+                        .map(|(id, row)| Update::PutGroup(id, row)),
+                )
+                .filter_map(|u| ledger_row(epoch, target, &u))
+                .collect();
+            for chunk in rows.chunks(1000) {
+                let col = |f: fn(&LedgerRow) -> Option<String>| -> Vec<Option<String>> {
+                    chunk.iter().map(f).collect()
+                };
+                let kinds = col(|r| Some(r.kind.to_string()));
+                let ids = col(|r| Some(r.id.clone()));
+                let scim_ids = col(|r| r.scim_id.clone());
+                let states = col(|r| r.state.clone());
+                let hashes = col(|r| r.hash.clone());
+                let data: Vec<Option<Value>> = chunk.iter().map(|r| r.row.clone()).collect();
+                let attrs: Vec<Option<Value>> = chunk.iter().map(|r| r.attrs.clone()).collect();
+                let row = tokio::time::timeout(
+                    self.query_bound() * 3,
+                    client.query_one(
+                        SEED,
+                        &[
+                            &self.cfg.instance,
+                            &epoch,
+                            &target,
+                            &kinds,
+                            &ids,
+                            &scim_ids,
+                            &states,
+                            &hashes,
+                            &data,
+                            &attrs,
+                        ],
+                    ),
+                )
+                .await
+                .map_err(|_| "seeding the ledger timed out".to_string())?
+                .map_err(|e| describe(&e))?;
+                if row.get::<_, i64>(0) == 0 {
+                    return Err(format!("the lease (epoch {epoch}) is no longer ours"));
+                }
+                written += row.get::<_, i64>(1) as usize;
+            }
+            info!(
+                target,
+                rows = written,
+                "ha: gave the ledger the rows of this instance's snapshot it did not have"
+            );
+        }
+        Ok(written)
+    }
+
     /// The pair as the database sees it.
     pub async fn pair_status(&self) -> Result<PairStatus, String> {
         let client = self.connect().await?;
@@ -704,13 +888,32 @@ impl Ha {
     }
 }
 
-fn active(row: &tokio_postgres::Row, sent: Instant) -> Role {
-    let left: f64 = row.get(2);
+fn active(row: &tokio_postgres::Row, sent: (Instant, std::time::SystemTime)) -> Role {
+    let left = Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0));
     Role::Active {
         epoch: row.get(0),
-        valid_until: sent + Duration::from_secs_f64(left.max(0.0)),
+        valid_until: sent.0 + left,
+        valid_until_wall: sent.1 + left,
         expires_at: row.get(1),
     }
+}
+
+/// A token no other process has (time, process id and a counter, hashed).
+fn random_token() -> String {
+    use sha2::{Digest, Sha256};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = format!(
+        "{:?}-{}-{}-{:?}",
+        std::time::SystemTime::now(),
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        Instant::now()
+    );
+    Sha256::digest(seed.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn standby(row: &tokio_postgres::Row) -> Role {
@@ -785,7 +988,113 @@ fn describe(e: &tokio_postgres::Error) -> String {
                 text.push_str(&s.to_string());
                 source = s.source();
             }
+            if text.contains("certificate") {
+                text.push_str(" (the lease database's TLS certificate is checked against this system's roots: add its CA to them, or set sslmode=disable on a network you trust)");
+            }
             text
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn ha(ttl: u64) -> Arc<Ha> {
+        Ha::new(
+            HaConfig {
+                dsn: Secret::new("host=127.0.0.1 password=s3cret".into()),
+                lease_ttl: Duration::from_secs(ttl),
+                instance: "a".into(),
+            },
+            false,
+        )
+    }
+
+    fn active(ha: &Ha, mono: Duration, wall: Duration) {
+        ha.set_role(Role::Active {
+            epoch: 7,
+            valid_until: Instant::now() + mono,
+            valid_until_wall: std::time::SystemTime::now() + wall,
+            expires_at: Utc::now(),
+        });
+    }
+
+    #[test]
+    fn a_write_needs_more_lease_left_than_it_may_take_by_both_clocks() {
+        let ha = ha(30);
+        assert_eq!(
+            ha.write_timeout(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            ha.write_timeout(Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        assert!(ha.fence(Duration::ZERO).is_err(), "unknown lease");
+        active(&ha, Duration::from_secs(20), Duration::from_secs(20));
+        assert_eq!(ha.fence(Duration::from_secs(15)), Ok(7));
+        assert!(ha.fence(Duration::from_secs(25)).is_err());
+        // The machine was suspended: the monotonic clock says 20 s are left, the wall clock
+        // that the lease has ended.
+        active(&ha, Duration::from_secs(20), Duration::ZERO);
+        let refused = ha.fence(Duration::from_secs(1)).unwrap_err();
+        assert!(refused.contains("epoch 7"), "{refused}");
+        // A pass's writer is pinned to its epoch.
+        active(&ha, Duration::from_secs(20), Duration::from_secs(20));
+        let w = Writer::now(&ha).unwrap();
+        ha.set_role(Role::Active {
+            epoch: 8,
+            valid_until: Instant::now() + Duration::from_secs(20),
+            valid_until_wall: std::time::SystemTime::now() + Duration::from_secs(20),
+            expires_at: Utc::now(),
+        });
+        assert!(w
+            .fence(Duration::ZERO)
+            .unwrap_err()
+            .contains("from epoch 7 to 8"));
+        assert!(!w.current());
+        ha.set_role(Role::Unreachable {
+            reason: "connection refused".into(),
+        });
+        assert!(ha
+            .fence(Duration::ZERO)
+            .unwrap_err()
+            .contains("cannot be reached"));
+        assert!(!format!("{:?}", ha.cfg).contains("s3cret"));
+    }
+
+    #[test]
+    fn ledger_rows_carry_what_the_snapshot_holds() {
+        let id = DirectoryId("u1".into());
+        let mut attrs = crate::map::FlatAttrs::new();
+        attrs.insert("userName".into(), serde_json::json!("ann"));
+        let row = UserRow {
+            scim_id: crate::model::ScimId("s1".into()),
+            user_name: "ann".into(),
+            hash: "h".into(),
+            attrs: crate::map::SharedAttrs::pack(&attrs),
+            etag: None,
+            state: crate::snapshot::UserState::Deactivated { since: Utc::now() },
+            owned: crate::snapshot::Ownership::Created,
+        };
+        let r = ledger_row(3, "app", &Update::PutUser(id.clone(), row)).unwrap();
+        assert_eq!(
+            (r.epoch, r.kind, r.state.as_deref()),
+            (3, "user", Some("deactivated"))
+        );
+        assert_eq!(r.attrs, Some(serde_json::json!({"userName": "ann"})));
+        let gone = ledger_row(3, "app", &Update::RemoveUser(id.clone())).unwrap();
+        assert!(gone.row.is_none());
+        assert!(ledger_row(
+            3,
+            "app",
+            &Update::MoveMemberships {
+                from: id.clone(),
+                to: id
+            }
+        )
+        .is_none());
     }
 }

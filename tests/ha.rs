@@ -208,6 +208,13 @@ fn kill_round(slapd: &Slapd, pg: &Postgres, round: usize, kill_at: usize, change
         !log.contains("snapshot lost") && !log.contains("orphan"),
         "round {round}: the promoted standby treated something as lost or orphaned:\n{log}"
     );
+    // Its mirror followed the directory while it waited: promoted, it plans every target
+    // against it, without reading the whole directory again.
+    let promoted = &log[log.find("this instance holds the lease").unwrap()..];
+    assert!(
+        !promoted.contains("reading the whole directory"),
+        "round {round}: the promoted standby read the whole directory:\n{promoted}"
+    );
     // Nothing is listed to rebuild rows (the ledger has them) and nothing is an orphan. The
     // users still to create are looked up before they are (ours from a lost answer?), as A
     // looked up all of them on its first cycle: B lists no more than A did.

@@ -98,6 +98,23 @@ async fn one_holder_a_rising_epoch_and_a_fence_that_closes_first() {
     // A clean stop releases the lease at once.
     b.release().await;
     assert!(matches!(a.step(false).await, Role::Active { epoch: 3, .. }));
+
+    // Another machine given the same name never takes a live lease by that name; a process of
+    // the same state directory (its token) does, at once: its predecessor is gone.
+    let state = tempfile::tempdir().unwrap();
+    let c = Ha::open(config(&dsn, "c", ttl), false, state.path()).unwrap();
+    a.release().await;
+    assert!(matches!(c.step(true).await, Role::Active { epoch: 4, .. }));
+    let twin = Ha::new(config(&dsn, "c", ttl), false);
+    assert!(matches!(
+        twin.step(true).await,
+        Role::Standby { epoch: 4, .. }
+    ));
+    let restarted = Ha::open(config(&dsn, "c", ttl), false, state.path()).unwrap();
+    assert!(matches!(
+        restarted.step(true).await,
+        Role::Active { epoch: 5, .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,4 +186,57 @@ async fn the_standby_applies_the_ledger_to_its_snapshot() {
     let own = tempfile::tempdir().unwrap();
     let own = Snapshot::open(own.path()).unwrap();
     assert_eq!(a.catch_up(&own).await.unwrap(), 0);
+
+    // Rows from before the ledger (a pair set up on a running deployment): the holder seeds
+    // the ledger with what it lacks, once; a standby starting from nothing gets them all.
+    let old = own.target("legacy").unwrap();
+    for i in 0..1500 {
+        let id = DirectoryId(format!("id-{i:04}"));
+        old.put_user(&id, &user(&format!("s-{i}"), &format!("user{i}")))
+            .unwrap();
+    }
+    assert_eq!(a.seed(&own, &["legacy", "app"]).await.unwrap(), 1500);
+    assert_eq!(a.seed(&own, &["legacy", "app"]).await.unwrap(), 0);
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh = Snapshot::open(fresh.path()).unwrap();
+    b.catch_up(&fresh).await.unwrap();
+    let legacy = fresh.target("legacy").unwrap().load().unwrap();
+    assert_eq!(legacy.users.len(), 1500);
+    assert_eq!(
+        legacy.users[&DirectoryId("id-0042".into())].user_name,
+        "user42"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_blip_keeps_the_lease_and_what_the_ledger_is_owed() {
+    let mut pg = Postgres::start();
+    pg.create_database("blip");
+    let dsn = pg.dsn("blip");
+    let a = Ha::new(config(&dsn, "a", Duration::from_secs(30)), false);
+    assert!(matches!(a.step(true).await, Role::Active { epoch: 1, .. }));
+
+    pg.stop();
+    let ann = DirectoryId("id-ann".into());
+    let row = [Update::PutUser(ann.clone(), user("s-ann", "ann"))];
+    assert!(a.record(1, "app", &row).await.is_err());
+    assert!(matches!(a.role(), Role::Unreachable { .. }));
+    assert!(
+        a.fence(Duration::ZERO).is_err(),
+        "no writes without the database"
+    );
+    assert!(matches!(a.step(false).await, Role::Unreachable { .. }));
+
+    pg.start_again();
+    // Still ours: renewed with the same epoch, and the row it was owed goes in first.
+    assert!(matches!(a.step(false).await, Role::Active { epoch: 1, .. }));
+    a.settle().await.unwrap();
+    assert_eq!(
+        pg.psql(
+            "blip",
+            "SELECT directory_id || ' ' || epoch FROM ldap2scim_ledger"
+        )
+        .trim(),
+        "id-ann 1"
+    );
 }

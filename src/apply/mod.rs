@@ -139,8 +139,15 @@ impl Applier<'_> {
                     .await
                 };
                 report.not_started += results.iter().filter(|r| r.is_none()).count();
+                let mut moved = Vec::new();
                 for finished in results.into_iter().flatten() {
-                    self.record(state, &mut report, &mut paths, finished);
+                    moved.extend(self.record(state, &mut report, &mut paths, finished));
+                }
+                // A rebind's groups, as written to the snapshot, go to the ledger too.
+                if let (Some(w), false) = (self.ha, moved.is_empty()) {
+                    if let Err(e) = w.ha.record(w.epoch, &self.target.name.0, &moved).await {
+                        warn!(target = %self.target.name, error = %e, "ha: re-bound memberships are not in the ledger yet; they are sent before the next write");
+                    }
                 }
             }
             i = j;
@@ -318,7 +325,8 @@ impl Applier<'_> {
         report: &mut ApplyReport,
         paths: &mut SharedPaths,
         finished: Finished<'_>,
-    ) {
+    ) -> Vec<Update> {
+        let mut moved = Vec::new();
         let Finished {
             change,
             updates,
@@ -338,6 +346,8 @@ impl Applier<'_> {
             for m in advance::moved_memberships(state, from, to) {
                 if let Err(e) = write(self.snapshot, std::slice::from_ref(&m)) {
                     warn!(target = %self.target.name, error = %e, "cannot record a re-bound membership; the next cycle repairs it");
+                } else {
+                    moved.push(m.clone());
                 }
                 advance::apply_to(state, m);
             }
@@ -385,6 +395,7 @@ impl Applier<'_> {
                 });
             }
         }
+        moved
     }
 
     /// A stop was requested, or the deadline passed: start nothing new.

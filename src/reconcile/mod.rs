@@ -71,6 +71,9 @@ pub struct Pass<'a> {
     /// `[ha]`: writes only while this instance holds the lease; every acknowledged row goes
     /// to the ledger too.
     pub ha: Option<&'a crate::ha::Writer>,
+    /// `[ha]`, a standby: bring the directory's mirror up to date from the change feed, and
+    /// plan no target (it writes to none).
+    pub mirror_only: bool,
 }
 
 impl<'a> Pass<'a> {
@@ -89,6 +92,7 @@ impl<'a> Pass<'a> {
             saved: None,
             fingerprints: false,
             ha: None,
+            mirror_only: false,
         }
     }
 
@@ -154,7 +158,11 @@ pub async fn run_on(pass: &Pass<'_>, directory: Directory) -> Result<Outcome, Re
 }
 
 async fn run_with(pass: &Pass<'_>, read: Option<Directory>) -> Result<Outcome, ReconcileError> {
-    let targets = select_targets(pass.config, pass.only)?;
+    let targets = if pass.mirror_only {
+        Vec::new()
+    } else {
+        select_targets(pass.config, pass.only)?
+    };
     // The read covers every target's mappings: one read serves any subset of targets.
     let mut wanted = map::needed_attributes(&pass.config.targets);
     if !pass.entries.is_empty() {
