@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use support::{
-    bulk_directory, temp_dir, Ldap2scim, RecordingProxy, Scim2Server, ScimServer, Slapd,
-    TestConfig, BASE_DN,
+    bulk_directory, temp_dir, toml_str, Ldap2scim, Postgres, RecordingProxy, Scim2Server,
+    ScimServer, Slapd, TestConfig, BASE_DN,
 };
 
 /// Members per generated group (plus one group `g-all` nesting all the others).
@@ -276,6 +276,23 @@ pub struct Report {
     pub sample_user: Option<Value>,
     /// Section 5: the change feed at the full size.
     pub feed: Option<FeedResult>,
+    /// Section 6: what `[ha]`'s ledger costs a push.
+    pub ha: Option<HaResult>,
+}
+
+/// `[ha]` against none, on the initial push to the sink (section 6).
+#[derive(Clone, Debug)]
+pub struct HaResult {
+    pub users: usize,
+    pub objects: usize,
+    /// The initial sync without `[ha]`, and with it (every acknowledged row also written to
+    /// the ledger in PostgreSQL on loopback).
+    pub plain: CommandRun,
+    pub with_ha: CommandRun,
+    pub ledger_rows: usize,
+    /// A standby applying the whole ledger to an empty snapshot, and the rows it applied.
+    pub catch_up: Duration,
+    pub applied: usize,
 }
 
 /// The change feed at the full size, against the sink (section 5).
@@ -599,6 +616,27 @@ impl Report {
         if let Some(f) = &self.feed {
             self.render_feed(&mut out, f);
         }
+        if let Some(h) = &self.ha {
+            let secs = |d: Duration| d.as_secs_f64();
+            let _ = writeln!(
+                out,
+                "\n### 6. `[ha]`: the ledger's cost on the initial push (sink target, PostgreSQL on loopback)\n\n\
+                 | users | objects | sync without [ha] | sync with [ha] | ratio | ledger rows | standby applies the ledger | rows/s |\n|---|---|---|---|---|---|---|---|"
+            );
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2} s | {:.2} s | {:.2} | {} | {:.2} s ({} rows) | {:.0} |",
+                h.users,
+                h.objects,
+                secs(h.plain.wall),
+                secs(h.with_ha.wall),
+                ratio(h.with_ha.wall, h.plain.wall),
+                h.ledger_rows,
+                secs(h.catch_up),
+                h.applied,
+                h.applied as f64 / secs(h.catch_up).max(1e-9)
+            );
+        }
         if let Some(sample) = &self.sample_user {
             let _ = writeln!(
                 out,
@@ -907,6 +945,7 @@ pub fn run(options: &Options) -> Report {
         noop_real: None,
         sample_user: None,
         feed: None,
+        ha: None,
     };
     let sizes = options.rss_sizes();
     let largest = *sizes.last().expect("a size");
@@ -939,7 +978,75 @@ pub fn run(options: &Options) -> Report {
         report.sizes.push(result);
     }
     measure_pushes(&mut report, options);
+    report.ha = Some(measure_ha(options.push_users));
     report
+}
+
+/// Section 6: the initial sync of `users` to the sink with `[ha]` (the lease and the ledger in
+/// a PostgreSQL on loopback) against the same sync without it, and a standby applying that
+/// ledger to an empty snapshot.
+fn measure_ha(users: usize) -> HaResult {
+    progress(&format!("[ha]: directory of {users} users, PostgreSQL"));
+    let slapd = Slapd::start_bulk(&bulk_directory(users, GROUP_SIZE));
+    let pg = Postgres::start();
+    pg.create_database("bench");
+    let plain_sink = Sink::start();
+    let plain_config = bench_config(&slapd, &plain_sink.url(), plain_sink.token(), 4);
+    progress("[ha]: initial sync to the sink without [ha]");
+    let plain = expect_ok(
+        command(&plain_config, &["sync"]),
+        "initial sync without [ha]",
+    );
+    let sink = Sink::start();
+    let mut config = bench_config(&slapd, &sink.url(), sink.token(), 4);
+    let dsn_file = config.dir().join("ha.dsn");
+    std::fs::write(&dsn_file, pg.dsn("bench")).expect("write the DSN file");
+    config
+        .set(
+            "ha",
+            "lease",
+            &format!(
+                "{{ postgres = {{ file = {} }} }}",
+                toml_str(&dsn_file.to_string_lossy())
+            ),
+        )
+        .set("ha", "instance", "\"bench-a\"");
+    progress("[ha]: initial sync to the sink with [ha]");
+    let with_ha = expect_ok(command(&config, &["sync"]), "initial sync with [ha]");
+    let ledger_rows = pg
+        .psql("bench", "SELECT count(*) FROM ldap2scim_ledger")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    progress("[ha]: a standby applies the ledger");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let standby = ldap2scim::ha::Ha::new(
+        ldap2scim::config::HaConfig {
+            dsn: ldap2scim::config::Secret::new(pg.dsn("bench")),
+            lease_ttl: Duration::from_secs(30),
+            instance: "bench-b".into(),
+        },
+        false,
+    );
+    let dir = temp_dir("ha-standby");
+    let snapshot = ldap2scim::snapshot::Snapshot::open(dir.path()).expect("open a snapshot");
+    runtime.block_on(standby.step(false));
+    let started = Instant::now();
+    let applied = runtime
+        .block_on(standby.catch_up(&snapshot))
+        .expect("the standby applies the ledger");
+    HaResult {
+        users,
+        objects: sink.creates(),
+        plain,
+        with_ha,
+        ledger_rows,
+        catch_up: started.elapsed(),
+        applied,
+    }
 }
 
 /// `--serve N`: a directory of N users and the sink, with one full sync done, kept up until

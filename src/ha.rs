@@ -92,17 +92,21 @@ const HEARTBEAT: &str = "INSERT INTO ldap2scim_instances (instance, role, epoch,
     VALUES ($1, $2, $3, now())
     ON CONFLICT (instance) DO UPDATE SET role = EXCLUDED.role, epoch = EXCLUDED.epoch, seen_at = now()";
 
-/// One ledger row, written only while the lease is ours (the lease row is locked for the
-/// statement, so sequence numbers are handed out in commit order), under the epoch the change
-/// was made in (`$11`: the current one, or an earlier one of ours for a row the database could
+/// Ledger rows, written only while the lease is ours (the lease row is locked for the
+/// statement, so sequence numbers are handed out in commit order), each under the epoch its
+/// change was made in (the current one, or an earlier one of ours for a row the database could
 /// not take at the time); a row of a later epoch for the same entry is never overwritten.
-/// Returns (the lease was ours, the row was written).
+/// Returns (the lease was ours, rows written).
 const RECORD: &str = "WITH l AS (
         SELECT epoch FROM ldap2scim_lease
         WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() FOR UPDATE),
     ins AS (
         INSERT INTO ldap2scim_ledger (target, kind, directory_id, scim_id, state, hash, row_data, attrs, epoch, instance, seq)
-        SELECT $3, $4, $5, $6, $7, $8, $9, $10, $11, $1, nextval('ldap2scim_ledger_seq') FROM l
+        SELECT u.target, u.kind, u.id, u.scim_id, u.state, u.hash, u.row_data, u.attrs, u.epoch, $1,
+            nextval('ldap2scim_ledger_seq')
+        FROM l, unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::jsonb[], $10::jsonb[], $11::int8[])
+            AS u(target, kind, id, scim_id, state, hash, row_data, attrs, epoch)
         ON CONFLICT (target, kind, directory_id) DO UPDATE SET
             scim_id = EXCLUDED.scim_id, state = EXCLUDED.state, hash = EXCLUDED.hash,
             row_data = EXCLUDED.row_data, attrs = EXCLUDED.attrs, epoch = EXCLUDED.epoch,
@@ -110,6 +114,9 @@ const RECORD: &str = "WITH l AS (
         WHERE ldap2scim_ledger.epoch <= EXCLUDED.epoch
         RETURNING seq)
     SELECT (SELECT count(*) FROM l), (SELECT count(*) FROM ins)";
+
+/// The most rows one ledger statement carries.
+const BATCH: usize = 500;
 
 /// Live rows of a target in the ledger: (users, groups).
 const SEED_COUNT: &str = "SELECT count(*) FILTER (WHERE kind = 'user' AND row_data IS NOT NULL),
@@ -176,6 +183,9 @@ pub struct Ha {
     changed: tokio::sync::watch::Sender<&'static str>,
     /// Ledger rows the database did not take (it was unreachable): sent before any new write.
     backlog: tokio::sync::Mutex<Vec<LedgerRow>>,
+    /// Rows recorded while another caller was sending: the next sender takes them all in one
+    /// statement (a push at `concurrency` N waits for one round trip, not N).
+    queue: Mutex<Vec<LedgerRow>>,
     /// This process answers a command for the daemon that holds the lease: it uses the
     /// daemon's epoch and never takes the lease itself.
     joined: bool,
@@ -269,20 +279,8 @@ impl Ha {
             _ => {
                 crate::lock::private_dir(state_dir).map_err(|e| e.to_string())?;
                 let token = random_token();
-                let write = || -> std::io::Result<()> {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let tmp = state_dir.join("ha.token.tmp");
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&tmp)?;
-                    std::io::Write::write_all(&mut f, token.as_bytes())?;
-                    f.sync_all()?;
-                    std::fs::rename(&tmp, &path)
-                };
-                write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                crate::lock::write_private_file(&path, token.as_bytes())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 token
             }
         };
@@ -297,6 +295,7 @@ impl Ha {
             role: Mutex::new(Role::Unknown),
             changed,
             backlog: tokio::sync::Mutex::new(Vec::new()),
+            queue: Mutex::new(Vec::new()),
             joined,
             token,
             held: Mutex::new(None),
@@ -598,14 +597,14 @@ impl Ha {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut backlog = self.backlog.lock().await;
-        backlog.extend(rows);
-        self.send_backlog(&mut backlog).await
+        self.queue.lock().expect("queue lock").extend(rows);
+        self.settle().await
     }
 
     /// Sends what the ledger is still owed; a write may start only once it is empty.
     pub async fn settle(&self) -> Result<(), String> {
         let mut backlog = self.backlog.lock().await;
+        backlog.append(&mut self.queue.lock().expect("queue lock"));
         if backlog.is_empty() {
             return Ok(());
         }
@@ -626,7 +625,29 @@ impl Ha {
                 return Err(e);
             }
         };
-        while let Some(r) = backlog.first() {
+        while !backlog.is_empty() {
+            let n = backlog.len().min(BATCH);
+            // One row per entry in a statement (the latest), as a statement may not update a
+            // row twice.
+            let mut seen = std::collections::HashSet::new();
+            let mut batch: Vec<&LedgerRow> = backlog[..n]
+                .iter()
+                .rev()
+                .filter(|r| seen.insert((&r.target, r.kind, &r.id)))
+                .collect();
+            batch.reverse();
+            let text = |f: fn(&LedgerRow) -> Option<String>| -> Vec<Option<String>> {
+                batch.iter().map(|r| f(r)).collect()
+            };
+            let targets = text(|r| Some(r.target.clone()));
+            let kinds = text(|r| Some(r.kind.to_string()));
+            let ids = text(|r| Some(r.id.clone()));
+            let scim_ids = text(|r| r.scim_id.clone());
+            let states = text(|r| r.state.clone());
+            let hashes = text(|r| r.hash.clone());
+            let data: Vec<Option<Value>> = batch.iter().map(|r| r.row.clone()).collect();
+            let attrs: Vec<Option<Value>> = batch.iter().map(|r| r.attrs.clone()).collect();
+            let epochs: Vec<i64> = batch.iter().map(|r| r.epoch).collect();
             let sent = tokio::time::timeout(
                 self.query_bound(),
                 client.query_one(
@@ -634,15 +655,15 @@ impl Ha {
                     &[
                         &self.cfg.instance,
                         &epoch,
-                        &r.target,
-                        &r.kind,
-                        &r.id,
-                        &r.scim_id,
-                        &r.state,
-                        &r.hash,
-                        &r.row,
-                        &r.attrs,
-                        &r.epoch,
+                        &targets,
+                        &kinds,
+                        &ids,
+                        &scim_ids,
+                        &states,
+                        &hashes,
+                        &data,
+                        &attrs,
+                        &epochs,
                     ],
                 ),
             )
@@ -650,7 +671,7 @@ impl Ha {
             match sent {
                 Ok(Ok(row)) if row.get::<_, i64>(0) > 0 => {
                     // Written, or a later epoch's row for the entry is there already.
-                    backlog.remove(0);
+                    backlog.drain(..n);
                 }
                 Ok(Ok(_)) => {
                     warn!(instance = %self.cfg.instance, epoch, "ha: the ledger refused a row: the lease is no longer ours; writes stopped");

@@ -91,6 +91,24 @@ impl StateLock {
 
 /// Creates `dir` (and missing parents) as 0700, or makes an existing one 0700. A directory
 /// this user may write but not chmod (an operator's choice) is used as it is, with a warning.
+/// Writes `content` to `path` (0600) through a temporary file beside it, synced before the
+/// rename: a crash leaves the old file or the new one, never half of one.
+pub fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -7,7 +7,6 @@
 //! change, and [`Snapshot::flush`] runs before a cycle reports success.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -371,18 +370,8 @@ impl Snapshot {
         // The id reaches sled's disk before the marker names it: a crash in between leaves
         // no marker, never a marker without its snapshot.
         self.db.flush().map_err(|e| self.storage(e))?;
-        let write_marker = || -> std::io::Result<()> {
-            let tmp = state_dir.join(format!("{MARKER_FILE}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &marker)
-        };
+        let write_marker =
+            || crate::lock::write_private_file(&marker, format!("{id}\n").as_bytes());
         write_marker().map_err(|e| SnapshotError::Storage {
             path: marker.clone(),
             source: e.into(),
@@ -800,20 +789,9 @@ impl TargetSnapshot {
                 }
             }
         }
-        let count = |prefix: &str| -> Result<usize, SnapshotError> {
-            let mut n = 0;
-            for k in self.tree.scan_prefix(prefix).keys() {
-                k.map_err(|e| self.storage(e))?;
-                n += 1;
-            }
-            Ok(n)
-        };
         state.narrowed_from = Some(match recorded {
             Some(counts) => counts,
-            None => RowCounts {
-                users: count(USER_PREFIX)?,
-                groups: count(GROUP_PREFIX)?,
-            },
+            None => self.count_rows()?,
         });
         Ok(state)
     }

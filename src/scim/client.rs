@@ -47,6 +47,24 @@ enum Next {
     },
 }
 
+/// Runs a write's attempt only while the lease is still ours: checked at every poll, so a
+/// process paused while the request was on its way (connecting, waiting for the connection)
+/// drops it on waking instead of sending it under a lease that ended. The answer of a request
+/// already written is then lost, which the next holder's plan covers (promise 5).
+async fn fenced(w: &crate::ha::Writer, attempt: impl std::future::Future<Output = Next>) -> Next {
+    let mut attempt = std::pin::pin!(attempt);
+    std::future::poll_fn(|cx| {
+        if let Err(failure) = w.fence(Duration::ZERO) {
+            return std::task::Poll::Ready(Next::Fail {
+                failure,
+                cause: None,
+            });
+        }
+        attempt.as_mut().poll(cx)
+    })
+    .await
+}
+
 impl ScimClient {
     /// The request was given up without an answer that says why.
     fn unavailable(
@@ -152,15 +170,17 @@ impl ScimClient {
             if method != Method::GET {
                 self.counters.writes.fetch_add(1, Ordering::Relaxed);
             }
-            let next = self
-                .attempt(
-                    req,
-                    &method,
-                    path,
-                    body,
-                    oauth_token.filter(|_| !reauthorized),
-                )
-                .await;
+            let sending = self.attempt(
+                req,
+                &method,
+                path,
+                body,
+                oauth_token.filter(|_| !reauthorized),
+            );
+            let next = match (&self.fence, method != Method::GET) {
+                (Some(w), true) => fenced(w, sending).await,
+                _ => sending.await,
+            };
             let (after, failure, acted, cause) = match next {
                 Next::Done(result) => return result,
                 Next::Fail { failure, cause } => {
