@@ -444,6 +444,15 @@ impl Ha {
         *self.client.lock().await = None;
     }
 
+    /// The database failed us: a new connection next time, and no writes until then.
+    async fn unreachable(&self, reason: String) -> String {
+        self.drop_client().await;
+        self.set_role(Role::Unreachable {
+            reason: reason.clone(),
+        });
+        reason
+    }
+
     /// One step of the lease: renew it if we hold it, else take it if it ended (or, with
     /// `startup`, if a process of this instance held it). Returns the role after it.
     pub async fn step(&self, startup: bool) -> Role {
@@ -620,10 +629,7 @@ impl Ha {
         };
         let client = match self.connect().await {
             Ok(c) => c,
-            Err(e) => {
-                self.set_role(Role::Unreachable { reason: e.clone() });
-                return Err(e);
-            }
+            Err(e) => return Err(self.unreachable(e).await),
         };
         while !backlog.is_empty() {
             let n = backlog.len().min(BATCH);
@@ -679,22 +685,8 @@ impl Ha {
                     self.set_role(Role::Unknown);
                     return Err(format!("the lease (epoch {epoch}) is no longer ours"));
                 }
-                Ok(Err(e)) => {
-                    let reason = describe(&e);
-                    self.drop_client().await;
-                    self.set_role(Role::Unreachable {
-                        reason: reason.clone(),
-                    });
-                    return Err(reason);
-                }
-                Err(_) => {
-                    self.drop_client().await;
-                    let reason = "the ledger write timed out".to_string();
-                    self.set_role(Role::Unreachable {
-                        reason: reason.clone(),
-                    });
-                    return Err(reason);
-                }
+                Ok(Err(e)) => return Err(self.unreachable(describe(&e)).await),
+                Err(_) => return Err(self.unreachable("the ledger write timed out".into()).await),
             }
         }
         Ok(())

@@ -96,6 +96,18 @@ fn user_names(server: &dyn ScimServer) -> Vec<String> {
         .collect()
 }
 
+/// A user added while the pair is in trouble (`newhire`).
+fn new_hire() -> String {
+    person(
+        "newhire",
+        "New Hire",
+        "Hire",
+        "New",
+        "newhire@example.org",
+        "Engineer",
+    )
+}
+
 fn directory_names(n: usize) -> BTreeSet<String> {
     (1..=n).map(|i| format!("u{i:06}")).collect()
 }
@@ -190,14 +202,7 @@ fn kill_round(slapd: &Slapd, pg: &Postgres, round: usize, kill_at: usize, change
     );
     let mut expected = directory_names(USERS);
     if change {
-        slapd.add(&person(
-            "newhire",
-            "New Hire",
-            "Hire",
-            "New",
-            "newhire@example.org",
-            "Engineer",
-        ));
+        slapd.add(&new_hire());
         expected.insert("newhire".into());
     }
     wait_for_log(&standby, "holds the lease", Duration::from_secs(30));
@@ -388,14 +393,7 @@ fn without_the_lease_database_nobody_writes_and_the_pair_resumes_after() {
         Duration::from_secs(15),
     );
     let (a0, b0) = (a.writes(), b.writes());
-    slapd.add(&person(
-        "newhire",
-        "New Hire",
-        "Hire",
-        "New",
-        "newhire@example.org",
-        "Engineer",
-    ));
+    slapd.add(&new_hire());
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         (a.writes(), b.writes()),
