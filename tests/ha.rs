@@ -321,9 +321,8 @@ fn a_paused_active_sends_nothing_after_the_standby_took_over() {
     // The push goes on from B; A, awake again, must not write.
     assert_targets_hold(&servers, &directory_names(USERS), "after the pause");
     std::thread::sleep(Duration::from_secs(4));
-    // A paused process sends nothing: what its proxies record while it is stopped was sent
-    // before (and read late by a busy proxy). After it runs again, under the new epoch,
-    // nothing may arrive at all.
+    // Nothing from A arrives once the new epoch began: not while it is stopped (what a busy
+    // proxy reads then was sent before the pause), and not after it runs again.
     let arrivals: Vec<Instant> = a
         .proxies
         .iter()
@@ -331,23 +330,21 @@ fn a_paused_active_sends_nothing_after_the_standby_took_over() {
         .collect();
     let late: Vec<Duration> = arrivals
         .iter()
-        .filter(|t| **t >= resumed_at)
+        .filter(|t| **t >= new_epoch_seen)
         .map(|t| *t - stopped_at)
         .collect();
     let during = arrivals
         .iter()
-        .filter(|t| **t > stopped_at && **t < resumed_at)
+        .filter(|t| **t > stopped_at && **t < new_epoch_seen)
         .count();
     assert!(
         late.is_empty(),
-        "the old active wrote after it ran again ({:?} after the pause; the new epoch was seen {:?} after it; {during} arrivals while it was stopped): {late:?}\n{}",
-        resumed_at - stopped_at,
+        "the old active wrote after the new epoch began ({:?} after the pause; it ran again {:?} after the pause; {during} arrivals between the pause and the new epoch): {late:?}\n{}",
         new_epoch_seen - stopped_at,
+        resumed_at - stopped_at,
         active.stderr()
     );
-    eprintln!(
-        "pause: {during} of A's writes were read by its proxies while it was stopped (sent before)"
-    );
+    eprintln!("pause: {during} of A's writes were read by its proxies after it stopped, before the new epoch (sent before it stopped)");
     wait_for_log(&active, "standby", Duration::from_secs(10));
     let status = b.command(&dsn, &["status"]);
     assert!(
