@@ -141,7 +141,7 @@ impl Notifier {
 pub const FULL_BY_SCHEDULE: &str = "the full schedule (daemon.full_schedule) is due";
 /// Why the first cycle after this instance took the lease (`[ha]`) reads in full.
 pub const FULL_BY_PROMOTION: &str =
-    "this instance just took the lease ([ha]): its mirror is not the last writer's";
+    "this instance just took the lease ([ha]) and there is no change feed whose mirror it kept";
 
 /// One cycle: a reconcile pass, its audit records, its metrics and one log line per target.
 /// Returns the one-line summary for `STATUS=`.
@@ -258,10 +258,10 @@ async fn standby_cycle(
             None,
         ),
         Err(e) => {
-            warn!(error = %e, "ha: standby: the ledger could not be applied to this instance's snapshot; trying again");
+            warn!(error = %e, "ha: standby: this instance's snapshot could not be brought up to date; trying again");
             (
                 format!(
-                    "standby ({}): {who}; ledger not applied: {e}",
+                    "standby ({}): {who}; snapshot not up to date: {e}",
                     ha.instance()
                 ),
                 None,
