@@ -462,3 +462,54 @@ fn a_sync_by_hand_on_the_standby_writes_nothing() {
     drop(standby);
     drop(active);
 }
+
+#[test]
+fn a_rebinds_memberships_reach_the_ledger() {
+    let seed = staff(3) + &group("g-0001", &[&person_dn("p001"), &person_dn("p002")]);
+    let slapd = Slapd::start(&seed);
+    let pg = Postgres::start();
+    pg.create_database("rebind");
+    let dsn = pg.dsn("rebind");
+    let servers = vec![Box::new(Scim2Server::start()) as Box<dyn ScimServer>];
+    let a = Instance::new("sync-a", &slapd, &servers);
+    let first = a.command(&dsn, &["sync"]);
+    assert_eq!(first.code, 0, "{first}");
+    let old = slapd.entry_uuid(&person_dn("p001"));
+    // The entry is replaced under the same uid and put back in the group: a rebind.
+    slapd.delete(&person_dn("p001"));
+    slapd.add(&person(
+        "p001",
+        "Someone Else",
+        "Else",
+        "Someone",
+        "p001@example.org",
+        "Newcomer",
+    ));
+    let team = slapd.search(&group_dn("g-0001"), "(objectClass=*)", &["member"]);
+    if !team.contains(&person_dn("p001")) {
+        slapd.modify(&format!(
+            "dn: {}\nchangetype: modify\nadd: member\nmember: {}\n",
+            group_dn("g-0001"),
+            person_dn("p001")
+        ));
+    }
+    let new = slapd.entry_uuid(&person_dn("p001"));
+    let out = a.command(&dsn, &["sync"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("users rebound 1"), "{out}");
+    // The group's row in the ledger names the account's new directory entry, as the
+    // snapshot does: a standby taking over plans no membership change for it.
+    let members = pg.psql(
+        "rebind",
+        "SELECT row_data->'members' FROM ldap2scim_ledger WHERE kind = 'group'",
+    );
+    assert!(
+        members.contains(&new) && !members.contains(&old),
+        "old {old}, new {new}: {members}"
+    );
+    assert_eq!(
+        a.command(&dsn, &["plan"]).code,
+        0,
+        "a plan after the rebind must be empty"
+    );
+}
